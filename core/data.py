@@ -1,0 +1,40 @@
+"""The data types that pass between the data phase's hooks."""
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+@dataclass
+class Record:
+    """One record of a data file, with where it came from for error messages."""
+
+    data: dict
+    file: str
+    line: int
+
+    @property
+    def where(self):
+        return f"{self.file}:{self.line}"
+
+
+@dataclass
+class Splits:
+    train: list
+    validation: list
+
+
+@dataclass
+class Tokenized:
+    """Model inputs for one split.
+
+    ``examples`` are dicts of token lists (and anything else a task's evaluation needs);
+    ``collate`` turns a list of examples into a batch of tensors; ``truncated`` counts the
+    records cut at ``train.max_length``.
+    """
+
+    examples: list
+    collate: Callable
+    truncated: int = 0
+    records: list = field(default_factory=list)
+
+    def tokens(self):
+        return sum(len(e["input_ids"]) for e in self.examples)

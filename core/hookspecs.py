@@ -1,0 +1,218 @@
+"""Every hook plugtune calls, grouped by the phase of a run in which it is called.
+
+The core calls the phases in the order of this file, top to bottom. Order that matters is
+expressed as separate phases, never as ``tryfirst``/``trylast`` tricks: k-bit preparation
+(:func:`plugtune_prepare_base`) runs before task heads and gradient checkpointing
+(:func:`plugtune_prepare_model`), which run before adapters wrap the model
+(:func:`plugtune_wrap_model`), which runs before trainable parameters are chosen
+(:func:`plugtune_select_trainable`).
+
+Hooks are called with keyword arguments; an implementation may accept any subset of them.
+"Collect" hooks call every implementation and use all results; "firstresult" hooks stop at the
+first non-None result (the built-in default implementations are registered ``trylast`` so that
+any other plugin overrides them).
+
+The ``recipe`` argument is a :class:`plugtune.recipe.Recipe`: ``recipe.train.lr``,
+``recipe.model.name``, ``recipe.plugins`` (active plugin names) and ``recipe["freeze"]`` for the
+validated section a plugin registered. The ``run`` argument is a :class:`plugtune.loop.Run`:
+the recipe, the run directory, the accelerator, the model and tokenizer, and the step.
+"""
+import pluggy
+
+hookspec = pluggy.HookspecMarker("plugtune")
+
+# ---------------------------------------------------------------------------------------------
+# Recipe phase: no model is loaded; `plugtune validate` runs only this phase.
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def plugtune_recipe_sections(register):
+    """Claim a top-level recipe section and give its schema.
+
+    :param register: call ``register(name, schema)`` where ``schema`` is a pydantic model
+        class; the section ``name:`` of the recipe is validated against it (unknown keys and
+        wrong types are reported with the section name) and the validated object is then
+        available to every hook as ``recipe[name]`` (defaults when the section is absent).
+    """
+
+
+@hookspec
+def plugtune_check_recipe(recipe):
+    """Return problems with the recipe as a whole, e.g. plugins that conflict.
+
+    :param recipe: the validated :class:`~plugtune.recipe.Recipe`.
+    :return: an iterable of messages, each naming the key at fault and saying what to use
+        instead; the core reports the problems of every plugin at once (exit status 2).
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# Model phase: load the tokenizer and model, then change the model in a fixed order.
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def plugtune_model_kwargs(recipe):
+    """Return keyword arguments for ``from_pretrained`` (e.g. ``quantization_config``).
+
+    :return: a dict; the dicts of all plugins are merged, and a key given by two plugins is an
+        error naming both.
+    """
+
+
+@hookspec(firstresult=True)
+def plugtune_load_tokenizer(recipe):
+    """Load and return the tokenizer for ``recipe.model``. Stops at first non-None result."""
+
+
+@hookspec(firstresult=True)
+def plugtune_load_model(recipe, model_kwargs):
+    """Load and return the model for ``recipe.model``. Stops at first non-None result.
+
+    :param model_kwargs: the merged result of :func:`plugtune_model_kwargs`.
+    """
+
+
+@hookspec
+def plugtune_prepare_base(model, recipe):
+    """Prepare a freshly loaded (possibly quantized) base model for training, in place.
+
+    Runs before any head, gradient checkpointing or adapter: the phase for k-bit preparation.
+    """
+
+
+@hookspec
+def plugtune_prepare_model(model, recipe):
+    """Change the base model in place before adapters wrap it: task heads, gradient
+    checkpointing (enabled here it keeps the inputs of trainable layers requiring grad)."""
+
+
+@hookspec(firstresult=True)
+def plugtune_wrap_model(model, recipe):
+    """Return a new model that wraps ``model`` (e.g. a PEFT adapter model), or None.
+
+    Stops at first non-None result; the returned model replaces ``model`` from here on.
+    """
+
+
+@hookspec
+def plugtune_select_trainable(model, recipe):
+    """Set ``requires_grad`` on the parameters that should (or should not) train, in place.
+
+    Afterwards the core checks that at least one parameter trains and logs trainable vs total
+    parameter counts.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# Data phase.
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def plugtune_read_data(recipe):
+    """Read the recipe's data files. Stops at first non-None result.
+
+    :return: a :class:`plugtune.data.Splits` of :class:`plugtune.data.Record` lists (each
+        record remembers its file and line for error messages).
+    """
+
+
+@hookspec(firstresult=True)
+def plugtune_tokenize(records, tokenizer, recipe):
+    """Turn records into model inputs. Stops at first non-None result (the task plugin).
+
+    :param records: a list of :class:`plugtune.data.Record`.
+    :return: a :class:`plugtune.data.Tokenized`: the examples, a collate function and how
+        many records were truncated. Raise :class:`plugtune.errors.DataError` naming
+        ``record.where`` for an unusable record.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimization phase.
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def plugtune_build_optimizer(params, recipe):
+    """Return the optimizer for ``params`` (the trainable parameters). Stops at first
+    non-None result; the built-in ``adamw`` plugin is the default."""
+
+
+@hookspec(firstresult=True)
+def plugtune_build_scheduler(optimizer, recipe, total_steps):
+    """Return the learning-rate scheduler. Stops at first non-None result.
+
+    :param total_steps: the number of optimizer steps the run will take.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# Training phase: train_start, then per step compute_loss and step_end; evaluate (before the
+# first step, every ``train.eval_every`` steps and after the last), log, then save_model,
+# train_end and teardown.
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def plugtune_train_start(run):
+    """Called once the run directory exists and before the first step (open files, bars)."""
+
+
+@hookspec(firstresult=True)
+def plugtune_compute_loss(model, batch, recipe):
+    """Return the scalar loss of ``model`` on ``batch``. Stops at first non-None result (the
+    task plugin). Also used for the evaluation loss."""
+
+
+@hookspec
+def plugtune_step_end(run, step, metrics):
+    """Called after every optimizer step.
+
+    :param step: the number of optimizer steps taken so far (1-based).
+    :param metrics: ``loss``, ``lr``, ``tokens_per_s`` and ``epoch`` of this step.
+    """
+
+
+@hookspec
+def plugtune_evaluate(run, model, step):
+    """Return extra evaluation metrics as a dict (e.g. exact match of generations); the core
+    adds ``eval_loss`` itself. Called before training (step 0), every ``train.eval_every``
+    steps, and after the last step."""
+
+
+@hookspec
+def plugtune_log(run, record):
+    """Record a logged entry: a train record every ``train.log_every`` steps (``step``,
+    ``loss``, ``lr``, ``tokens_per_s``, ...) or an eval record (``step``, ``eval_loss``, ...)."""
+
+
+@hookspec(firstresult=True)
+def plugtune_save_model(run, model, tokenizer, path):
+    """Save the final model into the empty directory ``path``. Stops at first non-None result.
+
+    The core writes into a temporary directory and renames it, so a killed run never leaves a
+    half-written model.
+
+    :return: the name of the directory inside the run directory to rename it to, e.g.
+        ``"model"`` or ``"adapter"``.
+    """
+
+
+@hookspec
+def plugtune_train_end(run, summary):
+    """Called after the model is saved.
+
+    :param summary: ``steps``, ``seconds``, ``eval_before``, ``eval_after``, ``truncated``,
+        ``trainable``, ``total`` and ``artifact`` (the saved model's directory).
+    """
+
+
+@hookspec
+def plugtune_teardown(run, error):
+    """Called last, whether the run succeeded or not (close files and progress bars).
+
+    :param error: the exception that stopped the run, or None.
+    """

@@ -1,0 +1,109 @@
+"""Find plugins through the ``plugtune`` entry-point group and build the plugin manager.
+
+Built-in plugins are found exactly as a third party's are. A plugin module (or class) that sets
+``PLUGTUNE_DEFAULT = True`` is active in every run unless a recipe blocks it with
+``no:NAME`` in ``plugins:``; any other plugin is active when a recipe names it. A plugin that
+is a class is instantiated afresh for every run, so it can keep per-run state on ``self``.
+"""
+import difflib
+import inspect
+import os
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+
+import pluggy
+
+from . import hookspecs
+from .errors import PluginError
+
+GROUP = "plugtune"
+#: Comma-separated plugin names not to import at all (to run despite a broken plugin).
+SKIP_ENV = "PLUGTUNE_SKIP_PLUGINS"
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    name: str
+    obj: object  # the module or class the entry point names
+    dist: str
+    version: str
+
+    @property
+    def default(self):
+        return bool(getattr(self.obj, "PLUGTUNE_DEFAULT", False))
+
+    @property
+    def doc(self):
+        """The first sentence of the plugin's docstring."""
+        paragraph = (inspect.getdoc(self.obj) or "").split("\n\n")[0].replace("\n", " ")
+        return paragraph.split(". ")[0].rstrip(".")
+
+
+def discover():
+    """Import every plugin of the entry-point group; return ``{name: PluginInfo}``."""
+    skip = {s.strip() for s in os.environ.get(SKIP_ENV, "").split(",") if s.strip()}
+    found = {}
+    for ep in entry_points(group=GROUP):
+        if ep.name in skip:
+            continue
+        dist = ep.dist.name if ep.dist else "unknown distribution"
+        ver = ep.dist.version if ep.dist else "?"
+        if ep.name in found and (found[ep.name].dist, found[ep.name].version) != (dist, ver):
+            raise PluginError(
+                f"plugin name {ep.name!r} is registered by two distributions: "
+                f"{found[ep.name].dist} and {dist}; uninstall one of them"
+            )
+        try:
+            obj = ep.load()
+        except Exception as exc:
+            raise PluginError(
+                f"plugin {ep.name!r} (distribution {dist} {ver}, entry point {ep.value}) "
+                f"failed to import: {type(exc).__name__}: {exc}\n"
+                f"  hint: fix or uninstall {dist}, or set {SKIP_ENV}={ep.name} to run without it"
+            ) from exc
+        found[ep.name] = PluginInfo(ep.name, obj, dist, ver)
+    return found
+
+
+def resolve_active(requested, discovered):
+    """Names of the plugins active for a recipe's ``plugins:`` list, and problems found.
+
+    Defaults come first (in discovery order), then the requested ones in recipe order;
+    ``no:NAME`` removes a default.
+    """
+    problems = []
+    blocked = {r[3:] for r in requested if r.startswith("no:")}
+    wanted = [r for r in requested if not r.startswith("no:")]
+    for name in sorted(blocked | set(wanted)):
+        if name not in discovered:
+            problems.append(f"plugins: unknown plugin {name!r}{did_you_mean(name, discovered)}"
+                            "; `plugtune plugins` lists the installed ones")
+    active = [n for n, info in discovered.items() if info.default and n not in blocked]
+    active += [n for n in dict.fromkeys(wanted) if n in discovered and n not in active]
+    return active, problems
+
+
+def make_manager(names, discovered):
+    """A plugin manager with the hookspecs and the named plugins registered, checked."""
+    pm = pluggy.PluginManager(GROUP)
+    pm.add_hookspecs(hookspecs)
+    for name in names:
+        obj = discovered[name].obj
+        pm.register(obj() if inspect.isclass(obj) else obj, name=name)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"plugin {exc.plugin_name!r}: {exc}; hook names must match "
+                          "plugtune.hookspecs (see docs/hooks.md)") from exc
+    return pm
+
+
+def hooks_of(pm, name):
+    """The hook names the registered plugin ``name`` implements."""
+    callers = pm.get_hookcallers(pm.get_plugin(name)) or []
+    return sorted(c.name for c in callers)
+
+
+def did_you_mean(word, candidates):
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -1,0 +1,317 @@
+"""Recipes: load YAML (with ``extends:`` and ``key.sub=value`` overrides), validate it against
+the core's schema and every active plugin's section, and report every problem at once.
+
+Nothing here loads a model or writes a file; ``plugtune validate`` is this module.
+"""
+import copy
+from importlib.resources import files
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt,
+                      ValidationError, field_validator)
+
+from . import manager
+from .errors import PluginError, RecipeError
+
+
+class Section(BaseModel):
+    """Base for recipe sections: unknown keys are errors. Plugins may subclass it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(Section):
+    """Which model to fine-tune. A string ``model: NAME`` is short for ``model: {name: NAME}``."""
+
+    name: str = Field(description="hub id, local save_pretrained directory, path to a .gguf "
+                      "file, or pkg:PACKAGE/FILE for a file inside an installed Python package")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    tokenizer: str | None = Field(None, description="tokenizer source when not the model's")
+    trust_remote_code: bool = False
+
+
+class DataSection(Section):
+    """Local data files: JSONL, JSON, CSV or plain text (one record per line)."""
+
+    train: list[str] = Field(description="one file or a list; relative to the recipe's folder")
+    validation: list[str] | None = Field(None, description="held-out file(s); else a split")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="held-out share without validation")
+
+    @field_validator("train", "validation", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        return [v] if isinstance(v, str) else v
+
+
+class TrainSection(Section):
+    """The optimization loop."""
+
+    seed: int = 0
+    epochs: PositiveInt = 1
+    max_steps: PositiveInt | None = Field(None, description="optimizer steps; overrides epochs")
+    batch_size: PositiveInt = Field(4, description="micro-batch size per device")
+    eval_batch_size: PositiveInt | None = None
+    grad_accum: PositiveInt = Field(1, description="micro-batches per optimizer step")
+    lr: PositiveFloat = 2e-5
+    warmup_steps: NonNegativeInt = 0
+    schedule: Literal["constant", "linear", "cosine"] = "linear"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: PositiveFloat | None = 1.0
+    eval_every: PositiveInt | None = Field(None, description="also evaluate every N steps")
+    log_every: PositiveInt = 1
+    max_length: PositiveInt = Field(512, description="tokens; longer sequences are truncated")
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+
+
+class OutputSection(Section):
+    dir: str = Field("runs", description="parent folder of run directories")
+    name: str | None = Field(None, description="run directory name; default RECIPE-TIMESTAMP")
+    save_model: bool = True
+
+
+class CoreRecipe(Section):
+    description: str = ""
+    model: ModelSection
+    plugins: list[str] = []
+    data: DataSection
+    train: TrainSection = TrainSection()
+    output: OutputSection = OutputSection()
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_shorthand(cls, v):
+        return {"name": v} if isinstance(v, str) else v
+
+
+CORE_KEYS = set(CoreRecipe.model_fields) | {"extends"}
+DATA_PATH_KEYS = ("train", "validation")
+
+
+class Recipe:
+    """A validated recipe: ``recipe.train.lr``, ``recipe.plugins``, ``recipe["freeze"]``."""
+
+    def __init__(self, core, sections, plugins, path, raw):
+        self.core, self.sections, self.plugins, self.path, self.raw = (
+            core, sections, plugins, path, raw)
+
+    def __getattr__(self, name):
+        if name in CoreRecipe.model_fields:
+            return getattr(self.core, name)
+        raise AttributeError(name)
+
+    def __getitem__(self, section):
+        return self.sections[section]
+
+    def resolved(self):
+        """The fully resolved recipe as plain data (defaults filled in), for ``recipe.yaml``."""
+        out = self.core.model_dump(mode="json")
+        out.update({k: s.model_dump(mode="json") for k, s in self.sections.items()})
+        return out
+
+
+def shipped_recipes():
+    """``{name: path}`` of the recipes that ship with plugtune."""
+    return {p.stem: Path(str(p)) for p in files("plugtune.recipes").iterdir()
+            if p.name.endswith(".yaml")}
+
+
+def find_recipe(arg):
+    path = Path(arg)
+    if path.is_file():
+        return path
+    shipped = shipped_recipes()
+    if path.stem in shipped and path.parent == Path("."):
+        return shipped[path.stem]
+    raise RecipeError([f"recipe file not found: {arg}{manager.did_you_mean(path.stem, shipped)}"
+                       "; give a path, or a shipped recipe name from `plugtune recipes`"])
+
+
+def _read_yaml(path):
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise RecipeError([f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}"]) from exc
+    if not isinstance(data, dict):
+        raise RecipeError([f"{path}: a recipe is a mapping of keys (model:, data:, ...), "
+                           f"got {type(data).__name__}"])
+    return data
+
+
+def _absolute_paths(tree, base):
+    """Make the recipe's relative file paths absolute: data files, and a model given as
+    ``./dir`` or ``../dir``."""
+    model = tree.get("model")
+    name = model.get("name") if isinstance(model, dict) else model
+    if isinstance(name, str) and name.startswith(("./", "../")):
+        name = str((base / name).resolve())
+        tree["model"] = {**model, "name": name} if isinstance(model, dict) else name
+    data = tree.get("data")
+    if not isinstance(data, dict):
+        return
+    for key in DATA_PATH_KEYS:
+        value = data.get(key)
+        if isinstance(value, (str, list)):
+            items = [value] if isinstance(value, str) else value
+            paths = [str(base / v) if isinstance(v, str) and not Path(v).is_absolute() else v
+                     for v in items]
+            data[key] = paths[0] if isinstance(value, str) else paths
+
+
+def merge(base, over):
+    """Deep-merge mappings; lists and scalars in ``over`` replace those in ``base``."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_tree(path, _chain=()):
+    """Read a recipe file and the files it ``extends:``, merged; data paths made absolute."""
+    path = Path(path).resolve()
+    if path in _chain:
+        raise RecipeError([f"{path}: extends: cycle " + " -> ".join(map(str, _chain + (path,)))])
+    tree = _read_yaml(path)
+    _absolute_paths(tree, path.parent)
+    parent = tree.pop("extends", None)
+    if parent is None:
+        return tree
+    if not isinstance(parent, str):
+        raise RecipeError([f"{path}: extends: expects one recipe file name, got {parent!r}"])
+    parent_path = path.parent / parent
+    if not parent_path.is_file():
+        parent_path = find_recipe(parent)
+    return merge(load_tree(parent_path, _chain + (path,)), tree)
+
+
+def apply_overrides(tree, overrides):
+    """Apply ``key.sub=value`` strings (values parsed as YAML; paths relative to the cwd)."""
+    over = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise RecipeError([f"override {item!r}: expected KEY=VALUE, e.g. train.lr=1e-4"])
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise RecipeError([f"override {item!r}: value is not valid YAML: {exc}"]) from exc
+        *parents, leaf = key.split(".")
+        node, existing = over, tree
+        for i, part in enumerate(parents):
+            existing = existing.get(part, {}) if isinstance(existing, dict) else None
+            if existing is not None and not isinstance(existing, dict):
+                raise RecipeError([f"override {item!r}: {'.'.join(parents[:i + 1])} is not a "
+                                   "section, so it has no sub-keys"])
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    _absolute_paths(over, Path.cwd())
+    return merge(tree, over)
+
+
+def _unknown_keys(data, schema, prefix):
+    """Problems for keys ``schema`` does not know, with a "did you mean" where one is close."""
+    problems = []
+    fields = schema.model_fields
+    for key, value in data.items():
+        if key not in fields:
+            problems.append(f"{prefix}{key}: unknown key{manager.did_you_mean(key, fields)}")
+            continue
+        sub = fields[key].annotation
+        if isinstance(value, dict) and isinstance(sub, type) and issubclass(sub, BaseModel):
+            problems += _unknown_keys(value, sub, f"{prefix}{key}.")
+    return problems
+
+
+def _validate(schema, data, prefix):
+    """``(instance or None, problems)`` for one section."""
+    if data is not None and not isinstance(data, dict):
+        return None, [f"{prefix.rstrip('.')}: expected a mapping of keys, got {data!r}"]
+    data = data or {}
+    problems = _unknown_keys(data, schema, prefix)
+    try:
+        return schema.model_validate(data), problems
+    except ValidationError as exc:
+        for err in exc.errors():
+            if err["type"] == "extra_forbidden":
+                continue
+            loc = prefix + ".".join(str(p) for p in err["loc"])
+            got = f" (got {err['input']!r})" if err["type"] != "missing" else ""
+            hint = "; add it to the recipe" if err["type"] == "missing" else ""
+            problems.append(f"{loc}: {err['msg']}{got}{hint}")
+        return None, problems
+
+
+def load_recipe(arg, overrides=(), discovered=None):
+    """Load, validate and return ``(recipe, plugin_manager)``; raise RecipeError listing every
+    problem. Loads no model and writes nothing."""
+    path = find_recipe(arg)
+    tree = apply_overrides(load_tree(path), overrides)
+    discovered = manager.discover() if discovered is None else discovered
+    requested = tree.get("plugins") or []
+    if not (isinstance(requested, list) and all(isinstance(p, str) for p in requested)):
+        raise RecipeError([f"plugins: expected a list of plugin names, got {requested!r}"], path)
+    active, problems = manager.resolve_active(requested, discovered)
+    pm = manager.make_manager(active, discovered)
+
+    schemas = {}
+
+    def register(name, schema):
+        if name in CORE_KEYS or name in schemas:
+            raise PluginError(f"a plugin registers recipe section {name!r}, which is taken")
+        schemas[name] = schema
+
+    pm.hook.plugtune_recipe_sections(register=register)
+
+    for key in tree:
+        if key in CORE_KEYS or key in schemas:
+            continue
+        if key in discovered:
+            problems.append(f"{key}: this section configures plugin {key!r}, which is not "
+                            f"active; add {key} to plugins:")
+        else:
+            problems.append(f"{key}: unknown key"
+                            f"{manager.did_you_mean(key, CORE_KEYS | set(schemas))}")
+    core_tree = {k: v for k, v in tree.items() if k in CoreRecipe.model_fields}
+    core, core_problems = _validate(CoreRecipe, core_tree, "")
+    problems += core_problems
+    sections = {}
+    for name, schema in schemas.items():
+        sections[name], section_problems = _validate(schema, tree.get(name), f"{name}.")
+        problems += section_problems
+    problems += _missing_files(tree)
+    if not pm.hook.plugtune_compute_loss.get_hookimpls():
+        problems.append("plugins: no active plugin computes the loss; add a task plugin such "
+                        "as causal_lm")
+    recipe = None
+    if core is not None and None not in sections.values():
+        recipe = Recipe(core, sections, active, path, tree)
+        for result in pm.hook.plugtune_check_recipe(recipe=recipe):
+            problems += list(result or [])
+    if problems:
+        raise RecipeError(problems, path)
+    return recipe, pm
+
+
+def _missing_files(tree):
+    """Data files that do not exist and a run directory that does (read from the raw tree, so
+    that they are reported even when other keys are invalid)."""
+    problems = []
+    data = tree.get("data") if isinstance(tree.get("data"), dict) else {}
+    for key in DATA_PATH_KEYS:
+        files = data.get(key) or []
+        for file in [files] if isinstance(files, str) else files:
+            if isinstance(file, str) and not Path(file).is_file():
+                problems.append(f"data.{key}: file not found: {file}; paths in a recipe are "
+                                "relative to the recipe file, on the command line to the cwd")
+    output = tree.get("output") if isinstance(tree.get("output"), dict) else {}
+    name, parent = output.get("name"), output.get("dir", OutputSection().dir)
+    if isinstance(name, str) and isinstance(parent, str) and (Path(parent) / name).exists():
+        problems.append(f"output.name: {Path(parent) / name} already exists; pick another name "
+                        "(output.name=...) or delete it")
+    return problems

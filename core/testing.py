@@ -1,0 +1,103 @@
+"""Helpers for testing plugtune and plugins for it (as ``tox.pytest`` is for tox plugins).
+
+- :func:`tiny_model` writes a tiny Llama- or GPT-2-style model with random weights and a
+  byte-level BPE tokenizer (with a ChatML chat template) trained on the spot: no download.
+- :class:`HookRecorder` implements every hook and records the order they are called in.
+- :func:`write_recipe` writes a recipe for a tiny model, and :func:`run` runs one in-process.
+"""
+import json
+from pathlib import Path
+
+import yaml
+
+from . import hookspecs, loop, manager, recipe as recipes
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def tiny_tokenizer(corpus, vocab_size=400):
+    """A byte-level BPE tokenizer trained on ``corpus`` (strings), with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", bos_token="<|im_start|>",
+                                   chat_template=CHATML)
+
+
+def tiny_model(path, arch="llama", corpus=("hello world",), layers=2, hidden=64, seed=0):
+    """Write a tiny random-weight model and its tokenizer to ``path`` (save_pretrained)."""
+    import torch
+    from transformers import (AutoModelForCausalLM, GPT2Config, LlamaConfig)
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer(list(corpus))
+    common = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+              "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    if arch == "llama":
+        config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden,
+                             num_hidden_layers=layers, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=512, **common)
+    elif arch == "gpt2":
+        config = GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=512, **common)
+    else:
+        raise ValueError(f"arch must be llama or gpt2, not {arch!r}")
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return Path(path)
+
+
+def write_recipe(path, **sections):
+    """Write a recipe YAML file from keyword sections (``model=..., train={...}``)."""
+    Path(path).write_text(yaml.safe_dump(sections, sort_keys=False))
+    return Path(path)
+
+
+def write_jsonl(path, records):
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in records))
+    return Path(path)
+
+
+def run(recipe_path, overrides=(), extra_plugins=(), echo=lambda *a: None):
+    """Validate and run a recipe in-process; ``extra_plugins`` are objects registered beside
+    the recipe's plugins. Returns ``(summary, run)``."""
+    recipe, pm = recipes.load_recipe(recipe_path, overrides)
+    for plugin in extra_plugins:
+        pm.register(plugin)
+    pm.check_pending()
+    run_ = loop.setup(recipe, pm, echo=echo)
+    return loop.train(run_, echo=echo), run_
+
+
+def hook_names():
+    """Every hook name in the spec module, in the order the module defines them."""
+    return [n for n in vars(hookspecs) if n.startswith("plugtune_")]
+
+
+class HookRecorder:
+    """A plugin implementing every hook; ``calls`` lists hook names in call order.
+
+    Its implementations return None, so firstresult hooks fall through to the real plugins."""
+
+    def __init__(self):
+        self.calls = []
+        for name in hook_names():
+            setattr(self, name, self._recorder(name))
+
+    def _recorder(self, name):
+        import pluggy
+
+        def record(**kwargs):
+            self.calls.append(name)
+
+        record.__name__ = name
+        return pluggy.HookimplMarker(manager.GROUP)(record)

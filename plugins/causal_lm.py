@@ -1,0 +1,152 @@
+"""Causal language modelling: next-token loss on ``{"text"}`` records, on the completion of
+``{"prompt", "completion"}`` records, or on the assistant turns of ``{"messages"}`` records
+rendered with the tokenizer's chat template. Where a held-out record has a reference answer
+(the completion, or the last assistant turn) evaluation also reports the exact match of the
+model's greedy answer."""
+import torch
+from pydantic import Field
+
+from plugtune import hookimpl
+from plugtune.data import Tokenized
+from plugtune.errors import DataError
+from plugtune.recipe import Section
+
+IGNORE = -100
+
+
+class CausalLMSection(Section):
+    exact_match: bool = Field(True, description="generate answers for held-out references")
+    max_new_tokens: int = Field(32, gt=0, description="longest generated answer")
+    generate_limit: int = Field(100, gt=0, description="held-out records to generate for")
+
+
+@hookimpl
+def plugtune_recipe_sections(register):
+    register("causal_lm", CausalLMSection)
+
+
+def _ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _render(tokenizer, messages, generation_prompt=False):
+    return tokenizer.apply_chat_template(messages, tokenize=False,
+                                         add_generation_prompt=generation_prompt)
+
+
+def encode_messages(tokenizer, messages, where):
+    """Token ids and labels of a conversation: only assistant turns are learnt.
+
+    Each assistant turn is located by rendering the conversation up to it: the tokens between
+    "up to the turn, with the generation prompt" and "up to and including the turn" are its
+    answer (and the template's end-of-turn tokens, so the model learns to stop)."""
+    if not (isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
+        raise DataError(f"{where}: messages must be a list of {{\"role\", \"content\"}} objects")
+    if tokenizer.chat_template is None:
+        raise DataError(f"{where}: messages need a tokenizer with a chat template; this one has "
+                        "none (use prompt/completion records instead)")
+    ids = _ids(tokenizer, _render(tokenizer, messages))
+    labels = [IGNORE] * len(ids)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(_ids(tokenizer, _render(tokenizer, messages[:i], generation_prompt=True)))
+        upto = _ids(tokenizer, _render(tokenizer, messages[:i + 1]))
+        if ids[:len(upto)] != upto:
+            raise DataError(f"{where}: the chat template does not render this conversation "
+                            "turn by turn, so assistant turns cannot be located")
+        labels[start:len(upto)] = upto[start:]
+    return ids, labels
+
+
+def encode(record, tokenizer):
+    """``(input_ids, labels, prompt_ids or None, reference or None)`` for one record."""
+    data, eos = record.data, [tokenizer.eos_token_id]
+    if "messages" in data:
+        ids, labels = encode_messages(tokenizer, data["messages"], record.where)
+        last = data["messages"][-1]
+        if last["role"] != "assistant":
+            return ids, labels, None, None
+        prompt = _ids(tokenizer, _render(tokenizer, data["messages"][:-1], True))
+        return ids, labels, prompt, last["content"]
+    if "prompt" in data and "completion" in data:
+        prompt = _ids(tokenizer, str(data["prompt"]))
+        answer = _ids(tokenizer, str(data["completion"])) + eos
+        return prompt + answer, [IGNORE] * len(prompt) + answer, prompt, str(data["completion"])
+    if "text" in data:
+        ids = _ids(tokenizer, str(data["text"])) + eos
+        return ids, ids[:], None, None
+    raise DataError(f"{record.where}: a causal_lm record needs \"text\", \"prompt\" and "
+                    f"\"completion\", or \"messages\"; this one has {sorted(data)}")
+
+
+def pad(rows, value, left=False):
+    width = max(len(r) for r in rows)
+    return torch.tensor([[value] * (width - len(r)) + r if left else r + [value] * (width - len(r))
+                         for r in rows])
+
+
+def collator(pad_id):
+    def collate(examples):
+        ids = [e["input_ids"] for e in examples]
+        return {"input_ids": pad(ids, pad_id), "labels": pad([e["labels"] for e in examples],
+                                                              IGNORE),
+                "attention_mask": pad([[1] * len(i) for i in ids], 0)}
+    return collate
+
+
+@hookimpl
+def plugtune_tokenize(records, tokenizer, recipe):
+    max_len, truncated, examples = recipe.train.max_length, 0, []
+    for record in records:
+        ids, labels, prompt, reference = encode(record, tokenizer)
+        if len(ids) > max_len:
+            truncated += 1
+            ids, labels = ids[:max_len], labels[:max_len]
+        if all(label == IGNORE for label in labels):
+            raise DataError(f"{record.where}: nothing left to learn after truncation at "
+                            f"train.max_length={max_len}; raise it or shorten the prompt")
+        examples.append({"input_ids": ids, "labels": labels, "prompt_ids": prompt,
+                         "reference": reference})
+    return Tokenized(examples, collator(tokenizer.pad_token_id), truncated, records)
+
+
+@hookimpl
+def plugtune_compute_loss(model, batch):
+    return model(**batch).loss
+
+
+def normalize(text):
+    """Exact match ignores case, surrounding and repeated white space, and a final period."""
+    return " ".join(text.split()).casefold().rstrip(".")
+
+
+def generate(model, tokenizer, prompts, max_new_tokens, batch_size, device):
+    """Greedy answers for token-id prompts (left padded, batched)."""
+    answers = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        ids = pad(chunk, tokenizer.pad_token_id, left=True).to(device)
+        mask = pad([[1] * len(p) for p in chunk], 0, left=True).to(device)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        answers += tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+    return answers
+
+
+@hookimpl
+def plugtune_evaluate(run, model, step):
+    section = run.recipe["causal_lm"]
+    checkable = [e for e in run.data["validation"].examples if e["reference"] is not None]
+    checkable = checkable[:section.generate_limit]
+    if not section.exact_match or not checkable:
+        return {}
+    tokenizer = run.tokenizer
+    longest = max(len(_ids(tokenizer, e["reference"])) for e in checkable)
+    answers = generate(run.accelerator.unwrap_model(model), tokenizer,
+                       [e["prompt_ids"] for e in checkable],
+                       min(section.max_new_tokens, longest + 4),
+                       run.recipe.train.eval_batch_size or 16, run.accelerator.device)
+    hits = sum(normalize(a) == normalize(e["reference"]) for a, e in zip(answers, checkable))
+    return {"exact_match": hits / len(checkable)}

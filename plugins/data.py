@@ -1,0 +1,92 @@
+"""Read local data files: JSONL, JSON (a list of records), CSV (a header row) and plain text
+(one ``{"text": line}`` record per non-empty line). Without ``data.validation`` a seeded
+``data.val_fraction`` of the training records is held out."""
+import csv
+import json
+import random
+from pathlib import Path
+
+from plugtune import hookimpl
+from plugtune.data import Record, Splits
+from plugtune.errors import DataError
+
+PLUGTUNE_DEFAULT = True
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield Record(json.loads(line), str(path), n)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{n}: not valid JSON ({exc.msg} at column {exc.colno}); "
+                                "each line of a .jsonl file must be one JSON object") from exc
+
+
+def read_json(path):
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
+    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+        data = next(iter(data.values()))  # {"data": [...]}
+    if not isinstance(data, list):
+        raise DataError(f"{path}: a .json data file holds a list of records")
+    # JSON has no record lines; the record's index (1-based) stands in for the line.
+    return [Record(r, str(path), i) for i, r in enumerate(data, 1)]
+
+
+def read_csv(path):
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        for row in reader:
+            if None in row or None in row.values():
+                raise DataError(f"{path}:{reader.line_num}: expected {len(reader.fieldnames)} "
+                                f"columns ({', '.join(reader.fieldnames)}) as in the header")
+            yield Record(dict(row), str(path), reader.line_num)
+
+
+def read_text(path):
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                yield Record({"text": line.rstrip("\n")}, str(path), n)
+
+
+READERS = {".jsonl": read_jsonl, ".json": read_json, ".csv": read_csv, ".txt": read_text}
+
+
+def read_file(path):
+    reader = READERS.get(Path(path).suffix.lower())
+    if reader is None:
+        raise DataError(f"{path}: unknown data file type; use one of {', '.join(READERS)}")
+    records = list(reader(path))
+    for r in records:
+        if not isinstance(r.data, dict):
+            raise DataError(f"{r.where}: a record must be a JSON object, got {r.data!r:.60}")
+    if not records:
+        raise DataError(f"{path}: no records")
+    return records
+
+
+@hookimpl
+def plugtune_check_recipe(recipe):
+    return [f"data.{key}: {f}: unknown data file type; use one of {', '.join(READERS)}"
+            for key in ("train", "validation") for f in getattr(recipe.data, key) or []
+            if Path(f).suffix.lower() not in READERS]
+
+
+@hookimpl(trylast=True)
+def plugtune_read_data(recipe):
+    train = [r for f in recipe.data.train for r in read_file(f)]
+    if recipe.data.validation:
+        return Splits(train, [r for f in recipe.data.validation for r in read_file(f)])
+    shuffled = train[:]
+    random.Random(recipe.train.seed).shuffle(shuffled)
+    n_val = max(1, round(len(shuffled) * recipe.data.val_fraction))
+    if n_val >= len(shuffled):
+        raise DataError(f"data.train: {len(train)} record(s) cannot be split for validation; "
+                        "add records or give data.validation")
+    return Splits(shuffled[n_val:], shuffled[:n_val])

@@ -1,0 +1,74 @@
+"""Freeze parts of the model: by name pattern, all but the last N transformer blocks, or the
+embeddings; ``unfreeze`` patterns then make matching parameters train again.
+
+Patterns are Python regular expressions searched in parameter names (``model.named_parameters()``).
+"""
+import re
+
+import torch
+from pydantic import Field, field_validator
+
+from plugtune import hookimpl
+from plugtune.recipe import Section
+
+
+class FreezeSection(Section):
+    last_n_blocks: int | None = Field(None, ge=0, description="train only the last N blocks")
+    patterns: list[str] = Field([], description="freeze parameters whose name matches")
+    embeddings: bool = Field(False, description="freeze the input embeddings (and a tied lm_head)")
+    unfreeze: list[str] = Field([], description="train parameters whose name matches")
+
+    @field_validator("patterns", "unfreeze")
+    @classmethod
+    def _compiles(cls, value):
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from exc
+        return value
+
+
+@hookimpl
+def plugtune_recipe_sections(register):
+    register("freeze", FreezeSection)
+
+
+@hookimpl
+def plugtune_check_recipe(recipe):
+    s = recipe["freeze"]
+    if s.last_n_blocks is None and not s.patterns and not s.embeddings:
+        return ["freeze: says nothing to freeze; set freeze.last_n_blocks, freeze.patterns "
+                "or freeze.embeddings: true"]
+    return []
+
+
+def transformer_blocks(model):
+    """The model's repeated blocks: the largest ``nn.ModuleList`` (``model.layers``,
+    ``transformer.h``, ...)."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    if not lists:
+        raise ValueError("freeze.last_n_blocks: this model has no list of transformer blocks")
+    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+
+
+@hookimpl
+def plugtune_select_trainable(model, recipe):
+    s = recipe["freeze"]
+    named = dict(model.named_parameters())
+    if s.last_n_blocks is not None:
+        for p in named.values():
+            p.requires_grad_(False)
+        blocks = transformer_blocks(model)
+        for block in list(blocks)[len(blocks) - s.last_n_blocks:] if s.last_n_blocks else []:
+            for p in block.parameters():
+                p.requires_grad_(True)
+    for name, p in named.items():
+        if any(re.search(pat, name) for pat in s.patterns):
+            p.requires_grad_(False)
+    if s.embeddings:
+        for p in model.get_input_embeddings().parameters():
+            p.requires_grad_(False)
+    for name, p in named.items():
+        if any(re.search(pat, name) for pat in s.unfreeze):
+            p.requires_grad_(True)

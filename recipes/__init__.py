@@ -1,0 +1,1 @@
+"""Shipped recipes (package data for `plugtune recipes`)."""

@@ -1,0 +1,1 @@
+"""Small datasets the shipped recipes use."""
