@@ -1,0 +1,39 @@
+"""AdamW with 8-bit optimizer state (bitsandbytes AdamW8bit, or PagedAdamW8bit).
+
+The two moment estimates are stored block-wise quantized in 8 bits: 2 bytes per trainable
+parameter instead of 8, which is what makes full fine-tuning of a ~1.5B model fit a 24 GB card.
+
+``paged: true`` uses PagedAdamW8bit, whose state lives in CUDA unified memory and is paged to
+CPU RAM when the GPU runs out (memory spikes from long sequences then slow down instead of
+crashing). On a CPU there is nothing to page to: both variants run, and behave the same.
+Tensors with fewer than ``min_8bit_size`` elements (norms, biases) keep 32-bit state.
+Weight decay, learning rate and schedule come from ``train:`` as for the default ``adamw``.
+"""
+from pydantic import Field
+
+from plugtune import hookimpl
+from plugtune.plugins.adamw import param_groups
+from plugtune.recipe import Section
+
+
+class AdamW8bitSection(Section):
+    paged: bool = Field(False, description="PagedAdamW8bit: page state to CPU RAM under GPU "
+                        "memory pressure (CUDA only; no effect on a CPU)")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam's beta1, beta2")
+    eps: float = Field(1e-8, gt=0)
+    min_8bit_size: int = Field(4096, gt=0, description="smaller tensors keep 32-bit state")
+
+
+@hookimpl
+def plugtune_recipe_sections(register):
+    register("adamw_8bit", AdamW8bitSection)
+
+
+@hookimpl
+def plugtune_build_optimizer(params, recipe):
+    import bitsandbytes as bnb
+
+    s = recipe["adamw_8bit"]
+    optimizer = bnb.optim.PagedAdamW8bit if s.paged else bnb.optim.AdamW8bit
+    return optimizer(param_groups(params, recipe.train.weight_decay), lr=recipe.train.lr,
+                     betas=s.betas, eps=s.eps, min_8bit_size=s.min_8bit_size)

@@ -1,0 +1,37 @@
+"""Gradient checkpointing: recompute activations in backward to save memory.
+
+Only each block's input is kept during the forward pass; the rest is recomputed during backward,
+trading about a third more compute for much less activation memory.
+
+Enabled in ``plugtune_prepare_model``, on the base model before any adapter wraps it, so it
+works with full fine-tuning, freeze, LoRA and quantized bases alike. The default non-reentrant
+checkpointing passes gradients to trainable weights even when the block's inputs do not require
+grad (a frozen embedding); with ``use_reentrant: true`` the plugin also makes the embedding
+outputs require grad, the fix for the known trap where adapters behind a frozen, checkpointed
+block get no gradient.
+"""
+from pydantic import Field
+
+from plugtune import hookimpl
+from plugtune.errors import PluginError
+from plugtune.recipe import Section
+
+
+class GradientCheckpointingSection(Section):
+    use_reentrant: bool = Field(False, description="torch's older reentrant checkpointing")
+
+
+@hookimpl
+def plugtune_recipe_sections(register):
+    register("gradient_checkpointing", GradientCheckpointingSection)
+
+
+@hookimpl
+def plugtune_prepare_model(model, recipe):
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise PluginError(f"gradient_checkpointing: {type(model).__name__} does not support "
+                          "gradient checkpointing; remove gradient_checkpointing from plugins:")
+    reentrant = recipe["gradient_checkpointing"].use_reentrant
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    if reentrant:
+        model.enable_input_require_grads()

@@ -1,0 +1,58 @@
+"""Load the base model in 8-bit (bitsandbytes LLM.int8()) to train adapters on it.
+
+Weights are stored as int8 (about a quarter of float32); matrix products run in int8 with
+outlier features kept in 16-bit.
+
+The quantized base is frozen; train LoRA adapters on it (``plugins: [int8, lora]``). Runs on a
+CUDA GPU and, more slowly, on a CPU (bitsandbytes >= 0.45).
+"""
+import logging
+
+from pydantic import Field
+
+from plugtune import hookimpl
+from plugtune.plugins import _kbit
+from plugtune.recipe import Section
+
+
+class Int8Section(Section):
+    threshold: float = Field(6.0, gt=0, description="activation magnitude above which a feature "
+                             "is an outlier computed in 16-bit (llm_int8_threshold)")
+    skip_modules: list[str] = Field([], description="module names left unquantized (e.g. "
+                                    "lm_head); the default skips the output layer")
+
+
+@hookimpl
+def plugtune_recipe_sections(register):
+    register("int8", Int8Section)
+
+
+@hookimpl
+def plugtune_check_recipe(recipe):
+    problems = _kbit.check(recipe, "int8")
+    if "nf4" in recipe.plugins:
+        problems.append("plugins: `int8` and `nf4` both quantize the base; pick one: nf4 "
+                        "(4-bit, the least memory, QLoRA) or int8 (8-bit, closer to the "
+                        "original weights)")
+    return problems
+
+
+@hookimpl
+def plugtune_model_kwargs(recipe):
+    from transformers import BitsAndBytesConfig
+
+    s = recipe["int8"]
+    return {"quantization_config": BitsAndBytesConfig(
+        load_in_8bit=True, llm_int8_threshold=s.threshold,
+        llm_int8_skip_modules=s.skip_modules or None)}
+
+
+def _not_cast_notice(record):
+    """bitsandbytes logs this at every int8 product with float32 inputs; once is plenty."""
+    return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
+
+
+@hookimpl
+def plugtune_prepare_base(model):
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(_not_cast_notice)
+    _kbit.prepare(model)

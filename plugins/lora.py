@@ -1,0 +1,108 @@
+"""LoRA adapters (peft): train small low-rank matrices beside the frozen base's linear layers.
+
+The run saves a PEFT-format adapter (``adapter/``: ``adapter_config.json``,
+``adapter_model.safetensors`` and the tokenizer) that ``peft.PeftModel.from_pretrained(base,
+path)`` loads; ``plugtune export RUN_DIR OUT --merge`` merges it into the base.
+
+Composes with ``int8``/``nf4`` (QLoRA: adapters on a quantized base) and
+``gradient_checkpointing``. Conflicts with ``full`` (which trains every weight) and ``freeze``
+(LoRA already freezes the base; restrict the adapters with ``lora.target_modules`` or
+``lora.layers_to_transform`` instead). See docs/combinations.md.
+"""
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from plugtune import hookimpl
+from plugtune.recipe import Section
+
+INIT = {"default": True, "gaussian": "gaussian", "orthogonal": "orthogonal"}
+
+
+class LoraSection(Section):
+    r: int = Field(8, gt=0, description="rank of the adapter matrices")
+    alpha: float = Field(16, gt=0, description="scale: the update is multiplied by alpha / r "
+                         "(alpha / sqrt(r) with use_rslora)")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter's input")
+    target_modules: list[str] | str = Field(
+        "all-linear", description="module names (a list, matched at the end of the name), a "
+        "regular expression (a string, matched against the full name), or all-linear (every "
+        "linear layer but the output layer)")
+    layers_to_transform: list[int] | None = Field(None, description="adapt only these blocks "
+                                                  "(0-based indices); default all")
+    modules_to_save: list[str] = Field([], description="modules trained in full and saved "
+                                       "with the adapter, e.g. [lm_head] or a new head")
+    use_rslora: bool = Field(False, description="rank-stabilized scaling alpha / sqrt(r)")
+    use_dora: bool = Field(False, description="weight-decomposed LoRA (DoRA)")
+    init: Literal["default", "gaussian", "orthogonal"] = Field(
+        "default", description="A initialization; B starts at zero (orthogonal: both "
+        "orthogonal, r must be even) so the adapter starts as a no-op")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="which biases train: "
+                                                      "none, all (the base's too), lora_only")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _regex_compiles(cls, value):
+        if isinstance(value, str) and value != "all-linear":
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"{value!r} is not a regular expression: {exc}") from exc
+        return value
+
+
+@hookimpl
+def plugtune_recipe_sections(register):
+    register("lora", LoraSection)
+
+
+@hookimpl
+def plugtune_check_recipe(recipe):
+    problems = []
+    if "full" in recipe.plugins:
+        problems.append("plugins: `lora` trains adapters on a frozen base and `full` trains "
+                        "every weight: use one (drop full for LoRA, or drop lora for full "
+                        "fine-tuning)")
+    if "freeze" in recipe.plugins:
+        problems.append("plugins: `lora` already freezes every base weight, so `freeze` has "
+                        "nothing to add; drop freeze and choose where adapters go with "
+                        "lora.target_modules (which layers) or lora.layers_to_transform (which "
+                        "blocks), and lora.modules_to_save to train a whole module")
+    s = recipe["lora"]
+    if s.init == "orthogonal" and s.r % 2:
+        problems.append(f"lora.init: orthogonal needs an even lora.r, got r={s.r}")
+    return problems
+
+
+TASK_TYPES = {"SequenceClassification": "SEQ_CLS", "TokenClassification": "TOKEN_CLS"}
+
+
+def task_type(model):
+    """peft's task type for the model class (a classifier's new head is then saved too)."""
+    name = type(model).__name__
+    return next((t for k, t in TASK_TYPES.items() if k in name), "CAUSAL_LM")
+
+
+def lora_config(s, model):
+    from peft import LoraConfig
+
+    return LoraConfig(task_type=task_type(model), r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout,
+                      target_modules=s.target_modules, layers_to_transform=s.layers_to_transform,
+                      modules_to_save=s.modules_to_save or None, use_rslora=s.use_rslora,
+                      use_dora=s.use_dora, init_lora_weights=INIT[s.init], bias=s.bias)
+
+
+@hookimpl
+def plugtune_wrap_model(model, recipe):
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(recipe["lora"], model))
+
+
+@hookimpl
+def plugtune_save_model(model, tokenizer, path):
+    """Save only the adapter (and ``modules_to_save``), in PEFT format, with the tokenizer."""
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return "adapter"

@@ -1,0 +1,54 @@
+"""Load the base model in 4-bit NF4 or FP4 (bitsandbytes) to train adapters on it: QLoRA.
+
+Weights are optionally double-quantized; matrix products run in a chosen compute dtype.
+
+The quantized base is frozen; train LoRA adapters on it (``plugins: [nf4, lora]``). Runs on a
+CUDA GPU and, more slowly, on a CPU (bitsandbytes >= 0.45).
+"""
+from typing import Literal
+
+from pydantic import Field
+
+from plugtune import hookimpl
+from plugtune.plugins import _kbit
+from plugtune.recipe import Section
+
+
+class NF4Section(Section):
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type: nf4 "
+                                               "(normal float, QLoRA's) or fp4")
+    double_quant: bool = Field(True, description="also quantize the quantization constants "
+                               "(saves about 0.4 bit per weight)")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="dtype of the matrix products; default model.dtype (use bfloat16 "
+        "on a GPU that has it)")
+    skip_modules: list[str] = Field([], description="module names left unquantized; the "
+                                    "default skips the output layer")
+
+
+@hookimpl
+def plugtune_recipe_sections(register):
+    register("nf4", NF4Section)
+
+
+@hookimpl
+def plugtune_check_recipe(recipe):
+    return _kbit.check(recipe, "nf4")
+
+
+@hookimpl
+def plugtune_model_kwargs(recipe):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    s = recipe["nf4"]
+    return {"quantization_config": BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=s.quant_type,
+        bnb_4bit_use_double_quant=s.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, s.compute_dtype or recipe.model.dtype),
+        llm_int8_skip_modules=s.skip_modules or None)}
+
+
+@hookimpl
+def plugtune_prepare_base(model):
+    _kbit.prepare(model)
