@@ -48,7 +48,37 @@ def plugtune_check_recipe(recipe):
 
 
 # ---------------------------------------------------------------------------------------------
-# Model phase: load the tokenizer and model, then change the model in a fixed order.
+# Data phase: before the model is loaded, so that bad data fails fast.
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def plugtune_load_tokenizer(recipe):
+    """Load and return the tokenizer for ``recipe.model``. Stops at first non-None result."""
+
+
+@hookspec(firstresult=True)
+def plugtune_read_data(recipe):
+    """Read the recipe's data files. Stops at first non-None result.
+
+    :return: a :class:`plugtune.data.Splits` of :class:`plugtune.data.Record` lists (each
+        record remembers its file and line for error messages).
+    """
+
+
+@hookspec(firstresult=True)
+def plugtune_tokenize(records, tokenizer, recipe):
+    """Turn records into model inputs. Stops at first non-None result (the task plugin).
+
+    :param records: a list of :class:`plugtune.data.Record`.
+    :return: a :class:`plugtune.data.Tokenized`: the examples, a collate function and how
+        many records were truncated. Raise :class:`plugtune.errors.DataError` naming
+        ``record.where`` for an unusable record.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# Model phase: load the model, then change the model in a fixed order.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -57,13 +87,8 @@ def plugtune_model_kwargs(recipe):
     """Return keyword arguments for ``from_pretrained`` (e.g. ``quantization_config``).
 
     :return: a dict; the dicts of all plugins are merged, and a key given by two plugins is an
-        error naming both.
+        error naming the key.
     """
-
-
-@hookspec(firstresult=True)
-def plugtune_load_tokenizer(recipe):
-    """Load and return the tokenizer for ``recipe.model``. Stops at first non-None result."""
 
 
 @hookspec(firstresult=True)
@@ -102,31 +127,6 @@ def plugtune_select_trainable(model, recipe):
 
     Afterwards the core checks that at least one parameter trains and logs trainable vs total
     parameter counts.
-    """
-
-
-# ---------------------------------------------------------------------------------------------
-# Data phase.
-# ---------------------------------------------------------------------------------------------
-
-
-@hookspec(firstresult=True)
-def plugtune_read_data(recipe):
-    """Read the recipe's data files. Stops at first non-None result.
-
-    :return: a :class:`plugtune.data.Splits` of :class:`plugtune.data.Record` lists (each
-        record remembers its file and line for error messages).
-    """
-
-
-@hookspec(firstresult=True)
-def plugtune_tokenize(records, tokenizer, recipe):
-    """Turn records into model inputs. Stops at first non-None result (the task plugin).
-
-    :param records: a list of :class:`plugtune.data.Record`.
-    :return: a :class:`plugtune.data.Tokenized`: the examples, a collate function and how
-        many records were truncated. Raise :class:`plugtune.errors.DataError` naming
-        ``record.where`` for an unusable record.
     """
 
 

@@ -68,14 +68,36 @@ def write_jsonl(path, records):
 
 
 def run(recipe_path, overrides=(), extra_plugins=(), echo=lambda *a: None):
-    """Validate and run a recipe in-process; ``extra_plugins`` are objects registered beside
-    the recipe's plugins. Returns ``(summary, run)``."""
-    recipe, pm = recipes.load_recipe(recipe_path, overrides)
-    for plugin in extra_plugins:
-        pm.register(plugin)
-    pm.check_pending()
+    """Validate and run a recipe in-process, with ``extra_plugins`` active as in
+    :func:`load_recipe`. Returns ``(summary, run)``."""
+    recipe, pm = load_recipe(recipe_path, overrides, extra_plugins)
     run_ = loop.setup(recipe, pm, echo=echo)
     return loop.train(run_, echo=echo), run_
+
+
+def load_recipe(recipe_path, overrides=(), extra_plugins=()):
+    """``plugtune.recipe.load_recipe`` with ``extra_plugins`` (modules, classes or instances
+    implementing hooks) active as if installed with ``PLUGTUNE_DEFAULT = True``: they see the
+    recipe phase too (their sections and checks apply). Returns ``(recipe, plugin_manager)``."""
+    return recipes.load_recipe(recipe_path, overrides, with_plugins(extra_plugins))
+
+
+class _Installed(manager.PluginInfo):
+    default = True  # active in every run, like a plugin that sets PLUGTUNE_DEFAULT
+
+
+def with_plugins(plugins, discovered=None):
+    """The discovered plugins (``manager.discover()`` by default) plus ``plugins``, each named
+    after its ``__name__`` (or its class's) and active by default."""
+    found = dict(manager.discover() if discovered is None else discovered)
+    for plugin in plugins:
+        base = getattr(plugin, "__name__", type(plugin).__name__)
+        name, n = base, 1
+        while name in found:
+            n += 1
+            name = f"{base}-{n}"
+        found[name] = _Installed(name, plugin, "plugtune.testing", "test")
+    return found
 
 
 def hook_names():
@@ -86,7 +108,8 @@ def hook_names():
 class HookRecorder:
     """A plugin implementing every hook; ``calls`` lists hook names in call order.
 
-    Its implementations return None, so firstresult hooks fall through to the real plugins."""
+    Its implementations run first (``tryfirst``) and return None, so it sees every call and
+    firstresult hooks fall through to the real plugins."""
 
     def __init__(self):
         self.calls = []
@@ -100,4 +123,4 @@ class HookRecorder:
             self.calls.append(name)
 
         record.__name__ = name
-        return pluggy.HookimplMarker(manager.GROUP)(record)
+        return pluggy.HookimplMarker(manager.GROUP)(tryfirst=True)(record)
