@@ -61,7 +61,9 @@ def setup(recipe, pm, echo=print):
     return run
 
 
-def setup_model(h, recipe, echo=print):
+def load_base(h, recipe):
+    """Load the model with every plugin's loading arguments and prepare it (k-bit preparation,
+    heads, gradient checkpointing): the model as it is before adapters wrap it."""
     kwargs = {}
     for part in h.plugtune_model_kwargs(recipe=recipe):
         clash = set(kwargs) & set(part or {})
@@ -71,6 +73,11 @@ def setup_model(h, recipe, echo=print):
     model = first(h.plugtune_load_model, "load the model", recipe=recipe, model_kwargs=kwargs)
     h.plugtune_prepare_base(model=model, recipe=recipe)
     h.plugtune_prepare_model(model=model, recipe=recipe)
+    return model
+
+
+def setup_model(h, recipe, echo=print):
+    model = load_base(h, recipe)
     model = h.plugtune_wrap_model(model=model, recipe=recipe) or model
     h.plugtune_select_trainable(model=model, recipe=recipe)
     trainable, total = count_parameters(model)

@@ -247,9 +247,12 @@ def _validate(schema, data, prefix):
         return None, problems
 
 
-def load_recipe(arg, overrides=(), discovered=None):
+def load_recipe(arg, overrides=(), discovered=None, check_files=True):
     """Load, validate and return ``(recipe, plugin_manager)``; raise RecipeError listing every
-    problem. Loads no model and writes nothing."""
+    problem. Loads no model and writes nothing.
+
+    ``check_files=False`` skips the data-file and run-directory checks, to reload the
+    ``recipe.yaml`` of a finished run (whose directory exists and whose data may have moved)."""
     path = find_recipe(arg)
     tree = apply_overrides(load_tree(path), overrides)
     discovered = manager.discover() if discovered is None else discovered
@@ -284,7 +287,7 @@ def load_recipe(arg, overrides=(), discovered=None):
     for name, schema in schemas.items():
         sections[name], section_problems = _validate(schema, tree.get(name), f"{name}.")
         problems += section_problems
-    problems += _missing_files(tree)
+    problems += _missing_files(tree) if check_files else []
     if not pm.hook.plugtune_compute_loss.get_hookimpls():
         problems.append("plugins: no active plugin computes the loss; add a task plugin such "
                         "as causal_lm")
