@@ -67,6 +67,10 @@ def write_jsonl(path, records):
     return Path(path)
 
 
+#: The distribution name :func:`with_plugins` gives the plugins it adds.
+TESTING_DIST = "plugtune.testing"
+
+
 def run(recipe_path, overrides=(), extra_plugins=(), echo=lambda *a: None):
     """Validate and run a recipe in-process, with ``extra_plugins`` active as in
     :func:`load_recipe`. Returns ``(summary, run)``."""
@@ -77,18 +81,24 @@ def run(recipe_path, overrides=(), extra_plugins=(), echo=lambda *a: None):
 
 def load_recipe(recipe_path, overrides=(), extra_plugins=()):
     """``plugtune.recipe.load_recipe`` with ``extra_plugins`` (modules, classes or instances
-    implementing hooks) active as if installed with ``PLUGTUNE_DEFAULT = True``: they see the
-    recipe phase too (their sections and checks apply). Returns ``(recipe, plugin_manager)``."""
-    return recipes.load_recipe(recipe_path, overrides, with_plugins(extra_plugins))
+    implementing hooks) installed and appended to the recipe's ``plugins:``, so they see the
+    recipe phase too and, registered last, answer firstresult hooks before the recipe's
+    plugins. Returns ``(recipe, plugin_manager)``."""
+    found = with_plugins(extra_plugins)
+    extra = [name for name, info in found.items() if info.dist == TESTING_DIST]
+    if extra:
+        tree = recipes.apply_overrides(recipes.load_tree(recipes.find_recipe(recipe_path)),
+                                       overrides)
+        requested = tree.get("plugins") or []
+        if isinstance(requested, list):
+            overrides = [*overrides, "plugins=" + json.dumps(requested + extra)]
+    return recipes.load_recipe(recipe_path, overrides, found)
 
-
-class _Installed(manager.PluginInfo):
-    default = True  # active in every run, like a plugin that sets PLUGTUNE_DEFAULT
 
 
 def with_plugins(plugins, discovered=None):
-    """The discovered plugins (``manager.discover()`` by default) plus ``plugins``, each named
-    after its ``__name__`` (or its class's) and active by default."""
+    """The discovered plugins (``manager.discover()`` by default) plus ``plugins`` as if
+    installed, each named after its ``__name__`` (or its class's)."""
     found = dict(manager.discover() if discovered is None else discovered)
     for plugin in plugins:
         base = getattr(plugin, "__name__", type(plugin).__name__)
@@ -96,7 +106,7 @@ def with_plugins(plugins, discovered=None):
         while name in found:
             n += 1
             name = f"{base}-{n}"
-        found[name] = _Installed(name, plugin, "plugtune.testing", "test")
+        found[name] = manager.PluginInfo(name, plugin, TESTING_DIST, "test")
     return found
 
 
