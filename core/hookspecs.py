@@ -67,10 +67,14 @@ def plugtune_read_data(recipe):
 
 
 @hookspec(firstresult=True)
-def plugtune_tokenize(records, tokenizer, recipe):
+def plugtune_tokenize(records, tokenizer, recipe, split):
     """Turn records into model inputs. Stops at first non-None result (the task plugin).
 
     :param records: a list of :class:`plugtune.data.Record`.
+    :param split: ``"train"`` or ``"validation"``; the training split is tokenized first, so a
+        task may take from it what the data decides (a classifier's label set) and keep it in
+        its own recipe section, which the run's ``recipe.yaml`` then records (a reloaded run
+        finds it there; ``plugtune eval`` tokenizes only a ``"validation"`` split).
     :return: a :class:`plugtune.data.Tokenized`: the examples, a collate function and how
         many records were truncated. Raise :class:`plugtune.errors.DataError` naming
         ``record.where`` for an unusable record.
@@ -83,19 +87,29 @@ def plugtune_tokenize(records, tokenizer, recipe):
 
 
 @hookspec
-def plugtune_model_kwargs(recipe):
-    """Return keyword arguments for ``from_pretrained`` (e.g. ``quantization_config``).
+def plugtune_model_kwargs(recipe, tokenizer):
+    """Return keyword arguments for ``from_pretrained`` (e.g. ``quantization_config``, or a task
+    head's ``num_labels``/``id2label``/``label2id`` and the tokenizer's ``pad_token_id``).
 
+    :param tokenizer: the run's tokenizer (None where a saved run is reloaded without one).
     :return: a dict; the dicts of all plugins are merged, and a key given by two plugins is an
         error naming the key.
     """
 
 
 @hookspec(firstresult=True)
-def plugtune_load_model(recipe, model_kwargs):
+def plugtune_model_class(recipe):
+    """Return the transformers class to load the model as, e.g.
+    ``AutoModelForSequenceClassification`` for a task head. Stops at first non-None result;
+    None (no task head) means the loader's default, a causal LM."""
+
+
+@hookspec(firstresult=True)
+def plugtune_load_model(recipe, model_kwargs, model_class):
     """Load and return the model for ``recipe.model``. Stops at first non-None result.
 
     :param model_kwargs: the merged result of :func:`plugtune_model_kwargs`.
+    :param model_class: the result of :func:`plugtune_model_class` (None: a causal LM).
     """
 
 
@@ -177,10 +191,13 @@ def plugtune_step_end(run, step, metrics):
 
 
 @hookspec
-def plugtune_evaluate(run, model, step):
+def plugtune_evaluate(run, model, step, eval_loss):
     """Return extra evaluation metrics as a dict (e.g. exact match of generations); the core
     adds ``eval_loss`` itself. Called before training (step 0), every ``train.eval_every``
-    steps, and after the last step."""
+    steps, and after the last step.
+
+    :param eval_loss: the mean validation loss the core has just computed (for perplexity).
+    """
 
 
 @hookspec

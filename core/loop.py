@@ -53,31 +53,33 @@ def setup(recipe, pm, echo=print):
     splits = first(h.plugtune_read_data, "read the data", recipe=recipe)
     for split in ("train", "validation"):
         run.data[split] = first(h.plugtune_tokenize, "tokenize records", recipe=recipe,
-                                records=getattr(splits, split), tokenizer=run.tokenizer)
+                                records=getattr(splits, split), tokenizer=run.tokenizer,
+                                split=split)
         d = run.data[split]
         echo(f"data: {split} {len(d.examples)} records, {d.tokens():,} tokens, "
              f"{d.truncated} truncated at {t.max_length} tokens")
-    run.model = setup_model(h, recipe, echo)
+    run.model = setup_model(h, recipe, echo, tokenizer=run.tokenizer)
     return run
 
 
-def load_base(h, recipe):
+def load_base(h, recipe, tokenizer=None):
     """Load the model with every plugin's loading arguments and prepare it (k-bit preparation,
     heads, gradient checkpointing): the model as it is before adapters wrap it."""
     kwargs = {}
-    for part in h.plugtune_model_kwargs(recipe=recipe):
+    for part in h.plugtune_model_kwargs(recipe=recipe, tokenizer=tokenizer):
         clash = set(kwargs) & set(part or {})
         if clash:
             raise PluginError(f"two plugins set the model loading argument(s) {sorted(clash)}")
         kwargs.update(part or {})
-    model = first(h.plugtune_load_model, "load the model", recipe=recipe, model_kwargs=kwargs)
+    model = first(h.plugtune_load_model, "load the model", recipe=recipe, model_kwargs=kwargs,
+                  model_class=h.plugtune_model_class(recipe=recipe))
     h.plugtune_prepare_base(model=model, recipe=recipe)
     h.plugtune_prepare_model(model=model, recipe=recipe)
     return model
 
 
-def setup_model(h, recipe, echo=print):
-    model = load_base(h, recipe)
+def setup_model(h, recipe, echo=print, tokenizer=None):
+    model = load_base(h, recipe, tokenizer)
     model = h.plugtune_wrap_model(model=model, recipe=recipe) or model
     h.plugtune_select_trainable(model=model, recipe=recipe)
     trainable, total = count_parameters(model)
@@ -109,7 +111,8 @@ def evaluate(run, step):
                                                          recipe=run.recipe)
             losses.append(loss.float().item())
         result = {"step": step, "eval_loss": sum(losses) / max(len(losses), 1)}
-        for extra in run.pm.hook.plugtune_evaluate(run=run, model=model, step=step):
+        for extra in run.pm.hook.plugtune_evaluate(run=run, model=model, step=step,
+                                                   eval_loss=result["eval_loss"]):
             result.update(extra or {})
     model.train()
     run.pm.hook.plugtune_log(run=run, record=result)

@@ -2,7 +2,9 @@
 ``{"prompt", "completion"}`` records, or on the assistant turns of ``{"messages"}`` records
 rendered with the tokenizer's chat template. Where a held-out record has a reference answer
 (the completion, or the last assistant turn) evaluation also reports the exact match of the
-model's greedy answer."""
+model's greedy answer, and always the perplexity (``exp(eval_loss)``)."""
+import math
+
 import torch
 from pydantic import Field
 
@@ -136,12 +138,13 @@ def generate(model, tokenizer, prompts, max_new_tokens, batch_size, device):
 
 
 @hookimpl
-def plugtune_evaluate(run, model, step):
+def plugtune_evaluate(run, model, step, eval_loss):
+    metrics = {"perplexity": math.exp(min(eval_loss, 700.0))}
     section = run.recipe["causal_lm"]
     checkable = [e for e in run.data["validation"].examples if e["reference"] is not None]
     checkable = checkable[:section.generate_limit]
     if not section.exact_match or not checkable:
-        return {}
+        return metrics
     tokenizer = run.tokenizer
     longest = max(len(_ids(tokenizer, e["reference"])) for e in checkable)
     answers = generate(run.accelerator.unwrap_model(model), tokenizer,
@@ -149,4 +152,4 @@ def plugtune_evaluate(run, model, step):
                        min(section.max_new_tokens, longest + 4),
                        run.recipe.train.eval_batch_size or 16, run.accelerator.device)
     hits = sum(normalize(a) == normalize(e["reference"]) for a, e in zip(answers, checkable))
-    return {"exact_match": hits / len(checkable)}
+    return {**metrics, "exact_match": hits / len(checkable)}

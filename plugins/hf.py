@@ -104,12 +104,13 @@ def plugtune_load_tokenizer(recipe):
 
 
 @hookimpl(trylast=True)
-def plugtune_load_model(recipe, model_kwargs):
+def plugtune_load_model(recipe, model_kwargs, model_class):
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": getattr(torch, recipe.model.dtype),
               "trust_remote_code": recipe.model.trust_remote_code, **model_kwargs}
-    return AutoModelForCausalLM.from_pretrained(local_model_dir(recipe.model.name), **kwargs)
+    model_class = model_class or AutoModelForCausalLM
+    return model_class.from_pretrained(local_model_dir(recipe.model.name), **kwargs)
 
 
 @hookimpl(trylast=True)
