@@ -45,6 +45,33 @@ def cmd_recipes(args):
     return 0
 
 
+def cmd_export(args):
+    from . import artifacts
+
+    notes = artifacts.export(args.run_dir, args.out, merge=args.merge)
+    for note in notes:
+        print(f"note: {note}")
+    what = "merged model (transformers save_pretrained)" if args.merge else "saved artifact"
+    print(f"wrote the {what} of {args.run_dir} to {args.out}")
+    return 0
+
+
+def cmd_generate(args):
+    from transformers import set_seed
+
+    from . import artifacts
+
+    artifact = artifacts.load(args.run_dir)
+    for note in artifact.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if args.seed is not None:
+        set_seed(args.seed)
+    print(artifacts.generate(artifact, args.prompt, max_new_tokens=args.max_new_tokens,
+                             temperature=args.temperature, top_p=args.top_p,
+                             chat_template=not args.no_chat_template))
+    return 0
+
+
 def parser():
     p = argparse.ArgumentParser(prog="plugtune", description=__doc__)
     p.add_argument("--version", action="version", version=f"plugtune {__version__}")
@@ -58,6 +85,26 @@ def parser():
         sp.set_defaults(func=func)
     sub.add_parser("plugins", help="list installed plugins").set_defaults(func=cmd_plugins)
     sub.add_parser("recipes", help="list shipped recipes").set_defaults(func=cmd_recipes)
+    sp = sub.add_parser("export", help="write a run's model: its adapter, or merged",
+                        description="Write a run's model to OUT: the adapter or model as saved, "
+                        "or with --merge the adapter merged into its base as a model that "
+                        "transformers' from_pretrained loads.")
+    sp.add_argument("run_dir", help="the run directory (runs/NAME)")
+    sp.add_argument("out", help="a new directory")
+    sp.add_argument("--merge", action="store_true", help="merge the adapter into the base")
+    sp.set_defaults(func=cmd_export)
+    sp = sub.add_parser("generate", help="sample from a run's fine-tuned model",
+                        description="Sample a reply to PROMPT from a run's fine-tuned model "
+                        "(the prompt goes in as a user turn where the tokenizer has a chat "
+                        "template).")
+    sp.add_argument("run_dir", help="the run directory (runs/NAME)")
+    sp.add_argument("prompt")
+    sp.add_argument("--max-new-tokens", type=int, default=128)
+    sp.add_argument("--temperature", type=float, default=0.7, help="0 decodes greedily")
+    sp.add_argument("--top-p", type=float, default=1.0)
+    sp.add_argument("--seed", type=int, default=None, help="for a repeatable sample")
+    sp.add_argument("--no-chat-template", action="store_true", help="use the prompt as is")
+    sp.set_defaults(func=cmd_generate)
     return p
 
 

@@ -19,6 +19,11 @@ from plugtune.recipe import Section
 
 class GradientCheckpointingSection(Section):
     use_reentrant: bool = Field(False, description="torch's older reentrant checkpointing")
+    every_n_layers: int = Field(1, gt=0, description="checkpoint every N-th block only (more "
+                                "memory, less recompute); needs transformers with "
+                                "activation_checkpointing_enable")
+    offload: bool = Field(False, description="keep the saved block inputs in pinned host "
+                          "memory instead of on the GPU (slower; long sequences)")
 
 
 @hookimpl
@@ -31,7 +36,15 @@ def plugtune_prepare_model(model, recipe):
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise PluginError(f"gradient_checkpointing: {type(model).__name__} does not support "
                           "gradient checkpointing; remove gradient_checkpointing from plugins:")
-    reentrant = recipe["gradient_checkpointing"].use_reentrant
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-    if reentrant:
+    s = recipe["gradient_checkpointing"]
+    kwargs = {"use_reentrant": s.use_reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):  # newer transformers
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs,
+                                              every_n_layers=s.every_n_layers, offload=s.offload)
+    elif s.every_n_layers != 1 or s.offload:
+        raise PluginError("gradient_checkpointing.every_n_layers/offload: this transformers "
+                          "version cannot; upgrade transformers or remove them")
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if s.use_reentrant:
         model.enable_input_require_grads()

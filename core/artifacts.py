@@ -1,0 +1,168 @@
+"""Load what a finished run saved, for ``plugtune export``, ``plugtune generate`` and evaluation.
+
+A run saves one of the two formats the ecosystem reads: a PEFT adapter (``adapter/``, with
+``adapter_config.json``) or a ``save_pretrained`` model (``model/``). A model loads as it is; an
+adapter loads onto the base that the run's ``recipe.yaml`` names, loaded and prepared through
+the same hooks as in training (so ``pkg:``/GGUF sources, quantization and task heads come back
+as they were), then optionally merged into it.
+"""
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import loop, recipe as recipes
+from .errors import PlugtuneError
+
+ARTIFACT_DIRS = ("adapter", "model")
+
+
+@dataclass
+class Artifact:
+    """A run's fine-tuned model, ready to use (eval mode)."""
+
+    model: object
+    tokenizer: object
+    kind: str  # "adapter" or "model": what the run saved
+    path: Path  # the saved directory
+    recipe: object  # the run's recipe
+    notes: list = field(default_factory=list)  # what a user should know about how it loaded
+
+
+def find(run_dir):
+    """The saved artifact directory of ``run_dir`` (``adapter/`` or ``model/``)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "recipe.yaml").is_file():
+        raise PlugtuneError(f"{run_dir}: not a run directory (it has no recipe.yaml); give the "
+                            "directory a run printed at its end")
+    for name in ARTIFACT_DIRS:
+        if (run_dir / name / "adapter_config.json").is_file() or (
+                run_dir / name / "config.json").is_file():
+            return run_dir / name
+    raise PlugtuneError(f"{run_dir}: no saved model (adapter/ or model/); the run did not finish "
+                        "or ran with output.save_model: false")
+
+
+def run_recipe(run_dir):
+    """``(recipe, plugin_manager)`` of a finished run, from its ``recipe.yaml``."""
+    return recipes.load_recipe(Path(run_dir) / "recipe.yaml", check_files=False)
+
+
+def load(run_dir, merge=False):
+    """Load the fine-tuned model of ``run_dir``.
+
+    :param merge: fold an adapter into its base, giving a plain transformers model. A base
+        trained quantized (int8/nf4) is de-quantized first: the adapter is merged into a float
+        copy of the quantized weights it was trained on (the original full-precision weights
+        are not used), so the merged model reproduces the trained one.
+    """
+    import torch
+    from transformers import AutoTokenizer
+
+    path = find(run_dir)
+    recipe, pm = run_recipe(run_dir)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dtype = getattr(torch, recipe.model.dtype)
+    notes = []
+    if not (path / "adapter_config.json").is_file():
+        model = _load_model(path, dtype)
+        if merge:
+            notes.append("the run saved a whole model: nothing to merge")
+        return Artifact(_place(model, merge), tokenizer, "model", path, recipe, notes)
+
+    from peft import PeftModel
+
+    base = loop.load_base(pm.hook, recipe)
+    if merge and getattr(base, "is_quantized", False):
+        method = getattr(base.config, "quantization_config", None)
+        notes.append(f"the base was trained quantized ({_describe(method)}); the adapter is "
+                     f"merged into a de-quantized {recipe.model.dtype} copy of those quantized "
+                     "weights, not into the original full-precision ones")
+        base = base.dequantize()
+    model = PeftModel.from_pretrained(base, path)
+    if merge:
+        model = model.merge_and_unload().to(dtype)
+    elif getattr(base, "is_quantized", False):
+        notes.append(f"the base is loaded quantized as in training "
+                     f"({_describe(base.config.quantization_config)})")
+    return Artifact(_place(model, merge), tokenizer, "adapter", path, recipe, notes)
+
+
+def _place(model, merge):
+    """Eval mode, on the GPU where there is one (a quantized model is already placed there);
+    a model loaded only to be merged and saved stays where it is."""
+    import torch
+
+    if torch.cuda.is_available() and not merge and not getattr(model, "hf_device_map", None):
+        model.to("cuda")
+    return model.eval()
+
+
+def _describe(quantization_config):
+    q = quantization_config
+    if q is None:
+        return "quantized"
+    if getattr(q, "load_in_4bit", False):
+        return f"4-bit {q.bnb_4bit_quant_type}"
+    return "8-bit" if getattr(q, "load_in_8bit", False) else type(q).__name__
+
+
+def _load_model(path, dtype):
+    """A ``save_pretrained`` model, as the class it was saved as (causal LM, classifier, ...)."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(path)
+    arch = (config.architectures or ["AutoModelForCausalLM"])[0]
+    cls = getattr(transformers, arch, transformers.AutoModelForCausalLM)
+    return cls.from_pretrained(path, dtype=dtype)
+
+
+def export(run_dir, out, merge=False):
+    """Write the run's model to the new directory ``out``, atomically: the adapter or model as
+    saved, or with ``merge`` a merged ``save_pretrained`` model. Returns the loading notes."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise PlugtuneError(f"{out} exists and is not empty; give a new directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        if merge:
+            artifact = load(run_dir, merge=True)
+            artifact.model.save_pretrained(tmp)
+            artifact.tokenizer.save_pretrained(tmp)
+            notes = artifact.notes
+        else:
+            shutil.copytree(find(run_dir), tmp, dirs_exist_ok=True)
+            notes = []
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return notes
+
+
+def generate(artifact, prompt, max_new_tokens=128, temperature=0.7, top_p=1.0,
+             chat_template=True):
+    """Sample a continuation of ``prompt`` (as a user turn of the chat template where the
+    tokenizer has one and ``chat_template``); ``temperature`` 0 decodes greedily."""
+    import torch
+
+    tok, model = artifact.tokenizer, artifact.model
+    if chat_template and tok.chat_template:
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+        ids = tok(text, add_special_tokens=False, return_tensors="pt")
+    else:
+        ids = tok(prompt, return_tensors="pt")
+    ids = {k: v.to(model.device) for k, v in ids.items()}
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} \
+        if temperature > 0 else {"do_sample": False}
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                             **sampling)
+    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
