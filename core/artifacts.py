@@ -75,7 +75,7 @@ def load(run_dir, merge=False):
 
     from peft import PeftModel
 
-    base = loop.load_base(pm.hook, recipe)
+    base = loop.load_base(pm.hook, recipe, tokenizer)
     if merge and getattr(base, "is_quantized", False):
         method = getattr(base.config, "quantization_config", None)
         notes.append(f"the base was trained quantized ({_describe(method)}); the adapter is "

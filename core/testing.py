@@ -3,6 +3,7 @@
 - :func:`tiny_model` writes a tiny Llama- or GPT-2-style model with random weights and a
   byte-level BPE tokenizer (with a ChatML chat template) trained on the spot: no download.
 - :class:`HookRecorder` implements every hook and records the order they are called in.
+- :class:`WeightSnapshot` tells which weights a run changed (frozen ones must not).
 - :func:`write_recipe` writes a recipe for a tiny model, and :func:`run` runs one in-process.
 """
 import json
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from . import hookspecs, loop, manager, recipe as recipes
+from . import hookimpl, hookspecs, loop, manager, recipe as recipes
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -108,6 +109,25 @@ def with_plugins(plugins, discovered=None):
             name = f"{base}-{n}"
         found[name] = manager.PluginInfo(name, plugin, TESTING_DIST, "test")
     return found
+
+
+class WeightSnapshot:
+    """A plugin that copies the model's state dict when training starts; :meth:`changed` then
+    names the tensors that differ, bit for bit (quantized weights compared as stored)."""
+
+    def __init__(self):
+        self.before = None
+
+    @hookimpl
+    def plugtune_train_start(self, run):
+        self.before = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+
+    def changed(self, model):
+        import torch
+
+        after = model.state_dict()
+        return sorted(k for k, v in self.before.items()
+                      if v.dtype != after[k].dtype or not torch.equal(v, after[k]))
 
 
 def hook_names():
