@@ -1,0 +1,197 @@
+"""What the task-head plugins (``sequence_classification``, ``token_classification``) share; not
+a plugin itself.
+
+A head is a new output layer on a pretrained model, loaded through a transformers task class
+(``AutoModelFor...Classification``), which adds the layer (``score`` on decoders, ``classifier``
+on encoders) with random weights. Its label set comes from the training split, sorted (numerically
+when every label is a number), unless the recipe gives ``labels:``; the plugin keeps it in its
+recipe section, so the run's ``recipe.yaml`` records it, and the run also writes ``labels.json``
+and the model config's ``id2label``/``label2id``.
+
+The head always trains: with ``lora`` peft saves and trains it as a ``modules_to_save`` module
+(the ``lora`` plugin picks peft's classification task type from the model class); otherwise the
+plugin turns its parameters on after every plugin has chosen what trains (``freeze`` included).
+"""
+import json
+
+import torch
+from pydantic import field_validator
+
+from plugtune.errors import DataError, PluginError
+from plugtune.recipe import Section
+from plugtune.rundir import atomic_write
+
+TASKS = ("causal_lm", "sequence_classification", "token_classification")
+IGNORE = -100
+
+
+class HeadSection(Section):
+    """Fields every head's section has."""
+
+    labels: list[str] | None = None
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels_as_text(cls, value):
+        if isinstance(value, list):
+            return [label_name(v) if isinstance(v, (str, int, float)) else v for v in value]
+        return value
+
+
+def conflicts(recipe, name):
+    """A recipe trains one task: the head ``name`` conflicts with every other task plugin."""
+    return [f"plugins: `{name}` and `{other}` are both task plugins (each computes the loss its "
+            f"own way); keep one: {name} for a classifier, causal_lm for text generation"
+            for other in TASKS if other != name and other in recipe.plugins]
+
+
+def label_name(value):
+    """The text a label is known by (``1`` and ``"1"`` are one label)."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise TypeError(f"a label is a string or a number, got {value!r}")
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def sorted_labels(names):
+    """Labels in id order: numerically when every one is a number, else alphabetically."""
+    names = set(names)
+    try:
+        return sorted(names, key=float)
+    except ValueError:
+        return sorted(names)
+
+
+def field(record, key, section_name, needs):
+    """``record.data[key]``, or a DataError naming the line and the section key to change."""
+    if key not in record.data:
+        raise DataError(f"{record.where}: no {key!r} field; a {section_name} record needs "
+                        f"{needs} (other field names: set {section_name}.*_field); this one has "
+                        f"{sorted(record.data)}")
+    return record.data[key]
+
+
+def label_ids(section, section_name, records, values, split):
+    """Label ids of ``values`` (one label, or a list per record). The training split decides
+    the label set where the recipe gives none; a label outside the set is a DataError."""
+    def names(value, record):
+        try:
+            return [label_name(v) for v in value] if isinstance(value, list) else label_name(value)
+        except TypeError as exc:
+            raise DataError(f"{record.where}: {exc}") from exc
+
+    texts = [names(v, r) for v, r in zip(values, records)]
+    if section.labels is None:
+        if split != "train":
+            raise PluginError(f"{section_name}: the label set is unknown; tokenize the training "
+                              f"split first or give {section_name}.labels")
+        flat = [t for ts in texts for t in (ts if isinstance(ts, list) else [ts])]
+        section.labels = sorted_labels(flat)
+    label2id = {name: i for i, name in enumerate(section.labels)}
+
+    def to_id(text, record):
+        if text in label2id:
+            return label2id[text]
+        if split == "train":
+            raise DataError(f"{record.where}: label {text!r} is not in {section_name}.labels "
+                            f"{section.labels}; add it there or fix the record")
+        raise DataError(f"{record.where}: label {text!r} is not one of the labels the head is "
+                        f"trained on {section.labels}; a held-out record can only have one of "
+                        f"those (fix the record, or list every label in {section_name}.labels)")
+
+    return [[to_id(t, r) for t in ts] if isinstance(ts, list) else to_id(ts, r)
+            for ts, r in zip(texts, records)]
+
+
+def encode(tokenizer, text, max_length, **kwargs):
+    """``(encoding, truncated)``: ``text`` tokenized with the tokenizer's special tokens, cut
+    at ``max_length`` tokens."""
+    enc = tokenizer(text, **kwargs)
+    if len(enc["input_ids"]) <= max_length:
+        return enc, False
+    return tokenizer(text, truncation=True, max_length=max_length, **kwargs), True
+
+
+def collator(tokenizer, per_token):
+    """Pads a batch on the tokenizer's padding side (labels with -100 for token labels); with
+    left padding it adds the positions, so absolute position embeddings see unshifted tokens."""
+    from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
+
+    pad = (DataCollatorForTokenClassification if per_token else DataCollatorWithPadding)(tokenizer)
+
+    def collate(examples):
+        batch = dict(pad([{"input_ids": e["input_ids"], "labels": e["labels"]}
+                          for e in examples]))
+        if tokenizer.padding_side == "left":
+            batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        return batch
+
+    return collate
+
+
+def model_kwargs(section, section_name, tokenizer):
+    """``from_pretrained`` arguments for a head with the section's labels. The model learns the
+    tokenizer's padding token: a decoder's classifier pools the last token that is not padding
+    (transformers finds it by ``pad_token_id``, on either padding side)."""
+    if section.labels is None:
+        raise PluginError(f"{section_name}: the label set is unknown when the model loads; the "
+                          "training split must be tokenized first")
+    kwargs = {"num_labels": len(section.labels),
+              "id2label": dict(enumerate(section.labels)),
+              "label2id": {name: i for i, name in enumerate(section.labels)}}
+    if tokenizer is not None and tokenizer.pad_token_id is not None:
+        kwargs["pad_token_id"] = tokenizer.pad_token_id
+    return kwargs
+
+
+def loss(model, batch, weight=None):
+    """Cross-entropy of the head's logits (``-100`` labels ignored), optionally class-weighted."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits.float()
+    if weight is not None:
+        weight = weight.to(logits.device)
+    return torch.nn.functional.cross_entropy(logits.flatten(0, -2), batch["labels"].flatten(),
+                                             weight=weight, ignore_index=IGNORE)
+
+
+def predict(run, model):
+    """``(labels, predictions)`` per validation example: one id each for a sequence label, or
+    the ids at the labelled (first sub-word) positions for token labels."""
+    data = run.data["validation"]
+    size = run.recipe.train.eval_batch_size or run.recipe.train.batch_size
+    labels, predictions = [], []
+    with torch.no_grad():
+        for i in range(0, len(data.examples), size):
+            batch = data.collate(data.examples[i:i + size])
+            batch = {k: v.to(run.accelerator.device) for k, v in batch.items()}
+            gold = batch.pop("labels")
+            with run.accelerator.autocast():
+                best = model(**batch).logits.argmax(-1)
+            for g, b in zip(gold.tolist(), best.tolist()):
+                if isinstance(g, list):
+                    b = [p for p, t in zip(b, g) if t != IGNORE]
+                    g = [t for t in g if t != IGNORE]
+                labels.append(g)
+                predictions.append(b)
+    return labels, predictions
+
+
+def head_parameters(model):
+    """Parameters of the layers a task class adds on top of the pretrained model."""
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    return [p for child in model.children() if child is not backbone for p in child.parameters()]
+
+
+def train_head(model):
+    """Make the head train. Heads call this from a ``plugtune_select_trainable`` wrapper, which
+    runs after every plugin has chosen what trains (``freeze.last_n_blocks`` turns off all but
+    the last blocks, the head too). Under peft, ``modules_to_save`` already trains it."""
+    if not hasattr(model, "peft_config"):
+        for p in head_parameters(model):
+            p.requires_grad_(True)
+
+
+def write_labels(run, section, section_name):
+    """``labels.json`` in the run directory: the task and its labels in id order."""
+    if run.dir is not None:
+        atomic_write(run.dir / "labels.json",
+                     json.dumps({"task": section_name, "labels": section.labels}, indent=2) + "\n")

@@ -1,0 +1,139 @@
+"""Sequence classification: a new head learns one label per text.
+
+Records are ``{"text", "label"}``. A decoder's head reads the last token that is not padding (on
+either padding side), an encoder's its pooled output. Labels are strings or numbers; the label
+set is the training file's unless the recipe lists it, and is saved with the run
+(``recipe.yaml``, ``labels.json``, the model config).
+Evaluation reports accuracy, macro-F1 and per-class precision and recall (scikit-learn).
+
+Composes with ``full``, ``freeze`` (the head always trains), ``lora`` (the head trains in full
+and is saved with the adapter) and ``int8``/``nf4`` bases under ``lora``.
+"""
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+
+from plugtune import hookimpl
+from plugtune.data import Tokenized
+from plugtune.errors import DataError, RecipeError
+from plugtune.plugins import _heads as heads
+
+NAME = "sequence_classification"
+
+
+class SequenceClassificationSection(heads.HeadSection):
+    text_field: str = Field("text", description="the record field holding the text")
+    label_field: str = Field("label", description="the record field holding the label")
+    labels: list[str] | None = Field(None, description="the label set in id order; default: "
+                                     "the labels of the training file, sorted")
+    class_weights: Literal["balanced"] | dict[str, float] | None = Field(
+        None, description="weigh the loss per class: balanced (inversely to the class's share "
+        "of the training split) or {label: weight} (1 for labels not given)")
+
+    @field_validator("class_weights", mode="before")
+    @classmethod
+    def _keys_as_text(cls, value):
+        if isinstance(value, dict):
+            return {heads.label_name(k) if isinstance(k, (int, float)) else k: v
+                    for k, v in value.items()}
+        return value
+
+
+@hookimpl
+def plugtune_recipe_sections(register):
+    register(NAME, SequenceClassificationSection)
+
+
+@hookimpl
+def plugtune_check_recipe(recipe):
+    return heads.conflicts(recipe, NAME)
+
+
+@hookimpl
+def plugtune_tokenize(records, tokenizer, recipe, split):
+    s = recipe[NAME]
+    needs = f"{s.text_field!r} and {s.label_field!r}"
+    texts = [heads.field(r, s.text_field, NAME, needs) for r in records]
+    labels = heads.label_ids(s, NAME, records,
+                             [heads.field(r, s.label_field, NAME, needs) for r in records], split)
+    if split == "train":
+        resolve_class_weights(s, labels)
+    examples, truncated = [], 0
+    for record, text, label in zip(records, texts, labels):
+        if not isinstance(text, str):
+            raise DataError(f"{record.where}: {s.text_field!r} must be a string, got "
+                            f"{type(text).__name__}")
+        enc, cut = heads.encode(tokenizer, text, recipe.train.max_length)
+        truncated += cut
+        examples.append({"input_ids": enc["input_ids"], "labels": label})
+    return Tokenized(examples, heads.collator(tokenizer, per_token=False), truncated, records)
+
+
+def resolve_class_weights(section, label_ids):
+    """Turn ``balanced`` into weights per label (scikit-learn's ``n / (classes * count)``) and
+    check labels given by name; the section then records the weights the run used."""
+    if section.class_weights == "balanced":
+        import numpy as np
+        from sklearn.utils.class_weight import compute_class_weight
+
+        present = np.unique(label_ids)
+        weights = compute_class_weight("balanced", classes=present, y=np.array(label_ids))
+        section.class_weights = {section.labels[i]: float(w) for i, w in zip(present, weights)}
+    elif section.class_weights:
+        unknown = sorted(set(section.class_weights) - set(section.labels))
+        if unknown:
+            raise RecipeError([f"{NAME}.class_weights: {unknown} are not labels of the "
+                               f"training data {section.labels}"])
+
+
+@hookimpl
+def plugtune_model_class():
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification
+
+
+@hookimpl
+def plugtune_model_kwargs(recipe, tokenizer):
+    return heads.model_kwargs(recipe[NAME], NAME, tokenizer)
+
+
+@hookimpl(wrapper=True)
+def plugtune_select_trainable(model):
+    result = yield
+    heads.train_head(model)
+    return result
+
+
+@hookimpl
+def plugtune_compute_loss(model, batch, recipe):
+    s = recipe[NAME]
+    weight = None
+    if isinstance(s.class_weights, dict):
+        weight = torch.tensor([s.class_weights.get(name, 1.0) for name in s.labels])
+    return heads.loss(model, batch, weight)
+
+
+def metrics(labels, predictions, names):
+    """Accuracy, macro-F1 (over the classes present in either list) and precision and recall
+    of every class (``precision/NAME``, ``recall/NAME``), from label ids."""
+    from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
+
+    precision, recall, _, _ = precision_recall_fscore_support(
+        labels, predictions, labels=list(range(len(names))), zero_division=0)
+    out = {"accuracy": float(accuracy_score(labels, predictions)),
+           "macro_f1": float(f1_score(labels, predictions, average="macro", zero_division=0))}
+    for name, p, r in zip(names, precision, recall):
+        out[f"precision/{name}"], out[f"recall/{name}"] = float(p), float(r)
+    return out
+
+
+@hookimpl
+def plugtune_evaluate(run, model):
+    return metrics(*heads.predict(run, model), run.recipe[NAME].labels)
+
+
+@hookimpl
+def plugtune_train_start(run):
+    heads.write_labels(run, run.recipe[NAME], NAME)
