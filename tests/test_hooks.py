@@ -1,0 +1,516 @@
+"""The hook lifecycle, pinned: a golden test of the call order over a whole run, and one test
+per hookspec showing that an implementation of it changes the run in a way a user notices.
+
+``test_every_hook_has_a_test`` fails when a hookspec is added without a test here, and
+``test_every_hook_is_documented`` when docs/hooks.md does not show its signature.
+"""
+import inspect
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import BaseModel
+
+from plugtune import hookimpl, hookspecs, loop, testing
+from plugtune.data import Record, Splits
+from plugtune.errors import PluginError, RecipeError
+from plugtune.plugins import causal_lm
+
+DOCS = Path(__file__).parent.parent / "docs" / "hooks.md"
+HOOK_TESTS = {}
+
+
+def covers(hook):
+    """Mark a test as the dedicated test of ``hook``."""
+    def mark(test):
+        HOOK_TESTS[hook] = test
+        return test
+    return mark
+
+
+@pytest.fixture
+def quick(make_recipe):
+    """``quick(**sections) -> recipe path``: one optimizer step of the tiny Llama, no
+    generation at evaluation."""
+    def make(**sections):
+        train = {"max_steps": 1, **sections.pop("train", {})}
+        return make_recipe(train=train, causal_lm={"exact_match": False}, **sections)
+    return make
+
+
+def set_up(recipe_path, *plugins):
+    """``(run, printed lines)`` after the data and model phases, with ``plugins`` active."""
+    recipe, pm = testing.load_recipe(recipe_path, extra_plugins=plugins)
+    lines = []
+    return loop.setup(recipe, pm, echo=lines.append), lines
+
+
+def metrics(run):
+    return [json.loads(line) for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def trainable_line(lines):
+    return next(line for line in lines if line.startswith("parameters:"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The lifecycle
+# ---------------------------------------------------------------------------------------------
+
+SETUP = ["recipe_sections", "check_recipe", "load_tokenizer", "read_data", "tokenize",
+         "tokenize", "model_kwargs", "model_class", "load_model", "prepare_base", "prepare_model",
+         "wrap_model", "select_trainable", "build_optimizer", "build_scheduler", "train_start"]
+EVAL = ["compute_loss", "evaluate", "log"]  # one validation batch
+STEP = ["compute_loss", "step_end", "log"]  # one micro-batch per step, logged every step
+END = ["save_model", "train_end", "teardown"]
+
+
+def test_golden_hook_order(quick):
+    """Two steps, evaluating after each: no evaluation twice at the last step."""
+    recorder = testing.HookRecorder()
+    testing.run(quick(train={"max_steps": 2, "eval_every": 1}), extra_plugins=[recorder])
+    expected = SETUP + EVAL + STEP + EVAL + STEP + EVAL + END
+    assert recorder.calls == ["plugtune_" + name for name in expected]
+    assert set(recorder.calls) == set(testing.hook_names())
+
+
+@pytest.mark.parametrize("hook", testing.hook_names())
+def test_every_hook_has_a_test(hook):
+    assert hook in HOOK_TESTS, f"{hook} has no test: add one marked @covers({hook!r})"
+
+
+@pytest.mark.parametrize("hook", testing.hook_names())
+def test_every_hook_is_documented(hook):
+    signature = f"{hook}{inspect.signature(getattr(hookspecs, hook))}"
+    assert signature in DOCS.read_text(), f"docs/hooks.md does not show {signature}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipe phase
+# ---------------------------------------------------------------------------------------------
+
+
+class Greeting(BaseModel):
+    model_config = {"extra": "forbid"}
+    text: str = "hello"
+    times: int = 1
+
+
+class GreetingPlugin:
+    @hookimpl
+    def plugtune_recipe_sections(self, register):
+        register("greeting", Greeting)
+
+
+@covers("plugtune_recipe_sections")
+def test_recipe_sections_claims_a_validated_section(quick):
+    recipe, _ = testing.load_recipe(quick(greeting={"times": 3}), extra_plugins=[GreetingPlugin])
+    assert (recipe["greeting"].text, recipe["greeting"].times) == ("hello", 3)
+    assert recipe.resolved()["greeting"] == {"text": "hello", "times": 3}
+    with pytest.raises(RecipeError) as info:
+        testing.load_recipe(quick(greeting={"txet": "hi", "times": "many"}),
+                            extra_plugins=[GreetingPlugin])
+    assert "greeting.txet: unknown key (did you mean 'text'?)" in str(info.value)
+    assert "greeting.times:" in str(info.value)
+
+
+class LrLimit:
+    @hookimpl
+    def plugtune_check_recipe(self, recipe):
+        if recipe.train.lr > 1e-3:
+            return ["train.lr: above 1e-3 diverges with this plugin; use train.lr=1e-4"]
+
+
+@covers("plugtune_check_recipe")
+def test_check_recipe_problems_are_reported_with_all_others(quick):
+    with pytest.raises(RecipeError) as info:
+        testing.load_recipe(quick(trian={}), extra_plugins=[LrLimit])
+    message = str(info.value)
+    assert "2 problem(s)" in message
+    assert "train.lr: above 1e-3 diverges" in message and "trian: unknown key" in message
+    recipe, _ = testing.load_recipe(quick(train={"lr": 1e-4}), extra_plugins=[LrLimit])
+    assert recipe.train.lr == 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# Data phase
+# ---------------------------------------------------------------------------------------------
+
+PLAIN = ("{% for m in messages %}{{ m['role'] }}:\n{{ m['content'] }}\n{% endfor %}"
+         "{% if add_generation_prompt %}assistant:\n{% endif %}")
+
+
+class PlainTemplate:
+    @hookimpl
+    def plugtune_load_tokenizer(self, recipe):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(recipe.model.name)
+        tokenizer.chat_template = PLAIN
+        return tokenizer
+
+
+@covers("plugtune_load_tokenizer")
+def test_load_tokenizer_decides_how_records_are_rendered(quick):
+    run, _ = set_up(quick(), PlainTemplate)
+    example = run.data["train"].examples[0]
+    text = run.tokenizer.decode(example["input_ids"])
+    assert text.startswith("user:\nEcho: ") and "<|im_start|>" not in text
+    learnt = run.tokenizer.decode([t for t in example["labels"] if t != causal_lm.IGNORE])
+    assert learnt == text.split("assistant:\n")[1]  # the answer and its newline
+
+
+class Generated:
+    """Records made in code instead of read from the recipe's files."""
+
+    @hookimpl
+    def plugtune_read_data(self, recipe):
+        records = [Record({"text": f"zebra {i}"}, "generated", i) for i in range(6)]
+        return Splits(records[:4], records[4:])
+
+
+@covers("plugtune_read_data")
+def test_read_data_supplies_the_records(quick):
+    run, lines = set_up(quick(), Generated)
+    assert [r.data["text"] for r in run.data["train"].records] == [f"zebra {i}" for i in range(4)]
+    assert any(line.startswith("data: validation 2 records") for line in lines)
+
+
+class FirstThree:
+    @hookimpl
+    def plugtune_tokenize(self, records, tokenizer, recipe, split):
+        return causal_lm.plugtune_tokenize(records=records[:3], tokenizer=tokenizer,
+                                           recipe=recipe)
+
+
+@covers("plugtune_tokenize")
+def test_tokenize_decides_the_examples(quick):
+    run, lines = set_up(quick(), FirstThree)
+    assert len(run.data["train"].examples) == 3
+    assert any(line.startswith("data: train 3 records") for line in lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model phase
+# ---------------------------------------------------------------------------------------------
+
+
+class EagerAttention:
+    @hookimpl
+    def plugtune_model_kwargs(self, recipe):
+        return {"attn_implementation": "eager"}
+
+
+@covers("plugtune_model_kwargs")
+def test_model_kwargs_reach_from_pretrained(quick):
+    run, _ = set_up(quick(), EagerAttention)
+    assert run.model.config._attn_implementation == "eager"
+    with pytest.raises(PluginError, match="attn_implementation"):
+        set_up(quick(), EagerAttention, EagerAttention)
+
+
+class ThreeWayClassifier:
+    """A task head: the model is loaded as a sequence classifier with three labels."""
+
+    @hookimpl
+    def plugtune_model_class(self):
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification
+
+    @hookimpl
+    def plugtune_model_kwargs(self, tokenizer):
+        return {"num_labels": 3, "pad_token_id": tokenizer.pad_token_id}
+
+
+@covers("plugtune_model_class")
+def test_model_class_decides_what_is_loaded(quick):
+    run, _ = set_up(quick(), ThreeWayClassifier)
+    assert type(run.model).__name__ == "LlamaForSequenceClassification"
+    assert run.model.score.out_features == 3
+
+
+class OneLayer:
+    def __init__(self):
+        self.kwargs = None
+
+    @hookimpl
+    def plugtune_load_model(self, recipe, model_kwargs):
+        from transformers import AutoModelForCausalLM
+
+        self.kwargs = model_kwargs
+        return AutoModelForCausalLM.from_pretrained(recipe.model.name, num_hidden_layers=1,
+                                                    **model_kwargs)
+
+
+@covers("plugtune_load_model")
+def test_load_model_supplies_the_model(quick):
+    plugin = OneLayer()
+    run, lines = set_up(quick(), plugin, EagerAttention)
+    assert len(run.model.model.layers) == 1
+    assert plugin.kwargs == {"attn_implementation": "eager"}
+    total = sum(p.numel() for p in run.model.parameters())
+    assert trainable_line(lines).endswith(f"of {total:,} (100.00%)")
+
+
+class FreezeEmbeddingsEarly:
+    @hookimpl
+    def plugtune_prepare_base(self, model):
+        model.get_input_embeddings().weight.requires_grad_(False)
+
+
+@covers("plugtune_prepare_base")
+def test_prepare_base_changes_the_model_in_place(quick):
+    run, lines = set_up(quick(plugins=["causal_lm"]), FreezeEmbeddingsEarly)
+    embed = run.model.get_input_embeddings().weight.numel()
+    total = sum(p.numel() for p in run.model.parameters())
+    assert trainable_line(lines).startswith(f"parameters: {total - embed:,} trainable")
+
+
+class Checkpointing:
+    @hookimpl
+    def plugtune_prepare_model(self, model):
+        model.gradient_checkpointing_enable()
+
+
+@covers("plugtune_prepare_model")
+def test_prepare_model_changes_the_model_in_place(quick):
+    run, _ = set_up(quick(), Checkpointing)
+    assert run.model.is_gradient_checkpointing
+
+
+class Lora:
+    @hookimpl
+    def plugtune_wrap_model(self, model):
+        from peft import LoraConfig, get_peft_model
+
+        return get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+
+
+@covers("plugtune_wrap_model")
+def test_wrap_model_replaces_the_model(quick):
+    from peft import PeftModel
+
+    run, lines = set_up(quick(plugins=["causal_lm"]), Lora)
+    assert isinstance(run.model, PeftModel)
+    trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+    assert trainable_line(lines).startswith(f"parameters: {trainable:,} trainable")
+    assert all("lora_" in n for n, p in run.model.named_parameters() if p.requires_grad)
+
+
+class OnlyNorms:
+    @hookimpl
+    def plugtune_select_trainable(self, model):
+        for name, p in model.named_parameters():
+            p.requires_grad_("norm" in name)
+
+
+class Nothing:
+    @hookimpl
+    def plugtune_select_trainable(self, model):
+        model.requires_grad_(False)
+
+
+@covers("plugtune_select_trainable")
+def test_select_trainable_decides_what_trains(quick):
+    run, lines = set_up(quick(plugins=["causal_lm"]), OnlyNorms)
+    norms = sum(p.numel() for n, p in run.model.named_parameters() if "norm" in n)
+    assert trainable_line(lines).startswith(f"parameters: {norms:,} trainable")
+    with pytest.raises(PluginError, match="no parameter is trainable"):
+        set_up(quick(plugins=["causal_lm"]), Nothing)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimization phase
+# ---------------------------------------------------------------------------------------------
+
+
+class StandStill:
+    """SGD at learning rate 0: nothing may change."""
+
+    @hookimpl
+    def plugtune_build_optimizer(self, params):
+        return torch.optim.SGD(params, lr=0.0)
+
+
+@covers("plugtune_build_optimizer")
+def test_build_optimizer_supplies_the_optimizer(quick, tiny_llama):
+    from safetensors.torch import load_file
+
+    summary, run = testing.run(quick(train={"max_steps": 2}), extra_plugins=[StandStill])
+    assert summary["eval_after"]["eval_loss"] == summary["eval_before"]["eval_loss"]
+    assert [m["lr"] for m in metrics(run) if "lr" in m] == [0.0, 0.0]
+    before = load_file(tiny_llama / "model.safetensors")
+    after = load_file(Path(summary["artifact"]) / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+class HalfLr:
+    def __init__(self):
+        self.total_steps = None
+
+    @hookimpl
+    def plugtune_build_scheduler(self, optimizer, total_steps):
+        self.total_steps = total_steps
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)
+
+
+@covers("plugtune_build_scheduler")
+def test_build_scheduler_sets_the_learning_rate(quick):
+    plugin = HalfLr()
+    _, run = testing.run(quick(train={"max_steps": 2, "lr": 1e-3}), extra_plugins=[plugin])
+    assert plugin.total_steps == 2
+    assert [m["lr"] for m in metrics(run) if "lr" in m] == [5e-4, 5e-4]
+
+
+# ---------------------------------------------------------------------------------------------
+# Training phase
+# ---------------------------------------------------------------------------------------------
+
+
+class Notes:
+    """Writes a file into the run directory when training starts."""
+
+    @hookimpl
+    def plugtune_train_start(self, run):
+        (run.dir / "notes.txt").write_text(f"{run.total_steps} steps on {run.model.dtype}\n")
+
+
+@covers("plugtune_train_start")
+def test_train_start_sees_the_run_directory(quick):
+    _, run = testing.run(quick(train={"max_steps": 2}), extra_plugins=[Notes])
+    assert (run.dir / "notes.txt").read_text() == "2 steps on torch.float32\n"
+
+
+class PlusHundred:
+    @hookimpl
+    def plugtune_compute_loss(self, model, batch):
+        return model(**batch).loss + 100.0
+
+
+@covers("plugtune_compute_loss")
+def test_compute_loss_is_the_trained_and_evaluated_loss(quick):
+    summary, run = testing.run(quick(), extra_plugins=[PlusHundred])
+    logged = metrics(run)
+    assert all(m.get("loss", 101) > 100 and m.get("eval_loss", 101) > 100 for m in logged)
+    assert summary["eval_before"]["eval_loss"] > 100
+
+
+class StepLog:
+    def __init__(self):
+        self.seen = []
+
+    @hookimpl
+    def plugtune_step_end(self, run, step, metrics):
+        self.seen.append((step, run.step, dict(metrics)))
+
+
+@covers("plugtune_step_end")
+def test_step_end_once_per_optimizer_step_with_its_metrics(quick):
+    plugin = StepLog()
+    _, run = testing.run(quick(train={"max_steps": 2, "batch_size": 4, "grad_accum": 2}),
+                         extra_plugins=[plugin])
+    assert [(step, now) for step, now, _ in plugin.seen] == [(1, 1), (2, 2)]
+    assert [m for _, _, m in plugin.seen] == [m for m in metrics(run) if "loss" in m]
+    assert set(plugin.seen[0][2]) >= {"step", "loss", "lr", "tokens_per_s", "epoch"}
+
+
+class CountAnswers:
+    @hookimpl
+    def plugtune_evaluate(self, run, step, eval_loss):
+        return {"answers": len(run.data["validation"].examples), "evaluated_at": step,
+                "loss_seen": eval_loss}
+
+
+@covers("plugtune_evaluate")
+def test_evaluate_adds_metrics_to_metrics_jsonl(quick):
+    summary, run = testing.run(quick(train={"max_steps": 2}), extra_plugins=[CountAnswers])
+    evals = [m for m in metrics(run) if "eval_loss" in m]
+    assert [(m["step"], m["answers"], m["evaluated_at"]) for m in evals] == [(0, 8, 0), (2, 8, 2)]
+    assert all(m["loss_seen"] == m["eval_loss"] for m in evals)
+    assert summary["eval_after"]["answers"] == 8
+
+
+class CsvLog:
+    def __init__(self):
+        self.records = []
+
+    @hookimpl
+    def plugtune_log(self, run, record):
+        self.records.append(record)
+        with open(run.dir / "log.csv", "a") as f:
+            f.write(f"{record['step']},{record.get('loss', record.get('eval_loss'))}\n")
+
+
+@covers("plugtune_log")
+def test_log_receives_every_logged_record(quick):
+    plugin = CsvLog()
+    _, run = testing.run(quick(train={"max_steps": 4, "batch_size": 2, "log_every": 2}),
+                         extra_plugins=[plugin])
+    assert plugin.records == metrics(run)
+    assert [r["step"] for r in plugin.records] == [0, 2, 4, 4]  # eval, train, train, eval
+    assert len((run.dir / "log.csv").read_text().splitlines()) == 4
+
+
+class StateDictOnly:
+    @hookimpl
+    def plugtune_save_model(self, model, path):
+        torch.save(model.state_dict(), path / "weights.pt")
+        return "checkpoint"
+
+
+@covers("plugtune_save_model")
+def test_save_model_chooses_format_and_directory(quick):
+    summary, run = testing.run(quick(), extra_plugins=[StateDictOnly])
+    assert summary["artifact"] == str(run.dir / "checkpoint")
+    assert sorted(p.name for p in run.dir.iterdir()) == [
+        "checkpoint", "loss.png", "manifest.json", "metrics.jsonl", "recipe.yaml"]
+    state = torch.load(run.dir / "checkpoint" / "weights.pt")
+    assert set(state) == set(run.accelerator.unwrap_model(run.model).state_dict())
+
+
+class Summary:
+    @hookimpl
+    def plugtune_train_end(self, run, summary):
+        (run.dir / "summary.json").write_text(json.dumps(summary, default=str))
+
+
+@covers("plugtune_train_end")
+def test_train_end_receives_the_summary_after_saving(quick):
+    summary, run = testing.run(quick(), extra_plugins=[Summary])
+    written = json.loads((run.dir / "summary.json").read_text())
+    assert written["steps"] == 1 and written["artifact"] == str(run.dir / "model")
+    assert set(written) == {"steps", "seconds", "eval_before", "eval_after", "truncated",
+                            "trainable", "total", "artifact"}
+    assert written["eval_after"] == summary["eval_after"]
+
+
+class Boom:
+    @hookimpl
+    def plugtune_step_end(self, step):
+        raise RuntimeError(f"boom at step {step}")
+
+
+class Teardown:
+    def __init__(self):
+        self.errors = []
+
+    @hookimpl
+    def plugtune_teardown(self, run, error):
+        self.errors.append(error)
+
+
+@covers("plugtune_teardown")
+def test_teardown_runs_last_and_receives_the_error(quick, tmp_path):
+    plugin = Teardown()
+    testing.run(quick(), extra_plugins=[plugin])
+    assert plugin.errors == [None]
+    with pytest.raises(RuntimeError, match="boom at step 1") as info:
+        testing.run(quick(train={"max_steps": 3}, output={"name": "failed"}),
+                    extra_plugins=[Boom, plugin])
+    assert plugin.errors == [None, info.value]
+    failed = tmp_path / "runs" / "failed"
+    manifest = json.loads((failed / "manifest.json").read_text())
+    assert manifest["status"] == "failed: RuntimeError: boom at step 1"
+    assert not (failed / "model").exists()
