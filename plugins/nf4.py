@@ -52,3 +52,10 @@ def plugtune_model_kwargs(recipe):
 @hookimpl
 def plugtune_prepare_base(model):
     _kbit.prepare(model)
+    # On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit weight in place at its
+    # first no-grad forward (evaluation) and rounds its scales (absmax) to bfloat16, for good:
+    # the frozen base would drift from the one the adapter is later loaded onto and merged
+    # into. Keep the exact float32 path instead (a CPU-only cost; GPUs never repack).
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False

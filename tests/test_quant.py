@@ -1,0 +1,97 @@
+"""Quantized bases (int8, nf4), gradient checkpointing and 8-bit optimizers, on real
+bitsandbytes: each allowed combination learns and leaves the frozen weights bit-identical; each
+rejected combination is refused at validation with a message that says what to use instead."""
+import pytest
+
+from plugtune import cli, testing
+
+
+def run_with_snapshot(recipe_path):
+    snapshot = testing.WeightSnapshot()
+    summary, run = testing.run(recipe_path, extra_plugins=[snapshot])
+    return summary, run, snapshot.changed(run.model)
+
+
+@pytest.mark.parametrize("plugins, sections", [
+    (["int8", "lora"], {}),
+    (["nf4", "lora"], {}),
+    (["nf4", "lora"], {"nf4": {"quant_type": "fp4", "double_quant": False}}),
+    (["nf4", "lora", "gradient_checkpointing"], {}),
+    (["int8", "lora", "gradient_checkpointing", "adamw_8bit"], {}),
+], ids=["int8+lora", "nf4+lora", "fp4+lora", "nf4+lora+checkpointing",
+        "int8+lora+checkpointing+adamw_8bit"])
+def test_quantized_base_trains_only_adapters(make_recipe, plugins, sections):
+    summary, run, changed = run_with_snapshot(make_recipe(
+        plugins=["causal_lm", *plugins], train={"max_steps": 12, "lr": 3e-2},
+        causal_lm={"exact_match": False}, **sections))
+    assert summary["eval_after"]["eval_loss"] < summary["eval_before"]["eval_loss"] - 0.3
+    assert changed, "no weight changed"
+    assert all(".lora_A." in k or ".lora_B." in k for k in changed), changed
+    quantized = "Linear8bitLt" if "int8" in plugins else "Linear4bit"
+    q_proj = run.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    assert type(q_proj).__name__ == quantized
+    assert (run.dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("plugins", [["full", "gradient_checkpointing"],
+                                     ["full", "adamw_8bit"]])
+def test_full_fine_tuning_with_checkpointing_or_8bit_optimizer(make_recipe, plugins):
+    summary, run = testing.run(make_recipe(plugins=["causal_lm", *plugins],
+                                           train={"max_steps": 12},
+                                           causal_lm={"exact_match": False}))
+    assert summary["eval_after"]["eval_loss"] < 0.7 * summary["eval_before"]["eval_loss"]
+    if "gradient_checkpointing" in plugins:
+        assert run.model.is_gradient_checkpointing
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_adamw_8bit_keeps_8bit_state(make_recipe, paged):
+    import bitsandbytes as bnb
+
+    recipe, pm = testing.load_recipe(make_recipe(plugins=["causal_lm", "full", "adamw_8bit"],
+                                                 adamw_8bit={"paged": paged}))
+    import torch
+    weight = torch.nn.Parameter(torch.randn(128, 64))
+    optimizer = pm.hook.plugtune_build_optimizer(params=[weight], recipe=recipe)
+    assert isinstance(optimizer, bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit)
+    before = weight.detach().clone()
+    (weight ** 2).sum().backward()
+    optimizer.step()
+    assert optimizer.state[weight]["state1"].dtype == torch.uint8
+    assert (weight.detach() ** 2).sum() < (before ** 2).sum()
+
+
+@pytest.mark.parametrize("plugins, says", [
+    (["int8", "lora", "full"], "`int8` loads the base quantized, and quantized weights cannot "
+                               "be trained by `full`; use lora instead of full"),
+    (["nf4", "full"], "`nf4` loads the base quantized, and quantized weights cannot be trained "
+                      "by `full`; use lora instead of full"),
+    (["int8", "nf4", "lora"], "`int8` and `nf4` both quantize the base; pick one"),
+    (["nf4"], "`nf4` freezes the quantized base, so nothing would train; add lora"),
+])
+def test_rejected_quantization_combinations(make_recipe, capsys, plugins, says):
+    assert cli.main(["validate", str(make_recipe(plugins=["causal_lm", *plugins]))]) == 2
+    err = capsys.readouterr().err
+    assert "plugins: " in err and says in err
+
+
+def test_quantization_sections_are_checked(make_recipe, capsys):
+    recipe = make_recipe(plugins=["causal_lm", "nf4", "lora"],
+                         nf4={"quant_type": "nf8", "double_qant": True})
+    assert cli.main(["validate", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "nf4.quant_type" in err and "nf4.double_qant: unknown key (did you mean " \
+        "'double_quant'?)" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantizer", ["int8", "nf4"])
+def test_smollm2_quantized_lora(make_recipe, smollm2, quantizer):
+    """The real model: a few QLoRA steps on SmolLM2-135M change only the adapters."""
+    summary, run, changed = run_with_snapshot(make_recipe(
+        model=smollm2, plugins=["causal_lm", quantizer, "lora"],
+        train={"max_steps": 2, "batch_size": 4, "max_length": 64, "lr": 1e-3},
+        causal_lm={"exact_match": False}))
+    assert summary["steps"] == 2
+    assert changed and all(".lora_" in k for k in changed)
+    assert summary["trainable"] < 0.05 * summary["total"]
