@@ -84,18 +84,29 @@ def resolve_active(requested, discovered):
 
 
 def make_manager(names, discovered):
-    """A plugin manager with the hookspecs and the named plugins registered, checked."""
+    """A plugin manager with the hookspecs and the named plugins registered, checked: a hook
+    or hook argument that ``plugtune.hookspecs`` does not define is an error naming the plugin."""
     pm = pluggy.PluginManager(GROUP)
     pm.add_hookspecs(hookspecs)
     for name in names:
-        obj = discovered[name].obj
-        pm.register(obj() if inspect.isclass(obj) else obj, name=name)
+        info = discovered[name]
+        try:
+            pm.register(info.obj() if inspect.isclass(info.obj) else info.obj, name=name)
+        except pluggy.PluginValidationError as exc:
+            raise _invalid(info, str(exc).replace("\n", "; ")) from exc
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
-        raise PluginError(f"plugin {exc.plugin_name!r}: {exc}; hook names must match "
-                          "plugtune.hookspecs (see docs/hooks.md)") from exc
+        unknown = [c.name for c in pm.get_hookcallers(exc.plugin) or [] if not c.has_spec()]
+        raise _invalid(discovered[pm.get_name(exc.plugin)], f"unknown hook {unknown[0]!r}"
+                       f"{did_you_mean(unknown[0], vars(hookspecs))}") from exc
     return pm
+
+
+def _invalid(info, problem):
+    return PluginError(f"plugin {info.name!r} (distribution {info.dist} {info.version}): "
+                       f"{problem}; hook names and arguments must match plugtune.hookspecs "
+                       "(see docs/hooks.md)")
 
 
 def hooks_of(pm, name):
