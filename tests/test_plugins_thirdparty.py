@@ -1,0 +1,123 @@
+"""Third-party plugins, installed for real: the packages under tests/plugins/ are pip-installed
+into temporary folders (not the venv) and the ``plugtune`` command runs with those folders on
+PYTHONPATH, so discovery goes through the ``plugtune`` entry-point group as for any user."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from plugtune import hookimpl, testing
+from plugtune.errors import PluginError
+
+PACKAGES = Path(__file__).parent / "plugins"
+BROKEN_ERROR = "ModuleNotFoundError: No module named 'a_dependency_that_is_not_installed'"
+
+
+def pip_install(package, tmp_path_factory):
+    """Install ``tests/plugins/<package>`` into a new folder (built from a copy, so the source
+    tree gets no build/ or egg-info); return the folder."""
+    work = tmp_path_factory.mktemp(package)
+    source = shutil.copytree(PACKAGES / package, work / "src")
+    target = work / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                    "--no-build-isolation", "--no-index", "--target", str(target), str(source)],
+                   check=True, capture_output=True, text=True)
+    return target
+
+
+@pytest.fixture(scope="module")
+def example_site(tmp_path_factory):
+    return pip_install("plugtune-example", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def broken_site(tmp_path_factory):
+    return pip_install("plugtune-broken", tmp_path_factory)
+
+
+def plugtune(*args, sites=(), skip=None, cwd=None):
+    """Run the installed ``plugtune`` command with ``sites`` on PYTHONPATH."""
+    script = Path(sys.executable).parent / "plugtune"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "plugtune.cli"]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PLUGTUNE_SKIP_PLUGINS")}
+    env["PYTHONPATH"] = os.pathsep.join(map(str, sites))
+    if skip:
+        env["PLUGTUNE_SKIP_PLUGINS"] = skip
+    return subprocess.run(command + [str(a) for a in args], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_plugins_lists_the_installed_plugin(example_site):
+    result = plugtune("plugins", sites=[example_site])
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    i = next(i for i, line in enumerate(lines) if line.startswith("example "))
+    assert lines[i] == ("example  (plugtune-example 0.3.1)  Write a greeting into the run "
+                        "directory and report the held-out token count at evaluation")
+    assert lines[i + 1].split() == ["hooks:", "plugtune_check_recipe,", "plugtune_evaluate,",
+                                    "plugtune_recipe_sections,", "plugtune_train_end"]
+    assert any(line.startswith("causal_lm ") for line in lines)  # built-ins still there
+
+
+def test_plugin_changes_the_run_and_a_broken_one_can_be_skipped(example_site, broken_site,
+                                                                 make_recipe, tmp_path):
+    recipe = make_recipe(plugins=["causal_lm", "full", "example"],
+                         example={"greeting": "hi there"}, train={"max_steps": 1},
+                         causal_lm={"exact_match": False})
+    result = plugtune("run", recipe, sites=[example_site, broken_site], skip="broken",
+                      cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / "runs" / "run"
+    assert (run_dir / "example.txt").read_text() == "hi there\n"
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if "eval_loss" in line]
+    assert len(evals) == 2 and all(e["example_tokens"] > 0 for e in evals)
+    assert "held-out example_tokens:" in result.stdout
+    assert "example" in json.loads((run_dir / "manifest.json").read_text())["plugins"]
+
+
+def test_plugin_section_is_validated(example_site, make_recipe):
+    recipe = make_recipe(plugins=["causal_lm", "example"], example={"greeting": " "})
+    result = plugtune("validate", recipe, sites=[example_site])
+    assert result.returncode == 2
+    assert "example.greeting: is empty; give some text" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["plugins", "validate"])
+def test_broken_plugin_stops_with_its_name_distribution_and_error(command, example_site,
+                                                                   broken_site, make_recipe):
+    args = [command] + ([make_recipe()] if command == "validate" else [])
+    result = plugtune(*args, sites=[example_site, broken_site])
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "plugin 'broken' (distribution plugtune-broken 0.0.1" in result.stderr
+    assert BROKEN_ERROR in result.stderr
+    assert "PLUGTUNE_SKIP_PLUGINS=broken" in result.stderr
+
+
+class Misspelt:
+    @hookimpl
+    def plugtune_step_ends(self, step):
+        pass
+
+
+class WrongArgument:
+    @hookimpl
+    def plugtune_step_end(self, stepp):
+        pass
+
+
+def test_misspelt_hook_is_an_error(make_recipe):
+    with pytest.raises(PluginError) as info:
+        testing.load_recipe(make_recipe(), extra_plugins=[Misspelt])
+    assert str(info.value).startswith(
+        "plugin 'Misspelt' (distribution plugtune.testing test): unknown hook "
+        "'plugtune_step_ends' (did you mean 'plugtune_step_end'?)")
+
+
+def test_hook_argument_not_in_the_spec_is_an_error(make_recipe):
+    with pytest.raises(PluginError, match="plugin 'WrongArgument'.*'stepp'"):
+        testing.load_recipe(make_recipe(), extra_plugins=[WrongArgument])
