@@ -70,6 +70,10 @@ def plugtune_check_recipe(recipe):
                         "lora.target_modules (which layers) or lora.layers_to_transform (which "
                         "blocks), and lora.modules_to_save to train a whole module")
     s = recipe["lora"]
+    if s.layers_to_transform is not None and isinstance(s.target_modules, str):
+        problems.append("lora.layers_to_transform: peft needs lora.target_modules as a list of "
+                        "module names with it (e.g. [q_proj, k_proj, v_proj, o_proj]), not "
+                        f"{s.target_modules!r}; or select the blocks in a target_modules regex")
     if s.init == "orthogonal" and s.r % 2:
         problems.append(f"lora.init: orthogonal needs an even lora.r, got r={s.r}")
     return problems
