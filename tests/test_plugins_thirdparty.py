@@ -45,6 +45,7 @@ def plugtune(*args, sites=(), skip=None, cwd=None):
     command = [str(script)] if script.exists() else [sys.executable, "-m", "plugtune.cli"]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PLUGTUNE_SKIP_PLUGINS")}
     env["PYTHONPATH"] = os.pathsep.join(map(str, sites))
+    env["OMP_NUM_THREADS"] = "1"  # a tiny model: see conftest._one_thread_for_tiny_models
     if skip:
         env["PLUGTUNE_SKIP_PLUGINS"] = skip
     return subprocess.run(command + [str(a) for a in args], env=env, cwd=cwd,
