@@ -86,7 +86,7 @@ def resolve_active(requested, discovered):
 def make_manager(names, discovered):
     """A plugin manager with the hookspecs and the named plugins registered, checked: a hook
     or hook argument that ``plugtune.hookspecs`` does not define is an error naming the plugin."""
-    pm = pluggy.PluginManager(GROUP)
+    pm = Manager(GROUP)
     pm.add_hookspecs(hookspecs)
     for name in names:
         info = discovered[name]
@@ -101,6 +101,19 @@ def make_manager(names, discovered):
         raise _invalid(discovered[pm.get_name(exc.plugin)], f"unknown hook {unknown[0]!r}"
                        f"{did_you_mean(unknown[0], vars(hookspecs))}") from exc
     return pm
+
+
+class Manager(pluggy.PluginManager):
+    """Like pytest's: a ``plugtune_*`` function is a hook implementation even without
+    ``@hookimpl``, so a forgotten decorator (or a misspelt undecorated name) is not silence."""
+
+    def parse_hookimpl_opts(self, plugin, name):
+        opts = super().parse_hookimpl_opts(plugin, name)
+        if opts is None and name.startswith("plugtune_") and inspect.isroutine(
+                getattr(plugin, name, None)):
+            opts = {"wrapper": False, "hookwrapper": False, "optionalhook": False,
+                    "tryfirst": False, "trylast": False, "specname": None}
+        return opts
 
 
 def _invalid(info, problem):

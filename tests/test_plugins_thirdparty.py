@@ -122,3 +122,26 @@ def test_misspelt_hook_is_an_error(make_recipe):
 def test_hook_argument_not_in_the_spec_is_an_error(make_recipe):
     with pytest.raises(PluginError, match="plugin 'WrongArgument'.*'stepp'"):
         testing.load_recipe(make_recipe(), extra_plugins=[WrongArgument])
+
+
+class Undecorated:
+    def __init__(self):
+        self.steps = []
+
+    def plugtune_step_end(self, step):  # no @hookimpl: still a hook, as in pytest
+        self.steps.append(step)
+
+
+class UndecoratedMisspelt:
+    def plugtune_stepend(self, step):
+        pass
+
+
+def test_undecorated_hook_functions_are_hooks_too(make_recipe):
+    plugin = Undecorated()
+    testing.run(make_recipe(train={"max_steps": 2}, causal_lm={"exact_match": False}),
+                extra_plugins=[plugin])
+    assert plugin.steps == [1, 2]
+    with pytest.raises(PluginError, match="unknown hook 'plugtune_stepend' .did you mean "
+                                          "'plugtune_step_end'.."):
+        testing.load_recipe(make_recipe(), extra_plugins=[UndecoratedMisspelt])
