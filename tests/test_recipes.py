@@ -9,6 +9,7 @@ import yaml
 
 import plugtune
 from plugtune import cli, recipe as recipes, testing
+from plugtune.errors import RecipeError
 
 
 def plugtune_cli(capsys, *argv):
@@ -170,6 +171,18 @@ def test_resolved_recipe_fills_defaults(make_recipe):
     assert resolved["train"]["schedule"] == "linear" and resolved["output"]["save_model"]
     assert resolved["freeze"]["patterns"] == ["mlp"] and resolved["freeze"]["unfreeze"] == []
     assert resolved["model"]["name"] == recipe.model.name
+
+
+def test_defaults_are_active_unless_blocked_with_no_name(make_recipe):
+    recipe, _ = recipes.load_recipe(make_recipe())
+    assert {"hf", "data", "adamw", "metrics", "plot", "progress"} <= set(recipe.plugins)
+    blocked = make_recipe(plugins=["causal_lm", "full", "no:plot", "no:metrics"],
+                          train={"max_steps": 1}, causal_lm={"exact_match": False})
+    summary, run = testing.run(blocked)
+    assert not {"plot", "metrics"} & set(run.recipe.plugins)
+    assert sorted(p.name for p in run.dir.iterdir()) == ["manifest.json", "model", "recipe.yaml"]
+    with pytest.raises(RecipeError, match="plugins: unknown plugin 'plott' .did you mean 'plot'"):
+        recipes.load_recipe(make_recipe(plugins=["causal_lm", "no:plott"]))
 
 
 def test_shipped_recipes_are_listed_with_a_description(capsys):
