@@ -72,6 +72,19 @@ def cmd_generate(args):
     return 0
 
 
+def cmd_eval(args):
+    from . import evaluation
+
+    record, path = evaluation.evaluate(args.run_dir, args.data, args.baseline)
+    what = "base model (before fine-tuning)" if args.baseline else "fine-tuned model"
+    print(f"{what} of {args.run_dir} on {args.data or 'its held-out data'}:")
+    for key, value in record.items():
+        if key != "step" and isinstance(value, (int, float)):
+            print(f"  {key}: {value:.4f}")
+    print(f"wrote {path}")
+    return 0
+
+
 def parser():
     p = argparse.ArgumentParser(prog="plugtune", description=__doc__)
     p.add_argument("--version", action="version", version=f"plugtune {__version__}")
@@ -105,6 +118,15 @@ def parser():
     sp.add_argument("--seed", type=int, default=None, help="for a repeatable sample")
     sp.add_argument("--no-chat-template", action="store_true", help="use the prompt as is")
     sp.set_defaults(func=cmd_generate)
+    sp = sub.add_parser("eval", help="evaluate a run's model (or its base) on a data file",
+                        description="Evaluate a finished run's model on a data file with its "
+                        "task's metrics, print them and write RUN_DIR/eval-NAME.json; "
+                        "--baseline evaluates the untouched base model the same way.")
+    sp.add_argument("run_dir", help="the run directory (runs/NAME)")
+    sp.add_argument("--data", metavar="FILE", help="default: the run's held-out data")
+    sp.add_argument("--baseline", action="store_true",
+                    help="evaluate the base model as loaded before training")
+    sp.set_defaults(func=cmd_eval)
     return p
 
 

@@ -133,8 +133,9 @@ def model_kwargs(section, section_name, tokenizer):
     tokenizer's padding token: a decoder's classifier pools the last token that is not padding
     (transformers finds it by ``pad_token_id``, on either padding side)."""
     if section.labels is None:
-        raise PluginError(f"{section_name}: the label set is unknown when the model loads; the "
-                          "training split must be tokenized first")
+        # Only the memory planner loads a model (on the meta device) before the training split
+        # is read; the number of labels hardly changes its figures.
+        return {}
     kwargs = {"num_labels": len(section.labels),
               "id2label": dict(enumerate(section.labels)),
               "label2id": {name: i for i, name in enumerate(section.labels)}}

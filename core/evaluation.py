@@ -1,0 +1,67 @@
+"""``plugtune eval``: evaluate a finished run's model, or the untouched base model it started
+from, on a data file, through the same hooks as the evaluations during training (so every task
+reports its own metrics: accuracy and F1 for heads, perplexity and exact match for causal LM)."""
+import json
+from pathlib import Path
+
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from . import artifacts, loop, recipe as recipes, rundir
+from .errors import DataError
+
+
+def evaluate(run_dir, data=None, baseline=False):
+    """Evaluate the run in ``run_dir`` and write the result beside it.
+
+    :param data: a data file; default the run's own held-out split.
+    :param baseline: evaluate the base model as the run loaded it before training (with a task
+        head, that head is new: initialised from the run's seed, as in training).
+    :return: ``(record, path)``: the metrics (as logged during training) and the JSON file
+        written into the run directory, ``eval-NAME.json`` or ``eval-NAME-baseline.json``.
+    """
+    run_dir = Path(run_dir)
+    artifacts.find(run_dir)  # says clearly when this is no finished run
+    recipe, pm = recipes.load_recipe(run_dir / "recipe.yaml", data_overrides(run_dir, data),
+                                     check_files=False)
+    h = pm.hook
+    set_seed(recipe.train.seed)
+    if baseline:
+        tokenizer = loop.first(h.plugtune_load_tokenizer, "load the tokenizer", recipe=recipe)
+        model, step = loop.load_base(h, recipe, tokenizer), 0
+    else:
+        artifact = artifacts.load(run_dir)
+        model, tokenizer = artifact.model, artifact.tokenizer
+        step = json.loads((run_dir / "manifest.json").read_text()).get("steps", 0)
+    try:
+        splits = loop.first(h.plugtune_read_data, "read the data", recipe=recipe)
+    except FileNotFoundError as exc:
+        raise DataError(f"{exc.filename}: not found (the run's data moved?); give the file to "
+                        "evaluate on with --data FILE") from exc
+    run = loop.Run(recipe, pm, Accelerator(mixed_precision=recipe.train.mixed_precision),
+                   tokenizer=tokenizer)
+    run.data["validation"] = loop.first(h.plugtune_tokenize, "tokenize records", recipe=recipe,
+                                        records=splits.validation, tokenizer=tokenizer,
+                                        split="validation")
+    run.model = run.accelerator.prepare_model(model, evaluation_mode=True)
+    record = loop.evaluate(run, step)
+    name = Path(data).stem if data else "validation"
+    path = run_dir / f"eval-{name}{'-baseline' if baseline else ''}.json"
+    rundir.atomic_write(path, json.dumps({
+        "model": "baseline" if baseline else "fine-tuned",
+        "data": [str(f) for f in recipe.data.validation or recipe.data.train],
+        "records": len(splits.validation), "metrics": record}, indent=2) + "\n")
+    return record, path
+
+
+def data_overrides(run_dir, data):
+    """Recipe overrides that make the data phase read only what is evaluated: ``data`` (or the
+    run's validation files) as both splits, so no training file is needed."""
+    if data is None:
+        saved = recipes.load_tree(Path(run_dir) / "recipe.yaml").get("data") or {}
+        files = saved.get("validation")
+        return [f"data.train={json.dumps(files)}"] if files else []
+    if not Path(data).is_file():
+        raise DataError(f"--data: file not found: {data}")
+    data = json.dumps(str(Path(data).resolve()))
+    return [f"data.train={data}", f"data.validation={data}"]
