@@ -91,9 +91,16 @@ def setup_model(h, recipe, echo=print, tokenizer=None):
 
 
 def count_parameters(model):
-    """``(trainable, total)`` parameter counts."""
+    """``(trainable, total)`` parameter counts (a packed quantized tensor counts the weights it
+    stands for: its ``quant_state.shape``, as bitsandbytes' 4-bit weights carry)."""
     params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    return (sum(p.numel() for p in params if p.requires_grad),
+            sum(_numel(p) for p in params))
+
+
+def _numel(p):
+    shape = getattr(getattr(p, "quant_state", None), "shape", None)
+    return shape.numel() if isinstance(shape, torch.Size) else p.numel()
 
 
 def evaluate(run, step):
