@@ -1,17 +1,21 @@
-"""Plot train and eval loss against step into ``loss.png`` at the end of a run."""
+"""Plot train and eval loss against step into ``loss.png`` at the end of a run, beside the
+held-out scores the task reports (accuracy, F1, exact match, ...)."""
 import io
 
 from plugtune import hookimpl
 from plugtune.rundir import atomic_write
 
 
+NOT_SCORES = {"step", "eval_loss", "perplexity"}
+
+
 class Plot:
-    """loss.png: train and eval loss against step."""
+    """loss.png: train and eval loss, and held-out scores, against step."""
 
     PLUGTUNE_DEFAULT = True
 
     def __init__(self):
-        self.train, self.eval = [], []
+        self.train, self.eval, self.scores = [], [], {}
 
     @hookimpl
     def plugtune_log(self, record):
@@ -19,6 +23,9 @@ class Plot:
             self.train.append((record["step"], record["loss"]))
         if "eval_loss" in record:
             self.eval.append((record["step"], record["eval_loss"]))
+            for key, value in record.items():  # per-class figures ("recall/NAME") left out
+                if key not in NOT_SCORES and "/" not in key and isinstance(value, (int, float)):
+                    self.scores.setdefault(key, []).append((record["step"], value))
 
     @hookimpl
     def plugtune_train_end(self, run):
@@ -29,8 +36,8 @@ class Plot:
         matplotlib.use("Agg")
         from matplotlib.figure import Figure
 
-        fig = Figure(figsize=(7, 4), dpi=100)
-        ax = fig.add_subplot()
+        fig = Figure(figsize=(12 if self.scores else 7, 4), dpi=100, layout="tight")
+        ax = fig.add_subplot(1, 2 if self.scores else 1, 1)
         for points, label, style in ((self.train, "train loss", "-"),
                                      (self.eval, "eval loss", "o-")):
             if points:
@@ -38,6 +45,13 @@ class Plot:
         ax.set(xlabel="step", ylabel="loss", title=run.dir.name)
         ax.grid(alpha=0.3)
         ax.legend()
+        if self.scores:
+            sx = fig.add_subplot(1, 2, 2)
+            for key, points in self.scores.items():
+                sx.plot(*zip(*points), "o-", label=key)
+            sx.set(xlabel="step", ylabel="score", title="held-out metrics")
+            sx.grid(alpha=0.3)
+            sx.legend()
         buf = io.BytesIO()
         fig.savefig(buf, format="png")
         atomic_write(run.dir / "loss.png", buf.getvalue())

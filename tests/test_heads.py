@@ -156,7 +156,7 @@ def test_token_classifier_learns_word_tags(tmp_path, tiny_llama):
     assert summary["eval_after"]["accuracy"] == 1.0
 
 
-def test_labels_are_kept_with_the_run(trained_classifier):
+def test_labels_and_metrics_are_kept_with_the_run(trained_classifier):
     _, run = trained_classifier
     assert json.loads((run.dir / "labels.json").read_text()) == {
         "task": "sequence_classification", "labels": ["animal", "fruit"]}
@@ -166,6 +166,7 @@ def test_labels_are_kept_with_the_run(trained_classifier):
     assert config["id2label"] == {"0": "animal", "1": "fruit"}
     records = [json.loads(line) for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
     assert "recall/fruit" in [r for r in records if "eval_loss" in r][-1]
+    assert set(run.pm.get_plugin("plot").scores) == {"accuracy", "macro_f1"}  # in loss.png
 
 
 def test_numeric_labels_sort_as_numbers(tmp_path, tiny_llama):
@@ -216,14 +217,18 @@ def test_entity_metrics_on_hand_made_predictions():
 # --------------------------------------------------------------------- save and reload
 
 
-def test_saved_classifier_reloads_with_identical_logits(trained_classifier):
-    _, run = trained_classifier
+def assert_reloads(run, atol=0.0):
+    """The run's saved model gives the logits of the model at the end of training."""
     artifact = artifacts.load(run.dir)
     batch = run.data["validation"].collate(run.data["validation"].examples[:8])
     batch.pop("labels")
     with torch.no_grad():
         torch.testing.assert_close(artifact.model(**batch).logits,
-                                   run.model.eval()(**batch).logits, rtol=0, atol=0)
+                                   run.model.eval()(**batch).logits, rtol=0, atol=atol)
+
+
+def test_saved_classifier_reloads_with_identical_logits(trained_classifier):
+    assert_reloads(trained_classifier[1])
 
 
 def test_lora_trains_and_saves_the_head_with_the_adapter(tmp_path, tiny_llama):
@@ -236,12 +241,19 @@ def test_lora_trains_and_saves_the_head_with_the_adapter(tmp_path, tiny_llama):
     assert summary["eval_after"]["accuracy"] == 1.0
     with safe_open(run.dir / "adapter" / "adapter_model.safetensors", "pt") as f:
         assert any(".score." in key for key in f.keys())
-    artifact = artifacts.load(run.dir)
-    batch = run.data["validation"].collate(run.data["validation"].examples[:8])
-    batch.pop("labels")
-    with torch.no_grad():
-        torch.testing.assert_close(artifact.model(**batch).logits,
-                                   run.model.eval()(**batch).logits, rtol=0, atol=1e-6)
+    assert_reloads(run, atol=1e-6)
+
+
+@pytest.mark.parametrize("quantizer", ["int8", "nf4"])
+def test_head_trains_on_a_quantized_base_under_lora(tmp_path, tiny_llama, quantizer):
+    summary, run = testing.run(head_recipe(
+        tmp_path, tiny_llama, "sequence_classification", toy_texts(),
+        plugins=["sequence_classification", quantizer, "lora"],
+        train={"max_steps": 20, "lr": 1e-2}))
+    assert summary["eval_after"]["accuracy"] == 1.0
+    head = run.model.base_model.model.score
+    assert type(head.modules_to_save["default"]) is torch.nn.Linear  # trained in float
+    assert_reloads(run, atol=1e-5)
 
 
 def test_freeze_keeps_frozen_blocks_and_trains_the_head(tmp_path, tiny_llama):
