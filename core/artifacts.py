@@ -153,6 +153,9 @@ def generate(artifact, prompt, max_new_tokens=128, temperature=0.7, top_p=1.0,
     import torch
 
     tok, model = artifact.tokenizer, artifact.model
+    if not model.can_generate():
+        raise PlugtuneError(f"{artifact.path}: a {type(model).__name__} does not generate "
+                            "text; `plugtune eval` scores a task head's run")
     if chat_template and tok.chat_template:
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                        add_generation_prompt=True)
