@@ -1,4 +1,4 @@
-"""The ``plugtune`` command: run, validate, plugins, recipes."""
+"""The ``plugtune`` command: run, validate, plan, plugins, recipes."""
 import argparse
 import sys
 
@@ -9,6 +9,9 @@ from .errors import PlugtuneError
 def cmd_run(args):
     recipe, pm = recipes.load_recipe(args.recipe, args.overrides)
     print(f"recipe: {recipe.path} (plugins: {', '.join(recipe.plugins)})")
+    from . import plan
+
+    plan.preflight(args.recipe, args.overrides)  # before anything is loaded
     run = loop.setup(recipe, pm)
     summary = loop.train(run)
     before, after = summary["eval_before"], summary["eval_after"]
@@ -85,6 +88,12 @@ def cmd_eval(args):
     return 0
 
 
+def cmd_plan(args):
+    from . import plan
+
+    return plan.command(args)
+
+
 def parser():
     p = argparse.ArgumentParser(prog="plugtune", description=__doc__)
     p.add_argument("--version", action="version", version=f"plugtune {__version__}")
@@ -96,6 +105,22 @@ def parser():
         sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="override recipe keys, e.g. train.lr=1e-4 output.name=try2")
         sp.set_defaults(func=func)
+    sp = sub.add_parser("plan", help="say whether a recipe fits a GPU, component by component",
+                        description="Plan a recipe's memory from the model's config alone (no "
+                        "weights): weights, gradients, optimizer state, activations, logits, "
+                        "overhead; the peak; whether it fits. Exit status 0 when it fits, 1 "
+                        "when not. --fit writes a recipe that fits.")
+    sp.add_argument("recipe", help="recipe file, or the name of a shipped recipe")
+    sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override recipe keys")
+    sp.add_argument("--gpu", metavar="SIZE|NAME", help="the memory to fit: 24GiB, 16GB, or a "
+                    "GPU name (rtx4090, rtx3090, a100-40g, a100-80g, h100-80g, t4, l4, ...; "
+                    "an unknown name lists them all); default the GPU this machine has")
+    sp.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                    help="plan for a CUDA GPU (default) or a CPU run")
+    sp.add_argument("--fit", action="store_true", help="find the plugins and settings with the "
+                    "least quality cost that fit, and write that recipe")
+    sp.add_argument("--out", help="where --fit writes the recipe (default RECIPE.fit.yaml)")
+    sp.set_defaults(func=cmd_plan)
     sub.add_parser("plugins", help="list installed plugins").set_defaults(func=cmd_plugins)
     sub.add_parser("recipes", help="list shipped recipes").set_defaults(func=cmd_recipes)
     sp = sub.add_parser("export", help="write a run's model: its adapter, or merged",

@@ -233,3 +233,53 @@ def plugtune_teardown(run, error):
 
     :param error: the exception that stopped the run, or None.
     """
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning: `plugtune plan`, and `plugtune run` before it loads anything. Not part of a training
+# run's sequence: the planner builds the model on the meta device from its config, runs the
+# model phases above on it (prepare_base, prepare_model, wrap_model, select_trainable: they must
+# work on meta tensors, as flag-setting and wrapping code does), calls plugtune_estimate_memory,
+# then one plugtune_compute_loss on a meta batch to count activations (see plugtune.plan).
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def plugtune_model_config(recipe):
+    """Return the transformers config of ``recipe.model`` without loading weights (a local
+    directory's config.json, a GGUF header, the shipped catalog by hub id, or the hub). Stops at
+    first non-None result; the ``hf`` loader answers by default."""
+
+
+@hookspec
+def plugtune_estimate_memory(plan, recipe):
+    """Report this plugin's memory by adjusting ``plan``, a :class:`plugtune.plan.Plan`.
+
+    Every active plugin is called, in no particular order, after the model phases ran on the
+    meta model: ``plan.params`` already says which parameters exist (adapters and heads
+    included) and which train, so an implementation sets only what the model's shapes cannot
+    show. The core then counts gradients (trainable parameters, in their dtype), activations
+    (one forward pass on meta tensors), logits and loss buffers, and the framework overhead,
+    and takes the peak over the moments of a training step.
+
+    What an implementation may set:
+
+    - ``param.storage``/``param.nbytes`` on entries of ``plan.params`` (each a
+      :class:`plugtune.plan.Param`) for weights not stored as dense tensors: int8 with its
+      per-row scales, NF4 with its block constants; ``plan.base_linear_weights(skip)`` lists
+      the loaded model's linear weights. ``param.keeps_input = True`` where the layer's kernel
+      keeps its input for backward even though its weight is frozen (LLM.int8 does).
+    - ``plan.optimizer``: a :class:`plugtune.plan.Optimizer` with the bytes of state for
+      ``plan.trainable()`` and of the buffers its step allocates; ``paged=True`` for state that
+      pages out to CPU RAM. The default ``adamw`` fills it (``trylast``) only when no other
+      plugin did.
+    - ``plan.checkpointed`` (block indices; read off the model, where transformers marks
+      checkpointed layers) and ``plan.offloaded = True`` where checkpointed blocks keep their
+      input in host memory rather than on the GPU.
+    - ``plan.add(name, bytes, detail)`` for memory held the whole run (a reference model, an EMA
+      copy); ``plan.make_batch`` for a task whose batches are not causal-LM ones;
+      ``plan.notes`` for what the user should know.
+
+    Read-only context: ``plan.device`` (``"cuda"``/``"cpu"``), ``plan.batch_size``,
+    ``plan.seq_len``, ``plan.grad_accum``, ``plan.mixed_precision``, ``plan.model`` (meta).
+    """

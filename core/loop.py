@@ -62,26 +62,43 @@ def setup(recipe, pm, echo=print):
     return run
 
 
-def load_base(h, recipe, tokenizer=None):
-    """Load the model with every plugin's loading arguments and prepare it (k-bit preparation,
-    heads, gradient checkpointing): the model as it is before adapters wrap it."""
+def model_kwargs(h, recipe, tokenizer=None):
+    """Every plugin's ``from_pretrained`` arguments, merged; a key given twice is an error."""
     kwargs = {}
     for part in h.plugtune_model_kwargs(recipe=recipe, tokenizer=tokenizer):
         clash = set(kwargs) & set(part or {})
         if clash:
             raise PluginError(f"two plugins set the model loading argument(s) {sorted(clash)}")
         kwargs.update(part or {})
-    model = first(h.plugtune_load_model, "load the model", recipe=recipe, model_kwargs=kwargs,
+    return kwargs
+
+
+def load_base(h, recipe, tokenizer=None):
+    """Load the model with every plugin's loading arguments and prepare it (k-bit preparation,
+    heads, gradient checkpointing): the model as it is before adapters wrap it."""
+    model = first(h.plugtune_load_model, "load the model", recipe=recipe,
+                  model_kwargs=model_kwargs(h, recipe, tokenizer),
                   model_class=h.plugtune_model_class(recipe=recipe))
+    return prepare(h, recipe, model)
+
+
+def prepare(h, recipe, model):
+    """The phases that change a loaded base in place: k-bit preparation, then heads and
+    gradient checkpointing. (The planner runs them on a meta-device model.)"""
     h.plugtune_prepare_base(model=model, recipe=recipe)
     h.plugtune_prepare_model(model=model, recipe=recipe)
     return model
 
 
-def setup_model(h, recipe, echo=print, tokenizer=None):
-    model = load_base(h, recipe, tokenizer)
+def adapt(h, recipe, model):
+    """Wrap the prepared base (adapters) and choose the parameters that train."""
     model = h.plugtune_wrap_model(model=model, recipe=recipe) or model
     h.plugtune_select_trainable(model=model, recipe=recipe)
+    return model
+
+
+def setup_model(h, recipe, echo=print, tokenizer=None):
+    model = adapt(h, recipe, load_base(h, recipe, tokenizer))
     trainable, total = count_parameters(model)
     if trainable == 0:
         raise PluginError("no parameter is trainable after plugtune_select_trainable; check "

@@ -29,3 +29,19 @@ def plugtune_build_scheduler(optimizer, recipe, total_steps):
     return get_scheduler(SCHEDULES[recipe.train.schedule], optimizer,
                          num_warmup_steps=recipe.train.warmup_steps,
                          num_training_steps=total_steps)
+
+
+@hookimpl(trylast=True)
+def plugtune_estimate_memory(plan):
+    """Two moment estimates per trainable parameter in its dtype (8 bytes per float32 weight).
+    The step's temporaries: torch's foreach implementation (CUDA) makes one copy of the second
+    moments; the per-tensor loop (CPU) two of the largest tensor. Only when no other optimizer
+    plugin reported its own."""
+    from plugtune.plan import Optimizer
+
+    if plan.optimizer is not None:
+        return
+    sizes = [p.numel * p.dtype.itemsize for p in plan.trainable()]
+    step = sum(sizes) if plan.device == "cuda" else 2 * max(sizes, default=0)
+    plan.optimizer = Optimizer("AdamW (torch): 2 states in the parameter dtype",
+                               2 * sum(sizes), step)

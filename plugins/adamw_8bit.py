@@ -9,6 +9,8 @@ crashing). On a CPU there is nothing to page to: both variants run, and behave t
 Tensors with fewer than ``min_8bit_size`` elements (norms, biases) keep 32-bit state.
 Weight decay, learning rate and schedule come from ``train:`` as for the default ``adamw``.
 """
+import math
+
 from pydantic import Field
 
 from plugtune import hookimpl
@@ -37,3 +39,21 @@ def plugtune_build_optimizer(params, recipe):
     optimizer = bnb.optim.PagedAdamW8bit if s.paged else bnb.optim.AdamW8bit
     return optimizer(param_groups(params, recipe.train.weight_decay), lr=recipe.train.lr,
                      betas=s.betas, eps=s.eps, min_8bit_size=s.min_8bit_size)
+
+
+def state_bytes(numel, min_8bit_size):
+    """bitsandbytes' 2-state 8-bit optimizer: two uint8 states and a float32 absmax per block of
+    256 values; tensors smaller than ``min_8bit_size`` keep two float32 states."""
+    if numel < min_8bit_size:
+        return 8 * numel
+    return 2 * numel + 2 * 4 * math.ceil(numel / 256)
+
+
+@hookimpl
+def plugtune_estimate_memory(plan, recipe):
+    from plugtune.plan import Optimizer
+
+    s = recipe["adamw_8bit"]
+    state = sum(state_bytes(p.numel, s.min_8bit_size) for p in plan.trainable())
+    name = f"{'PagedAdamW8bit' if s.paged else 'AdamW8bit'} (bitsandbytes): 2 B/param + block scales"
+    plan.optimizer = Optimizer(name, state, paged=s.paged and plan.device == "cuda")

@@ -48,3 +48,13 @@ def plugtune_prepare_model(model, recipe):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if s.use_reentrant:
         model.enable_input_require_grads()
+
+
+@hookimpl
+def plugtune_estimate_memory(plan, recipe):
+    """Which blocks recompute is read off the model (prepare_model marked them); with
+    ``offload`` their kept inputs live in pinned host memory, not on the GPU."""
+    if recipe["gradient_checkpointing"].offload:
+        plan.offloaded = True
+        plan.notes.append("gradient_checkpointing.offload: block inputs are kept in pinned host "
+                          "RAM, not counted on the GPU")

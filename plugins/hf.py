@@ -118,3 +118,13 @@ def plugtune_save_model(model, tokenizer, path):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return "model"
+
+
+@hookimpl(trylast=True)
+def plugtune_model_config(recipe):
+    """The config alone, for the memory planner: a GGUF file's header, a directory's
+    config.json, the shipped catalog by hub id, or the hub."""
+    from plugtune.plan import read_config
+
+    return read_config(resolve_source(recipe.model.name),
+                       trust_remote_code=recipe.model.trust_remote_code)

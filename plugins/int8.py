@@ -56,3 +56,11 @@ def _not_cast_notice(record):
 def plugtune_prepare_base(model):
     logging.getLogger("bitsandbytes.autograd._functions").addFilter(_not_cast_notice)
     _kbit.prepare(model)
+
+
+@hookimpl
+def plugtune_estimate_memory(plan, recipe):
+    """LLM.int8 weights: one byte per weight and a float32 scale per output row. Its matrix
+    product keeps the layer's input for backward even though the weight is frozen."""
+    for p in plan.base_linear_weights(recipe["int8"].skip_modules or plan.keep_unquantized):
+        p.storage, p.nbytes, p.keeps_input = "int8", p.numel + 4 * p.shape[0], True

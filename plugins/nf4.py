@@ -5,6 +5,7 @@ Weights are optionally double-quantized; matrix products run in a chosen compute
 The quantized base is frozen; train LoRA adapters on it (``plugins: [nf4, lora]``). Runs on a
 CUDA GPU and, more slowly, on a CPU (bitsandbytes >= 0.45).
 """
+import math
 from typing import Literal
 
 from pydantic import Field
@@ -59,3 +60,19 @@ def plugtune_prepare_base(model):
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+def weight_bytes(numel, double_quant, blocksize=64):
+    """A 4-bit weight: half a byte per value, and a scale (absmax) per block of 64 values:
+    float32, or with double quantization uint8 plus a float32 per 256 scales and a 256-entry
+    code book."""
+    blocks = math.ceil(numel / blocksize)
+    scales = blocks + 4 * math.ceil(blocks / 256) + 4 * 256 if double_quant else 4 * blocks
+    return math.ceil(numel / 2) + scales + 4 * 16  # + the 16-value NF4/FP4 code
+
+
+@hookimpl
+def plugtune_estimate_memory(plan, recipe):
+    s = recipe["nf4"]
+    for p in plan.base_linear_weights(s.skip_modules or plan.keep_unquantized):
+        p.storage, p.nbytes = s.quant_type, weight_bytes(p.numel, s.double_quant)

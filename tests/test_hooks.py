@@ -64,6 +64,8 @@ SETUP = ["recipe_sections", "check_recipe", "load_tokenizer", "read_data", "toke
 EVAL = ["compute_loss", "evaluate", "log"]  # one validation batch
 STEP = ["compute_loss", "step_end", "log"]  # one micro-batch per step, logged every step
 END = ["save_model", "train_end", "teardown"]
+#: Called by `plugtune plan` (and before `plugtune run` loads anything), not by a run itself.
+PLANNING = {"plugtune_model_config", "plugtune_estimate_memory"}
 
 
 def test_golden_hook_order(quick):
@@ -72,7 +74,7 @@ def test_golden_hook_order(quick):
     testing.run(quick(train={"max_steps": 2, "eval_every": 1}), extra_plugins=[recorder])
     expected = SETUP + EVAL + STEP + EVAL + STEP + EVAL + END
     assert recorder.calls == ["plugtune_" + name for name in expected]
-    assert set(recorder.calls) == set(testing.hook_names())
+    assert set(recorder.calls) == set(testing.hook_names()) - PLANNING
 
 
 @pytest.mark.parametrize("hook", testing.hook_names())
@@ -514,3 +516,47 @@ def test_teardown_runs_last_and_receives_the_error(quick, tmp_path):
     manifest = json.loads((failed / "manifest.json").read_text())
     assert manifest["status"] == "failed: RuntimeError: boom at step 1"
     assert not (failed / "model").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning
+# ---------------------------------------------------------------------------------------------
+
+
+class TwelveLayers:
+    """Answers the config question for the planner: the model as if it had 12 blocks."""
+
+    @hookimpl
+    def plugtune_model_config(self, recipe):
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(recipe.model.name, num_hidden_layers=12)
+
+
+@covers("plugtune_model_config")
+def test_model_config_is_what_the_planner_plans(quick):
+    from plugtune import plan
+
+    recipe, pm = testing.load_recipe(quick(), extra_plugins=[TwelveLayers])
+    est = plan.estimate(recipe, pm, "cpu")
+    assert len(est.acts.blocks) == 12
+    assert "12 blocks" in "\n".join(plan.describe(est))
+
+
+class ReferenceModel:
+    """Holds a frozen copy of the weights for the whole run, and reports it."""
+
+    @hookimpl
+    def plugtune_estimate_memory(self, plan):
+        plan.add("reference model", sum(p.bytes for p in plan.params), "a frozen copy")
+
+
+@covers("plugtune_estimate_memory")
+def test_estimate_memory_reports_a_plugins_own_bytes(quick):
+    from plugtune import plan
+
+    before = plan.estimate(*testing.load_recipe(quick()), "cpu")
+    after = plan.estimate(*testing.load_recipe(quick(), extra_plugins=[ReferenceModel]), "cpu")
+    assert after.peak().total - before.peak().total == before.weights
+    assert any(line.startswith("reference model") for line in plan.describe(after))
+
