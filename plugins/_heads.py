@@ -11,17 +11,24 @@ and the model config's ``id2label``/``label2id``.
 The head always trains: with ``lora`` peft saves and trains it as a ``modules_to_save`` module
 (the ``lora`` plugin picks peft's classification task type from the model class); otherwise the
 plugin turns its parameters on after every plugin has chosen what trains (``freeze`` included).
+
+The hook implementations at the end are the same for every head; a head plugin module imports
+them, so they are registered as its own (a recipe has one task plugin).
 """
 import json
 
 import torch
 from pydantic import field_validator
 
+from plugtune import hookimpl
 from plugtune.errors import DataError, PluginError
 from plugtune.recipe import Section
 from plugtune.rundir import atomic_write
 
-TASKS = ("causal_lm", "sequence_classification", "token_classification")
+#: Each head plugin and the transformers class that adds its head.
+MODEL_CLASSES = {"sequence_classification": "AutoModelForSequenceClassification",
+                 "token_classification": "AutoModelForTokenClassification"}
+TASKS = ("causal_lm", *MODEL_CLASSES)
 IGNORE = -100
 
 
@@ -36,13 +43,6 @@ class HeadSection(Section):
         if isinstance(value, list):
             return [label_name(v) if isinstance(v, (str, int, float)) else v for v in value]
         return value
-
-
-def conflicts(recipe, name):
-    """A recipe trains one task: the head ``name`` conflicts with every other task plugin."""
-    return [f"plugins: `{name}` and `{other}` are both task plugins (each computes the loss its "
-            f"own way); keep one: {name} for a classifier, causal_lm for text generation"
-            for other in TASKS if other != name and other in recipe.plugins]
 
 
 def label_name(value):
@@ -182,17 +182,53 @@ def head_parameters(model):
     return [p for child in model.children() if child is not backbone for p in child.parameters()]
 
 
-def train_head(model):
-    """Make the head train. Heads call this from a ``plugtune_select_trainable`` wrapper, which
-    runs after every plugin has chosen what trains (``freeze.last_n_blocks`` turns off all but
-    the last blocks, the head too). Under peft, ``modules_to_save`` already trains it."""
+# ---------------------------------------------------------------------------------------------
+# Hook implementations every head shares.
+# ---------------------------------------------------------------------------------------------
+
+
+def head_name(recipe):
+    """The active head plugin's name (its section's name)."""
+    return next(name for name in MODEL_CLASSES if name in recipe.plugins)
+
+
+@hookimpl
+def plugtune_check_recipe(recipe):
+    name = head_name(recipe)
+    return [f"plugins: `{name}` and `{other}` are both task plugins (each computes the loss its "
+            f"own way); keep one: {name} for a classifier, causal_lm for text generation"
+            for other in TASKS if other != name and other in recipe.plugins]
+
+
+@hookimpl
+def plugtune_model_class(recipe):
+    import transformers
+
+    return getattr(transformers, MODEL_CLASSES[head_name(recipe)])
+
+
+@hookimpl
+def plugtune_model_kwargs(recipe, tokenizer):
+    name = head_name(recipe)
+    return model_kwargs(recipe[name], name, tokenizer)
+
+
+@hookimpl(wrapper=True)
+def plugtune_select_trainable(model):
+    """Make the head train. A wrapper runs after every plugin has chosen what trains
+    (``freeze.last_n_blocks`` turns off all but the last blocks, the head too). Under peft,
+    ``modules_to_save`` already trains it."""
+    result = yield
     if not hasattr(model, "peft_config"):
         for p in head_parameters(model):
             p.requires_grad_(True)
+    return result
 
 
-def write_labels(run, section, section_name):
+@hookimpl
+def plugtune_train_start(run):
     """``labels.json`` in the run directory: the task and its labels in id order."""
+    name = head_name(run.recipe)
     if run.dir is not None:
-        atomic_write(run.dir / "labels.json",
-                     json.dumps({"task": section_name, "labels": section.labels}, indent=2) + "\n")
+        atomic_write(run.dir / "labels.json", json.dumps(
+            {"task": name, "labels": run.recipe[name].labels}, indent=2) + "\n")

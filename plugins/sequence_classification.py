@@ -18,6 +18,9 @@ from plugtune import hookimpl
 from plugtune.data import Tokenized
 from plugtune.errors import DataError, RecipeError
 from plugtune.plugins import _heads as heads
+from plugtune.plugins._heads import (  # noqa: F401  (hooks every head shares)
+    plugtune_check_recipe, plugtune_model_class, plugtune_model_kwargs,
+    plugtune_select_trainable, plugtune_train_start)
 
 NAME = "sequence_classification"
 
@@ -43,11 +46,6 @@ class SequenceClassificationSection(heads.HeadSection):
 @hookimpl
 def plugtune_recipe_sections(register):
     register(NAME, SequenceClassificationSection)
-
-
-@hookimpl
-def plugtune_check_recipe(recipe):
-    return heads.conflicts(recipe, NAME)
 
 
 @hookimpl
@@ -88,25 +86,6 @@ def resolve_class_weights(section, label_ids):
 
 
 @hookimpl
-def plugtune_model_class():
-    from transformers import AutoModelForSequenceClassification
-
-    return AutoModelForSequenceClassification
-
-
-@hookimpl
-def plugtune_model_kwargs(recipe, tokenizer):
-    return heads.model_kwargs(recipe[NAME], NAME, tokenizer)
-
-
-@hookimpl(wrapper=True)
-def plugtune_select_trainable(model):
-    result = yield
-    heads.train_head(model)
-    return result
-
-
-@hookimpl
 def plugtune_compute_loss(model, batch, recipe):
     s = recipe[NAME]
     weight = None
@@ -135,5 +114,11 @@ def plugtune_evaluate(run, model):
 
 
 @hookimpl
-def plugtune_train_start(run):
-    heads.write_labels(run, run.recipe[NAME], NAME)
+def plugtune_estimate_memory(plan):
+    """The planner's batch: one label per sequence, not one per token."""
+    def batch(batch_size, seq_len):
+        ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
+        return {"input_ids": ids,
+                "labels": torch.zeros(batch_size, dtype=torch.long, device="meta")}
+
+    plan.make_batch = batch

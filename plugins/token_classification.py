@@ -17,6 +17,9 @@ from plugtune import hookimpl
 from plugtune.data import Tokenized
 from plugtune.errors import DataError
 from plugtune.plugins import _heads as heads
+from plugtune.plugins._heads import (  # noqa: F401  (hooks every head shares)
+    plugtune_check_recipe, plugtune_model_class, plugtune_model_kwargs,
+    plugtune_select_trainable, plugtune_train_start)
 
 NAME = "token_classification"
 
@@ -31,11 +34,6 @@ class TokenClassificationSection(heads.HeadSection):
 @hookimpl
 def plugtune_recipe_sections(register):
     register(NAME, TokenClassificationSection)
-
-
-@hookimpl
-def plugtune_check_recipe(recipe):
-    return heads.conflicts(recipe, NAME)
 
 
 def words_and_tags(record, s):
@@ -100,25 +98,6 @@ def plugtune_tokenize(records, tokenizer, recipe, split):
 
 
 @hookimpl
-def plugtune_model_class():
-    from transformers import AutoModelForTokenClassification
-
-    return AutoModelForTokenClassification
-
-
-@hookimpl
-def plugtune_model_kwargs(recipe, tokenizer):
-    return heads.model_kwargs(recipe[NAME], NAME, tokenizer)
-
-
-@hookimpl(wrapper=True)
-def plugtune_select_trainable(model):
-    result = yield
-    heads.train_head(model)
-    return result
-
-
-@hookimpl
 def plugtune_compute_loss(model, batch):
     return heads.loss(model, batch)
 
@@ -145,8 +124,3 @@ def metrics(labels, predictions, names):
 @hookimpl
 def plugtune_evaluate(run, model):
     return metrics(*heads.predict(run, model), run.recipe[NAME].labels)
-
-
-@hookimpl
-def plugtune_train_start(run):
-    heads.write_labels(run, run.recipe[NAME], NAME)
