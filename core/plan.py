@@ -146,6 +146,7 @@ class Param:
     storage: str = ""  # how it is stored when not as a dense tensor of `dtype` ("int8", "nf4")
     nbytes: int | None = None  # its bytes when `storage` is set
     keeps_input: bool = False  # its kernel keeps the layer input for backward although frozen
+    tensor: object = field(default=None, repr=False, compare=False)  # the meta parameter
 
     @property
     def numel(self):
@@ -288,7 +289,8 @@ def build(recipe, pm, device="cuda"):
         base = id(p) in loaded
         params.append(Param(loaded[id(p)] if base else name, tuple(p.shape), p.dtype,
                             p.requires_grad, blocks.get(id(p)), module,
-                            loaded[id(p)].rpartition(".")[0] if base else module_name, not base))
+                            loaded[id(p)].rpartition(".")[0] if base else module_name, not base,
+                            tensor=p))
     t = recipe.train
     return Plan(recipe, model, params, device, t.batch_size, t.max_length, t.grad_accum,
                 t.mixed_precision, checkpointed=checkpointed, make_batch=causal_batch,
@@ -383,10 +385,13 @@ def trace(plan, pm):
     kept = {}  # storage -> (region, bytes); region: block index, -1 before, L after
     inputs, state = [0] * L, {"region": -1}
 
+    alive = []  # a freed storage's address could be reused and then miscounted as kept
+
     def pack(t):
         k = _key(t)
         if k not in params and k not in kept:
             kept[k] = (state["region"], t.untyped_storage().nbytes())
+            alive.append(t)
         return t
 
     def enter(i):
@@ -418,7 +423,7 @@ def trace(plan, pm):
 
     handles = [b.register_forward_pre_hook(enter(i), with_kwargs=True) for i, b in enumerate(blocks)]
     handles += [b.register_forward_hook(leave(i)) for i, b in enumerate(blocks)]
-    keeping = {id(p) for p in plan.params if p.keeps_input}
+    keeping = {id(p.tensor) for p in plan.params if p.keeps_input}
     for m in model.modules():
         if any(id(p) in keeping for p in m.parameters(recurse=False)):
             handles.append(m.register_forward_pre_hook(keep_input))
