@@ -41,13 +41,17 @@ class HeadSection(Section):
     @classmethod
     def _labels_as_text(cls, value):
         if isinstance(value, list):
-            return [label_name(v) if isinstance(v, (str, int, float)) else v for v in value]
+            return [label_name(v) if is_label(v) else v for v in value]
         return value
+
+
+def is_label(value):
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
 
 
 def label_name(value):
     """The text a label is known by (``1`` and ``"1"`` are one label)."""
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+    if not is_label(value):
         raise TypeError(f"a label is a string or a number, got {value!r}")
     return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 

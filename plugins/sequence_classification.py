@@ -38,7 +38,7 @@ class SequenceClassificationSection(heads.HeadSection):
     @classmethod
     def _keys_as_text(cls, value):
         if isinstance(value, dict):
-            return {heads.label_name(k) if isinstance(k, (int, float)) else k: v
+            return {heads.label_name(k) if heads.is_label(k) else k: v
                     for k, v in value.items()}
         return value
 
