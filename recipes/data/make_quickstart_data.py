@@ -11,7 +11,9 @@ examples without needing world knowledge:
 * ``order`` -- pull the order number out of a customer message and write it
   in the fixed form ``ORD-12345``.
 
-Each answer is a single word or code (a handful of tokens).  The base
+Half the records are ``sentiment`` (the slowest to learn), a quarter each
+``topic`` and ``order``.  Each answer is a single word or code (a handful of
+tokens).  The base
 instruct model tends to answer verbosely or in its own format, so its exact
 match is low before training and high after.
 
@@ -54,9 +56,9 @@ NEG_PHRASES = [
     "has been a disappointment", "never worked properly",
 ]
 POS_TAILS = ["Highly recommend.", "Would buy again.", "Five stars.",
-             "Very happy with it.", "Love it.", ""]
+             "Very happy with it.", "Love it."]
 NEG_TAILS = ["Do not buy.", "I want a refund.", "One star.",
-             "Very disappointed.", "Avoid it.", ""]
+             "Very disappointed.", "Avoid it."]
 SENT_PROMPTS = [
     "Classify the sentiment of this review as positive or negative.\n\nReview: {text}",
     "Is the following review positive or negative?\n{text}",
@@ -170,7 +172,8 @@ def make_order(rng):
     return rng.choice(ORDER_PROMPTS).format(text=text), f"ORD-{num}"
 
 
-MAKERS = [make_sentiment, make_topic, make_order]
+# sentiment is the hardest of the three to learn, so it gets half the records
+MAKERS = [make_sentiment, make_topic, make_sentiment, make_order]
 
 
 def record(prompt, answer):
@@ -180,7 +183,7 @@ def record(prompt, answer):
 
 def generate(n, rng, seen):
     """``n`` records with prompts not in ``seen`` (updated in place); the
-    three tasks take turns so the mix is balanced."""
+    tasks take turns in the fixed ``MAKERS`` order, so the mix is stable."""
     out = []
     i = 0
     while len(out) < n:
