@@ -2,6 +2,7 @@
 
     python benchmarks/plan_accuracy.py            # every configuration (about 15 minutes on 2 cores)
     python benchmarks/plan_accuracy.py --only smollm2-lora smollm2-full
+    python benchmarks/plan_accuracy.py --published   # the planner beside published figures
 
 Each configuration trains for a few optimizer steps through the real plugtune loop, in its own
 process, on a CPU. Measured peak = the process's peak resident set size (VmHWM) over the training
@@ -118,6 +119,69 @@ def predict(path):
     return est.total(), est.peak().name
 
 
+# LLaMA-Factory's README "Hardware Requirement" table (hiyouga/LLaMA-Factory, README.md at
+# commit 00409ff2, "* estimated"): GB by method for 7B / 14B / 70B models. Their 14B column is
+# set beside Llama-2-13B here. Each row: (label, plugins, recipe changes, their GB figures).
+LLAMA_FACTORY = [
+    ("Full, bf16 AMP (fp32 weights)", ["full"], {"model": {"dtype": "float32"},
+                                                 "train": {"mixed_precision": "bf16"}},
+     (120, 240, 1200)),
+    ("Full, pure bf16", ["full"], {}, (60, 120, 600)),
+    ("Freeze (last 2 blocks), bf16", ["freeze"], {"freeze": {"last_n_blocks": 2}}, (16, 32, 160)),
+    ("LoRA, bf16", ["lora"], {}, (16, 32, 160)),
+    ("QLoRA 8-bit (int8 + lora)", ["int8", "lora"], {}, (10, 20, 80)),
+    ("QLoRA 4-bit (nf4 + lora)", ["nf4", "lora"], {"nf4": {"compute_dtype": "bfloat16"}},
+     (6, 12, 48)),
+]
+SIZES = ("meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-13b-hf", "meta-llama/Llama-2-70b-hf")
+# The QLoRA paper's Guanaco-65B run (artidoro/qlora scripts/finetune_guanaco_65b.sh): LLaMA-65B,
+# NF4 with double quantization, bf16, LoRA r=64 alpha 16 dropout 0.05 on every linear layer,
+# gradient checkpointing, micro-batch 4 of at most 16 + 512 tokens; on one 48 GB GPU.
+GUANACO = {"model": {"name": "huggyllama/llama-65b", "dtype": "bfloat16"},
+           "plugins": ["causal_lm", "nf4", "lora", "gradient_checkpointing"],
+           "nf4": {"compute_dtype": "bfloat16"},
+           "lora": {"r": 64, "alpha": 16, "dropout": 0.05},
+           "train": {"batch_size": 4, "max_length": 528, "mixed_precision": "bf16"}}
+
+
+def published(work):
+    """Plan the published configurations (no measurement) and print them beside the figures."""
+    from plugtune import plan, recipe as recipes, testing
+
+    def total(tree):
+        name = f"published-{len(list(work.glob('published-*.yaml')))}.yaml"
+        path = testing.write_recipe(work / name, **tree)
+        recipe, pm = recipes.load_recipe(path)
+        est = plan.estimate(recipe, pm, device="cuda")
+        return est.total() / 1e9, est
+
+    data = {"train": str(work / "train.jsonl"), "validation": str(work / "validation.jsonl")}
+    print("LLaMA-Factory's table (GB) beside plugtune plan (GB, CUDA, micro-batch 1 x 1024 "
+          "tokens, gradient checkpointing, bf16 autocast):")
+    print(f"{'method':<32}" + "".join(f"{m.split('/')[1]:>26}" for m in SIZES))
+    for label, plugins, changes, theirs in LLAMA_FACTORY:
+        cells = []
+        for model, their in zip(SIZES, theirs):
+            tree = {"model": {"name": model, "dtype": "bfloat16", **changes.get("model", {})},
+                    "plugins": ["causal_lm", *plugins, "gradient_checkpointing"], "data": data,
+                    "train": {"batch_size": 1, "max_length": 1024, "mixed_precision": "bf16",
+                              **changes.get("train", {})},
+                    **{k: v for k, v in changes.items() if k not in ("model", "train")}}
+            ours, _ = total(tree)
+            cells.append(f"{their:>6} | {ours:>6.1f}")
+        print(f"{label:<32}" + "".join(f"{c:>26}" for c in cells), flush=True)
+    print("\nQLoRA paper, Guanaco-65B on one 48 GB GPU (GB):")
+    for label, extra in (("as in the paper's script, AdamW 32-bit", {}),
+                         ("with paged 8-bit AdamW", {"plugins": GUANACO["plugins"] + ["adamw_8bit"],
+                                                     "adamw_8bit": {"paged": True}}),
+                         ("micro-batch 1 (x4 accumulated)", {"train": {
+                             **GUANACO["train"], "batch_size": 1, "grad_accum": 4}})):
+        ours, est = total({**GUANACO, "data": data, **extra})
+        peak = est.peak()
+        parts = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in peak.parts.items() if v)
+        print(f"  {label:<40} {ours:6.1f}  ({parts}; at the {peak.name})", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", nargs="+", choices=sorted(CONFIGS), help="configurations to run")
@@ -125,6 +189,8 @@ def main():
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--malloc", choices=["fixed", "default"], default="fixed",
                    help="glibc mmap threshold of the measured processes (see above)")
+    p.add_argument("--published", action="store_true", help="instead, plan the published "
+                   "configurations (QLoRA paper, LLaMA-Factory's table) beside their figures")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -133,6 +199,8 @@ def main():
     work = Path(args.work or tempfile.mkdtemp(prefix="plan-accuracy-"))
     work.mkdir(parents=True, exist_ok=True)
     write_data(work)
+    if args.published:
+        return published(work)
     paths = write_recipes(work, names)
     if any(CONFIGS[n][0] == "smollm2" for n in names):  # convert the GGUF once, not measured
         from plugtune.plugins import hf

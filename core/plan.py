@@ -25,6 +25,7 @@ can meet.
 """
 import json
 import math
+import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -200,6 +201,7 @@ class Plan:
     notes: list = field(default_factory=list)  # shown under the table
     make_batch: object = None  # (batch_size, seq_len) -> dict of meta tensors for the loss hook
     keep_unquantized: list = field(default_factory=list)  # modules quantizers skip by default
+    architecture: str = ""  # the loaded model's class, before adapters wrap it
 
     def trainable(self):
         return [p for p in self.params if p.trainable]
@@ -267,6 +269,7 @@ def build(recipe, pm, device="cuda"):
     h = pm.hook
     model = meta_model(h, recipe)
     loaded = {id(p): n for n, p in model.named_parameters()}
+    architecture = type(model).__name__
     keep = _not_quantized_by_default(model)
     owners = {}
     for module_name, module in model.named_modules():
@@ -294,7 +297,7 @@ def build(recipe, pm, device="cuda"):
     t = recipe.train
     return Plan(recipe, model, params, device, t.batch_size, t.max_length, t.grad_accum,
                 t.mixed_precision, checkpointed=checkpointed, make_batch=causal_batch,
-                keep_unquantized=keep)
+                keep_unquantized=keep, architecture=architecture)
 
 
 def _not_quantized_by_default(model):
@@ -331,6 +334,9 @@ class _FusedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v):
         out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        if q.dim() == 4:  # the kernels write (batch, seq, heads, dim): transposing back is free
+            b, h, s, d = out.shape
+            out = q.new_empty(b, s, h, d).transpose(1, 2)
         lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
         ctx.save_for_backward(q, k, v, out, lse)
         return out
@@ -529,10 +535,14 @@ class Estimate:
             parts["optimizer step"] = step
             return Moment(name, parts)
 
-        mixed = l32 if plan.mixed_precision != "no" else 0  # outputs converted to fp32
-        out = [moment("end of forward", held, sum(kept) + before + after, logits + upcast + mixed),
-               moment("start of backward", max(held, g_out), sum(kept) + before + after,
-                      2 * l32 + (logits if upcast else 0))]
+        # Under autocast accelerate converts the outputs to float32 once the loss's own float32
+        # copy of the logits is gone; the loss keeps its float32 log-probabilities (in `after`).
+        mixed = l32 if plan.mixed_precision != "no" else 0
+        acts, lsm = sum(kept) + before + after, min(l32, after)
+        out = [moment("end of forward", held, acts, logits + max(upcast, mixed)),
+               moment("start of backward", held, acts, 2 * l32 + (logits if upcast else 0)),
+               moment("backward of the output layer", max(held, g_out), acts - lsm,
+                      l32 + (logits if upcast else 0))]
         for k in reversed(range(len(kept))):
             grads = g_all if held else g_out + sum(g_blocks[k:])
             block = a.blocks[k] * n
@@ -576,7 +586,7 @@ def describe(est, budget=None, label=None):
     total_params = sum(p.numel for p in plan.params)
     trainable = sum(p.numel for p in plan.trainable())
     r = plan.recipe
-    lines = [f"model: {r.model.name} ({type(plan.model).__name__}, {count(total_params)} "
+    lines = [f"model: {r.model.name} ({plan.architecture}, {count(total_params)} "
              f"parameters, dtype {r.model.dtype})",
              f"plugins: {', '.join(r.plugins)}; micro-batch {plan.batch_size} x {plan.seq_len} "
              f"tokens, grad_accum {plan.grad_accum}, mixed_precision {plan.mixed_precision}; "
@@ -828,7 +838,7 @@ def command(args, echo=print):
              "(activations grow with it).")
         return 1
     out = Path(args.out) if args.out else Path(recipe.path).with_suffix(".fit.yaml")
-    if recipe.path.parent != Path.cwd() and not os_access_writable(recipe.path.parent):
+    if not args.out and not os.access(out.parent, os.W_OK):  # a shipped recipe
         out = Path.cwd() / out.name
     what = changes(recipe, chosen)
     header = (f"# Written by `plugtune plan {args.recipe} --gpu {args.gpu} --fit`: {chosen.label}"
@@ -837,21 +847,18 @@ def command(args, echo=print):
               + f"# Run it with: plugtune run {out}\n")
     out.write_text(yaml_dump(chosen.tree, header))
     echo("")
+    echo(f"the plan of {out}:")
     for line in describe(chosen.estimate, budget, label):
         echo(line)
     echo("")
     echo(f"wrote {out}; changed:")
     for c in what:
         echo(f"  - {c}")
-    echo(f"because the recipe as written needs {size(est.total())} and the budget is "
-         f"{size(budget)}; each step above costs less quality or speed than the next")
+    echo(f"why: as written the recipe needs {size(est.total())} and the budget is "
+         f"{size(budget)}; the combinations above were tried in order of least quality cost "
+         "(full, freeze, lora, int8 + lora, nf4 + lora; each first as is, then with gradient "
+         "checkpointing, then smaller micro-batches) and this is the first that fits")
     return 0
-
-
-def os_access_writable(path):
-    import os
-
-    return os.access(path, os.W_OK)
 
 
 def preflight(recipe_arg, overrides=(), echo=print):

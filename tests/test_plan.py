@@ -120,12 +120,13 @@ def test_adamw_8bit_state(estimate, shape):
 
 def test_activations_per_block_and_token(estimate, shape):
     """A Llama block keeps, per token: 3 x hidden for each of its two RMSNorms (input, normed,
-    output) and one rsqrt each; q, the attention output and its reshaped copy (3 x hidden);
-    k and v (grouped, 2 x kv); 4 x intermediate in the MLP (gate, up, act, product); and a
-    float32 log-sum-exp per head -- never the attention matrix."""
+    output) and one rsqrt each; q and the attention output (2 x hidden; the fused kernels write
+    the output so that o_proj reads it without a copy); k and v (grouped, 2 x kv); 4 x
+    intermediate in the MLP (gate, up, act, product); and a float32 log-sum-exp per head --
+    never the attention matrix."""
     s = shape
     est = estimate()
-    per_token = 4 * (6 * s["h"] + 3 * s["h"] + 2 * s["kv"] + 4 * s["i"] + 2) + 4 * s["heads"]
+    per_token = 4 * (6 * s["h"] + 2 * s["h"] + 2 * s["kv"] + 4 * s["i"] + 2) + 4 * s["heads"]
     assert est.acts.blocks[-1] == per_token
     assert est.acts.logits == 4 * s["V"] and est.acts.logits_fp32 == 4 * s["V"]
     ckpt = estimate(plugins=["causal_lm", "full", "gradient_checkpointing"])
