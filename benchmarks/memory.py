@@ -2,7 +2,8 @@
 
 Each configuration is its shipped recipe (recipes/smollm2-*.yaml) run by plugtune's own loop
 for the same steps, batch size and sequence length, in a process of its own, so that each peak
-is that configuration's alone. The table gives each process's peak resident memory
+is that configuration's alone. The table gives the bytes of the model's weights and buffers
+(``get_memory_footprint``: what quantization shrinks), each process's peak resident memory
 (``resource.getrusage(RUSAGE_SELF).ru_maxrss``: loading included), its peak while training
 only (Linux: the high-water mark ``VmHWM`` reset through ``/proc/self/clear_refs`` once the
 model is loaded), and both as a ratio to full fine-tuning. On a CUDA machine it also gives
@@ -68,7 +69,8 @@ def child(args):
     reset = reset_high_water_mark()
     start = time.perf_counter()
     summary = loop.train(run, echo=lambda *a: None)
-    result = {"peak_mb": peak_mb(), "baseline_mb": baseline, "training_peak_mb": high_water_mark_mb() if reset else None,
+    result = {"peak_mb": peak_mb(), "baseline_mb": baseline,
+              "weights_mb": run.model.get_memory_footprint() / 2**20, "training_peak_mb": high_water_mark_mb() if reset else None,
               "trainable": summary["trainable"], "seconds": time.perf_counter() - start}
     if torch.cuda.is_available():
         result["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -118,7 +120,8 @@ def main():
 
 def table(rows, args):
     full = rows.get("full", {})
-    columns = [("peak RSS", "peak_mb"), ("peak RSS while training", "training_peak_mb"),
+    columns = [("model weights", "weights_mb"), ("peak RSS", "peak_mb"),
+               ("peak RSS while training", "training_peak_mb"),
                ("CUDA peak allocated", "cuda_peak_mb")]
     columns = [(title, key) for title, key in columns
                if all(r.get(key) is not None for r in rows.values())]
