@@ -10,6 +10,7 @@ Composes with ``int8``/``nf4`` (QLoRA: adapters on a quantized base) and
 ``lora.layers_to_transform`` instead). See docs/combinations.md.
 """
 import re
+import warnings
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -101,7 +102,9 @@ def lora_config(s, model):
 def plugtune_wrap_model(model, recipe):
     from peft import get_peft_model
 
-    return get_peft_model(model, lora_config(recipe["lora"], model))
+    with warnings.catch_warnings():  # peft 0.21 asks transformers 5 a deprecated question
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
+        return get_peft_model(model, lora_config(recipe["lora"], model))
 
 
 @hookimpl
