@@ -264,11 +264,12 @@ def plugtune_estimate_memory(plan, recipe):
 
     What an implementation may set:
 
-    - ``param.storage``/``param.nbytes`` on entries of ``plan.params`` (each a
-      :class:`plugtune.plan.Param`) for weights not stored as dense tensors: int8 with its
-      per-row scales, NF4 with its block constants; ``plan.base_linear_weights(skip)`` lists
-      the loaded model's linear weights. ``param.keeps_input = True`` where the layer's kernel
-      keeps its input for backward even though its weight is frozen (LLM.int8 does).
+    - ``plan.quantize(params, storage, nbytes, keeps_input)`` (or ``param.storage``/
+      ``param.nbytes`` on entries of ``plan.params``, each a :class:`plugtune.plan.Param`) for
+      weights not stored as dense tensors: int8 with its per-row scales, NF4 with its block
+      constants; ``plan.base_linear_weights(skip)`` lists the loaded model's linear weights.
+      ``keeps_input`` where the layer's kernel keeps its input for backward even though its
+      weight is frozen (LLM.int8 does).
     - ``plan.optimizer``: a :class:`plugtune.plan.Optimizer` with the bytes of state for
       ``plan.trainable()`` and of the buffers its step allocates; ``paged=True`` for state that
       pages out to CPU RAM. The default ``adamw`` fills it (``trylast``) only when no other

@@ -210,6 +210,19 @@ class Plan:
         """Count memory this plugin holds for the whole run."""
         self.extra.append(Memory(name, int(nbytes), detail))
 
+    def quantize(self, params, storage, nbytes, keeps_input=False):
+        """Count ``params`` as stored quantized, ``nbytes(param)`` bytes each (the quantizing
+        plugins' helper). On a CPU the checkpoint file stays memory-mapped after loading, and
+        the pages read to quantize these weights stay resident (clean pages the system may
+        drop under pressure): counted as their own component."""
+        read = 0
+        for p in params:
+            p.storage, p.nbytes, p.keeps_input = storage, nbytes(p), keeps_input
+            read += p.numel * getattr(torch, self.recipe.model.dtype).itemsize
+        if self.device == "cpu" and read:
+            self.add("checkpoint pages read to quantize", read, "CPU only: the safetensors "
+                     "file stays mapped; clean pages the system can drop")
+
     def base_linear_weights(self, skip=()):
         """Weights of the loaded model's ``nn.Linear`` layers (the ones bitsandbytes quantizes),
         except modules whose name or last name part is in ``skip``."""

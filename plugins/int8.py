@@ -62,5 +62,5 @@ def plugtune_prepare_base(model):
 def plugtune_estimate_memory(plan, recipe):
     """LLM.int8 weights: one byte per weight and a float32 scale per output row. Its matrix
     product keeps the layer's input for backward even though the weight is frozen."""
-    for p in plan.base_linear_weights(recipe["int8"].skip_modules or plan.keep_unquantized):
-        p.storage, p.nbytes, p.keeps_input = "int8", p.numel + 4 * p.shape[0], True
+    plan.quantize(plan.base_linear_weights(recipe["int8"].skip_modules or plan.keep_unquantized),
+                  "int8", lambda p: p.numel + 4 * p.shape[0], keeps_input=True)

@@ -74,5 +74,5 @@ def weight_bytes(numel, double_quant, blocksize=64):
 @hookimpl
 def plugtune_estimate_memory(plan, recipe):
     s = recipe["nf4"]
-    for p in plan.base_linear_weights(s.skip_modules or plan.keep_unquantized):
-        p.storage, p.nbytes = s.quant_type, weight_bytes(p.numel, s.double_quant)
+    plan.quantize(plan.base_linear_weights(s.skip_modules or plan.keep_unquantized),
+                  s.quant_type, lambda p: weight_bytes(p.numel, s.double_quant))
