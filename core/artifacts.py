@@ -9,6 +9,7 @@ as they were), then optionally merged into it.
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,7 +83,9 @@ def load(run_dir, merge=False):
                      f"merged into a de-quantized {recipe.model.dtype} copy of those quantized "
                      "weights, not into the original full-precision ones")
         base = base.dequantize()
-    model = PeftModel.from_pretrained(base, path)
+    with warnings.catch_warnings():  # peft 0.21 asks transformers 5 a deprecated question
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
+        model = PeftModel.from_pretrained(base, path)
     if merge:
         model = model.merge_and_unload().to(dtype)
     elif getattr(base, "is_quantized", False):
