@@ -1,4 +1,4 @@
-"""The ``plugtune`` command: run, validate, plan, plugins, recipes."""
+"""The ``plugtune`` command: run, validate, plan, plugins, recipes, export, generate, eval."""
 import argparse
 import sys
 
@@ -11,7 +11,7 @@ def cmd_run(args):
     print(f"recipe: {recipe.path} (plugins: {', '.join(recipe.plugins)})")
     from . import plan
 
-    plan.preflight(args.recipe, args.overrides)  # before anything is loaded
+    plan.preflight(recipe, pm)  # before anything is loaded
     run = loop.setup(recipe, pm)
     summary = loop.train(run)
     before, after = summary["eval_before"], summary["eval_after"]
@@ -39,12 +39,14 @@ def cmd_plugins(args):
 
 
 def cmd_recipes(args):
-    for name, path in sorted(recipes.shipped_recipes().items()):
+    shipped = sorted(recipes.shipped_recipes().items())
+    width = max((len(name) for name, _ in shipped), default=0) + 2
+    for name, path in shipped:
         try:
             description = recipes.load_tree(path).get("description", "")
         except PlugtuneError as exc:
             description = f"(unreadable: {exc})"
-        print(f"{name:<24} {description}")
+        print(f"{name:<{width}}{description}")
     return 0
 
 

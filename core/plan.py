@@ -874,14 +874,11 @@ def command(args, echo=print):
     return 0
 
 
-def preflight(recipe_arg, overrides=(), echo=print):
+def preflight(recipe, pm, echo=print):
     """Before ``plugtune run`` loads anything: print the plan's peak, and warn when it will not
     fit the GPU this process sees. Never stops a run: a planner failure is only reported."""
-    from . import recipe as recipes
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        recipe, pm = recipes.load_recipe(recipe_arg, overrides)
         est = estimate(recipe, pm, device)
     except Exception as exc:  # the planner must never stop a run
         echo(f"memory plan: unavailable ({type(exc).__name__}: {exc})")
@@ -896,6 +893,6 @@ def preflight(recipe_arg, overrides=(), echo=print):
          f"{size(capacity)}")
     if total > free:
         echo(f"warning: this recipe will likely run out of GPU memory: it needs {size(total)} "
-             f"and {size(free)} is free; `plugtune plan {recipe_arg} --fit` finds plugins and "
+             f"and {size(free)} is free; `plugtune plan {recipe.path} --fit` finds plugins and "
              "settings that fit")
     return est

@@ -113,7 +113,7 @@ class Recipe:
 
 def shipped_recipes():
     """``{name: path}`` of the recipes that ship with plugtune."""
-    return {p.stem: Path(str(p)) for p in files("plugtune.recipes").iterdir()
+    return {p.name[:-len(".yaml")]: Path(str(p)) for p in files("plugtune.recipes").iterdir()
             if p.name.endswith(".yaml")}
 
 
@@ -122,9 +122,10 @@ def find_recipe(arg):
     if path.is_file():
         return path
     shipped = shipped_recipes()
-    if path.stem in shipped and path.parent == Path("."):
-        return shipped[path.stem]
-    raise RecipeError([f"recipe file not found: {arg}{manager.did_you_mean(path.stem, shipped)}"
+    name = path.name[:-len(".yaml")] if path.name.endswith(".yaml") else path.name
+    if name in shipped and path.parent == Path("."):
+        return shipped[name]
+    raise RecipeError([f"recipe file not found: {arg}{manager.did_you_mean(name, shipped)}"
                        "; give a path, or a shipped recipe name from `plugtune recipes`"])
 
 

@@ -5,10 +5,10 @@ Patterns are Python regular expressions searched in parameter names (``model.nam
 """
 import re
 
-import torch
 from pydantic import Field, field_validator
 
 from plugtune import hookimpl
+from plugtune.plan import transformer_blocks
 from plugtune.recipe import Section
 
 
@@ -43,15 +43,6 @@ def plugtune_check_recipe(recipe):
     return []
 
 
-def transformer_blocks(model):
-    """The model's repeated blocks: the largest ``nn.ModuleList`` (``model.layers``,
-    ``transformer.h``, ...)."""
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
-    if not lists:
-        raise ValueError("freeze.last_n_blocks: this model has no list of transformer blocks")
-    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
-
-
 @hookimpl
 def plugtune_select_trainable(model, recipe):
     s = recipe["freeze"]
@@ -60,6 +51,8 @@ def plugtune_select_trainable(model, recipe):
         for p in named.values():
             p.requires_grad_(False)
         blocks = transformer_blocks(model)
+        if not blocks:
+            raise ValueError("freeze.last_n_blocks: this model has no list of transformer blocks")
         for block in list(blocks)[len(blocks) - s.last_n_blocks:] if s.last_n_blocks else []:
             for p in block.parameters():
                 p.requires_grad_(True)

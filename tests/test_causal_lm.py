@@ -133,3 +133,22 @@ def test_loss_falls(arch, fmt, request, make_recipe, echo_data, tmp_path):
     losses = [json.loads(line)["loss"] for line in
               (run.dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(losses) == 30 and sum(losses[-5:]) < 0.5 * sum(losses[:5])
+
+
+@pytest.mark.slow
+def test_real_chat_template_masks_exactly_the_assistant_turns(make_recipe, smollm2):
+    """SmolLM2's own template (which adds a default system prompt when a conversation has none):
+    the tokens match ``apply_chat_template`` and only the assistant answers (with their
+    end-of-turn marker) are learnt, with and without a system prompt, over several turns."""
+    recipe, pm = testing.load_recipe(make_recipe(model=smollm2))
+    tokenizer = pm.hook.plugtune_load_tokenizer(recipe=recipe)
+    conversations = [CONVERSATION, CONVERSATION[1:], CONVERSATION[1:3]]
+    records = [Record({"messages": c}, "data.jsonl", i) for i, c in enumerate(conversations, 1)]
+    data = pm.hook.plugtune_tokenize(records=records, tokenizer=tokenizer, recipe=recipe,
+                                     split="train")
+    for conversation, example in zip(conversations, data.examples):
+        assert example["input_ids"] == tokenizer.apply_chat_template(conversation)["input_ids"]
+        answers = [m["content"] for m in conversation if m["role"] == "assistant"]
+        assert learnt_spans(example, tokenizer) == [f"{a}<|im_end|>\n" for a in answers]
+    default_system = tokenizer.decode(data.examples[1]["input_ids"][:12])
+    assert "system" in default_system  # the template's own system prompt is there, not learnt
