@@ -229,7 +229,10 @@ def plugtune_train_end(run, summary):
 
 @hookspec
 def plugtune_teardown(run, error):
-    """Called last, whether the run succeeded or not (close files and progress bars).
+    """Called last, whether training succeeded or not (close files and progress bars).
+
+    Paired with :func:`plugtune_train_start`: a run that stops earlier (bad data, a model that
+    does not load, an optimizer that cannot be built) calls neither.
 
     :param error: the exception that stopped the run, or None.
     """
