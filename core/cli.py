@@ -158,7 +158,14 @@ def parser():
 
 
 def main(argv=None):
-    args = parser().parse_args(argv)
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    # KEY=VALUE overrides may also come after options (`plan R --gpu 24GiB train.batch_size=1`)
+    if extra and (not hasattr(args, "overrides")
+                  or any(e.startswith("-") or "=" not in e for e in extra)):
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
     except PlugtuneError as exc:

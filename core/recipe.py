@@ -256,6 +256,8 @@ def load_recipe(arg, overrides=(), discovered=None, check_files=True):
     ``recipe.yaml`` of a finished run (whose directory exists and whose data may have moved)."""
     path = find_recipe(arg)
     tree = apply_overrides(load_tree(path), overrides)
+    # `section: null` drops a plugin section (one inherited through extends: included)
+    tree = {k: v for k, v in tree.items() if v is not None or k in CORE_KEYS}
     discovered = manager.discover() if discovered is None else discovered
     requested = tree.get("plugins") or []
     if not (isinstance(requested, list) and all(isinstance(p, str) for p in requested)):
@@ -277,7 +279,8 @@ def load_recipe(arg, overrides=(), discovered=None, check_files=True):
             continue
         if key in discovered:
             problems.append(f"{key}: this section configures plugin {key!r}, which is not "
-                            f"active; add {key} to plugins:")
+                            f"active; add {key} to plugins:, or drop the section ({key}: null "
+                            "where it is inherited)")
         else:
             problems.append(f"{key}: unknown key"
                             f"{manager.did_you_mean(key, CORE_KEYS | set(schemas))}")

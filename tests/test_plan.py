@@ -220,6 +220,14 @@ def test_plan_exits_1_when_it_does_not_fit(make_recipe, capsys):
     assert "does NOT fit" in out and "--fit" in out
 
 
+def test_overrides_may_follow_the_options(make_recipe, capsys):
+    _, out, _ = plan_cli(capsys, make_recipe(), "--gpu", "24GiB")
+    _, smaller, _ = plan_cli(capsys, make_recipe(), "--gpu", "24GiB", "train.batch_size=1")
+    assert "micro-batch 8 x" in out and "micro-batch 1 x" in smaller
+    with pytest.raises(SystemExit):
+        plan_cli(capsys, make_recipe(), "--gpu", "24GiB", "--no-such-option")
+
+
 def test_plan_rejects_an_unknown_gpu_with_the_known_names(make_recipe, capsys):
     code, _, err = plan_cli(capsys, make_recipe(), "--gpu", "voodoo5")
     assert code == 2

@@ -147,6 +147,17 @@ def test_extends_inherits_and_overrides_win(make_recipe, tmp_path, echo_data, ca
     assert code == 0 and ": ok (plugins: " in out
 
 
+def test_a_null_section_drops_an_inherited_plugin(make_recipe, tmp_path, capsys):
+    base = make_recipe("base.yaml", plugins=["causal_lm", "freeze"], freeze={"last_n_blocks": 1})
+    child = testing.write_recipe(tmp_path / "child.yaml", extends="base.yaml",
+                                 plugins=["causal_lm", "full"])
+    code, _, err = plugtune_cli(capsys, "validate", child)
+    assert code == 2 and "freeze: null" in err
+    recipe, _ = recipes.load_recipe(child, ["freeze=null"])
+    assert recipe.plugins[-2:] == ["causal_lm", "full"] and "freeze" not in recipe.resolved()
+    assert recipes.load_recipe(base)[0]["freeze"].last_n_blocks == 1
+
+
 def test_override_paths_are_relative_to_the_cwd(make_recipe, tmp_path, monkeypatch):
     recipe_path = make_recipe()
     other = tmp_path / "elsewhere"
