@@ -248,6 +248,26 @@ def _validate(schema, data, prefix):
         return None, problems
 
 
+def _stand_in(schema, data):
+    """``schema`` validated from ``data`` with every invalid key dropped (its default in its
+    place), or None when a required key is missing: lets the plugins' combination checks run,
+    and report, on a recipe whose other keys have problems already listed."""
+    data = copy.deepcopy(data) if isinstance(data, dict) else {}
+    for _ in range(20):
+        try:
+            return schema.model_validate(data)
+        except ValidationError as exc:
+            for err in exc.errors():
+                *parents, last = err["loc"] or ("",)
+                node = data
+                for key in parents:
+                    node = node.get(key) if isinstance(node, dict) else None
+                if err["type"] == "missing" or not isinstance(node, dict) or last not in node:
+                    return None
+                del node[last]
+    return None
+
+
 def load_recipe(arg, overrides=(), discovered=None, check_files=True):
     """Load, validate and return ``(recipe, plugin_manager)``; raise RecipeError listing every
     problem. Loads no model and writes nothing.
@@ -295,11 +315,22 @@ def load_recipe(arg, overrides=(), discovered=None, check_files=True):
     if not pm.hook.plugtune_compute_loss.get_hookimpls():
         problems.append("plugins: no active plugin computes the loss; add a task plugin such "
                         "as causal_lm")
-    recipe = None
-    if core is not None and None not in sections.values():
-        recipe = Recipe(core, sections, active, path, tree)
-        for result in pm.hook.plugtune_check_recipe(recipe=recipe):
-            problems += list(result or [])
+    recipe = Recipe(core or _stand_in(CoreRecipe, core_tree),
+                    {name: section or _stand_in(schemas[name], tree.get(name))
+                     for name, section in sections.items()}, active, path, tree)
+    if recipe.core is not None and None not in recipe.sections.values():
+        try:
+            results = pm.hook.plugtune_check_recipe(recipe=recipe)
+        except Exception:
+            if not problems:  # on a valid recipe a failing check is a plugin's bug: show it
+                raise
+            results = []  # a check tripped over keys already reported; those come first
+        # a section that had problems was checked with its invalid keys dropped: what the
+        # checks say of that section again would mislead
+        faulty = {p.split(":")[0].split(".")[0] for p in problems} - {"plugins"}
+        for result in results:
+            problems += [p for p in result or [] if p not in problems
+                         and p.split(":")[0].split(".")[0] not in faulty]
     if problems:
         raise RecipeError(problems, path)
     return recipe, pm

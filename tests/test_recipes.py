@@ -81,6 +81,17 @@ def test_every_problem_is_listed_at_once(make_recipe, capsys):
         assert sum(key in p for p in problems) == 1, key
 
 
+def test_conflicts_are_listed_beside_other_problems(make_recipe, capsys):
+    recipe = make_recipe(plugins=["causal_lm", "full", "freeze"],
+                         freeze={"last_n_blocks": "two"}, train={"batch_size": "eight"})
+    code, _, err = plugtune_cli(capsys, "validate", recipe)
+    problems = [line for line in err.splitlines() if line.startswith("  - ")]
+    assert code == 2 and len(problems) == 3, err
+    for key in ("freeze.last_n_blocks:", "train.batch_size:",
+                "plugins: `full` trains every parameter and `freeze`"):
+        assert sum(key in p for p in problems) == 1, key
+
+
 def test_missing_required_key(tmp_path, capsys):
     path = testing.write_recipe(tmp_path / "r.yaml", model="x", plugins=["causal_lm"])
     code, _, err = plugtune_cli(capsys, "validate", path)
