@@ -1,5 +1,6 @@
 """The ``plugtune`` command: run, validate, plan, plugins, recipes, export, generate, eval."""
 import argparse
+import os
 import sys
 
 from . import __version__, loop, manager, recipe as recipes
@@ -7,18 +8,20 @@ from .errors import PlugtuneError
 
 
 def cmd_run(args):
+    # under accelerate launch / torchrun only the main process (RANK 0) speaks
+    echo = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)
     recipe, pm = recipes.load_recipe(args.recipe, args.overrides)
-    print(f"recipe: {recipe.path} (plugins: {', '.join(recipe.plugins)})")
+    echo(f"recipe: {recipe.path} (plugins: {', '.join(recipe.plugins)})")
     from . import plan
 
-    plan.preflight(recipe, pm)  # before anything is loaded
-    run = loop.setup(recipe, pm)
-    summary = loop.train(run)
+    plan.preflight(recipe, pm, echo=echo)  # before anything is loaded
+    run = loop.setup(recipe, pm, echo=echo)
+    summary = loop.train(run, echo=echo)
     before, after = summary["eval_before"], summary["eval_after"]
-    print(f"done: {summary['steps']} steps in {summary['seconds']:.0f}s; run directory {run.dir}")
+    echo(f"done: {summary['steps']} steps in {summary['seconds']:.0f}s; run directory {run.dir}")
     for key in after:
         if key != "step" and isinstance(after[key], (int, float)):
-            print(f"  held-out {key}: {before.get(key, float('nan')):.4f} -> {after[key]:.4f}")
+            echo(f"  held-out {key}: {before.get(key, float('nan')):.4f} -> {after[key]:.4f}")
     return 0
 
 

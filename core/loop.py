@@ -152,14 +152,18 @@ def train(run, echo=print):
                       recipe=run.recipe)
     loader = torch.utils.data.DataLoader(data.examples, batch_size=t.batch_size, shuffle=True,
                                          collate_fn=data.collate, drop_last=False)
+    trainable, total = count_parameters(run.model)
+    raw_optimizer = optimizer
+    run.model, optimizer, loader = acc.prepare(run.model, optimizer, loader)
+    # the prepared loader holds this process's share of the batches (under accelerate launch)
     steps_per_epoch = math.ceil(len(loader) / t.grad_accum)
     run.total_steps = t.max_steps or steps_per_epoch * t.epochs
-    scheduler = first(h.plugtune_build_scheduler, "build the scheduler", optimizer=optimizer,
+    # stepped by the loop once per optimizer step, whatever the number of processes
+    scheduler = first(h.plugtune_build_scheduler, "build the scheduler", optimizer=raw_optimizer,
                       recipe=run.recipe, total_steps=run.total_steps)
-    trainable, total = count_parameters(run.model)
-    run.model, optimizer, loader, scheduler = acc.prepare(run.model, optimizer, loader, scheduler)
-    echo(f"training: {run.total_steps} steps of {t.batch_size} x {t.grad_accum} sequences "
-         f"({steps_per_epoch} steps per epoch) on {acc.device}")
+    processes = f" x {acc.num_processes} processes" if acc.num_processes > 1 else ""
+    echo(f"training: {run.total_steps} steps of {t.batch_size} x {t.grad_accum} sequences"
+         f"{processes} ({steps_per_epoch} steps per epoch) on {acc.device}")
     run.dir = rundir.create(run.recipe) if run.is_main else None
     error, start = None, time.perf_counter()
     try:
@@ -175,7 +179,8 @@ def train(run, echo=print):
                     if acc.sync_gradients and t.max_grad_norm:
                         acc.clip_grad_norm_(run.model.parameters(), t.max_grad_norm)
                     optimizer.step()
-                    scheduler.step()
+                    if acc.sync_gradients and not acc.optimizer_step_was_skipped:
+                        scheduler.step()
                     optimizer.zero_grad()
                 window.append(loss.detach().float().item())
                 mask = batch.get("attention_mask")
@@ -183,9 +188,14 @@ def train(run, echo=print):
                 if not acc.sync_gradients:
                     continue
                 run.step += 1
+                loss_sum, tokens = sum(window), torch.tensor([tokens], device=acc.device)
+                if acc.num_processes > 1:  # every process's share, under accelerate launch
+                    loss_sum = acc.reduce(torch.tensor([loss_sum], device=acc.device)).item()
+                    tokens, window = acc.reduce(tokens), window * acc.num_processes
                 now = time.perf_counter()
-                metrics = {"step": run.step, "loss": sum(window) / len(window),
-                           "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / (now - tick),
+                metrics = {"step": run.step, "loss": loss_sum / len(window),
+                           "lr": scheduler.get_last_lr()[0],
+                           "tokens_per_s": tokens.item() / (now - tick),
                            "epoch": run.step / steps_per_epoch}
                 window, tokens, tick = [], 0, now
                 h.plugtune_step_end(run=run, step=run.step, metrics=metrics)

@@ -4,6 +4,7 @@ the core's schema and every active plugin's section, and report every problem at
 Nothing here loads a model or writes a file; ``plugtune validate`` is this module.
 """
 import copy
+import os
 from importlib.resources import files
 from pathlib import Path
 from typing import Literal
@@ -349,7 +350,8 @@ def _missing_files(tree):
                                 "relative to the recipe file, on the command line to the cwd")
     output = tree.get("output") if isinstance(tree.get("output"), dict) else {}
     name, parent = output.get("name"), output.get("dir", OutputSection().dir)
-    if isinstance(name, str) and isinstance(parent, str) and (Path(parent) / name).exists():
+    main = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 makes the directory
+    if main and isinstance(name, str) and isinstance(parent, str) and (Path(parent) / name).exists():
         problems.append(f"output.name: {Path(parent) / name} already exists; pick another name "
                         "(output.name=...) or delete it")
     return problems

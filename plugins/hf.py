@@ -86,6 +86,10 @@ def convert_gguf(gguf, target):
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").exists():  # else another process (torchrun) won the race
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
