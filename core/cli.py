@@ -177,6 +177,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("plugtune: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `plugtune plugins | head`: the reader has gone, nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":
