@@ -46,6 +46,24 @@ def test_full_fine_tuning_with_checkpointing_or_8bit_optimizer(make_recipe, plug
         assert run.model.is_gradient_checkpointing
 
 
+@pytest.mark.parametrize("plugins, sections, trains", [
+    (["freeze", "gradient_checkpointing"], {"freeze": {"last_n_blocks": 1}}, ".layers.1."),
+    (["freeze", "adamw_8bit"], {"freeze": {"last_n_blocks": 1}}, ".layers.1."),
+    (["lora", "gradient_checkpointing"], {}, ".lora_"),
+    (["lora", "adamw_8bit"], {}, ".lora_"),
+    (["int8", "lora", "adamw_8bit"], {}, ".lora_"),
+    (["nf4", "lora", "gradient_checkpointing", "adamw_8bit"], {}, ".lora_"),
+], ids=lambda v: "+".join(v) if isinstance(v, list) else None)
+def test_every_other_allowed_combination_learns_and_trains_only_its_part(make_recipe, plugins,
+                                                                          sections, trains):
+    lr = 5e-2 if "lora" in plugins else 3e-3
+    summary, run, changed = run_with_snapshot(make_recipe(
+        plugins=["causal_lm", *plugins], train={"max_steps": 8, "lr": lr},
+        causal_lm={"exact_match": False}, **sections))
+    assert summary["eval_after"]["eval_loss"] < summary["eval_before"]["eval_loss"] - 0.3
+    assert changed and all(trains in k for k in changed), changed
+
+
 @pytest.mark.parametrize("paged", [False, True])
 def test_adamw_8bit_keeps_8bit_state(make_recipe, paged):
     import bitsandbytes as bnb
