@@ -70,7 +70,8 @@ def child(args):
     start = time.perf_counter()
     summary = loop.train(run, echo=lambda *a: None)
     result = {"peak_mb": peak_mb(), "baseline_mb": baseline,
-              "weights_mb": run.model.get_memory_footprint() / 2**20, "training_peak_mb": high_water_mark_mb() if reset else None,
+              "weights_mb": run.model.get_memory_footprint() / 2**20,
+              "training_peak_mb": high_water_mark_mb() if reset else None,
               "trainable": summary["trainable"], "seconds": time.perf_counter() - start}
     if torch.cuda.is_available():
         result["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20

@@ -3,13 +3,12 @@ import argparse
 import os
 import sys
 
-from . import __version__, loop, manager, recipe as recipes
+from . import __version__, loop, manager, recipe as recipes, rundir
 from .errors import PlugtuneError
 
 
 def cmd_run(args):
-    # under accelerate launch / torchrun only the main process (RANK 0) speaks
-    echo = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)
+    echo = print if rundir.is_main_process() else (lambda *a, **k: None)
     recipe, pm = recipes.load_recipe(args.recipe, args.overrides)
     echo(f"recipe: {recipe.path} (plugins: {', '.join(recipe.plugins)})")
     from . import plan

@@ -188,14 +188,14 @@ def train(run, echo=print):
                 if not acc.sync_gradients:
                     continue
                 run.step += 1
-                loss_sum, tokens = sum(window), torch.tensor([tokens], device=acc.device)
+                loss_sum, count = sum(window), len(window)
                 if acc.num_processes > 1:  # every process's share, under accelerate launch
-                    loss_sum = acc.reduce(torch.tensor([loss_sum], device=acc.device)).item()
-                    tokens, window = acc.reduce(tokens), window * acc.num_processes
+                    loss_sum, tokens = acc.reduce(
+                        torch.tensor([loss_sum, tokens], device=acc.device)).tolist()
+                    count *= acc.num_processes
                 now = time.perf_counter()
-                metrics = {"step": run.step, "loss": loss_sum / len(window),
-                           "lr": scheduler.get_last_lr()[0],
-                           "tokens_per_s": tokens.item() / (now - tick),
+                metrics = {"step": run.step, "loss": loss_sum / count,
+                           "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / (now - tick),
                            "epoch": run.step / steps_per_epoch}
                 window, tokens, tick = [], 0, now
                 h.plugtune_step_end(run=run, step=run.step, metrics=metrics)

@@ -215,10 +215,10 @@ class Plan:
         plugins' helper). On a CPU the checkpoint file stays memory-mapped after loading, and
         the pages read to quantize these weights stay resident (clean pages the system may
         drop under pressure): counted as their own component."""
-        read = 0
+        read, itemsize = 0, getattr(torch, self.recipe.model.dtype).itemsize
         for p in params:
             p.storage, p.nbytes, p.keeps_input = storage, nbytes(p), keeps_input
-            read += p.numel * getattr(torch, self.recipe.model.dtype).itemsize
+            read += p.numel * itemsize
         if self.device == "cpu" and read:
             self.add("checkpoint pages read to quantize", read, "CPU only: the safetensors "
                      "file stays mapped; clean pages the system can drop")
@@ -346,10 +346,11 @@ class _FusedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v):
-        out = q.new_empty(*q.shape[:-1], v.shape[-1])
         if q.dim() == 4:  # the kernels write (batch, seq, heads, dim): transposing back is free
-            b, h, s, d = out.shape
-            out = q.new_empty(b, s, h, d).transpose(1, 2)
+            b, h, s, _ = q.shape
+            out = q.new_empty(b, s, h, v.shape[-1]).transpose(1, 2)
+        else:
+            out = q.new_empty(*q.shape[:-1], v.shape[-1])
         lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
         ctx.save_for_backward(q, k, v, out, lse)
         return out

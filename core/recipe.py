@@ -4,7 +4,6 @@ the core's schema and every active plugin's section, and report every problem at
 Nothing here loads a model or writes a file; ``plugtune validate`` is this module.
 """
 import copy
-import os
 from importlib.resources import files
 from pathlib import Path
 from typing import Literal
@@ -13,7 +12,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt,
                       ValidationError, field_validator)
 
-from . import manager
+from . import manager, rundir
 from .errors import PluginError, RecipeError
 
 
@@ -254,19 +253,22 @@ def _stand_in(schema, data):
     place), or None when a required key is missing: lets the plugins' combination checks run,
     and report, on a recipe whose other keys have problems already listed."""
     data = copy.deepcopy(data) if isinstance(data, dict) else {}
-    for _ in range(20):
+    while True:
         try:
             return schema.model_validate(data)
         except ValidationError as exc:
+            dropped = False
             for err in exc.errors():
-                *parents, last = err["loc"] or ("",)
-                node = data
-                for key in parents:
-                    node = node.get(key) if isinstance(node, dict) else None
-                if err["type"] == "missing" or not isinstance(node, dict) or last not in node:
+                if err["type"] == "missing":
                     return None
-                del node[last]
-    return None
+                node, loc = data, list(err["loc"])
+                while len(loc) > 1 and isinstance(node.get(loc[0]), dict):
+                    node = node[loc.pop(0)]
+                if loc and loc[0] in node:  # a union's errors name one key several times
+                    del node[loc[0]]
+                    dropped = True
+            if not dropped:
+                return None
 
 
 def load_recipe(arg, overrides=(), discovered=None, check_files=True):
@@ -328,10 +330,13 @@ def load_recipe(arg, overrides=(), discovered=None, check_files=True):
             results = []  # a check tripped over keys already reported; those come first
         # a section that had problems was checked with its invalid keys dropped: what the
         # checks say of that section again would mislead
-        faulty = {p.split(":")[0].split(".")[0] for p in problems} - {"plugins"}
+        def section_of(problem):
+            return problem.split(":")[0].split(".")[0]
+
+        faulty = {section_of(p) for p in problems} - {"plugins"}
         for result in results:
             problems += [p for p in result or [] if p not in problems
-                         and p.split(":")[0].split(".")[0] not in faulty]
+                         and section_of(p) not in faulty]
     if problems:
         raise RecipeError(problems, path)
     return recipe, pm
@@ -350,8 +355,7 @@ def _missing_files(tree):
                                 "relative to the recipe file, on the command line to the cwd")
     output = tree.get("output") if isinstance(tree.get("output"), dict) else {}
     name, parent = output.get("name"), output.get("dir", OutputSection().dir)
-    main = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 makes the directory
-    if main and isinstance(name, str) and isinstance(parent, str) and (Path(parent) / name).exists():
+    if rundir.is_main_process() and isinstance(name, str) and isinstance(parent, str) and (Path(parent) / name).exists():
         problems.append(f"output.name: {Path(parent) / name} already exists; pick another name "
                         "(output.name=...) or delete it")
     return problems

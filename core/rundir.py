@@ -35,6 +35,13 @@ def atomic_write(path, data):
         raise
 
 
+def is_main_process():
+    """Whether this process writes the run directory and speaks: always, except under
+    torchrun / accelerate launch, where only rank 0 does. Read from the environment, so that
+    it can be asked before the Accelerator (and its process group) exists."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def run_name(recipe):
     return recipe.output.name or f"{recipe.path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 

@@ -53,7 +53,7 @@ def plugtune_select_trainable(model, recipe):
         blocks = transformer_blocks(model)
         if not blocks:
             raise ValueError("freeze.last_n_blocks: this model has no list of transformer blocks")
-        for block in list(blocks)[len(blocks) - s.last_n_blocks:] if s.last_n_blocks else []:
+        for block in blocks[len(blocks) - s.last_n_blocks:] if s.last_n_blocks else []:
             for p in block.parameters():
                 p.requires_grad_(True)
     for name, p in named.items():
