@@ -3,6 +3,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 import pluggy
 
+from .loss import Loss
+
 try:
     __version__ = version("plugtune")
 except PackageNotFoundError:  # running from a source tree that was never installed
@@ -11,4 +13,4 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 #: Decorator for hook implementations: ``@hookimpl def plugtune_check_recipe(recipe): ...``
 hookimpl = pluggy.HookimplMarker("plugtune")
 
-__all__ = ["__version__", "hookimpl"]
+__all__ = ["__version__", "hookimpl", "Loss"]

@@ -1,10 +1,15 @@
-"""The ``plugtune`` command: run, validate, plan, plugins, recipes, export, generate, eval."""
+"""The ``plugtune`` command: run, resume, reproduce, validate, plan, plugins, recipes, export,
+generate, eval."""
 import argparse
 import os
 import sys
+import traceback
 
 from . import __version__, loop, manager, recipe as recipes, rundir
 from .errors import PlugtuneError
+
+#: Set to show the traceback behind an error (as ``-v`` does).
+TRACEBACK_ENV = "PLUGTUNE_TRACEBACK"
 
 
 def cmd_run(args):
@@ -15,13 +20,39 @@ def cmd_run(args):
 
     plan.preflight(recipe, pm, echo=echo)  # before anything is loaded
     run = loop.setup(recipe, pm, echo=echo)
-    summary = loop.train(run, echo=echo)
-    before, after = summary["eval_before"], summary["eval_after"]
-    echo(f"done: {summary['steps']} steps in {summary['seconds']:.0f}s; run directory {run.dir}")
+    report(loop.train(run, echo=echo), run, echo)
+    return 0
+
+
+def report(summary, run, echo):
+    """The lines a finished run ends with: where it is, and held-out before -> after."""
+    before, after = summary["eval_before"] or {}, summary["eval_after"] or {}
+    stopped = f" (stopped early: {summary['stopped_early']})" if summary["stopped_early"] else ""
+    echo(f"done: {summary['steps']} steps in {summary['seconds']:.0f}s{stopped}; run directory "
+         f"{run.dir}")
+    if summary["skipped_steps"]:
+        echo(f"  {summary['skipped_steps']} step(s) skipped for a non-finite loss or gradient")
     for key in after:
         if key != "step" and isinstance(after[key], (int, float)):
-            echo(f"  held-out {key}: {before.get(key, float('nan')):.4f} -> {after[key]:.4f}")
+            was = f"{before[key]:.4f} " if isinstance(before.get(key), (int, float)) else ""
+            echo(f"  held-out {key}: {was}-> {after[key]:.4f}")
+
+
+def cmd_resume(args):
+    from . import resume
+
+    echo = print if rundir.is_main_process() else (lambda *a, **k: None)
+    summary, run = resume.resume(args.run_dir, force=args.force, echo=echo)
+    report(summary, run, echo)
     return 0
+
+
+def cmd_reproduce(args):
+    from . import resume
+
+    identical, message, new = resume.reproduce(args.run_dir, steps=args.steps)
+    print(f"reproduce {args.run_dir} -> {new}: {message}")
+    return 0 if identical else 1
 
 
 def cmd_validate(args):
@@ -101,6 +132,8 @@ def cmd_plan(args):
 def parser():
     p = argparse.ArgumentParser(prog="plugtune", description=__doc__)
     p.add_argument("--version", action="version", version=f"plugtune {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help=f"show the traceback behind an error (or set {TRACEBACK_ENV}=1)")
     sub = p.add_subparsers(dest="command", required=True)
     for name, func, text in (("run", cmd_run, "fine-tune as a recipe says"),
                              ("validate", cmd_validate, "check a recipe; load no model")):
@@ -125,6 +158,22 @@ def parser():
                     "least quality cost that fit, and write that recipe")
     sp.add_argument("--out", help="where --fit writes the recipe (default RECIPE.fit.yaml)")
     sp.set_defaults(func=cmd_plan)
+    sp = sub.add_parser("resume", help="continue an interrupted run from its last checkpoint",
+                        description="Continue the run in RUN_DIR from its latest checkpoint "
+                        "with its own recipe.yaml, appending to its metrics.jsonl. Refuses when "
+                        "a data file or an active plugin changed since (--force goes on and "
+                        "records it in the manifest).")
+    sp.add_argument("run_dir", help="the run directory (runs/NAME)")
+    sp.add_argument("--force", action="store_true", help="resume despite changed data/plugins")
+    sp.set_defaults(func=cmd_resume)
+    sp = sub.add_parser("reproduce", help="run a run's recipe again and compare the loss",
+                        description="Run RUN_DIR's recorded recipe into a new run directory "
+                        "beside it, warn about any version or data difference, and compare the "
+                        "loss step by step: exit 0 when identical, 1 at the first step that "
+                        "differs.")
+    sp.add_argument("run_dir", help="the run directory (runs/NAME)")
+    sp.add_argument("--steps", type=int, metavar="K", help="compare only the first K steps")
+    sp.set_defaults(func=cmd_reproduce)
     sub.add_parser("plugins", help="list installed plugins").set_defaults(func=cmd_plugins)
     sub.add_parser("recipes", help="list shipped recipes").set_defaults(func=cmd_recipes)
     sp = sub.add_parser("export", help="write a run's model: its adapter, or merged",
@@ -171,6 +220,8 @@ def main(argv=None):
     try:
         return args.func(args)
     except PlugtuneError as exc:
+        if args.verbose or os.environ.get(TRACEBACK_ENV):
+            traceback.print_exception(exc)
         print(f"plugtune: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

@@ -164,10 +164,19 @@ def plugtune_build_scheduler(optimizer, recipe, total_steps):
 
 
 # ---------------------------------------------------------------------------------------------
-# Training phase: train_start, then per step compute_loss and step_end; evaluate (before the
-# first step, every ``train.eval_every`` steps and after the last), log, then save_model,
-# train_end and teardown.
+# Training phase: train_start, then per optimizer step compute_loss (once per micro-batch),
+# step_end and log; evaluate (before the first step, every ``train.eval_every`` steps and
+# after the last: compute_loss per batch, evaluate, log, eval_end); save_checkpoint every
+# ``train.save_every`` steps; then steps_done, the final evaluation, save_model, train_end and
+# teardown. ``plugtune resume`` calls load_checkpoint before train_start.
 # ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def plugtune_load_checkpoint(run, path):
+    """Restore this plugin's state from the checkpoint directory ``path`` (what
+    :func:`plugtune_save_checkpoint` wrote; absent files mean a checkpoint from before the
+    plugin was active). Called by ``plugtune resume`` before :func:`plugtune_train_start`."""
 
 
 @hookspec
@@ -177,8 +186,21 @@ def plugtune_train_start(run):
 
 @hookspec(firstresult=True)
 def plugtune_compute_loss(model, batch, recipe):
-    """Return the scalar loss of ``model`` on ``batch``. Stops at first non-None result (the
-    task plugin). Also used for the evaluation loss."""
+    """Return the loss of ``model`` on ``batch`` as a :class:`plugtune.Loss`: the *sum* of the
+    per-target losses and the *count* of targets summed (tokens with a label, labelled
+    sequences, or the summed class weights). Stops at first non-None result (the task plugin).
+    Also used for the evaluation loss.
+
+    The core divides, never the plugin: a training step minimises the sum over all its
+    micro-batches and processes divided by their total count, and the evaluation loss is the
+    split's total sum over its total count, so neither depends on how batches are split.
+    ``plugtune.loss.cross_entropy(logits, labels, weight=None, shift=False)`` returns one.
+    (Before plugtune 0.2 this hook returned a mean as a bare tensor; that still works, with a
+    warning, weighing every micro-batch the same.)
+
+    :param batch: the task's collated batch, on the model's device (``input_ids``,
+        ``attention_mask``, ``labels``, ...; see docs/hooks.md for each task's batch).
+    """
 
 
 @hookspec
@@ -186,7 +208,10 @@ def plugtune_step_end(run, step, metrics):
     """Called after every optimizer step.
 
     :param step: the number of optimizer steps taken so far (1-based).
-    :param metrics: ``loss``, ``lr``, ``tokens_per_s`` and ``epoch`` of this step.
+    :param metrics: what happened in this step: ``loss`` (the mean over its targets; None
+        when not finite), ``lr`` (the rate the step was taken at), ``grad_norm`` (before
+        clipping), ``tokens_per_s`` (this step's own time) and ``epoch``; ``skipped`` when a
+        non-finite loss or gradient kept the step from being applied.
     """
 
 
@@ -201,9 +226,31 @@ def plugtune_evaluate(run, model, step, eval_loss):
 
 
 @hookspec
+def plugtune_eval_end(run, step, metrics):
+    """Called after each evaluation, with every metric of it (``eval_loss`` and what
+    :func:`plugtune_evaluate` added): the place to act on a score (``early_stopping`` calls
+    ``run.stop(reason)`` here and keeps the best checkpoint)."""
+
+
+@hookspec
 def plugtune_log(run, record):
     """Record a logged entry: a train record every ``train.log_every`` steps (``step``,
     ``loss``, ``lr``, ``tokens_per_s``, ...) or an eval record (``step``, ``eval_loss``, ...)."""
+
+
+@hookspec
+def plugtune_save_checkpoint(run, path):
+    """Add this plugin's state to a checkpoint being written: write files into the directory
+    ``path`` (a temporary directory, renamed into place when complete). Called every
+    ``train.save_every`` steps, on an interrupt, and wherever ``run.save_checkpoint`` is
+    called; on the main process only."""
+
+
+@hookspec
+def plugtune_steps_done(run):
+    """Called once after the last optimizer step (or an early stop), before the final
+    evaluation and the save: the place to change the model that is evaluated and saved
+    (``early_stopping`` loads the best weights here)."""
 
 
 @hookspec(firstresult=True)

@@ -87,6 +87,7 @@ def make_manager(names, discovered):
     """A plugin manager with the hookspecs and the named plugins registered, checked: a hook
     or hook argument that ``plugtune.hookspecs`` does not define is an error naming the plugin."""
     pm = Manager(GROUP)
+    pm.infos = {name: discovered[name] for name in names}
     pm.add_hookspecs(hookspecs)
     for name in names:
         info = discovered[name]
@@ -120,6 +121,33 @@ def _invalid(info, problem):
     return PluginError(f"plugin {info.name!r} (distribution {info.dist} {info.version}): "
                        f"{problem}; hook names and arguments must match plugtune.hookspecs "
                        "(see docs/hooks.md)")
+
+
+class PluginFault(PluginError):
+    """A plugin's hook raised during a run; the message names the plugin, hook and step."""
+
+
+def blame(pm, exc, step):
+    """A :class:`PluginFault` naming the plugin whose hook implementation ``exc`` was raised
+    in (the innermost one on the traceback), or None when no hook implementation is on it.
+    Set ``PLUGTUNE_TRACEBACK=1`` (or pass ``-v``) to see the traceback too."""
+    impls = {}
+    for caller in pm.hook.__dict__.values():
+        for impl in getattr(caller, "get_hookimpls", lambda: [])():
+            code = getattr(impl.function, "__code__", None)
+            if code is not None:
+                impls[code] = (impl.plugin_name, caller.name)
+    found, tb = None, exc.__traceback__
+    while tb is not None:
+        found = impls.get(tb.tb_frame.f_code, found)
+        tb = tb.tb_next
+    if found is None:
+        return None
+    name, hook = found
+    info = getattr(pm, "infos", {}).get(name)
+    dist = f" (distribution {info.dist} {info.version})" if info else ""
+    return PluginFault(f"plugin {name}{dist} failed in {hook} at step {step}: "
+                       f"{type(exc).__name__}: {exc}")
 
 
 def hooks_of(pm, name):

@@ -48,6 +48,8 @@ class DataSection(Section):
 class TrainSection(Section):
     """The optimization loop."""
 
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
     seed: int = 0
     epochs: PositiveInt = 1
     max_steps: PositiveInt | None = Field(None, description="optimizer steps; overrides epochs")
@@ -59,10 +61,19 @@ class TrainSection(Section):
     schedule: Literal["constant", "linear", "cosine"] = "linear"
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: PositiveFloat | None = 1.0
-    eval_every: PositiveInt | None = Field(None, description="also evaluate every N steps")
+    eval_every: PositiveInt | Literal["end"] | None = Field(
+        "end", description="evaluate before training, every N steps and after the last; "
+        "end (the default): before and after only; null: never")
     log_every: PositiveInt = 1
     max_length: PositiveInt = Field(512, description="tokens; longer sequences are truncated")
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    save_every: PositiveInt | None = Field(None, description="write a checkpoint every N "
+                                           "optimizer steps (RUN/checkpoints/step-N)")
+    keep_checkpoints: PositiveInt | None = Field(2, description="newest checkpoints kept; "
+                                                 "null keeps all")
+    max_bad_steps: PositiveInt = Field(3, description="stop after this many optimizer steps "
+                                       "in a row with a non-finite loss or gradient (each is "
+                                       "skipped, never applied)")
 
 
 class OutputSection(Section):
@@ -109,6 +120,14 @@ class Recipe:
         out = self.core.model_dump(mode="json")
         out.update({k: s.model_dump(mode="json") for k, s in self.sections.items()})
         return out
+
+
+def float16_training_problem(what):
+    """The problem with training float16 weights (``what`` trains them), for plugins that
+    train base weights to report from ``plugtune_check_recipe``."""
+    return (f"model.dtype: float16 weights cannot train ({what}): AdamW's updates underflow in "
+            "float16 and write NaN; use model.dtype: bfloat16 or float32, with "
+            "train.mixed_precision: fp16 for float16 compute")
 
 
 def shipped_recipes():

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import PackageNotFoundError, entry_points, version
 from pathlib import Path
 
 import yaml
@@ -75,14 +75,27 @@ def manifest(recipe):
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "versions": {p: _version(p) for p in PACKAGES},
+        "versions": versions(),
         "seed": recipe.train.seed,
         "plugins": recipe.plugins,
+        "plugin_versions": plugin_versions(recipe),
+        "pid": os.getpid(),
+        "host": os.uname().nodename,
         "recipe_file": str(recipe.path),
         "git_revision": _git_revision(recipe.path.parent),
         "command": sys.argv,
         "data": {f: sha256(f) for f in files},
     }
+
+
+def versions():
+    return {p: _version(p) for p in PACKAGES}
+
+
+def plugin_versions(recipe):
+    """``{plugin: "distribution version"}`` of the recipe's active plugins."""
+    return {ep.name: f"{ep.dist.name} {ep.dist.version}" if ep.dist else "?"
+            for ep in entry_points(group="plugtune") if ep.name in recipe.plugins}
 
 
 def write_manifest(run_dir, data):

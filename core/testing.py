@@ -80,11 +80,12 @@ def run(recipe_path, overrides=(), extra_plugins=(), echo=lambda *a: None):
     return loop.train(run_, echo=echo), run_
 
 
-def load_recipe(recipe_path, overrides=(), extra_plugins=()):
+def load_recipe(recipe_path, overrides=(), extra_plugins=(), check_files=True):
     """``plugtune.recipe.load_recipe`` with ``extra_plugins`` (modules, classes or instances
     implementing hooks) installed and appended to the recipe's ``plugins:``, so they see the
     recipe phase too and, registered last, answer firstresult hooks before the recipe's
-    plugins. Returns ``(recipe, plugin_manager)``."""
+    plugins. ``check_files=False`` reloads a run's ``recipe.yaml`` (its directory exists).
+    Returns ``(recipe, plugin_manager)``."""
     found = with_plugins(extra_plugins)
     extra = [name for name, info in found.items() if info.dist == TESTING_DIST]
     if extra:
@@ -93,8 +94,7 @@ def load_recipe(recipe_path, overrides=(), extra_plugins=()):
         requested = tree.get("plugins") or []
         if isinstance(requested, list):
             overrides = [*overrides, "plugins=" + json.dumps(requested + extra)]
-    return recipes.load_recipe(recipe_path, overrides, found)
-
+    return recipes.load_recipe(recipe_path, overrides, found, check_files=check_files)
 
 
 def with_plugins(plugins, discovered=None):

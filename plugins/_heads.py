@@ -22,6 +22,7 @@ from pydantic import field_validator
 
 from plugtune import hookimpl
 from plugtune.errors import DataError, PluginError
+from plugtune.loss import cross_entropy
 from plugtune.recipe import Section
 from plugtune.rundir import atomic_write
 
@@ -149,13 +150,10 @@ def model_kwargs(section, section_name, tokenizer):
 
 
 def loss(model, batch, weight=None):
-    """Cross-entropy of the head's logits (``-100`` labels ignored), optionally class-weighted."""
+    """Cross-entropy of the head's logits (``-100`` labels ignored), optionally class-weighted:
+    a :class:`plugtune.Loss` whose count is the labelled items (or their summed weight)."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs).logits.float()
-    if weight is not None:
-        weight = weight.to(logits.device)
-    return torch.nn.functional.cross_entropy(logits.flatten(0, -2), batch["labels"].flatten(),
-                                             weight=weight, ignore_index=IGNORE)
+    return cross_entropy(model(**inputs).logits, batch["labels"], weight=weight)
 
 
 def predict(run, model):

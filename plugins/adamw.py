@@ -6,7 +6,7 @@ from plugtune import hookimpl
 
 PLUGTUNE_DEFAULT = True
 
-SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+import math
 
 
 def param_groups(params, weight_decay):
@@ -22,13 +22,31 @@ def plugtune_build_optimizer(params, recipe):
     return torch.optim.AdamW(param_groups(params, recipe.train.weight_decay), lr=recipe.train.lr)
 
 
+def multiplier(schedule, warmup, total):
+    """The learning-rate factor of optimizer step ``i`` (0-based), for ``LambdaLR``.
+
+    Written here, not taken from transformers' ``get_scheduler``: its warm-up runs the first
+    step at a learning rate of 0 (a step wasted, and with ``warmup_steps >= max_steps`` a run
+    that changes nothing). Here step ``i < warmup`` runs at ``(i + 1) / warmup`` of the rate, so
+    step ``warmup`` is the first at the full rate; then constant, linear or cosine decay over
+    the remaining steps, the last one still above 0."""
+    def factor(i):
+        if i < warmup:
+            return (i + 1) / warmup
+        progress = (i - warmup) / max(1, total - warmup)
+        if schedule == "linear":
+            return 1.0 - progress
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+    return factor
+
+
 @hookimpl(trylast=True)
 def plugtune_build_scheduler(optimizer, recipe, total_steps):
-    from transformers import get_scheduler
-
-    return get_scheduler(SCHEDULES[recipe.train.schedule], optimizer,
-                         num_warmup_steps=recipe.train.warmup_steps,
-                         num_training_steps=total_steps)
+    t = recipe.train
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, multiplier(t.schedule, t.warmup_steps, total_steps))
 
 
 @hookimpl(trylast=True)

@@ -11,6 +11,7 @@ from pydantic import Field
 from plugtune import hookimpl
 from plugtune.data import Tokenized
 from plugtune.errors import DataError
+from plugtune.loss import cross_entropy
 from plugtune.recipe import Section
 
 IGNORE = -100
@@ -62,9 +63,22 @@ def encode_messages(tokenizer, messages, where):
     return ids, labels
 
 
-def encode(record, tokenizer):
-    """``(input_ids, labels, prompt_ids or None, reference or None)`` for one record."""
-    data, eos = record.data, [tokenizer.eos_token_id]
+def special_prefix(tokenizer):
+    """The tokens a tokenizer puts before any text of its own accord (the BOS token of Llama
+    and Mistral tokenizers; nothing for GPT-2 style ones), found by tokenizing a probe with and
+    without special tokens, so ``text`` and ``prompt``/``completion`` records start as the
+    model saw text in pre-training, and as ``plugtune generate`` feeds a prompt."""
+    plain, full = _ids(tokenizer, "a"), tokenizer("a")["input_ids"]
+    for i in range(len(full) - len(plain) + 1):
+        if full[i:i + len(plain)] == plain:
+            return full[:i]
+    return []
+
+
+def encode(record, tokenizer, prefix=()):
+    """``(input_ids, labels, prompt_ids or None, reference or None)`` for one record;
+    ``prefix`` (see :func:`special_prefix`) starts text and prompt/completion records."""
+    data, eos, prefix = record.data, [tokenizer.eos_token_id], list(prefix)
     if "messages" in data:
         ids, labels = encode_messages(tokenizer, data["messages"], record.where)
         last = data["messages"][-1]
@@ -73,12 +87,12 @@ def encode(record, tokenizer):
         prompt = _ids(tokenizer, _render(tokenizer, data["messages"][:-1], True))
         return ids, labels, prompt, last["content"]
     if "prompt" in data and "completion" in data:
-        prompt = _ids(tokenizer, str(data["prompt"]))
+        prompt = prefix + _ids(tokenizer, str(data["prompt"]))
         answer = _ids(tokenizer, str(data["completion"])) + eos
         return prompt + answer, [IGNORE] * len(prompt) + answer, prompt, str(data["completion"])
     if "text" in data:
         ids = _ids(tokenizer, str(data["text"])) + eos
-        return ids, ids[:], None, None
+        return prefix + ids, [IGNORE] * len(prefix) + ids, None, None
     raise DataError(f"{record.where}: a causal_lm record needs \"text\", \"prompt\" and "
                     f"\"completion\", or \"messages\"; this one has {sorted(data)}")
 
@@ -101,8 +115,9 @@ def collator(pad_id):
 @hookimpl
 def plugtune_tokenize(records, tokenizer, recipe):
     max_len, truncated, examples = recipe.train.max_length, 0, []
+    prefix = special_prefix(tokenizer)
     for record in records:
-        ids, labels, prompt, reference = encode(record, tokenizer)
+        ids, labels, prompt, reference = encode(record, tokenizer, prefix)
         if len(ids) > max_len:
             truncated += 1
             ids, labels = ids[:max_len], labels[:max_len]
@@ -116,7 +131,9 @@ def plugtune_tokenize(records, tokenizer, recipe):
 
 @hookimpl
 def plugtune_compute_loss(model, batch):
-    return model(**batch).loss
+    """Next-token cross-entropy summed over the labelled tokens, and their count."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    return cross_entropy(model(**inputs).logits, batch["labels"], shift=True)
 
 
 def normalize(text):

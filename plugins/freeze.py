@@ -9,7 +9,7 @@ from pydantic import Field, field_validator
 
 from plugtune import hookimpl
 from plugtune.plan import transformer_blocks
-from plugtune.recipe import Section
+from plugtune.recipe import Section, float16_training_problem
 
 
 class FreezeSection(Section):
@@ -36,11 +36,13 @@ def plugtune_recipe_sections(register):
 
 @hookimpl
 def plugtune_check_recipe(recipe):
-    s = recipe["freeze"]
+    s, problems = recipe["freeze"], []
     if s.last_n_blocks is None and not s.patterns and not s.embeddings:
-        return ["freeze: says nothing to freeze; set freeze.last_n_blocks, freeze.patterns "
-                "or freeze.embeddings: true"]
-    return []
+        problems.append("freeze: says nothing to freeze; set freeze.last_n_blocks, "
+                        "freeze.patterns or freeze.embeddings: true")
+    if recipe.model.dtype == "float16":
+        problems.append(float16_training_problem("`freeze` trains the weights it leaves"))
+    return problems
 
 
 @hookimpl

@@ -1,13 +1,17 @@
 """Full fine-tuning: every parameter of the model trains."""
 from plugtune import hookimpl
+from plugtune.recipe import float16_training_problem
 
 
 @hookimpl
 def plugtune_check_recipe(recipe):
+    problems = []
     if "freeze" in recipe.plugins:
-        return ["plugins: `full` trains every parameter and `freeze` freezes some: use one; "
-                "for full fine-tuning drop freeze, to train a part drop full"]
-    return []
+        problems.append("plugins: `full` trains every parameter and `freeze` freezes some: use "
+                        "one; for full fine-tuning drop freeze, to train a part drop full")
+    if recipe.model.dtype == "float16":
+        problems.append(float16_training_problem("`full` trains every weight"))
+    return problems
 
 
 @hookimpl

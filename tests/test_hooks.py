@@ -6,13 +6,15 @@ per hookspec showing that an implementation of it changes the run in a way a use
 """
 import inspect
 import json
+import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from pydantic import BaseModel
 
-from plugtune import hookimpl, hookspecs, loop, testing
+from plugtune import hookimpl, hookspecs, loop, manager, testing
 from plugtune.data import Record, Splits
 from plugtune.errors import PluginError, RecipeError
 from plugtune.plugins import causal_lm
@@ -61,20 +63,44 @@ def trainable_line(lines):
 SETUP = ["recipe_sections", "check_recipe", "load_tokenizer", "read_data", "tokenize",
          "tokenize", "model_kwargs", "model_class", "load_model", "prepare_base", "prepare_model",
          "wrap_model", "select_trainable", "build_optimizer", "build_scheduler", "train_start"]
-EVAL = ["compute_loss", "evaluate", "log"]  # one validation batch
+EVAL = ["compute_loss", "evaluate", "log", "eval_end"]  # one validation batch
 STEP = ["compute_loss", "step_end", "log"]  # one micro-batch per step, logged every step
-END = ["save_model", "train_end", "teardown"]
+END = ["steps_done", *EVAL, "save_model", "train_end", "teardown"]
 #: Called by `plugtune plan` (and before `plugtune run` loads anything), not by a run itself.
 PLANNING = {"plugtune_model_config", "plugtune_estimate_memory"}
+#: Called by `plugtune resume` only (test_golden_hook_order_of_a_resumed_run).
+RESUME = {"plugtune_load_checkpoint"}
 
 
 def test_golden_hook_order(quick):
-    """Two steps, evaluating after each: no evaluation twice at the last step."""
+    """Two steps, evaluating and checkpointing after each: no evaluation twice at the last
+    step."""
     recorder = testing.HookRecorder()
-    testing.run(quick(train={"max_steps": 2, "eval_every": 1}), extra_plugins=[recorder])
-    expected = SETUP + EVAL + STEP + EVAL + STEP + EVAL + END
+    testing.run(quick(train={"max_steps": 2, "eval_every": 1, "save_every": 1}),
+                extra_plugins=[recorder])
+    expected = (SETUP + EVAL + STEP + EVAL + ["save_checkpoint"] + STEP + ["save_checkpoint"]
+                + END)
     assert recorder.calls == ["plugtune_" + name for name in expected]
-    assert set(recorder.calls) == set(testing.hook_names()) - PLANNING
+    assert set(recorder.calls) == set(testing.hook_names()) - PLANNING - RESUME
+
+
+def test_golden_hook_order_of_a_resumed_run(quick):
+    """A resumed run loads its checkpoint before train_start and evaluates no baseline."""
+    from plugtune import resume
+
+    summary, run = testing.run(quick(train={"max_steps": 2, "save_every": 1}))
+    (run.dir / "checkpoints" / "step-2").rename(run.dir / "checkpoints" / "step-1-later")
+    shutil.rmtree(run.dir / "model")
+    manifest = json.loads((run.dir / "manifest.json").read_text())
+    (run.dir / "manifest.json").write_text(json.dumps({**manifest, "status": "interrupted"}))
+    recorder = testing.HookRecorder()
+    recipe, pm = testing.load_recipe(run.dir / "recipe.yaml", extra_plugins=[recorder],
+                                     check_files=False)
+    resumed = loop.train(loop.setup(recipe, pm, echo=lambda *a: None), echo=lambda *a: None,
+                         resume=(run.dir, run.dir / "checkpoints" / "step-1"))
+    expected = SETUP[:-1] + ["load_checkpoint", "train_start"] + STEP + ["save_checkpoint"] + END
+    assert recorder.calls == ["plugtune_" + name for name in expected]
+    assert resumed["steps"] == 2
 
 
 @pytest.mark.parametrize("hook", testing.hook_names())
@@ -484,7 +510,7 @@ def test_train_end_receives_the_summary_after_saving(quick):
     written = json.loads((run.dir / "summary.json").read_text())
     assert written["steps"] == 1 and written["artifact"] == str(run.dir / "model")
     assert set(written) == {"steps", "seconds", "eval_before", "eval_after", "truncated",
-                            "trainable", "total", "artifact"}
+                            "trainable", "total", "artifact", "skipped_steps", "stopped_early"}
     assert written["eval_after"] == summary["eval_after"]
 
 
@@ -508,14 +534,111 @@ def test_teardown_runs_last_and_receives_the_error(quick, tmp_path):
     plugin = Teardown()
     testing.run(quick(), extra_plugins=[plugin])
     assert plugin.errors == [None]
-    with pytest.raises(RuntimeError, match="boom at step 1") as info:
+    with pytest.raises(manager.PluginFault) as info:
         testing.run(quick(train={"max_steps": 3}, output={"name": "failed"}),
                     extra_plugins=[Boom, plugin])
+    assert str(info.value) == ("plugin Boom (distribution plugtune.testing test) failed in "
+                               "plugtune_step_end at step 1: RuntimeError: boom at step 1")
+    assert isinstance(info.value.__cause__, RuntimeError)  # the traceback stays available
     assert plugin.errors == [None, info.value]
     failed = tmp_path / "runs" / "failed"
     manifest = json.loads((failed / "manifest.json").read_text())
-    assert manifest["status"] == "failed: RuntimeError: boom at step 1"
+    assert manifest["status"] == f"failed at step 1: PluginFault: {info.value}"
     assert not (failed / "model").exists()
+    # the step had been taken: a checkpoint of it lets `plugtune resume` go on
+    assert json.loads((failed / "checkpoints" / "step-1" / "state.json").read_text())["step"] == 1
+
+
+class StopAtLoss:
+    """Stops the run when the held-out loss falls below a bar, as a stranger's plugin would."""
+
+    def __init__(self, bar):
+        self.bar, self.seen = bar, []
+
+    @hookimpl
+    def plugtune_eval_end(self, run, step, metrics):
+        self.seen.append((step, metrics["eval_loss"]))
+        if metrics["eval_loss"] < self.bar:
+            run.stop(f"eval_loss {metrics['eval_loss']:.3f} below {self.bar}")
+
+
+@covers("plugtune_eval_end")
+def test_eval_end_sees_each_evaluation_and_can_stop_the_run(quick):
+    plugin = StopAtLoss(bar=5.5)
+    summary, run = testing.run(quick(train={"max_steps": 10, "eval_every": 1}),
+                               extra_plugins=[plugin])
+    assert [m["step"] for m in metrics(run) if "eval_loss" in m] == [s for s, _ in plugin.seen]
+    stop = next(s for s, loss in plugin.seen if s and loss < 5.5)
+    assert summary["steps"] == stop < 10  # stopped after that step, evaluated once more
+    assert plugin.seen[-1][0] == plugin.seen[-2][0] == stop
+    assert json.loads((run.dir / "manifest.json").read_text())["status"].startswith(
+        "stopped early: eval_loss")
+
+
+class Counter:
+    """Counts steps and keeps the count in checkpoints (as an EMA plugin keeps its weights)."""
+
+    def __init__(self):
+        self.count = 0
+
+    @hookimpl
+    def plugtune_step_end(self):
+        self.count += 1
+
+    @hookimpl
+    def plugtune_save_checkpoint(self, path):
+        (path / "counter.txt").write_text(str(self.count))
+
+    @hookimpl
+    def plugtune_load_checkpoint(self, path):
+        self.count = int((path / "counter.txt").read_text())
+
+
+@covers("plugtune_save_checkpoint")
+def test_save_checkpoint_adds_a_plugins_files(quick):
+    _, run = testing.run(quick(train={"max_steps": 3, "save_every": 1, "keep_checkpoints": 2}),
+                         extra_plugins=[Counter()])
+    kept = sorted((run.dir / "checkpoints").iterdir())
+    assert [p.name for p in kept] == ["step-2", "step-3"]
+    assert [(p / "counter.txt").read_text() for p in kept] == ["2", "3"]
+
+
+@covers("plugtune_load_checkpoint")
+def test_load_checkpoint_restores_a_plugins_state(quick):
+    from plugtune import resume
+
+    _, run = testing.run(quick(train={"max_steps": 3, "save_every": 1, "keep_checkpoints": None}),
+                         extra_plugins=[Counter()])
+    shutil.rmtree(run.dir / "checkpoints" / "step-3")
+    shutil.rmtree(run.dir / "model")
+    counter = Counter()
+    counter.count = 100
+    recipe, pm = testing.load_recipe(run.dir / "recipe.yaml", extra_plugins=[counter],
+                                     check_files=False)
+    loop.train(loop.setup(recipe, pm, echo=lambda *a: None), echo=lambda *a: None,
+               resume=(run.dir, run.dir / "checkpoints" / "step-2"))
+    assert counter.count == 3  # 2 from the checkpoint, then the one step left
+
+
+class Zeroed:
+    """Zeroes the weights after the last step: what is evaluated and saved is what it left."""
+
+    @hookimpl
+    def plugtune_steps_done(self, run):
+        with torch.no_grad():
+            for p in run.model.parameters():
+                p.zero_()
+
+
+@covers("plugtune_steps_done")
+def test_steps_done_changes_what_is_evaluated_and_saved(quick):
+    from safetensors.torch import load_file
+
+    summary, run = testing.run(quick(), extra_plugins=[Zeroed])
+    vocab = run.accelerator.unwrap_model(run.model).config.vocab_size
+    assert summary["eval_after"]["eval_loss"] == pytest.approx(math.log(vocab), rel=1e-5)
+    saved = load_file(Path(summary["artifact"]) / "model.safetensors")
+    assert all(not t.any() for t in saved.values())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,78 @@
+"""The loss contract: what ``plugtune_compute_loss`` returns, and the cross-entropy that most
+task plugins compute with it.
+
+A task plugin returns a :class:`Loss`: the *sum* of the per-target losses of a micro-batch and
+the number of targets they were summed over. The core, not the plugin, divides: an optimizer
+step minimises ``sum of every sum / sum of every count`` over all its micro-batches and all
+processes, so ``batch_size``, ``grad_accum`` and the number of processes change speed and
+memory, never the objective; an evaluation divides the whole split's sum by its whole count,
+so it does not move with ``eval_batch_size``. (HF Trainer reaches the same with
+``num_items_in_batch``, torchtune by scaling gradients by ``1 / tokens`` after backward; the
+core does the latter, see ``plugtune.loop``.)
+"""
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+IGNORE = -100
+
+
+@dataclass
+class Loss:
+    """A micro-batch's loss as a sum over its targets and their count.
+
+    :param sum: scalar tensor, the summed loss (it carries the graph for backward).
+    :param count: how many targets ``sum`` adds up: tokens with a label for a language model,
+        labelled sequences for a classifier, or the summed class weights of a weighted loss. An
+        int or a scalar tensor (a tensor avoids a host sync on a GPU).
+    """
+
+    sum: torch.Tensor
+    count: torch.Tensor | int
+
+    @property
+    def mean(self):
+        """The micro-batch's own mean loss (what a plain ``reduction="mean"`` gives)."""
+        return self.sum / self.count
+
+
+def cross_entropy(logits, labels, weight=None, shift=False):
+    """:class:`Loss` of ``logits`` against ``labels`` (``-100`` ignored), in float32.
+
+    :param weight: per-class weights; the count is then the summed weight of the labelled
+        targets, so the weighted mean is the one ``torch.nn.functional.cross_entropy`` gives.
+    :param shift: predict ``labels[..., 1:]`` from ``logits[..., :-1, :]`` (a causal LM's
+        next-token loss with unshifted labels, as transformers models take them).
+    """
+    if shift:
+        logits, labels = logits[..., :-1, :], labels[..., 1:]
+    logits, labels = logits.flatten(0, -2).float(), labels.flatten().to(logits.device)
+    if weight is not None:
+        weight = weight.to(logits.device, torch.float32)
+    total = torch.nn.functional.cross_entropy(logits, labels, weight=weight,
+                                              ignore_index=IGNORE, reduction="sum")
+    valid = labels != IGNORE
+    count = weight[labels[valid]].sum() if weight is not None else valid.sum()
+    return Loss(total, count)
+
+
+_warned = set()
+
+
+def as_loss(result):
+    """A :class:`Loss` from a compute-loss result. A bare scalar tensor is the contract before
+    plugtune 0.2: it is taken as the micro-batch's mean with weight 1 (every micro-batch then
+    counts the same, whatever its number of targets) and a warning says how to migrate."""
+    if isinstance(result, Loss):
+        return result
+    if isinstance(result, torch.Tensor) and result.ndim == 0:
+        if not _warned:
+            _warned.add(True)
+            warnings.warn("plugtune_compute_loss returned a bare tensor; return "
+                          "plugtune.Loss(sum, count) so the objective is exact over "
+                          "micro-batches and processes (docs/hooks.md, 'Migrating')",
+                          FutureWarning, stacklevel=2)
+        return Loss(result, 1)
+    raise TypeError("plugtune_compute_loss must return plugtune.Loss(sum, count), "
+                    f"got {type(result).__name__}")

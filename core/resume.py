@@ -1,0 +1,143 @@
+"""``plugtune resume`` and ``plugtune reproduce``: continue a run from its latest checkpoint,
+or run its recorded recipe again and compare the loss step by step."""
+import json
+import math
+import os
+from pathlib import Path
+
+from . import checkpoint, loop, recipe as recipes, rundir
+from .errors import PlugtuneError
+
+
+def read_manifest(run_dir):
+    run_dir = Path(run_dir)
+    if not (run_dir / "recipe.yaml").is_file() or not (run_dir / "manifest.json").is_file():
+        raise PlugtuneError(f"{run_dir}: not a run directory (no recipe.yaml and manifest.json);"
+                            " give the directory a run printed")
+    return json.loads((run_dir / "manifest.json").read_text())
+
+
+def differences(manifest, recipe):
+    """What changed since the run was recorded: data file hashes, active plugins (name,
+    distribution, version) and package versions; each a line. The first two decide whether a
+    resume may go on; versions are only worth a warning."""
+    data, plugins, versions = [], [], []
+    for path, digest in manifest.get("data", {}).items():
+        now = rundir.sha256(path) if Path(path).is_file() else "missing"
+        if now != digest:
+            data.append(f"data file {path} changed (sha256 {digest[:12]} -> {now[:12]})")
+    now = rundir.plugin_versions(recipe)
+    for name in sorted(set(now) | set(manifest.get("plugin_versions", {}))):
+        was = manifest.get("plugin_versions", {}).get(name)
+        if was != now.get(name):
+            plugins.append(f"plugin {name}: {was or 'not active'} -> {now.get(name) or 'gone'}")
+    current = rundir.versions()
+    for package, was in manifest.get("versions", {}).items():
+        if current.get(package) != was:
+            versions.append(f"{package} {was} -> {current.get(package)}")
+    return data + plugins, versions
+
+
+def _alive(manifest):
+    pid = manifest.get("pid")
+    if not pid or manifest.get("host") != os.uname().nodename or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def resume(run_dir, force=False, echo=print):
+    """Continue the run in ``run_dir`` from its latest checkpoint; return the summary."""
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    status = manifest.get("status", "")
+    if status == "completed" or status.startswith("stopped early"):
+        raise PlugtuneError(f"{run_dir}: the run has finished ({status}); nothing to resume")
+    if status == "running" and _alive(manifest):
+        raise PlugtuneError(f"{run_dir}: process {manifest['pid']} is still running this run; "
+                            "stop it first (Ctrl-C writes a checkpoint)")
+    ckpt = checkpoint.latest(run_dir)
+    if ckpt is None:
+        raise PlugtuneError(f"{run_dir}: no checkpoint to resume from (it stopped before its "
+                            "first; set train.save_every to write them); start it again with "
+                            "plugtune run")
+    recipe, pm = recipes.load_recipe(run_dir / "recipe.yaml", check_files=False)
+    changed, versions = differences(manifest, recipe)
+    for line in versions:
+        echo(f"warning: {line}")
+    if changed and not force:
+        raise PlugtuneError(f"{run_dir}: cannot resume exactly: " + "; ".join(changed) +
+                            "; pass --force to resume anyway (recorded in the manifest)")
+    step = json.loads((ckpt / "state.json").read_text())["step"]
+    if rundir.is_main_process():
+        truncate_metrics(run_dir, step, json.loads((ckpt / "state.json").read_text()))
+        resumed = manifest.get("resumed", []) + [{"from_step": step, "forced": changed}]
+        rundir.update_manifest(run_dir, status="running", resumed=resumed, pid=os.getpid(),
+                               host=os.uname().nodename)
+    run = loop.setup(recipe, pm, echo=echo)
+    return loop.train(run, echo=echo, resume=(run_dir, ckpt)), run
+
+
+def truncate_metrics(run_dir, step, state):
+    """Drop what ``metrics.jsonl`` recorded after the checkpoint's step (the steps the resumed
+    run takes again), and the checkpoint's own evaluation when it has not run yet."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill
+            continue
+        is_eval = "eval_loss" in record
+        if record["step"] < step or (record["step"] == step and (
+                not is_eval or state.get("evaluated", True))):
+            keep.append(line + "\n")
+    rundir.atomic_write(path, "".join(keep))
+
+
+def losses(run_dir):
+    """``{step: loss}`` of the train records of a run's ``metrics.jsonl``."""
+    path = Path(run_dir) / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()] \
+        if path.is_file() else []
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def reproduce(run_dir, steps=None, echo=print):
+    """Run ``run_dir``'s recorded recipe again into a new run directory beside it and compare
+    the loss at every step. Returns ``(identical, message, new_run_dir)``."""
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    recorded = losses(run_dir)
+    if not recorded:
+        raise PlugtuneError(f"{run_dir}: metrics.jsonl records no step to compare with")
+    name, n = f"{run_dir.name}-reproduce", 1
+    while (run_dir.parent / name).exists():
+        n += 1
+        name = f"{run_dir.name}-reproduce-{n}"
+    recipe, pm = recipes.load_recipe(run_dir / "recipe.yaml",
+                                     [f"output.dir={json.dumps(str(run_dir.parent))}",
+                                      f"output.name={name}"])
+    changed, versions = differences(manifest, recipe)
+    for line in changed + versions:
+        echo(f"warning: {line}")
+    run = loop.setup(recipe, pm, echo=echo)
+    loop.train(run, echo=echo, stop_after=steps)
+    now = losses(run.dir)
+    compared = sorted(set(recorded) & set(now))
+    if steps is not None:
+        compared = [s for s in compared if s <= steps]
+    for s in compared:
+        a, b = recorded[s], now[s]
+        if a != b and not (a is None and b is None):
+            delta = abs(a - b) if a is not None and b is not None else math.inf
+            return False, (f"differs from step {s}: recorded loss {a}, now {b} "
+                           f"(|difference| {delta:.3g})"), run.dir
+    return True, f"identical: the loss of all {len(compared)} steps compared", run.dir
