@@ -136,6 +136,14 @@ def checkpoints(run_dir):
     return [p for _, p in sorted(found)]
 
 
+def clean(run_dir):
+    """Remove what a killed run left half-done: temporary and half-deleted checkpoints."""
+    parent = directory(run_dir)
+    for p in parent.iterdir() if parent.is_dir() else []:
+        if p.name.startswith(".") and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def latest(run_dir):
     found = checkpoints(run_dir)
     return found[-1] if found else None

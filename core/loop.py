@@ -408,7 +408,7 @@ def train(run, echo=print, resume=None, stop_after=None):
                 if not run.state["evaluated"]:
                     evaluate(run, run.step)
                     run.state["evaluated"] = True
-                if _due(t.save_every, run):
+                if _due(t.save_every, run) and applied:  # none in a run of bad steps
                     _checkpoint(run, t)
                 if stop_after is not None and run.step >= stop_after:
                     run.stop(f"stopped after {stop_after} steps as asked")

@@ -61,6 +61,7 @@ def resume(run_dir, force=False, echo=print):
     if status == "running" and _alive(manifest):
         raise PlugtuneError(f"{run_dir}: process {manifest['pid']} is still running this run; "
                             "stop it first (Ctrl-C writes a checkpoint)")
+    checkpoint.clean(run_dir)
     ckpt = checkpoint.latest(run_dir)
     if ckpt is None:
         raise PlugtuneError(f"{run_dir}: no checkpoint to resume from (it stopped before its "

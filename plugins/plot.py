@@ -19,7 +19,7 @@ class Plot:
 
     @hookimpl
     def plugtune_log(self, record):
-        if "loss" in record:
+        if record.get("loss") is not None:  # a skipped step's loss is not finite
             self.train.append((record["step"], record["loss"]))
         if "eval_loss" in record:
             self.eval.append((record["step"], record["eval_loss"]))

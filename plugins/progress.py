@@ -19,7 +19,9 @@ class Progress:
 
     @hookimpl
     def plugtune_step_end(self, metrics):
-        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+        loss = metrics["loss"]
+        self.bar.set_postfix(loss="skipped" if loss is None else f"{loss:.4f}",
+                             lr=f"{metrics['lr']:.2e}",
                              tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
         self.bar.update(1)
 
