@@ -57,9 +57,6 @@ def cross_entropy(logits, labels, weight=None, shift=False):
     return Loss(total, count)
 
 
-_warned = set()
-
-
 def as_loss(result):
     """A :class:`Loss` from a compute-loss result. A bare scalar tensor is the contract before
     plugtune 0.2: it is taken as the micro-batch's mean with weight 1 (every micro-batch then
@@ -67,12 +64,10 @@ def as_loss(result):
     if isinstance(result, Loss):
         return result
     if isinstance(result, torch.Tensor) and result.ndim == 0:
-        if not _warned:
-            _warned.add(True)
-            warnings.warn("plugtune_compute_loss returned a bare tensor; return "
-                          "plugtune.Loss(sum, count) so the objective is exact over "
-                          "micro-batches and processes (docs/hooks.md, 'Migrating')",
-                          FutureWarning, stacklevel=2)
+        warnings.warn("plugtune_compute_loss returned a bare tensor; return "
+                      "plugtune.Loss(sum, count) so the objective is exact over "
+                      "micro-batches and processes (docs/hooks.md, 'Migrating')",
+                      FutureWarning, stacklevel=2)
         return Loss(result, 1)
     raise TypeError("plugtune_compute_loss must return plugtune.Loss(sum, count), "
                     f"got {type(result).__name__}")

@@ -14,7 +14,7 @@ import pytest
 import torch
 from pydantic import BaseModel
 
-from plugtune import hookimpl, hookspecs, loop, manager, testing
+from plugtune import Loss, hookimpl, hookspecs, loop, manager, testing
 from plugtune.data import Record, Splits
 from plugtune.errors import PluginError, RecipeError
 from plugtune.plugins import causal_lm
@@ -412,6 +412,17 @@ def test_train_start_sees_the_run_directory(quick):
 
 
 class PlusHundred:
+    """Every target's loss plus 100, as a sum and a count (the hook's contract)."""
+
+    @hookimpl
+    def plugtune_compute_loss(self, model, batch):
+        loss = causal_lm.plugtune_compute_loss(model=model, batch=batch)
+        return Loss(loss.sum + 100.0 * loss.count, loss.count)
+
+
+class LegacyMean:
+    """A plugin written for plugtune 0.1: the micro-batch's mean as a bare tensor."""
+
     @hookimpl
     def plugtune_compute_loss(self, model, batch):
         return model(**batch).loss + 100.0
@@ -423,6 +434,10 @@ def test_compute_loss_is_the_trained_and_evaluated_loss(quick):
     logged = metrics(run)
     assert all(m.get("loss", 101) > 100 and m.get("eval_loss", 101) > 100 for m in logged)
     assert summary["eval_before"]["eval_loss"] > 100
+    # a bare tensor (the 0.1 contract) still trains, with a warning saying how to migrate
+    with pytest.warns(FutureWarning, match=r"return plugtune.Loss\(sum, count\)"):
+        summary, run = testing.run(quick(output={"name": "legacy"}), extra_plugins=[LegacyMean])
+    assert all(m.get("loss", 101) > 100 for m in metrics(run))
 
 
 class StepLog:
