@@ -26,6 +26,13 @@ class DataError(PlugtuneError):
     exit_code = 2
 
 
+class InputError(PlugtuneError):
+    """A bad input found outside the recipe's schema — a model source that cannot be loaded, a
+    run directory that cannot be made — in one line naming the key or path (exit status 2)."""
+
+    exit_code = 2
+
+
 class PluginError(PlugtuneError):
     """A plugin failed to import or broke the hook contract; the message names it."""
 

@@ -14,12 +14,17 @@ from plugtune.errors import DataError
 from plugtune.recipe import Section
 
 IGNORE = -100
+#: The roles chat templates render (Llama 3, Qwen 2.5, Mistral, SmolLM2, ChatML).
+ROLES = ("system", "user", "assistant", "tool")
 
 
 class CausalLMSection(Section):
     exact_match: bool = Field(True, description="generate answers for held-out references")
     max_new_tokens: int = Field(32, gt=0, description="longest generated answer")
     generate_limit: int = Field(100, gt=0, description="held-out records to generate for")
+    roles: list[str] = Field(list(ROLES), min_length=1, description="the roles a messages "
+                             "record may use (those the model's chat template knows); "
+                             "assistant turns are learnt")
 
 
 @hookimpl
@@ -36,15 +41,38 @@ def _render(tokenizer, messages, generation_prompt=False):
                                          add_generation_prompt=generation_prompt)
 
 
-def encode_messages(tokenizer, messages, where):
+def check_messages(messages, where, roles=ROLES):
+    """A DataError unless ``messages`` is a conversation to learn from: role/content objects,
+    string contents, known roles, at least one assistant turn."""
+    if not (isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
+        raise DataError(f"{where}: messages must be a list of {{\"role\", \"content\"}} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m["content"], str):
+            raise DataError(f"{where}: messages[{i}] content must be a string, got "
+                            f"{type(m['content']).__name__} {m['content']!r:.40}")
+        if m["role"] not in roles:
+            raise DataError(f"{where}: messages[{i}] has unknown role {m['role']!r}; roles are "
+                            f"{', '.join(roles)} (set causal_lm.roles for a template with others)")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: this conversation has no assistant turn, so there is nothing "
+                        "to learn; add the assistant's answer (role \"assistant\")")
+
+
+def check_strings(data, where):
+    """A DataError unless the text fields of a record are strings (not null, numbers, lists)."""
+    for key in ("text", "prompt", "completion"):
+        if key in data and not isinstance(data[key], str):
+            raise DataError(f"{where}: \"{key}\" must be a string, got {data[key]!r:.40}")
+
+
+def encode_messages(tokenizer, messages, where, roles=ROLES):
     """Token ids and labels of a conversation: only assistant turns are learnt.
 
     Each assistant turn is located by rendering the conversation up to it: the tokens between
     "up to the turn, with the generation prompt" and "up to and including the turn" are its
     answer (and the template's end-of-turn tokens, so the model learns to stop)."""
-    if not (isinstance(messages, list) and messages and all(
-            isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
-        raise DataError(f"{where}: messages must be a list of {{\"role\", \"content\"}} objects")
+    check_messages(messages, where, roles)
     if tokenizer.chat_template is None:
         raise DataError(f"{where}: messages need a tokenizer with a chat template; this one has "
                         "none (use prompt/completion records instead)")
@@ -62,11 +90,12 @@ def encode_messages(tokenizer, messages, where):
     return ids, labels
 
 
-def encode(record, tokenizer):
+def encode(record, tokenizer, roles=ROLES):
     """``(input_ids, labels, prompt_ids or None, reference or None)`` for one record."""
     data, eos = record.data, [tokenizer.eos_token_id]
+    check_strings(data, record.where)
     if "messages" in data:
-        ids, labels = encode_messages(tokenizer, data["messages"], record.where)
+        ids, labels = encode_messages(tokenizer, data["messages"], record.where, roles)
         last = data["messages"][-1]
         if last["role"] != "assistant":
             return ids, labels, None, None
@@ -102,7 +131,7 @@ def collator(pad_id):
 def plugtune_tokenize(records, tokenizer, recipe):
     max_len, truncated, examples = recipe.train.max_length, 0, []
     for record in records:
-        ids, labels, prompt, reference = encode(record, tokenizer)
+        ids, labels, prompt, reference = encode(record, tokenizer, recipe["causal_lm"].roles)
         if len(ids) > max_len:
             truncated += 1
             ids, labels = ids[:max_len], labels[:max_len]
