@@ -439,7 +439,7 @@ def _missing_files(tree):
     data = tree.get("data") if isinstance(tree.get("data"), dict) else {}
     for key in DATA_PATH_KEYS:
         files = data.get(key) or []
-        for file in [files] if isinstance(files, str) else files:
+        for file in [files] if isinstance(files, str) else files if isinstance(files, list) else []:
             if isinstance(file, str) and not is_file(file):
                 problems.append(f"data.{key}: file not found: {file}; paths in a recipe are "
                                 "relative to the recipe file, on the command line to the cwd")

@@ -4,6 +4,7 @@ rendered with the tokenizer's chat template. Where a held-out record has a refer
 (the completion, or the last assistant turn) evaluation also reports the exact match of the
 model's greedy answer, and always the perplexity (``exp(eval_loss)``)."""
 import math
+from pathlib import Path
 
 import torch
 from pydantic import Field
@@ -30,6 +31,33 @@ class CausalLMSection(Section):
 @hookimpl
 def plugtune_recipe_sections(register):
     register("causal_lm", CausalLMSection)
+
+
+@hookimpl
+def plugtune_check_recipe(recipe):
+    """What ``validate`` can tell of the records without a tokenizer: text fields are strings,
+    conversations use known roles, string contents and have an assistant turn. (Files the
+    ``data`` plugin cannot read are its to report.)"""
+    from plugtune.plugins.data import READERS, read_file
+    from plugtune.recipe import is_file
+
+    roles, problems = recipe["causal_lm"].roles, []
+    for key in ("train", "validation"):
+        for f in getattr(recipe.data, key) or []:
+            if Path(f).suffix.lower() not in READERS or not is_file(f):
+                continue
+            try:
+                records = read_file(f)
+            except DataError:
+                continue
+            try:
+                for record in records:
+                    check_strings(record.data, record.where)
+                    if "messages" in record.data:
+                        check_messages(record.data["messages"], record.where, roles)
+            except DataError as exc:  # the first bad record of each file
+                problems.append(f"data.{key}: {exc}")
+    return problems
 
 
 def _ids(tokenizer, text):
