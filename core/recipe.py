@@ -314,7 +314,8 @@ def _validate(schema, data, prefix):
             loc = prefix + ".".join(str(p) for p in err["loc"])
             got = f" (got {err['input']!r})" if err["type"] != "missing" else ""
             hint = "; add it to the recipe" if err["type"] == "missing" else ""
-            problems.append(f"{loc}: {err['msg']}{got}{hint}")
+            msg = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{loc}: {msg}{got}{hint}")
         return None, problems
 
 
@@ -421,7 +422,7 @@ def load_recipe(arg, overrides=(), discovered=None, check_files=True, trust_remo
 REMOTE_CODE_REFUSED = (
     "model.trust_remote_code: true would run Python code that comes with the model; plugtune "
     "runs it only when the command line says so: add --trust-remote-code to the command (after "
-    "reading the model's code), or drop the key")
+    "reading the model's code), or drop the key from the recipe")
 
 
 def is_file(path):

@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -133,7 +134,9 @@ def loading(key, name):
     misspelt, custom code, a refused pickle, a damaged file — into one :class:`InputError`
     line naming ``key`` and ``name``."""
     try:
-        yield
+        with warnings.catch_warnings():  # torch's note on the pickle protocol of a refused file
+            warnings.filterwarnings("ignore", "Detected pickle protocol")
+            yield
     except pickle.UnpicklingError as exc:
         raise InputError(_refused_pickle(key, name, exc)) from exc
     except (OSError, ValueError) as exc:

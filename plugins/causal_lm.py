@@ -3,6 +3,7 @@
 rendered with the tokenizer's chat template. Where a held-out record has a reference answer
 (the completion, or the last assistant turn) evaluation also reports the exact match of the
 model's greedy answer, and always the perplexity (``exp(eval_loss)``)."""
+import json
 import math
 from pathlib import Path
 
@@ -78,7 +79,7 @@ def check_messages(messages, where, roles=ROLES):
     for i, m in enumerate(messages):
         if not isinstance(m["content"], str):
             raise DataError(f"{where}: messages[{i}] content must be a string, got "
-                            f"{type(m['content']).__name__} {m['content']!r:.40}")
+                            f"{_json_kind(m['content'])}")
         if m["role"] not in roles:
             raise DataError(f"{where}: messages[{i}] has unknown role {m['role']!r}; roles are "
                             f"{', '.join(roles)} (set causal_lm.roles for a template with others)")
@@ -91,7 +92,16 @@ def check_strings(data, where):
     """A DataError unless the text fields of a record are strings (not null, numbers, lists)."""
     for key in ("text", "prompt", "completion"):
         if key in data and not isinstance(data[key], str):
-            raise DataError(f"{where}: \"{key}\" must be a string, got {data[key]!r:.40}")
+            raise DataError(f"{where}: \"{key}\" must be a string, got {_json_kind(data[key])}")
+
+
+def _json_kind(value):
+    """A value as JSON names it: null, true, a number 3, a list [...], an object {...}."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    kind = {int: "a number", float: "a number", list: "a list", dict: "an object"}.get(
+        type(value), type(value).__name__)
+    return f"{kind} {json.dumps(value, ensure_ascii=False, default=str)[:40]}"
 
 
 def encode_messages(tokenizer, messages, where, roles=ROLES):

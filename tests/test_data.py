@@ -94,7 +94,7 @@ def test_bad_data_stops_the_run_naming_file_and_line(case, make_recipe, tmp_path
         assert cli.main([command, str(recipe)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("plugtune: error: ")
-        assert f"  - data.train: {tmp_path}/{expected}" in err
+        assert f"data.train: {tmp_path}/{expected}" in err
     assert not (tmp_path / "runs").exists()
 
 
