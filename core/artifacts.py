@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import loop, recipe as recipes, sources
-from .errors import PlugtuneError
+from .errors import InputError, PlugtuneError
 
 ARTIFACT_DIRS = ("adapter", "model")
 
@@ -133,10 +133,14 @@ def export(run_dir, out, merge=False, trust_remote_code=False):
     """Write the run's model to the new directory ``out``, atomically: the adapter or model as
     saved, or with ``merge`` a merged ``save_pretrained`` model. Returns the loading notes."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise PlugtuneError(f"{out} exists and is not empty; give a new directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise PlugtuneError(f"{out} exists and is not an empty directory; give a new directory")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    except OSError as exc:
+        raise InputError(f"{out}: cannot create it ({exc.strerror}); give a new directory in "
+                         "a writable folder") from exc
     try:
         if merge:
             artifact = load(run_dir, merge=True, trust_remote_code=trust_remote_code)

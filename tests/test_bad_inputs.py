@@ -236,6 +236,10 @@ def test_the_flag_is_recorded_in_the_manifest(make_recipe, capsys, tmp_path):
     code, out, err = plugtune_cli(capsys, "generate", tmp_path / "runs" / "run", "hi",
                                   "--max-new-tokens", "2", "--trust-remote-code")
     assert code == 0, err
+    (tmp_path / "afile").write_text("x")
+    code, _, err = plugtune_cli(capsys, "export", tmp_path / "runs" / "run",
+                                tmp_path / "afile" / "out", "--trust-remote-code")
+    assert_refused(code, err, f"{tmp_path / 'afile' / 'out'}: cannot create it")
 
 
 def test_malicious_pickle_is_refused_in_one_line(make_recipe, capsys, tmp_path, tiny_llama):
