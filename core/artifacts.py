@@ -13,8 +13,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import loop, recipe as recipes
-from .errors import PlugtuneError
+from . import loop, recipe as recipes, sources
+from .errors import InputError, PlugtuneError
 
 ARTIFACT_DIRS = ("adapter", "model")
 
@@ -45,31 +45,36 @@ def find(run_dir):
                         "or ran with output.save_model: false")
 
 
-def run_recipe(run_dir):
-    """``(recipe, plugin_manager)`` of a finished run, from its ``recipe.yaml``."""
-    return recipes.load_recipe(Path(run_dir) / "recipe.yaml", check_files=False)
+def run_recipe(run_dir, trust_remote_code=False):
+    """``(recipe, plugin_manager)`` of a finished run, from its ``recipe.yaml`` (one that says
+    ``trust_remote_code: true`` loads only with ``trust_remote_code``, the command's flag)."""
+    return recipes.load_recipe(Path(run_dir) / "recipe.yaml", check_files=False,
+                               trust_remote_code=trust_remote_code)
 
 
-def load(run_dir, merge=False):
+def load(run_dir, merge=False, trust_remote_code=False):
     """Load the fine-tuned model of ``run_dir``.
 
     :param merge: fold an adapter into its base, giving a plain transformers model. A base
         trained quantized (int8/nf4) is de-quantized first: the adapter is merged into a float
         copy of the quantized weights it was trained on (the original full-precision weights
         are not used), so the merged model reproduces the trained one.
+    :param trust_remote_code: the command line's ``--trust-remote-code``.
     """
     import torch
     from transformers import AutoTokenizer
 
     path = find(run_dir)
-    recipe, pm = run_recipe(run_dir)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    recipe, pm = run_recipe(run_dir, trust_remote_code)
+    with sources.loading("run directory", path):
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     dtype = getattr(torch, recipe.model.dtype)
     notes = []
     if not (path / "adapter_config.json").is_file():
-        model = _load_model(path, dtype)
+        with sources.loading("run directory", path):
+            model = _load_model(path, dtype, trust_remote_code)
         if merge:
             notes.append("the run saved a whole model: nothing to merge")
         return Artifact(_place(model, merge), tokenizer, "model", path, recipe, notes)
@@ -85,7 +90,8 @@ def load(run_dir, merge=False):
         base = base.dequantize()
     with warnings.catch_warnings():  # peft 0.21 asks transformers 5 a deprecated question
         warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
-        model = PeftModel.from_pretrained(base, path)
+        with sources.loading("run directory", path):
+            model = PeftModel.from_pretrained(base, path)
     if merge:
         model = model.merge_and_unload().to(dtype)
     elif getattr(base, "is_quantized", False):
@@ -113,31 +119,36 @@ def _describe(quantization_config):
     return "8-bit" if getattr(q, "load_in_8bit", False) else type(q).__name__
 
 
-def _load_model(path, dtype):
+def _load_model(path, dtype, trust_remote_code=False):
     """A ``save_pretrained`` model, as the class it was saved as (causal LM, classifier, ...)."""
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(path)
+    config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     arch = (config.architectures or ["AutoModelForCausalLM"])[0]
     cls = getattr(transformers, arch, transformers.AutoModelForCausalLM)
-    return cls.from_pretrained(path, dtype=dtype)
+    return cls.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
-def export(run_dir, out, merge=False):
+def export(run_dir, out, merge=False, trust_remote_code=False):
     """Write the run's model to the new directory ``out``, atomically: the adapter or model as
     saved, or with ``merge`` a merged ``save_pretrained`` model. Returns the loading notes."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise PlugtuneError(f"{out} exists and is not empty; give a new directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise PlugtuneError(f"{out} exists and is not an empty directory; give a new directory")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    except OSError as exc:
+        raise InputError(f"{out}: cannot create it ({exc.strerror}); give a new directory in "
+                         "a writable folder") from exc
     try:
         if merge:
-            artifact = load(run_dir, merge=True)
+            artifact = load(run_dir, merge=True, trust_remote_code=trust_remote_code)
             artifact.model.save_pretrained(tmp)
             artifact.tokenizer.save_pretrained(tmp)
             notes = artifact.notes
         else:
+            run_recipe(run_dir, trust_remote_code)  # refuses a run that needs the flag
             shutil.copytree(find(run_dir), tmp, dirs_exist_ok=True)
             notes = []
         if out.exists():

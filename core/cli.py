@@ -2,11 +2,13 @@
 generate, eval."""
 import argparse
 import os
+import signal
 import sys
 import traceback
 
 from . import __version__, loop, manager, recipe as recipes, rundir
 from .errors import PlugtuneError
+from .signals import Terminated, terminate_raises
 
 #: Set to show the traceback behind an error (as ``-v`` does).
 TRACEBACK_ENV = "PLUGTUNE_TRACEBACK"
@@ -14,7 +16,8 @@ TRACEBACK_ENV = "PLUGTUNE_TRACEBACK"
 
 def cmd_run(args):
     echo = print if rundir.is_main_process() else (lambda *a, **k: None)
-    recipe, pm = recipes.load_recipe(args.recipe, args.overrides)
+    recipe, pm = recipes.load_recipe(args.recipe, args.overrides,
+                                     trust_remote_code=args.trust_remote_code)
     echo(f"recipe: {recipe.path} (plugins: {', '.join(recipe.plugins)})")
     from . import plan
 
@@ -42,7 +45,8 @@ def cmd_resume(args):
     from . import resume
 
     echo = print if rundir.is_main_process() else (lambda *a, **k: None)
-    summary, run = resume.resume(args.run_dir, force=args.force, echo=echo)
+    summary, run = resume.resume(args.run_dir, force=args.force, echo=echo,
+                                 trust_remote_code=args.trust_remote_code)
     report(summary, run, echo)
     return 0
 
@@ -50,13 +54,15 @@ def cmd_resume(args):
 def cmd_reproduce(args):
     from . import resume
 
-    identical, message, new = resume.reproduce(args.run_dir, steps=args.steps)
+    identical, message, new = resume.reproduce(args.run_dir, steps=args.steps,
+                                               trust_remote_code=args.trust_remote_code)
     print(f"reproduce {args.run_dir} -> {new}: {message}")
     return 0 if identical else 1
 
 
 def cmd_validate(args):
-    recipe, _ = recipes.load_recipe(args.recipe, args.overrides)
+    recipe, _ = recipes.load_recipe(args.recipe, args.overrides,
+                                    trust_remote_code=args.trust_remote_code)
     print(f"{recipe.path}: ok (plugins: {', '.join(recipe.plugins)})")
     return 0
 
@@ -86,7 +92,8 @@ def cmd_recipes(args):
 def cmd_export(args):
     from . import artifacts
 
-    notes = artifacts.export(args.run_dir, args.out, merge=args.merge)
+    notes = artifacts.export(args.run_dir, args.out, merge=args.merge,
+                             trust_remote_code=args.trust_remote_code)
     for note in notes:
         print(f"note: {note}")
     what = "merged model (transformers save_pretrained)" if args.merge else "saved artifact"
@@ -99,7 +106,7 @@ def cmd_generate(args):
 
     from . import artifacts
 
-    artifact = artifacts.load(args.run_dir)
+    artifact = artifacts.load(args.run_dir, trust_remote_code=args.trust_remote_code)
     for note in artifact.notes:
         print(f"note: {note}", file=sys.stderr)
     if args.seed is not None:
@@ -113,7 +120,8 @@ def cmd_generate(args):
 def cmd_eval(args):
     from . import evaluation
 
-    record, path = evaluation.evaluate(args.run_dir, args.data, args.baseline)
+    record, path = evaluation.evaluate(args.run_dir, args.data, args.baseline,
+                                       trust_remote_code=args.trust_remote_code)
     what = "base model (before fine-tuning)" if args.baseline else "fine-tuned model"
     print(f"{what} of {args.run_dir} on {args.data or 'its held-out data'}:")
     for key, value in record.items():
@@ -129,6 +137,15 @@ def cmd_plan(args):
     return plan.command(args)
 
 
+def add_trust_remote_code(sp):
+    """The one way to let a model's own Python code run (``auto_map`` models): a flag on each
+    command that loads (or checks) a model. ``recipe.model.trust_remote_code`` is set from it
+    alone; a recipe that says ``trust_remote_code: true`` without it is refused."""
+    sp.add_argument("--trust-remote-code", action="store_true",
+                    help="run Python code that comes with the model (read it first); without "
+                    "this flag a model that needs it, or a recipe asking for it, is refused")
+
+
 def parser():
     p = argparse.ArgumentParser(prog="plugtune", description=__doc__)
     p.add_argument("--version", action="version", version=f"plugtune {__version__}")
@@ -141,6 +158,7 @@ def parser():
         sp.add_argument("recipe", help="recipe file, or the name of a shipped recipe")
         sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="override recipe keys, e.g. train.lr=1e-4 output.name=try2")
+        add_trust_remote_code(sp)
         sp.set_defaults(func=func)
     sp = sub.add_parser("plan", help="say whether a recipe fits a GPU, component by component",
                         description="Plan a recipe's memory from the model's config alone (no "
@@ -157,6 +175,7 @@ def parser():
     sp.add_argument("--fit", action="store_true", help="find the plugins and settings with the "
                     "least quality cost that fit, and write that recipe")
     sp.add_argument("--out", help="where --fit writes the recipe (default RECIPE.fit.yaml)")
+    add_trust_remote_code(sp)
     sp.set_defaults(func=cmd_plan)
     sp = sub.add_parser("resume", help="continue an interrupted run from its last checkpoint",
                         description="Continue the run in RUN_DIR from its latest checkpoint "
@@ -165,6 +184,7 @@ def parser():
                         "records it in the manifest).")
     sp.add_argument("run_dir", help="the run directory (runs/NAME)")
     sp.add_argument("--force", action="store_true", help="resume despite changed data/plugins")
+    add_trust_remote_code(sp)
     sp.set_defaults(func=cmd_resume)
     sp = sub.add_parser("reproduce", help="run a run's recipe again and compare the loss",
                         description="Run RUN_DIR's recorded recipe into a new run directory "
@@ -173,6 +193,7 @@ def parser():
                         "differs.")
     sp.add_argument("run_dir", help="the run directory (runs/NAME)")
     sp.add_argument("--steps", type=int, metavar="K", help="compare only the first K steps")
+    add_trust_remote_code(sp)
     sp.set_defaults(func=cmd_reproduce)
     sub.add_parser("plugins", help="list installed plugins").set_defaults(func=cmd_plugins)
     sub.add_parser("recipes", help="list shipped recipes").set_defaults(func=cmd_recipes)
@@ -183,6 +204,7 @@ def parser():
     sp.add_argument("run_dir", help="the run directory (runs/NAME)")
     sp.add_argument("out", help="a new directory")
     sp.add_argument("--merge", action="store_true", help="merge the adapter into the base")
+    add_trust_remote_code(sp)
     sp.set_defaults(func=cmd_export)
     sp = sub.add_parser("generate", help="sample from a run's fine-tuned model",
                         description="Sample a reply to PROMPT from a run's fine-tuned model "
@@ -195,6 +217,7 @@ def parser():
     sp.add_argument("--top-p", type=float, default=1.0)
     sp.add_argument("--seed", type=int, default=None, help="for a repeatable sample")
     sp.add_argument("--no-chat-template", action="store_true", help="use the prompt as is")
+    add_trust_remote_code(sp)
     sp.set_defaults(func=cmd_generate)
     sp = sub.add_parser("eval", help="evaluate a run's model (or its base) on a data file",
                         description="Evaluate a finished run's model on a data file with its "
@@ -204,6 +227,7 @@ def parser():
     sp.add_argument("--data", metavar="FILE", help="default: the run's held-out data")
     sp.add_argument("--baseline", action="store_true",
                     help="evaluate the base model as loaded before training")
+    add_trust_remote_code(sp)
     sp.set_defaults(func=cmd_eval)
     return p
 
@@ -218,18 +242,39 @@ def main(argv=None):
     if extra:
         args.overrides = [*args.overrides, *extra]
     try:
-        return args.func(args)
+        with terminate_raises():
+            return args.func(args)
     except PlugtuneError as exc:
         if args.verbose or os.environ.get(TRACEBACK_ENV):
             traceback.print_exception(exc)
         print(f"plugtune: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Terminated:
+        print("plugtune: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("plugtune: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `plugtune plugins | head`: the reader has gone, nothing to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except Exception as exc:  # a bug (ours or a plugin's): one line, the traceback on request
+        if args.verbose or os.environ.get(TRACEBACK_ENV):
+            traceback.print_exc()
+        print(f"plugtune: internal error: {type(exc).__name__}: {_first_line(exc)} (a bug in "
+              f"plugtune or a plugin; {TRACEBACK_ENV}=1 shows the traceback for a report)",
+              file=sys.stderr)
+        return INTERNAL_ERROR
+
+
+#: Exit status of an unexpected exception (EX_SOFTWARE); bad input exits 2.
+INTERNAL_ERROR = 70
+TRACEBACK_ENV = "PLUGTUNE_TRACEBACK"
+
+
+def _first_line(exc):
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "(no message)"
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from . import artifacts, loop, recipe as recipes, rundir
 from .errors import DataError
 
 
-def evaluate(run_dir, data=None, baseline=False):
+def evaluate(run_dir, data=None, baseline=False, trust_remote_code=False):
     """Evaluate the run in ``run_dir`` and write the result beside it.
 
     :param data: a data file; default the run's own held-out split.
@@ -19,18 +19,19 @@ def evaluate(run_dir, data=None, baseline=False):
         head, that head is new: initialised from the run's seed, as in training).
     :return: ``(record, path)``: the metrics (as logged during training) and the JSON file
         written into the run directory, ``eval-NAME.json`` or ``eval-NAME-baseline.json``.
+    :param trust_remote_code: the command line's ``--trust-remote-code``.
     """
     run_dir = Path(run_dir)
     artifacts.find(run_dir)  # says clearly when this is no finished run
     recipe, pm = recipes.load_recipe(run_dir / "recipe.yaml", data_overrides(run_dir, data),
-                                     check_files=False)
+                                     check_files=False, trust_remote_code=trust_remote_code)
     h = pm.hook
     set_seed(recipe.train.seed)
     if baseline:
         tokenizer = loop.first(h.plugtune_load_tokenizer, "load the tokenizer", recipe=recipe)
         model, step = loop.load_base(h, recipe, tokenizer), 0
     else:
-        artifact = artifacts.load(run_dir)
+        artifact = artifacts.load(run_dir, trust_remote_code=trust_remote_code)
         model, tokenizer = artifact.model, artifact.tokenizer
         step = json.loads((run_dir / "manifest.json").read_text()).get("steps", 0)
     try:

@@ -752,7 +752,9 @@ def search(recipe, blocks, budget, device, discovered, echo=print):
                 t = variant(tree, names, sections, ckpt)
                 path = Path(tmp) / "candidate.yaml"
                 path.write_text(yaml_dump(t))
-                est = estimate(*recipes.load_recipe(path, discovered=discovered), device)
+                est = estimate(*recipes.load_recipe(
+                    path, discovered=discovered,
+                    trust_remote_code=recipe.model.trust_remote_code), device)
                 name = label + (" + gradient checkpointing" if ckpt else "")
                 for b, accum in sizes:
                     train = {**(t.get("train") or {}), "batch_size": b, "grad_accum": accum}
@@ -822,7 +824,8 @@ def command(args, echo=print):
     from . import manager, recipe as recipes
 
     discovered = manager.discover()
-    recipe, pm = recipes.load_recipe(args.recipe, args.overrides, discovered=discovered)
+    recipe, pm = recipes.load_recipe(args.recipe, args.overrides, discovered=discovered,
+                                     trust_remote_code=getattr(args, "trust_remote_code", False))
     budget, label = parse_budget(args.gpu) if args.gpu else default_budget(args.device)
     if args.fit and budget is None:
         raise RecipeError(["--fit needs a budget: --gpu 24GiB, or a GPU name such as rtx4090"])

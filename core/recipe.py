@@ -4,6 +4,7 @@ the core's schema and every active plugin's section, and report every problem at
 Nothing here loads a model or writes a file; ``plugtune validate`` is this module.
 """
 import copy
+import os
 from importlib.resources import files
 from pathlib import Path
 from typing import Literal
@@ -50,7 +51,7 @@ class TrainSection(Section):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2 ** 32, description="0 to 2**32 - 1 (numpy's range)")
     epochs: PositiveInt = 1
     max_steps: PositiveInt | None = Field(None, description="optimizer steps; overrides epochs")
     batch_size: PositiveInt = Field(4, description="micro-batch size per device")
@@ -81,6 +82,19 @@ class OutputSection(Section):
     name: str | None = Field(None, description="run directory name; default RECIPE-TIMESTAMP")
     save_model: bool = True
 
+    @field_validator("name")
+    @classmethod
+    def _one_component(cls, v):
+        if v is not None and not _is_component(v):
+            raise ValueError("must be a single path component: a folder name inside output.dir, "
+                             "not empty, without '/', and not '.' or '..'")
+        return v
+
+
+def _is_component(name):
+    return (bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name)
+
 
 class CoreRecipe(Section):
     description: str = ""
@@ -97,6 +111,26 @@ class CoreRecipe(Section):
 
 
 CORE_KEYS = set(CoreRecipe.model_fields) | {"extends"}
+
+#: What other tools (HF Trainer, axolotl, torchtune) call a key: an unknown key found here
+#: gets "did you mean" this plugtune key, where the section has it.
+SYNONYMS = {
+    "learning_rate": "lr", "num_epochs": "epochs", "num_train_epochs": "epochs",
+    "gradient_accumulation_steps": "grad_accum", "gradient_accumulation": "grad_accum",
+    "per_device_train_batch_size": "batch_size", "micro_batch_size": "batch_size",
+    "train_batch_size": "batch_size", "per_device_eval_batch_size": "eval_batch_size",
+    "eval_steps": "eval_every", "logging_steps": "log_every", "warmup": "warmup_steps",
+    "lr_scheduler_type": "schedule", "lr_scheduler": "schedule", "scheduler": "schedule",
+    "sequence_len": "max_length", "max_seq_length": "max_length", "max_seq_len": "max_length",
+    "cutoff_len": "max_length", "max_grad_norm_clip": "max_grad_norm",
+    "gradient_clipping": "max_grad_norm", "clip_grad_norm": "max_grad_norm",
+    "mixed_precision_dtype": "mixed_precision", "bf16": "mixed_precision",
+    "fp16": "mixed_precision", "random_seed": "seed", "steps": "max_steps",
+    "output_dir": "dir", "run_name": "name", "base_model": "name", "model_name": "name",
+    "model_name_or_path": "name", "torch_dtype": "dtype", "tokenizer_name": "tokenizer",
+    "datasets": "train", "train_file": "train", "validation_file": "validation",
+    "val_set_size": "val_fraction", "eval_file": "validation",
+}
 DATA_PATH_KEYS = ("train", "validation")
 
 
@@ -138,7 +172,7 @@ def shipped_recipes():
 
 def find_recipe(arg):
     path = Path(arg)
-    if path.is_file():
+    if is_file(path):
         return path
     shipped = shipped_recipes()
     name = path.name[:-len(".yaml")] if path.name.endswith(".yaml") else path.name
@@ -181,6 +215,14 @@ def _absolute_paths(tree, base):
             data[key] = paths[0] if isinstance(value, str) else paths
 
 
+def _model_section(tree):
+    """``model: NAME`` as ``model: {name: NAME}``, so that ``model.dtype=...`` overrides and
+    an ``extends:`` child's ``model: {dtype: ...}`` apply to it."""
+    if isinstance(tree.get("model"), str):
+        tree["model"] = {"name": tree["model"]}
+    return tree
+
+
 def merge(base, over):
     """Deep-merge mappings; lists and scalars in ``over`` replace those in ``base``."""
     out = copy.deepcopy(base)
@@ -197,7 +239,7 @@ def load_tree(path, _chain=()):
     path = Path(path).resolve()
     if path in _chain:
         raise RecipeError([f"{path}: extends: cycle " + " -> ".join(map(str, _chain + (path,)))])
-    tree = _read_yaml(path)
+    tree = _model_section(_read_yaml(path))
     _absolute_paths(tree, path.parent)
     parent = tree.pop("extends", None)
     if parent is None:
@@ -205,13 +247,19 @@ def load_tree(path, _chain=()):
     if not isinstance(parent, str):
         raise RecipeError([f"{path}: extends: expects one recipe file name, got {parent!r}"])
     parent_path = path.parent / parent
-    if not parent_path.is_file():
-        parent_path = find_recipe(parent)
+    if not is_file(parent_path):
+        try:
+            parent_path = find_recipe(parent)
+        except RecipeError as exc:
+            raise RecipeError([f"{path}: extends: {parent}: no such recipe next to it "
+                               f"({parent_path}) nor a shipped one; fix the name or remove "
+                               "extends:"]) from exc
     return merge(load_tree(parent_path, _chain + (path,)), tree)
 
 
 def apply_overrides(tree, overrides):
     """Apply ``key.sub=value`` strings (values parsed as YAML; paths relative to the cwd)."""
+    tree = _model_section(dict(tree))
     over = {}
     for item in overrides:
         key, sep, text = item.partition("=")
@@ -240,12 +288,34 @@ def _unknown_keys(data, schema, prefix):
     fields = schema.model_fields
     for key, value in data.items():
         if key not in fields:
-            problems.append(f"{prefix}{key}: unknown key{manager.did_you_mean(key, fields)}")
+            problems.append(f"{prefix}{key}: unknown key{did_you_mean(key, fields)}")
             continue
         sub = fields[key].annotation
         if isinstance(value, dict) and isinstance(sub, type) and issubclass(sub, BaseModel):
             problems += _unknown_keys(value, sub, f"{prefix}{key}.")
     return problems
+
+
+def did_you_mean(key, fields):
+    """" (did you mean 'lr'?)" for a close spelling or another tool's name of a key."""
+    if isinstance(key, str) and SYNONYMS.get(key) in fields:
+        return f" (did you mean {SYNONYMS[key]!r}?)"
+    return manager.did_you_mean(str(key), fields)
+
+
+def _top_level_hint(key, names):
+    """A "did you mean" for an unknown top-level key: a close name, or the core section key
+    it belongs in (``lr`` -> ``train.lr``, ``output_dir`` -> ``output.dir``)."""
+    hint = did_you_mean(key, names)
+    if hint or not isinstance(key, str):
+        return hint
+    if SYNONYMS.get(key) == "name" and "model" in key:
+        return " (did you mean 'model'?)"
+    wanted = SYNONYMS.get(key, key)
+    for section in ("train", "data", "output", "model"):
+        if wanted in CoreRecipe.model_fields[section].annotation.model_fields:
+            return f" (did you mean '{section}.{wanted}'?)"
+    return ""
 
 
 def _validate(schema, data, prefix):
@@ -263,7 +333,8 @@ def _validate(schema, data, prefix):
             loc = prefix + ".".join(str(p) for p in err["loc"])
             got = f" (got {err['input']!r})" if err["type"] != "missing" else ""
             hint = "; add it to the recipe" if err["type"] == "missing" else ""
-            problems.append(f"{loc}: {err['msg']}{got}{hint}")
+            msg = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{loc}: {msg}{got}{hint}")
         return None, problems
 
 
@@ -290,12 +361,14 @@ def _stand_in(schema, data):
                 return None
 
 
-def load_recipe(arg, overrides=(), discovered=None, check_files=True):
+def load_recipe(arg, overrides=(), discovered=None, check_files=True, trust_remote_code=False):
     """Load, validate and return ``(recipe, plugin_manager)``; raise RecipeError listing every
     problem. Loads no model and writes nothing.
 
     ``check_files=False`` skips the data-file and run-directory checks, to reload the
-    ``recipe.yaml`` of a finished run (whose directory exists and whose data may have moved)."""
+    ``recipe.yaml`` of a finished run (whose directory exists and whose data may have moved).
+    ``trust_remote_code`` is the command line's ``--trust-remote-code``: only it sets
+    ``recipe.model.trust_remote_code`` (what loaders read); the recipe key alone is refused."""
     path = find_recipe(arg)
     tree = apply_overrides(load_tree(path), overrides)
     # `section: null` drops a plugin section (one inherited through extends: included)
@@ -324,11 +397,15 @@ def load_recipe(arg, overrides=(), discovered=None, check_files=True):
                             f"active; add {key} to plugins:, or drop the section ({key}: null "
                             "where it is inherited)")
         else:
-            problems.append(f"{key}: unknown key"
-                            f"{manager.did_you_mean(key, CORE_KEYS | set(schemas))}")
+            problems.append(f"{key}: unknown key{_top_level_hint(key, CORE_KEYS | set(schemas))}")
     core_tree = {k: v for k, v in tree.items() if k in CoreRecipe.model_fields}
     core, core_problems = _validate(CoreRecipe, core_tree, "")
     problems += core_problems
+    core = core or _stand_in(CoreRecipe, core_tree)
+    if core is not None:
+        if core.model.trust_remote_code and not trust_remote_code:
+            problems.append(REMOTE_CODE_REFUSED)
+        core.model.trust_remote_code = trust_remote_code
     sections = {}
     for name, schema in schemas.items():
         sections[name], section_problems = _validate(schema, tree.get(name), f"{name}.")
@@ -337,7 +414,7 @@ def load_recipe(arg, overrides=(), discovered=None, check_files=True):
     if not pm.hook.plugtune_compute_loss.get_hookimpls():
         problems.append("plugins: no active plugin computes the loss; add a task plugin such "
                         "as causal_lm")
-    recipe = Recipe(core or _stand_in(CoreRecipe, core_tree),
+    recipe = Recipe(core,
                     {name: section or _stand_in(schemas[name], tree.get(name))
                      for name, section in sections.items()}, active, path, tree)
     if recipe.core is not None and None not in recipe.sections.values():
@@ -361,6 +438,20 @@ def load_recipe(arg, overrides=(), discovered=None, check_files=True):
     return recipe, pm
 
 
+REMOTE_CODE_REFUSED = (
+    "model.trust_remote_code: true would run Python code that comes with the model; plugtune "
+    "runs it only when the command line says so: add --trust-remote-code to the command (after "
+    "reading the model's code), or drop the key from the recipe")
+
+
+def is_file(path):
+    """``Path.is_file`` that says False, not raises, for a name with a NUL byte or too long."""
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def _missing_files(tree):
     """Data files that do not exist and a run directory that does (read from the raw tree, so
     that they are reported even when other keys are invalid)."""
@@ -368,13 +459,18 @@ def _missing_files(tree):
     data = tree.get("data") if isinstance(tree.get("data"), dict) else {}
     for key in DATA_PATH_KEYS:
         files = data.get(key) or []
-        for file in [files] if isinstance(files, str) else files:
-            if isinstance(file, str) and not Path(file).is_file():
+        for file in [files] if isinstance(files, str) else files if isinstance(files, list) else []:
+            if isinstance(file, str) and not is_file(file):
                 problems.append(f"data.{key}: file not found: {file}; paths in a recipe are "
                                 "relative to the recipe file, on the command line to the cwd")
     output = tree.get("output") if isinstance(tree.get("output"), dict) else {}
     name, parent = output.get("name"), output.get("dir", OutputSection().dir)
-    if rundir.is_main_process() and isinstance(name, str) and isinstance(parent, str) and (Path(parent) / name).exists():
+    if not rundir.is_main_process() or not isinstance(parent, str):
+        return problems
+    problem = rundir.unusable_parent(parent)
+    if problem:
+        problems.append(f"output.dir: {problem}")
+    elif isinstance(name, str) and _is_component(name) and os.path.lexists(Path(parent) / name):
         problems.append(f"output.name: {Path(parent) / name} already exists; pick another name "
                         "(output.name=...) or delete it")
     return problems

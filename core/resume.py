@@ -51,7 +51,7 @@ def _alive(manifest):
     return True
 
 
-def resume(run_dir, force=False, echo=print):
+def resume(run_dir, force=False, echo=print, trust_remote_code=False):
     """Continue the run in ``run_dir`` from its latest checkpoint; return the summary."""
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
@@ -67,7 +67,8 @@ def resume(run_dir, force=False, echo=print):
         raise PlugtuneError(f"{run_dir}: no checkpoint to resume from (it stopped before its "
                             "first; set train.save_every to write them); start it again with "
                             "plugtune run")
-    recipe, pm = recipes.load_recipe(run_dir / "recipe.yaml", check_files=False)
+    recipe, pm = recipes.load_recipe(run_dir / "recipe.yaml", check_files=False,
+                                     trust_remote_code=trust_remote_code)
     changed, versions = differences(manifest, recipe)
     for line in versions:
         echo(f"warning: {line}")
@@ -111,7 +112,7 @@ def losses(run_dir):
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
-def reproduce(run_dir, steps=None, echo=print):
+def reproduce(run_dir, steps=None, echo=print, trust_remote_code=False):
     """Run ``run_dir``'s recorded recipe again into a new run directory beside it and compare
     the loss at every step. Returns ``(identical, message, new_run_dir)``."""
     run_dir = Path(run_dir)
@@ -125,7 +126,8 @@ def reproduce(run_dir, steps=None, echo=print):
         name = f"{run_dir.name}-reproduce-{n}"
     recipe, pm = recipes.load_recipe(run_dir / "recipe.yaml",
                                      [f"output.dir={json.dumps(str(run_dir.parent))}",
-                                      f"output.name={name}"])
+                                      f"output.name={name}"],
+                                     trust_remote_code=trust_remote_code)
     changed, versions = differences(manifest, recipe)
     for line in changed + versions:
         echo(f"warning: {line}")

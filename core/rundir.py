@@ -3,6 +3,8 @@ import hashlib
 import json
 import os
 import platform
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -11,6 +13,8 @@ from importlib.metadata import PackageNotFoundError, entry_points, version
 from pathlib import Path
 
 import yaml
+
+from .errors import InputError
 
 UMASK = os.umask(0o022)
 os.umask(UMASK)
@@ -46,26 +50,89 @@ def run_name(recipe):
     return recipe.output.name or f"{recipe.path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+#: Where a run directory can never live: kernel file systems, not disks.
+VIRTUAL = ("/proc", "/sys", "/dev")
+
+
+def unusable_parent(parent):
+    """Why run directories cannot be made in ``parent`` (``output.dir``), or None: it has a
+    NUL byte, lies in /proc, /sys or /dev, is (or lies under) a file, or is not writable.
+    Asks the file system only; creates nothing."""
+    if "\0" in str(parent):
+        return f"{parent!r} has a NUL byte; give a folder name"
+    path = Path(os.path.abspath(parent))
+    real = os.path.realpath(path)
+    for root in VIRTUAL:
+        if real == root or real.startswith(root + "/"):
+            return (f"{parent} is in {root}, a kernel file system that cannot hold run "
+                    "directories; give a folder on disk (output.dir=runs)")
+    for ancestor in (path, *path.parents):
+        try:
+            is_dir = ancestor.is_dir()
+            exists = is_dir or os.path.lexists(ancestor)
+        except OSError as exc:
+            return f"{parent} is not a usable path ({exc.strerror}); give a shorter folder name"
+        if not exists:
+            continue
+        if not is_dir:
+            return (f"{parent} lies under {ancestor}, which is a file, not a directory; give "
+                    "another folder (output.dir=...)")
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            return (f"cannot create run directories in {parent}: {ancestor} is not writable by "
+                    "this user; give another folder (output.dir=...)")
+        return None
+    return None
+
+
 def create(recipe):
     """Create ``output.dir/<name>/`` holding ``recipe.yaml`` and ``manifest.json``.
 
-    The directory is assembled under a hidden temporary name and renamed into place."""
+    The name is claimed with one ``mkdir``, which is atomic: of two runs racing for a name one
+    gets it and the other a clear "already exists" (a default, timestamped name moves on to
+    ``NAME-2``, ``NAME-3``, ...). Each file is then written atomically. Hidden ``.NAME.*``
+    folders that earlier versions assembled the directory in, and left behind when killed,
+    are removed."""
     parent = Path(recipe.output.dir)
-    parent.mkdir(parents=True, exist_ok=True)
-    name = run_name(recipe)
-    final = parent / name
-    n = 1
-    while final.exists() and not recipe.output.name:
-        n += 1
-        final = parent / f"{name}-{n}"
-    if final.exists():
-        raise FileExistsError(f"{final} already exists")
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{final.name}."))
-    os.chmod(tmp, 0o777 & ~UMASK)
-    atomic_write(tmp / "recipe.yaml", yaml.safe_dump(recipe.resolved(), sort_keys=False))
-    write_manifest(tmp, manifest(recipe))
-    os.replace(tmp, final)
+    problem = unusable_parent(parent)
+    if problem:
+        raise InputError(f"output.dir: {problem}")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"output.dir: cannot create {parent} ({exc.strerror}); give another "
+                         "folder (output.dir=...)") from exc
+    final = _claim(parent, run_name(recipe), numbered=not recipe.output.name)
+    try:
+        remove_stale(parent, final.name)
+        atomic_write(final / "recipe.yaml", yaml.safe_dump(recipe.resolved(), sort_keys=False))
+        write_manifest(final, manifest(recipe))
+    except BaseException:
+        shutil.rmtree(final, ignore_errors=True)
+        raise
     return final
+
+
+def _claim(parent, name, numbered):
+    """``parent/name`` made with ``os.mkdir`` (or ``name-N`` when ``numbered``)."""
+    for n in range(1, 1000 if numbered else 2):
+        final = parent / (name if n == 1 else f"{name}-{n}")
+        try:
+            final.mkdir()
+            return final
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise InputError(f"output.name: cannot create {final} ({exc.strerror})") from exc
+    raise InputError(f"output.name: {final} already exists (another run may have just taken "
+                     "the name); pick another name (output.name=...) or delete it")
+
+
+def remove_stale(parent, name):
+    """Remove the hidden ``.NAME.XXXXXXXX`` temporary folders of ``name`` in ``parent``."""
+    pattern = re.compile(rf"\.{re.escape(name)}\.[a-z0-9_]{{8}}")
+    for entry in Path(parent).iterdir():
+        if pattern.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def manifest(recipe):
@@ -77,6 +144,7 @@ def manifest(recipe):
         "platform": platform.platform(),
         "versions": versions(),
         "seed": recipe.train.seed,
+        "trust_remote_code": recipe.model.trust_remote_code,
         "plugins": recipe.plugins,
         "plugin_versions": plugin_versions(recipe),
         "pid": os.getpid(),
@@ -123,11 +191,18 @@ def _version(package):
         return None
 
 
+#: git as run on a recipe's folder, which may be anyone's: no hooks, no fsmonitor command (a
+#: repository's own .git/config could name one), no index refresh written back. A repository
+#: owned by another user stays refused by git's safe.directory check (then no revision).
+GIT = ["git", "-c", "core.fsmonitor=false", "-c", "core.hooksPath=/dev/null",
+       "--no-optional-locks"]
+
+
 def _git_revision(folder):
     try:
-        rev = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"],
+        rev = subprocess.run([*GIT, "-C", str(folder), "rev-parse", "HEAD"],
                              capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain"],
+        dirty = subprocess.run([*GIT, "-C", str(folder), "status", "--porcelain"],
                                capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.TimeoutExpired):
         return None

@@ -3,7 +3,9 @@
 rendered with the tokenizer's chat template. Where a held-out record has a reference answer
 (the completion, or the last assistant turn) evaluation also reports the exact match of the
 model's greedy answer, and always the perplexity (``exp(eval_loss)``)."""
+import json
 import math
+from pathlib import Path
 
 import torch
 from pydantic import Field
@@ -15,17 +17,49 @@ from plugtune.loss import cross_entropy
 from plugtune.recipe import Section
 
 IGNORE = -100
+#: The roles chat templates render (Llama 3, Qwen 2.5, Mistral, SmolLM2, ChatML).
+ROLES = ("system", "user", "assistant", "tool")
 
 
 class CausalLMSection(Section):
     exact_match: bool = Field(True, description="generate answers for held-out references")
     max_new_tokens: int = Field(32, gt=0, description="longest generated answer")
     generate_limit: int = Field(100, gt=0, description="held-out records to generate for")
+    roles: list[str] = Field(list(ROLES), min_length=1, description="the roles a messages "
+                             "record may use (those the model's chat template knows); "
+                             "assistant turns are learnt")
 
 
 @hookimpl
 def plugtune_recipe_sections(register):
     register("causal_lm", CausalLMSection)
+
+
+@hookimpl
+def plugtune_check_recipe(recipe):
+    """What ``validate`` can tell of the records without a tokenizer: text fields are strings,
+    conversations use known roles, string contents and have an assistant turn. (Files the
+    ``data`` plugin cannot read are its to report.)"""
+    from plugtune.plugins.data import READERS, read_file
+    from plugtune.recipe import is_file
+
+    roles, problems = recipe["causal_lm"].roles, []
+    for key in ("train", "validation"):
+        for f in getattr(recipe.data, key) or []:
+            if Path(f).suffix.lower() not in READERS or not is_file(f):
+                continue
+            try:
+                records = read_file(f)
+            except DataError:
+                continue
+            try:
+                for record in records:
+                    check_strings(record.data, record.where)
+                    if "messages" in record.data:
+                        check_messages(record.data["messages"], record.where, roles)
+            except DataError as exc:  # the first bad record of each file
+                problems.append(f"data.{key}: {exc}")
+    return problems
 
 
 def _ids(tokenizer, text):
@@ -37,15 +71,47 @@ def _render(tokenizer, messages, generation_prompt=False):
                                          add_generation_prompt=generation_prompt)
 
 
-def encode_messages(tokenizer, messages, where):
+def check_messages(messages, where, roles=ROLES):
+    """A DataError unless ``messages`` is a conversation to learn from: role/content objects,
+    string contents, known roles, at least one assistant turn."""
+    if not (isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
+        raise DataError(f"{where}: messages must be a list of {{\"role\", \"content\"}} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m["content"], str):
+            raise DataError(f"{where}: messages[{i}] content must be a string, got "
+                            f"{_json_kind(m['content'])}")
+        if m["role"] not in roles:
+            raise DataError(f"{where}: messages[{i}] has unknown role {m['role']!r}; roles are "
+                            f"{', '.join(roles)} (set causal_lm.roles for a template with others)")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: this conversation has no assistant turn, so there is nothing "
+                        "to learn; add the assistant's answer (role \"assistant\")")
+
+
+def check_strings(data, where):
+    """A DataError unless the text fields of a record are strings (not null, numbers, lists)."""
+    for key in ("text", "prompt", "completion"):
+        if key in data and not isinstance(data[key], str):
+            raise DataError(f"{where}: \"{key}\" must be a string, got {_json_kind(data[key])}")
+
+
+def _json_kind(value):
+    """A value as JSON names it: null, true, a number 3, a list [...], an object {...}."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    kind = {int: "a number", float: "a number", list: "a list", dict: "an object"}.get(
+        type(value), type(value).__name__)
+    return f"{kind} {json.dumps(value, ensure_ascii=False, default=str)[:40]}"
+
+
+def encode_messages(tokenizer, messages, where, roles=ROLES):
     """Token ids and labels of a conversation: only assistant turns are learnt.
 
     Each assistant turn is located by rendering the conversation up to it: the tokens between
     "up to the turn, with the generation prompt" and "up to and including the turn" are its
     answer (and the template's end-of-turn tokens, so the model learns to stop)."""
-    if not (isinstance(messages, list) and messages and all(
-            isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
-        raise DataError(f"{where}: messages must be a list of {{\"role\", \"content\"}} objects")
+    check_messages(messages, where, roles)
     if tokenizer.chat_template is None:
         raise DataError(f"{where}: messages need a tokenizer with a chat template; this one has "
                         "none (use prompt/completion records instead)")
@@ -75,12 +141,13 @@ def special_prefix(tokenizer):
     return []
 
 
-def encode(record, tokenizer, prefix=()):
+def encode(record, tokenizer, prefix=(), roles=ROLES):
     """``(input_ids, labels, prompt_ids or None, reference or None)`` for one record;
     ``prefix`` (see :func:`special_prefix`) starts text and prompt/completion records."""
     data, eos, prefix = record.data, [tokenizer.eos_token_id], list(prefix)
+    check_strings(data, record.where)
     if "messages" in data:
-        ids, labels = encode_messages(tokenizer, data["messages"], record.where)
+        ids, labels = encode_messages(tokenizer, data["messages"], record.where, roles)
         last = data["messages"][-1]
         if last["role"] != "assistant":
             return ids, labels, None, None
@@ -117,7 +184,8 @@ def plugtune_tokenize(records, tokenizer, recipe):
     max_len, truncated, examples = recipe.train.max_length, 0, []
     prefix = special_prefix(tokenizer)
     for record in records:
-        ids, labels, prompt, reference = encode(record, tokenizer, prefix)
+        ids, labels, prompt, reference = encode(record, tokenizer, prefix,
+                                                recipe["causal_lm"].roles)
         if len(ids) > max_len:
             truncated += 1
             ids, labels = ids[:max_len], labels[:max_len]

@@ -2,6 +2,7 @@
 (one ``{"text": line}`` record per non-empty line). Without ``data.validation`` a seeded
 ``data.val_fraction`` of the training records is held out."""
 import csv
+import io
 import json
 import random
 from pathlib import Path
@@ -9,27 +10,52 @@ from pathlib import Path
 from plugtune import hookimpl
 from plugtune.data import Record, Splits
 from plugtune.errors import DataError
+from plugtune.recipe import is_file
 
 PLUGTUNE_DEFAULT = True
 
 
+def decode(path):
+    """The text of ``path``; a file that is not UTF-8 is a DataError naming the line."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read it ({exc.strerror})") from exc
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                        f"{column}); save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+                        ) from exc
+
+
+def lines(path):
+    """``(number, line)`` of a text file, with universal newlines as ``open`` reads them."""
+    return enumerate(io.StringIO(decode(path), newline=None), 1)
+
+
 def read_jsonl(path):
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield Record(json.loads(line), str(path), n)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{n}: not valid JSON ({exc.msg} at column {exc.colno}); "
-                                "each line of a .jsonl file must be one JSON object") from exc
+    for n, line in lines(path):
+        if not line.strip():
+            continue
+        try:
+            yield Record(json.loads(line), str(path), n)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{n}: not valid JSON ({exc.msg} at column {exc.colno}); "
+                            "each line of a .jsonl file must be one JSON object") from exc
+        except RecursionError as exc:
+            raise DataError(f"{path}:{n}: JSON nested too deeply to read") from exc
 
 
 def read_json(path):
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(decode(path))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
+    except RecursionError as exc:
+        raise DataError(f"{path}: JSON nested too deeply to read") from exc
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
         data = next(iter(data.values()))  # {"data": [...]}
     if not isinstance(data, list):
@@ -39,20 +65,21 @@ def read_json(path):
 
 
 def read_csv(path):
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
+    reader = csv.DictReader(io.StringIO(decode(path), newline=""))
+    try:
         for row in reader:
             if None in row or None in row.values():
                 raise DataError(f"{path}:{reader.line_num}: expected {len(reader.fieldnames)} "
                                 f"columns ({', '.join(reader.fieldnames)}) as in the header")
             yield Record(dict(row), str(path), reader.line_num)
+    except csv.Error as exc:
+        raise DataError(f"{path}:{reader.line_num}: not valid CSV ({exc})") from exc
 
 
 def read_text(path):
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                yield Record({"text": line.rstrip("\n")}, str(path), n)
+    for n, line in lines(path):
+        if line.strip():
+            yield Record({"text": line.rstrip("\n")}, str(path), n)
 
 
 READERS = {".jsonl": read_jsonl, ".json": read_json, ".csv": read_csv, ".txt": read_text}
@@ -73,9 +100,22 @@ def read_file(path):
 
 @hookimpl
 def plugtune_check_recipe(recipe):
-    return [f"data.{key}: {f}: unknown data file type; use one of {', '.join(READERS)}"
-            for key in ("train", "validation") for f in getattr(recipe.data, key) or []
-            if Path(f).suffix.lower() not in READERS]
+    """Every data file is of a known type and reads: UTF-8, well-formed, records that are
+    objects (a missing file is the core's to report)."""
+    problems = []
+    for key in ("train", "validation"):
+        for f in getattr(recipe.data, key) or []:
+            if Path(f).suffix.lower() not in READERS:
+                problems.append(f"data.{key}: {f}: unknown data file type; use one of "
+                                f"{', '.join(READERS)}")
+                continue
+            if not is_file(f):
+                continue  # the core reports it, where the recipe's files are checked
+            try:
+                read_file(f)
+            except DataError as exc:
+                problems.append(f"data.{key}: {exc}")
+    return problems
 
 
 @hookimpl(trylast=True)

