@@ -75,7 +75,7 @@ def test_export_without_merge_copies_the_adapter(trained, tmp_path, capsys):
     assert cli.main(["export", str(run.dir), str(out)]) == 0
     assert (out / "adapter_config.json").is_file()
     assert cli.main(["export", str(run.dir), str(out)]) == 1  # never over a user's files
-    assert "exists and is not empty" in capsys.readouterr().err
+    assert "exists and is not an empty directory" in capsys.readouterr().err
 
 
 def generated(capsys, run, *options):
