@@ -214,9 +214,9 @@ def evaluate(run, step):
     return result
 
 
-def epoch_plan(n, t, epoch, rank, world):
+def epoch_plan(lengths, t, epoch, rank, world):
     """This process's micro-batches for each optimizer step of ``epoch``: a list of steps,
-    each a list of ``(example indices, counts)``.
+    each a list of ``(example indices, counts)``. ``lengths``: each example's tokens.
 
     The order is a permutation drawn from ``(train.seed, epoch)`` alone, not from the global
     random state (which model and adapter initialisation have drawn from), so every recipe
@@ -227,8 +227,12 @@ def epoch_plan(n, t, epoch, rank, world):
     last step runs a zero-weight micro-batch (``counts`` False) so the gradient all-reduce
     still meets every process.
     """
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(t.seed + epoch)).tolist()
-    micro = [order[i:i + t.batch_size] for i in range(0, n, t.batch_size)]
+    generator = torch.Generator().manual_seed(t.seed + epoch)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    if t.group_by_length:
+        micro = grouped_by_length(order, lengths, t.batch_size, generator)
+    else:
+        micro = [order[i:i + t.batch_size] for i in range(0, len(order), t.batch_size)]
     per_step = t.grad_accum * world
     steps = []
     for s in range(0, len(micro), per_step):
@@ -236,6 +240,22 @@ def epoch_plan(n, t, epoch, rank, world):
         mine = [(m, True) for m in chunk[rank::world]]
         steps.append(mine or [(chunk[0], False)])
     return steps
+
+
+def grouped_by_length(order, lengths, batch_size, generator, group=50):
+    """Micro-batches of examples of similar length, so padding is small: ``order`` is cut into
+    groups of ``group`` micro-batches, each sorted by length and cut into micro-batches; then
+    the micro-batches are shuffled, and the one holding the longest example goes first (an
+    out-of-memory shows at step 1, not hours in). HF Trainer's ``group_by_length`` idea."""
+    size = group * batch_size
+    micro = []
+    for g in range(0, len(order), size):
+        ranked = sorted(order[g:g + size], key=lambda i: -lengths[i])
+        micro += [ranked[i:i + batch_size] for i in range(0, len(ranked), batch_size)]
+    micro = [micro[i] for i in torch.randperm(len(micro), generator=generator).tolist()]
+    longest = max(range(len(micro)), key=lambda b: max(lengths[i] for i in micro[b]))
+    micro.insert(0, micro.pop(longest))
+    return micro
 
 
 def steps_per_epoch(n, t, world):
@@ -376,7 +396,8 @@ def train(run, echo=print, resume=None, stop_after=None):
                 epoch, k = divmod(run.step, per_epoch)
                 if epoch != plan_epoch:
                     plan_epoch = epoch
-                    plan = epoch_plan(len(data.examples), t, epoch, rank, world)
+                    plan = epoch_plan([len(e["input_ids"]) for e in data.examples], t, epoch,
+                                      rank, world)
                 tick = time.perf_counter()
                 loss_sum, count, tokens, signalled = train_step(run, plan[k], data.examples,
                                                                 data.collate)

@@ -57,6 +57,8 @@ class TrainSection(Section):
     batch_size: PositiveInt = Field(4, description="micro-batch size per device")
     eval_batch_size: PositiveInt | None = None
     grad_accum: PositiveInt = Field(1, description="micro-batches per optimizer step")
+    group_by_length: bool = Field(False, description="micro-batches of examples of similar "
+                                  "length (less padding), in shuffled order")
     lr: PositiveFloat = 2e-5
     warmup_steps: NonNegativeInt = 0
     schedule: Literal["constant", "linear", "cosine"] = "linear"

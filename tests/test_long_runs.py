@@ -349,3 +349,23 @@ def test_reproduce_says_identical_or_where_it_differs(make_recipe, capsys):
     assert cli.main(["reproduce", str(run.dir), "--steps", "2"]) == 0
     assert cli.main(["reproduce", str(run.dir)]) == 1
     assert "differs from step 3: recorded loss 9.0" in capsys.readouterr().out
+
+
+def test_group_by_length_pads_less_and_keeps_every_example_once(uneven, tmp_path):
+    data = testing.write_jsonl(tmp_path / "many.jsonl", uneven_records(64))
+    recipe, _ = testing.load_recipe(uneven("grouped", batch_size=4),
+                                    [f"data.train={data}", "train.group_by_length=true"])
+    lengths = [1 + (i * 7919) % 97 for i in range(64)]
+
+    def padding(t):
+        plan = loop.epoch_plan(lengths, t, 0, 0, 1)
+        batches = [indices for step in plan for indices, _ in step]
+        assert sorted(i for b in batches for i in b) == list(range(64))  # each once
+        return sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b)
+                   for b in batches), batches
+
+    grouped, batches = padding(recipe.train)
+    assert max(lengths[i] for i in batches[0]) == max(lengths)  # the longest goes first
+    assert padding(recipe.train)[1] == batches  # the seed decides
+    recipe.train.group_by_length = False
+    assert grouped < padding(recipe.train)[0] / 3
