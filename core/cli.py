@@ -1,13 +1,14 @@
 """The ``plugtune`` command: run, resume, reproduce, validate, plan, plugins, recipes, export,
 generate, eval."""
 import argparse
+import math
 import os
 import signal
 import sys
 import traceback
 
 from . import __version__, loop, manager, recipe as recipes, rundir
-from .errors import PlugtuneError
+from .errors import PluginError, PlugtuneError
 from .signals import Terminated, terminate_raises
 
 #: Set to show the traceback behind an error (as ``-v`` does).
@@ -37,7 +38,8 @@ def report(summary, run, echo):
         echo(f"  {summary['skipped_steps']} step(s) skipped for a non-finite loss or gradient")
     for key in after:
         if key != "step" and isinstance(after[key], (int, float)):
-            was = f"{before[key]:.4f} " if isinstance(before.get(key), (int, float)) else ""
+            was = before.get(key)  # a metric only the trained model has: `-> x`
+            was = f"{was:.4f} " if isinstance(was, (int, float)) and math.isfinite(was) else ""
             echo(f"  held-out {key}: {was}-> {after[key]:.4f}")
 
 
@@ -68,13 +70,24 @@ def cmd_validate(args):
 
 
 def cmd_plugins(args):
-    discovered = manager.discover()
-    pm = manager.make_manager(list(discovered), discovered)
+    """Every installed plugin with its hooks; a broken one (it fails to import, breaks the hook
+    contract or needs another plugin API) is listed with its error, every healthy one still is,
+    and the exit status is 3."""
+    broken = {}
+    discovered = manager.discover(broken=broken)
+    pm, invalid = manager.inspect_all(discovered)
+    broken.update(invalid)
     for name, info in discovered.items():
+        if name in broken:
+            continue
         default = " [default]" if info.default else ""
         print(f"{name}{default}  ({info.dist} {info.version})  {info.doc}")
         print(f"    hooks: {', '.join(manager.hooks_of(pm, name)) or '-'}")
-    return 0
+    for name, bad in broken.items():
+        print(f"{name}  ({bad.dist} {bad.version})  BROKEN: {bad.error.splitlines()[0]}")
+        print(f"    skip it with {manager.SKIP_ENV}={name}, or fix or uninstall {bad.dist}")
+        print(f"plugtune: error: {bad.error}", file=sys.stderr)
+    return PluginError.exit_code if broken else 0
 
 
 def cmd_recipes(args):

@@ -23,18 +23,17 @@ How a plan is made:
 Sequences are planned at ``train.max_length`` tokens, with no padding: the longest batch a run
 can meet.
 """
-import json
 import math
 import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from importlib.resources import files
 from pathlib import Path
 
 import torch
 
 from .errors import PlugtuneError, PluginError, RecipeError
+from .models import catalog, read_config, transformer_blocks  # noqa: F401 (plugtune.plan.* kept)
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
 
@@ -90,41 +89,6 @@ def count(n):
         if n >= scale:
             return f"{n / scale:.2f}{unit}"
     return str(n)
-
-
-# ---------------------------------------------------------------------------------------------
-# Model configs: local directory, GGUF header, catalog, hub
-# ---------------------------------------------------------------------------------------------
-
-
-def catalog():
-    """``{hub id: config.json path}`` of the configs that ship with plugtune."""
-    root = files("plugtune.catalog")
-    index = json.loads((root / "index.json").read_text())
-    return {hub_id: root / name for hub_id, name in index.items()}
-
-
-def read_config(source, trust_remote_code=False):
-    """The transformers config of ``source`` without loading weights: a ``save_pretrained``
-    directory, a ``.gguf`` file (its header only), a hub id of the catalog (offline), or any hub
-    id when the hub is reachable."""
-    from transformers import AutoConfig
-
-    path = Path(str(source))
-    if path.suffix == ".gguf" and path.is_file():
-        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    if path.is_dir():
-        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    known = catalog()
-    if str(source) in known:
-        data = json.loads(known[str(source)].read_text())
-        return AutoConfig.for_model(data.pop("model_type"), **data)
-    try:
-        return AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
-    except Exception as exc:
-        raise RecipeError([f"model.name: cannot read the config of {source!r} ({exc}); it is not "
-                           "a local directory or .gguf file, the hub is unreachable, and the "
-                           "offline catalog has: " + ", ".join(sorted(known))]) from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,15 +205,6 @@ def causal_batch(batch_size, seq_len):
 # ---------------------------------------------------------------------------------------------
 # Building a plan
 # ---------------------------------------------------------------------------------------------
-
-
-def transformer_blocks(model):
-    """The model's repeated blocks: the largest ``nn.ModuleList`` (``model.layers``,
-    ``transformer.h``, ...), or an empty list."""
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
-    if not lists:
-        return []
-    return list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters())))
 
 
 def meta_model(h, recipe):

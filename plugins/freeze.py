@@ -8,7 +8,7 @@ import re
 from pydantic import Field, field_validator
 
 from plugtune import hookimpl
-from plugtune.plan import transformer_blocks
+from plugtune.models import transformer_blocks
 from plugtune.recipe import Section, float16_training_problem
 
 
