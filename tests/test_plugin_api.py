@@ -1,0 +1,80 @@
+"""What docs/hooks.md and docs/plugins.md promise a plugin author, used as an author would: the
+public helpers (the task's loss of any model, an evaluation), the batch a task plugin collates,
+and the end-of-run summary for a metric that only the trained model has."""
+import math
+
+import torch
+
+from plugtune import Loss, hookimpl, loss_of, testing
+from plugtune.cli import report
+
+
+class LateMetric:
+    """A metric that exists only once the model has trained (NaN before)."""
+
+    @hookimpl
+    def plugtune_evaluate(self, step):
+        return {"late_score": math.nan if step == 0 else 0.52}
+
+
+def test_a_metric_only_the_trained_model_has_prints_as_arrow_value(make_recipe):
+    summary, run = testing.run(make_recipe(train={"max_steps": 1},
+                                           causal_lm={"exact_match": False}),
+                               extra_plugins=[LateMetric()])
+    lines = []
+    report(summary, run, lines.append)
+    assert "  held-out late_score: -> 0.5200" in lines
+    assert any(line.startswith("  held-out eval_loss: ") and " -> " in line
+               and not line.startswith("  held-out eval_loss: ->") for line in lines)
+
+
+class SecondOpinion:
+    """Computes the task's loss on a frozen copy of the model at each evaluation: what an EMA
+    or a distillation plugin does with ``plugtune.loss_of``."""
+
+    def __init__(self):
+        self.copy, self.losses = None, []
+
+    @hookimpl
+    def plugtune_train_start(self, run):
+        import copy
+
+        self.copy = copy.deepcopy(run.accelerator.unwrap_model(run.model)).eval()
+
+    @hookimpl
+    def plugtune_evaluate(self, run):
+        data = run.data["validation"]
+        batch = data.collate(data.examples[:4])
+        with torch.no_grad():
+            loss = loss_of(run, self.copy, {k: v.to(run.accelerator.device)
+                                            for k, v in batch.items()})
+        self.losses.append(loss)
+        return {"untrained_loss": float(loss.mean)}
+
+
+def test_loss_of_gives_the_task_loss_of_another_model(make_recipe):
+    plugin = SecondOpinion()
+    summary, run = testing.run(make_recipe(train={"max_steps": 15},
+                                           causal_lm={"exact_match": False}),
+                               extra_plugins=[plugin])
+    assert all(isinstance(loss, Loss) and int(loss.count) > 0 for loss in plugin.losses)
+    # the copy never trains: the same loss before and after, while the model's fell below it
+    before, after = summary["eval_before"], summary["eval_after"]
+    assert before["untrained_loss"] == after["untrained_loss"]
+    assert after["eval_loss"] < after["untrained_loss"]
+
+
+def test_causal_lm_batch_is_as_documented(make_recipe):
+    """docs/hooks.md, "Batches": input_ids, attention_mask, labels unshifted with -100."""
+    recipe, pm = testing.load_recipe(make_recipe())
+    from plugtune import loop
+
+    run = loop.setup(recipe, pm, echo=lambda *a: None)
+    data = run.data["train"]
+    batch = data.collate(data.examples[:3])
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    assert batch["labels"].shape == batch["input_ids"].shape
+    target = batch["labels"] != -100
+    assert torch.equal(batch["labels"][target], batch["input_ids"][target])  # not shifted
+    assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+    assert not target[:, 0].any()  # the prompt (user turn) is not a target
