@@ -621,9 +621,28 @@ def describe(est, budget=None, label=None):
 # --fit: the first combination that fits, in order of least quality cost
 # ---------------------------------------------------------------------------------------------
 
-#: The plugins --fit chooses among (their sections are dropped when the plugin is).
-METHODS = ("full", "freeze", "lora", "int8", "nf4")
-CHECKPOINTING = "gradient_checkpointing"
+@dataclass
+class Variant:
+    """One way a plugin offers to make a recipe fit (``plugtune_fit_variants``).
+
+    :param label: what ``--fit`` prints, e.g. ``"int8 + lora"``.
+    :param rank: quality cost: 0 when every weight trains as in full fine-tuning; the larger,
+        the more the result may differ. ``--fit`` tries variants from the lowest rank up.
+    :param plugins: the plugins that make this variant; the core removes from the recipe every
+        plugin any variant names and adds these.
+    :param sections: recipe sections the variant sets, ``{name: {key: value}}``; the recipe's
+        own section wins unless ``override``.
+    :param override: these sections replace the recipe's own (``freeze``'s block counts).
+    :param saver: a memory saver tried on top of every other variant (gradient checkpointing),
+        not a variant of its own.
+    """
+
+    label: str
+    rank: float
+    plugins: list
+    sections: dict = field(default_factory=dict)
+    override: bool = False
+    saver: bool = False
 
 
 @dataclass
@@ -633,48 +652,57 @@ class Candidate:
     estimate: Estimate
     batch_size: int
     grad_accum: int
+    involved: set = field(default_factory=set)  # the plugins any variant names
 
     @property
     def total(self):
         return self.estimate.total()
 
 
-def rungs(tree, blocks):
-    """``(label, plugins, sections)`` from the least quality cost to the most: every weight
-    trains, then the last half/quarter/eighth of the blocks, then adapters on a 16/32-bit, an
-    8-bit and a 4-bit base."""
-    out = [("full", ["full"], {})]
-    for n in dict.fromkeys(max(1, blocks // d) for d in (2, 4, 8)):
-        out.append((f"freeze (train the last {n} of {blocks} blocks)", ["freeze"],
-                    {"freeze": {"last_n_blocks": n}}))
-    lora = {"lora": tree.get("lora") or {}}
-    out += [("lora", ["lora"], lora), ("int8 + lora", ["int8", "lora"], lora),
-            ("nf4 + lora", ["nf4", "lora"], lora)]
-    return out
+def offered(recipe, blocks, discovered):
+    """``(methods, savers)``: every installed plugin's :class:`Variant` s, methods by rank (a
+    variant whose plugins are not all installed is left out)."""
+    from . import manager
+
+    pm, _ = manager.inspect_all(discovered)
+    variants = [v for answer in pm.hook.plugtune_fit_variants(recipe=recipe, blocks=blocks)
+                for v in answer or ()]
+    variants = [v for v in variants if all(p in discovered for p in v.plugins)]
+    methods = sorted((v for v in variants if not v.saver), key=lambda v: v.rank)
+    return methods, [v for v in variants if v.saver]
 
 
-def start_rung(plugins, ladder):
-    """Where the search starts: the recipe's own method (it is never 'upgraded' past it)."""
-    chosen = [p for p in plugins if p in METHODS]
-    for i, (_, names, _) in enumerate(ladder):
-        if set(names) == set(chosen) or (chosen == ["freeze"] and names == ["freeze"]):
-            return i
-    return 0
+def ladder(recipe, methods):
+    """The methods to try, from the recipe's own one on (it is never 'upgraded' past it); where
+    the recipe uses a method whose variants set sections of their own (``override``), the
+    recipe's own settings of it come first."""
+    involved = {p for v in methods for p in v.plugins}
+    chosen = {p for p in recipe.plugins if p in involved}
+    start = next((i for i, v in enumerate(methods) if set(v.plugins) == chosen), None)
+    if start is None:
+        return methods
+    methods = methods[start:]
+    if any(v.override and set(v.plugins) == chosen for v in methods):
+        own = methods[0]
+        methods.insert(0, Variant(f"{' + '.join(own.plugins)} (as the recipe says)", own.rank,
+                                  own.plugins))
+    return methods
 
 
-def variant(tree, names, sections, checkpointing):
-    """``tree`` with its method plugins replaced by ``names`` (and their sections)."""
+def variant(tree, method, savers, involved):
+    """``tree`` with the plugins any variant names replaced by ``method``'s (and ``savers``'),
+    and their sections."""
     import copy
 
     out = copy.deepcopy(tree)
-    plugins = [p for p in out.get("plugins") or [] if p not in METHODS and p != CHECKPOINTING]
-    out["plugins"] = plugins + names + ([CHECKPOINTING] if checkpointing else [])
-    for name in METHODS:
-        if name not in names:
-            out.pop(name, None)
-    for name, section in sections.items():
-        if name not in tree or name == "freeze":  # the recipe's own settings win
-            out[name] = section
+    names = list(method.plugins) + [p for s in savers for p in s.plugins]
+    out["plugins"] = [p for p in out.get("plugins") or [] if p not in involved] + names
+    for name in involved - set(names):
+        out.pop(name, None)
+    for v in (method, *savers):
+        for name, section in v.sections.items():
+            if name not in tree or v.override:  # the recipe's own settings win
+                out[name] = section
     return out
 
 
@@ -689,31 +717,31 @@ def search(recipe, blocks, budget, device, discovered, echo=print):
     ``echo`` reports each combination tried."""
     from . import recipe as recipes
 
-    tree, own_ckpt = recipe.raw, CHECKPOINTING in recipe.plugins
-    ladder = rungs(tree, blocks)
-    if "freeze" in recipe.plugins:  # the recipe's own freeze settings come first
-        ladder.insert(1, ("freeze (as the recipe says)", ["freeze"], {}))
+    methods, savers = offered(recipe, blocks, discovered)
+    involved = {p for v in methods + savers for p in v.plugins}
+    tree = recipe.raw
+    own_savers = all(p in recipe.plugins for s in savers for p in s.plugins)
     smallest = None
     with tempfile_dir() as tmp:
-        for label, names, sections in ladder[start_rung(recipe.plugins, ladder):]:
-            # the recipe's micro-batch as it is, then with gradient checkpointing, then
-            # checkpointing with smaller micro-batches (the effective batch kept)
+        for method in ladder(recipe, methods):
+            # the recipe's micro-batch as it is, then with the savers (gradient checkpointing),
+            # then the savers with smaller micro-batches (the effective batch kept)
             batches = micro_batches(recipe.train.batch_size, recipe.train.grad_accum)
-            steps = [(False, batches[:1])] if not own_ckpt else []
-            steps.append((True, batches))
-            for ckpt, sizes in steps:
-                if not all(n in discovered for n in names + [CHECKPOINTING] * ckpt):
-                    continue
-                t = variant(tree, names, sections, ckpt)
+            steps = [((), batches[:1])] if not (savers and own_savers) else []
+            if savers:
+                steps.append((savers, batches))
+            for extra, sizes in steps:
+                t = variant(tree, method, extra, involved)
                 path = Path(tmp) / "candidate.yaml"
                 path.write_text(yaml_dump(t))
                 est = estimate(*recipes.load_recipe(
                     path, discovered=discovered,
                     trust_remote_code=recipe.model.trust_remote_code), device)
-                name = label + (" + gradient checkpointing" if ckpt else "")
+                name = " + ".join([method.label, *(s.label for s in extra)])
                 for b, accum in sizes:
                     train = {**(t.get("train") or {}), "batch_size": b, "grad_accum": accum}
-                    c = Candidate(name, {**t, "train": train}, est.with_batch(b, accum), b, accum)
+                    c = Candidate(name, {**t, "train": train}, est.with_batch(b, accum), b, accum,
+                                  involved)
                     if smallest is None or c.total < smallest.total:
                         smallest = c
                     fits = c.total <= budget
@@ -741,12 +769,12 @@ def yaml_dump(tree, header=""):
 def changes(recipe, chosen):
     """What --fit changed, in words."""
     out = []
-    t, old = chosen.tree, recipe.raw
-    before = [p for p in old.get("plugins") or [] if p in METHODS + (CHECKPOINTING,)]
-    after = [p for p in t["plugins"] if p in METHODS + (CHECKPOINTING,)]
+    t, old, involved = chosen.tree, recipe.raw, chosen.involved
+    before = [p for p in old.get("plugins") or [] if p in involved]
+    after = [p for p in t["plugins"] if p in involved]
     if before != after:
         out.append(f"plugins: {' + '.join(before) or '(none)'} -> {' + '.join(after)}")
-    for name in METHODS:
+    for name in sorted(involved):
         if name in t and t.get(name) != old.get(name):
             out.append(f"{name}: {t[name] or 'defaults'}")
     tr = recipe.train
@@ -774,11 +802,12 @@ def default_budget(device):
     return None, None
 
 
-def command(args, echo=print):
-    """``plugtune plan``: 0 when the recipe fits (or no budget is known), 1 when it does not."""
+def command(args, echo=print, discovered=None):
+    """``plugtune plan``: 0 when the recipe fits (or no budget is known), 1 when it does not.
+    ``discovered``: the installed plugins (``manager.discover()`` by default)."""
     from . import manager, recipe as recipes
 
-    discovered = manager.discover()
+    discovered = manager.discover() if discovered is None else discovered
     recipe, pm = recipes.load_recipe(args.recipe, args.overrides, discovered=discovered,
                                      trust_remote_code=getattr(args, "trust_remote_code", False))
     budget, label = parse_budget(args.gpu) if args.gpu else default_budget(args.device)
@@ -828,8 +857,9 @@ def command(args, echo=print):
         echo(f"  - {c}")
     echo(f"why: as written the recipe needs {size(est.total())} and the budget is "
          f"{size(budget)}; the combinations above were tried in order of least quality cost "
-         "(full, freeze, lora, int8 + lora, nf4 + lora; each first as is, then with gradient "
-         "checkpointing, then smaller micro-batches) and this is the first that fits")
+         "(the variants the installed plugins offer, by their quality rank; each first as is, "
+         "then with the memory savers, then smaller micro-batches) and this is the first "
+         "that fits")
     return 0
 
 
