@@ -411,8 +411,8 @@ def trace(plan, pm):
                 torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = pm.hook.plugtune_compute_loss(model=model, batch=batch, recipe=plan.recipe)
         if loss is None:
-            raise PluginError("no active plugin computes the loss; add a task plugin such as "
-                              "causal_lm")
+            raise PluginError("no active plugin computes the loss; add a task plugin to "
+                              "plugins: (`plugtune plugins` lists them)")
     finally:
         for handle in handles:
             handle.remove()

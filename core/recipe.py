@@ -412,8 +412,9 @@ def load_recipe(arg, overrides=(), discovered=None, check_files=True, trust_remo
         problems += section_problems
     problems += _missing_files(tree) if check_files else []
     if not pm.hook.plugtune_compute_loss.get_hookimpls():
-        problems.append("plugins: no active plugin computes the loss; add a task plugin such "
-                        "as causal_lm")
+        problems.append("plugins: no active plugin computes the loss; add a task plugin "
+                        "(one that implements plugtune_compute_loss; `plugtune plugins` lists "
+                        "them)")
     recipe = Recipe(core,
                     {name: section or _stand_in(schemas[name], tree.get(name))
                      for name, section in sections.items()}, active, path, tree)

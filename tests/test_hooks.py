@@ -727,13 +727,14 @@ def test_fit_variants_lets_fit_pick_a_plugins_own_variant(quick, tmp_path):
     installed = testing.with_plugins([norm_only])
     path = quick(train={"batch_size": 1, "max_length": 32})
 
-    def total(plugins):
-        recipe, pm = testing.load_recipe(path, [f"plugins={json.dumps(plugins)}"],
+    def total(plugins, *overrides):
+        recipe, pm = testing.load_recipe(path, [f"plugins={json.dumps(plugins)}", *overrides],
                                          extra_plugins=[norm_only] * ("norm_only" in plugins))
         return plan.estimate(recipe, pm, "cuda").total()
 
     ours = total(["causal_lm", "norm_only"])
-    assert total(["causal_lm", "freeze", "gradient_checkpointing"]) > ours  # freeze: too big
+    assert total(["causal_lm", "freeze", "gradient_checkpointing"],  # freezing: too big
+                 "freeze.last_n_blocks=1") > ours
     out, lines = tmp_path / "fit.yaml", []
     args = cli.parser().parse_args(["plan", str(path), "--gpu", f"{ours}B", "--fit",
                                     "--out", str(out)])

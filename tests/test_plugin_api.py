@@ -78,3 +78,32 @@ def test_causal_lm_batch_is_as_documented(make_recipe):
     assert torch.equal(batch["labels"][target], batch["input_ids"][target])  # not shifted
     assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
     assert not target[:, 0].any()  # the prompt (user turn) is not a target
+
+
+#: Built-in plugins whose names are not also English words or transformers' own attributes
+#: (`full`, `metrics`, `plot`, `progress`, `hf`, `data` are; so is a module's
+#: `gradient_checkpointing` flag, which the planner reads).
+BUILT_IN = ["causal_lm", "freeze", "lora", "int8", "nf4", "adamw", "adamw_8bit",
+            "sequence_classification", "token_classification", "early_stopping"]
+
+
+def test_the_core_names_no_plugin():
+    """Outside docstrings and comments, no string or name in core/ is a built-in plugin's."""
+    import ast
+    import re
+    from pathlib import Path
+
+    pattern = re.compile(r"\b(" + "|".join(BUILT_IN) + r")\b")
+    found = []
+    for path in sorted((Path(__file__).parent.parent / "core").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        docstrings = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)
+                      and isinstance(node.value, ast.Constant)}
+        for node in ast.walk(tree):
+            text = (node.value if isinstance(node, ast.Constant) and id(node) not in docstrings
+                    and isinstance(node.value, str) else
+                    node.id if isinstance(node, ast.Name) else
+                    node.attr if isinstance(node, ast.Attribute) else "")
+            if pattern.search(text):
+                found.append(f"{path.name}:{node.lineno}: {text[:60]!r}")
+    assert found == []
