@@ -1,5 +1,5 @@
 """The ``plugtune`` command: run, resume, reproduce, validate, plan, plugins, recipes, export,
-generate, eval."""
+generate, eval, new-plugin."""
 import argparse
 import math
 import os
@@ -144,6 +144,16 @@ def cmd_eval(args):
     return 0
 
 
+def cmd_new_plugin(args):
+    from . import scaffold
+
+    root = scaffold.new_plugin(args.name, args.dir)
+    print(f"wrote {root}: pyproject.toml (entry point {args.name}), "
+          f"plugtune_{args.name}.py, test_{args.name}.py, README.md")
+    print(f"next: cd {root} && python -m pip install -e . && python -m pytest")
+    return 0
+
+
 def cmd_plan(args):
     from . import plan
 
@@ -210,6 +220,13 @@ def parser():
     sp.set_defaults(func=cmd_reproduce)
     sub.add_parser("plugins", help="list installed plugins").set_defaults(func=cmd_plugins)
     sub.add_parser("recipes", help="list shipped recipes").set_defaults(func=cmd_recipes)
+    sp = sub.add_parser("new-plugin", help="write an installable plugin skeleton",
+                        description="Write ./plugtune-NAME/: a pyproject.toml with the entry "
+                        "point, plugtune_NAME.py with a recipe section and a documented hook, "
+                        "and a pytest test using plugtune.testing that passes once installed.")
+    sp.add_argument("name", help="the plugin's name (the one recipes list in plugins:)")
+    sp.add_argument("--dir", default=".", help="where to write plugtune-NAME/ (default: here)")
+    sp.set_defaults(func=cmd_new_plugin)
     sp = sub.add_parser("export", help="write a run's model: its adapter, or merged",
                         description="Write a run's model to OUT: the adapter or model as saved, "
                         "or with --merge the adapter merged into its base as a model that "
