@@ -107,3 +107,36 @@ def test_the_core_names_no_plugin():
             if pattern.search(text):
                 found.append(f"{path.name}:{node.lineno}: {text[:60]!r}")
     assert found == []
+
+
+class ReadsWeights:
+    """A model-phase hook that reads values: `.item()` fails on the planner's meta model."""
+
+    def __init__(self, skip_meta):
+        self.skip_meta, self.seen = skip_meta, []
+
+    @hookimpl
+    def plugtune_prepare_model(self, model):
+        weight = next(model.parameters())
+        if self.skip_meta and weight.is_meta:
+            return
+        self.seen.append(float(weight.flatten()[0].item()))
+
+
+def test_model_phase_hooks_run_on_the_meta_model_first_as_documented(make_recipe):
+    """docs/hooks.md, "Model-phase hooks on the meta device": the planner calls them on a meta
+    model before the run does on the real one; a hook that skips meta tensors keeps the plan, one
+    that reads values loses it (one line), and neither stops the run."""
+    from plugtune import loop, plan
+
+    for skip_meta, available in ((True, True), (False, False)):
+        plugin = ReadsWeights(skip_meta)
+        recipe, pm = testing.load_recipe(make_recipe(train={"max_steps": 1},
+                                                     causal_lm={"exact_match": False},
+                                                     output={"name": f"skip-{skip_meta}"}),
+                                         extra_plugins=[plugin])
+        lines = []
+        plan.preflight(recipe, pm, echo=lines.append)
+        assert lines[0].startswith("memory plan: unavailable") != available, lines
+        summary = loop.train(loop.setup(recipe, pm, echo=lines.append), echo=lines.append)
+        assert summary["steps"] == 1 and len(plugin.seen) == 1  # the real model, once
