@@ -3,6 +3,7 @@ generate, eval, new-plugin."""
 import argparse
 import math
 import os
+import re
 import signal
 import sys
 import traceback
@@ -84,7 +85,8 @@ def cmd_plugins(args):
         print(f"{name}{default}  ({info.dist} {info.version})  {info.doc}")
         print(f"    hooks: {', '.join(manager.hooks_of(pm, name)) or '-'}")
     for name, bad in broken.items():
-        print(f"{name}  ({bad.dist} {bad.version})  BROKEN: {bad.error.splitlines()[0]}")
+        what = re.sub(r"^plugin '[^']*' \([^)]*\):? ", "", bad.error.splitlines()[0])
+        print(f"{name}  ({bad.dist} {bad.version})  BROKEN: {what}")
         print(f"    skip it with {manager.SKIP_ENV}={name}, or fix or uninstall {bad.dist}")
         print(f"plugtune: error: {bad.error}", file=sys.stderr)
     return PluginError.exit_code if broken else 0

@@ -288,8 +288,9 @@ def plugtune_teardown(run, error):
 # ---------------------------------------------------------------------------------------------
 # Planning: `plugtune plan`, and `plugtune run` before it loads anything. Not part of a training
 # run's sequence: the planner builds the model on the meta device from its config, runs the
-# model phases above on it (prepare_base, prepare_model, wrap_model, select_trainable: they must
-# work on meta tensors, as flag-setting and wrapping code does), calls plugtune_estimate_memory,
+# model phases above on it (prepare_base, prepare_model, wrap_model, select_trainable: so they
+# run twice in `plugtune run` and must not read tensor values on meta parameters; the rules are
+# in docs/hooks.md, "Model-phase hooks on the meta device"), calls plugtune_estimate_memory,
 # then one plugtune_compute_loss on a meta batch to count activations (see plugtune.plan).
 # `plugtune plan --fit` asks every installed plugin for its variants (plugtune_fit_variants).
 # ---------------------------------------------------------------------------------------------

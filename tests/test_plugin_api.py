@@ -80,6 +80,28 @@ def test_causal_lm_batch_is_as_documented(make_recipe):
     assert not target[:, 0].any()  # the prompt (user turn) is not a target
 
 
+def test_head_batches_are_as_documented(tmp_path, tiny_llama):
+    """docs/hooks.md, "Batches": a classifier's labels are one id per row, a token classifier's
+    one per token with -100 where a token is not scored."""
+    from plugtune import loop
+    from test_heads import head_recipe, toy_tags, toy_texts
+
+    for task, records in (("sequence_classification", toy_texts()),
+                          ("token_classification", toy_tags())):
+        recipe, pm = testing.load_recipe(head_recipe(tmp_path, tiny_llama, task, records,
+                                                     name=f"{task}.yaml"))
+        run = loop.setup(recipe, pm, echo=lambda *a: None)
+        data = run.data["train"]
+        batch = data.collate(data.examples[:3])
+        assert {"input_ids", "attention_mask", "labels"} <= set(batch) <= {
+            "input_ids", "attention_mask", "labels", "position_ids"}
+        if task == "sequence_classification":
+            assert batch["labels"].shape == (3,)
+        else:
+            assert batch["labels"].shape == batch["input_ids"].shape
+            assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+
+
 #: Built-in plugins whose names are not also English words or transformers' own attributes
 #: (`full`, `metrics`, `plot`, `progress`, `hf`, `data` are; so is a module's
 #: `gradient_checkpointing` flag, which the planner reads).
