@@ -1,4 +1,14 @@
-"""plugtune: fine-tune GPT-class models with a small loop, pluggy hooks and YAML recipes."""
+"""plugtune: fine-tune GPT-class models with a small loop, pluggy hooks and YAML recipes.
+
+**The plugin API** (version :data:`API_VERSION`) is what this module exports, listed in
+``__all__`` and in docs/plugins.md ("The plugin API"): a plugin may import these names from
+``plugtune``, and the modules in :data:`PUBLIC_MODULES` as a whole. Anything else (other
+modules, names starting with ``_``, attributes of ``Run`` not documented in docs/hooks.md) is
+private and may change in any release. A plugin declares the API range it was written for with
+``PLUGTUNE_API = ">=1.0,<2"`` on its module (or its class); plugtune refuses a plugin whose
+range excludes :data:`API_VERSION`, naming it.
+"""
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
 
 import pluggy
@@ -10,7 +20,43 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
+#: The version of the plugin API: the minor part grows when names are added, the major part
+#: when a name is removed or its contract changes. A plugin's ``PLUGTUNE_API`` range is checked
+#: against it.
+API_VERSION = "1.0"
+
 #: Decorator for hook implementations: ``@hookimpl def plugtune_check_recipe(recipe): ...``
 hookimpl = pluggy.HookimplMarker("plugtune")
 
-__all__ = ["__version__", "hookimpl", "Loss"]
+#: Names importable from ``plugtune`` lazily (so that ``import plugtune`` stays light):
+#: ``name -> module``.
+_LAZY = {
+    "Run": "loop",                 # what training-phase hooks receive as ``run``
+    "loss_of": "loop",             # the task's Loss of a model on a batch
+    "evaluate": "loop",            # one evaluation of run.model (logged, eval_end called)
+    "cross_entropy": "loss",
+    "Record": "data", "Splits": "data", "Tokenized": "data",
+    "Section": "recipe", "Recipe": "recipe",
+    "PlugtuneError": "errors", "RecipeError": "errors", "DataError": "errors",
+    "InputError": "errors", "PluginError": "errors",
+    "Plan": "plan", "Param": "plan", "Optimizer": "plan",
+    "transformer_blocks": "models", "read_config": "models",
+}
+
+#: Modules a plugin may import as a whole; their public names (no leading ``_``) are the API.
+PUBLIC_MODULES = ("plugtune.hookspecs", "plugtune.testing", "plugtune.errors", "plugtune.data",
+                  "plugtune.loss", "plugtune.models", "plugtune.sources")
+
+__all__ = ["__version__", "API_VERSION", "hookimpl", "Loss", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'plugtune' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

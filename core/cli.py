@@ -1,13 +1,15 @@
 """The ``plugtune`` command: run, resume, reproduce, validate, plan, plugins, recipes, export,
-generate, eval."""
+generate, eval, new-plugin."""
 import argparse
+import math
 import os
+import re
 import signal
 import sys
 import traceback
 
 from . import __version__, loop, manager, recipe as recipes, rundir
-from .errors import PlugtuneError
+from .errors import PluginError, PlugtuneError
 from .signals import Terminated, terminate_raises
 
 #: Set to show the traceback behind an error (as ``-v`` does).
@@ -37,7 +39,8 @@ def report(summary, run, echo):
         echo(f"  {summary['skipped_steps']} step(s) skipped for a non-finite loss or gradient")
     for key in after:
         if key != "step" and isinstance(after[key], (int, float)):
-            was = f"{before[key]:.4f} " if isinstance(before.get(key), (int, float)) else ""
+            was = before.get(key)  # a metric only the trained model has: `-> x`
+            was = f"{was:.4f} " if isinstance(was, (int, float)) and math.isfinite(was) else ""
             echo(f"  held-out {key}: {was}-> {after[key]:.4f}")
 
 
@@ -68,13 +71,25 @@ def cmd_validate(args):
 
 
 def cmd_plugins(args):
-    discovered = manager.discover()
-    pm = manager.make_manager(list(discovered), discovered)
+    """Every installed plugin with its hooks; a broken one (it fails to import, breaks the hook
+    contract or needs another plugin API) is listed with its error, every healthy one still is,
+    and the exit status is 3."""
+    broken = {}
+    discovered = manager.discover(broken=broken)
+    pm, invalid = manager.inspect_all(discovered)
+    broken.update(invalid)
     for name, info in discovered.items():
+        if name in broken:
+            continue
         default = " [default]" if info.default else ""
         print(f"{name}{default}  ({info.dist} {info.version})  {info.doc}")
         print(f"    hooks: {', '.join(manager.hooks_of(pm, name)) or '-'}")
-    return 0
+    for name, bad in broken.items():
+        what = re.sub(r"^plugin '[^']*' \([^)]*\):? ", "", bad.error.splitlines()[0])
+        print(f"{name}  ({bad.dist} {bad.version})  BROKEN: {what}")
+        print(f"    skip it with {manager.SKIP_ENV}={name}, or fix or uninstall {bad.dist}")
+        print(f"plugtune: error: {bad.error}", file=sys.stderr)
+    return PluginError.exit_code if broken else 0
 
 
 def cmd_recipes(args):
@@ -128,6 +143,16 @@ def cmd_eval(args):
         if key != "step" and isinstance(value, (int, float)):
             print(f"  {key}: {value:.4f}")
     print(f"wrote {path}")
+    return 0
+
+
+def cmd_new_plugin(args):
+    from . import scaffold
+
+    root = scaffold.new_plugin(args.name, args.dir)
+    print(f"wrote {root}: pyproject.toml (entry point {args.name}), "
+          f"plugtune_{args.name}.py, test_{args.name}.py, README.md")
+    print(f"next: cd {root} && python -m pip install -e . && python -m pytest")
     return 0
 
 
@@ -197,6 +222,13 @@ def parser():
     sp.set_defaults(func=cmd_reproduce)
     sub.add_parser("plugins", help="list installed plugins").set_defaults(func=cmd_plugins)
     sub.add_parser("recipes", help="list shipped recipes").set_defaults(func=cmd_recipes)
+    sp = sub.add_parser("new-plugin", help="write an installable plugin skeleton",
+                        description="Write ./plugtune-NAME/: a pyproject.toml with the entry "
+                        "point, plugtune_NAME.py with a recipe section and a documented hook, "
+                        "and a pytest test using plugtune.testing that passes once installed.")
+    sp.add_argument("name", help="the plugin's name (the one recipes list in plugins:)")
+    sp.add_argument("--dir", default=".", help="where to write plugtune-NAME/ (default: here)")
+    sp.set_defaults(func=cmd_new_plugin)
     sp = sub.add_parser("export", help="write a run's model: its adapter, or merged",
                         description="Write a run's model to OUT: the adapter or model as saved, "
                         "or with --merge the adapter merged into its base as a model that "

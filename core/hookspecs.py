@@ -288,9 +288,11 @@ def plugtune_teardown(run, error):
 # ---------------------------------------------------------------------------------------------
 # Planning: `plugtune plan`, and `plugtune run` before it loads anything. Not part of a training
 # run's sequence: the planner builds the model on the meta device from its config, runs the
-# model phases above on it (prepare_base, prepare_model, wrap_model, select_trainable: they must
-# work on meta tensors, as flag-setting and wrapping code does), calls plugtune_estimate_memory,
+# model phases above on it (prepare_base, prepare_model, wrap_model, select_trainable: so they
+# run twice in `plugtune run` and must not read tensor values on meta parameters; the rules are
+# in docs/hooks.md, "Model-phase hooks on the meta device"), calls plugtune_estimate_memory,
 # then one plugtune_compute_loss on a meta batch to count activations (see plugtune.plan).
+# `plugtune plan --fit` asks every installed plugin for its variants (plugtune_fit_variants).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -333,4 +335,20 @@ def plugtune_estimate_memory(plan, recipe):
 
     Read-only context: ``plan.device`` (``"cuda"``/``"cpu"``), ``plan.batch_size``,
     ``plan.seq_len``, ``plan.grad_accum``, ``plan.mixed_precision``, ``plan.model`` (meta).
+    """
+
+
+@hookspec
+def plugtune_fit_variants(recipe, blocks):
+    """Offer the ways this plugin can make a recipe need less memory, for ``plugtune plan
+    --fit``: return a list of :class:`plugtune.plan.Variant` (or ``None``).
+
+    Called with every installed plugin registered, active or not (fitting may add a plugin).
+    The core orders the variants of all plugins by ``rank`` (quality cost: 0 for "every weight
+    trains", larger for what changes the result more) and tries them from the recipe's own
+    method on: each first as it is, then with every ``saver`` variant (gradient checkpointing)
+    added, then with smaller micro-batches; the first that fits is written.
+
+    :param recipe: the validated recipe being fitted (``recipe.raw`` is its YAML tree).
+    :param blocks: the number of transformer blocks of its model.
     """

@@ -160,7 +160,7 @@ def setup_model(h, recipe, echo=print, tokenizer=None):
     trainable, total = count_parameters(model)
     if trainable == 0:
         raise PluginError("no parameter is trainable after plugtune_select_trainable; check "
-                          "the freeze/lora settings of the recipe")
+                          "the settings of the recipe's plugins that choose what trains")
     if any(p.requires_grad and p.dtype == torch.float16 for p in model.parameters()):
         raise PlugtuneError(float16_training_problem("some trainable parameters are float16"))
     echo(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")

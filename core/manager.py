@@ -34,13 +34,22 @@ class PluginInfo:
 
     @property
     def doc(self):
-        """The first sentence of the plugin's docstring."""
-        paragraph = (inspect.getdoc(self.obj) or "").split("\n\n")[0].replace("\n", " ")
+        """The first sentence of the docstring of what the entry point names: the module's,
+        or the class's (the module's where the class has none)."""
+        text = self.obj.__doc__ if isinstance(self.obj.__doc__, str) else ""
+        if not text.strip() and inspect.isclass(self.obj):
+            text = getattr(inspect.getmodule(self.obj), "__doc__", None) or ""
+        paragraph = inspect.cleandoc(text).split("\n\n")[0].replace("\n", " ")
         return paragraph.split(". ")[0].rstrip(".")
 
 
-def discover():
-    """Import every plugin of the entry-point group; return ``{name: PluginInfo}``."""
+def discover(broken=None):
+    """Import every plugin of the entry-point group; return ``{name: PluginInfo}``.
+
+    A plugin that fails to import, or whose ``PLUGTUNE_API`` range excludes this plugtune's
+    :data:`plugtune.API_VERSION`, is a :class:`PluginError` naming it, its distribution and
+    how to skip it; with ``broken`` (a dict) such plugins are put there (``name -> error``)
+    instead, and discovery goes on (``plugtune plugins`` lists them all)."""
     skip = {s.strip() for s in os.environ.get(SKIP_ENV, "").split(",") if s.strip()}
     found = {}
     for ep in entry_points(group=GROUP):
@@ -54,15 +63,65 @@ def discover():
                 f"{found[ep.name].dist} and {dist}; uninstall one of them"
             )
         try:
-            obj = ep.load()
-        except Exception as exc:
-            raise PluginError(
-                f"plugin {ep.name!r} (distribution {dist} {ver}, entry point {ep.value}) "
-                f"failed to import: {type(exc).__name__}: {exc}\n"
-                f"  hint: fix or uninstall {dist}, or set {SKIP_ENV}={ep.name} to run without it"
-            ) from exc
-        found[ep.name] = PluginInfo(ep.name, obj, dist, ver)
+            try:
+                obj = ep.load()
+            except Exception as exc:
+                raise PluginError(
+                    f"plugin {ep.name!r} (distribution {dist} {ver}, entry point {ep.value}) "
+                    f"failed to import: {type(exc).__name__}: {exc}\n"
+                    f"  hint: fix or uninstall {dist}, or set {SKIP_ENV}={ep.name} to run "
+                    "without it") from exc
+            info = PluginInfo(ep.name, obj, dist, ver)
+            check_api(info)
+        except PluginError as exc:
+            if broken is None:
+                raise
+            broken[ep.name] = BrokenPlugin(ep.name, dist, ver, str(exc))
+            continue
+        found[ep.name] = info
     return found
+
+
+@dataclass(frozen=True)
+class BrokenPlugin:
+    """An installed plugin that cannot be used, and why (``plugtune plugins`` lists it)."""
+
+    name: str
+    dist: str
+    version: str
+    error: str
+
+
+def check_api(info):
+    """Refuse a plugin whose ``PLUGTUNE_API`` (a PEP 440 specifier such as ``">=1.0,<2"``, on
+    its module or class) excludes :data:`plugtune.API_VERSION`. A plugin that declares none is
+    taken to work with every version."""
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+    from . import API_VERSION
+
+    wanted = getattr(info.obj, "PLUGTUNE_API", None)
+    if wanted is None:
+        return
+    where = f"plugin {info.name!r} (distribution {info.dist} {info.version})"
+    try:
+        spec = SpecifierSet(str(wanted))
+    except InvalidSpecifier:
+        raise PluginError(f"{where}: PLUGTUNE_API = {wanted!r} is not a version range; write "
+                          f"one such as \">=1.0,<2\"\n  hint: fix or uninstall {info.dist}, or "
+                          f"set {SKIP_ENV}={info.name} to run without it") from None
+    if API_VERSION not in spec:
+        raise PluginError(
+            f"{where} needs plugtune plugin API {spec}, and this plugtune {_version()} provides "
+            f"API {API_VERSION}\n  hint: install a version of {info.dist} made for API "
+            f"{API_VERSION} (or a plugtune that provides {spec}), or set "
+            f"{SKIP_ENV}={info.name} to run without it")
+
+
+def _version():
+    from . import __version__
+
+    return __version__
 
 
 def resolve_active(requested, discovered):
@@ -85,23 +144,69 @@ def resolve_active(requested, discovered):
 
 def make_manager(names, discovered):
     """A plugin manager with the hookspecs and the named plugins registered, checked: a hook
-    or hook argument that ``plugtune.hookspecs`` does not define is an error naming the plugin."""
+    or hook argument that ``plugtune.hookspecs`` does not define, a near miss of a hook name
+    (``plugtun_step_end``) or an excluded ``PLUGTUNE_API`` is an error naming the plugin."""
     pm = Manager(GROUP)
     pm.infos = {name: discovered[name] for name in names}
     pm.add_hookspecs(hookspecs)
     for name in names:
-        info = discovered[name]
-        try:
-            pm.register(info.obj() if inspect.isclass(info.obj) else info.obj, name=name)
-        except pluggy.PluginValidationError as exc:
-            raise _invalid(info, str(exc).replace("\n", "; ")) from exc
-    try:
-        pm.check_pending()
-    except pluggy.PluginValidationError as exc:
-        unknown = [c.name for c in pm.get_hookcallers(exc.plugin) or [] if not c.has_spec()]
-        raise _invalid(discovered[pm.get_name(exc.plugin)], f"unknown hook {unknown[0]!r}"
-                       f"{did_you_mean(unknown[0], vars(hookspecs))}") from exc
+        register(pm, discovered[name])
+    pm.check_pending()  # each plugin was checked as it registered; this is the backstop
     return pm
+
+
+def register(pm, info):
+    """Register one plugin (a class is instantiated) and check it; :class:`PluginError` when
+    it breaks the hook contract, with the plugin unregistered again."""
+    check_api(info)
+    problem = near_miss(info.obj)
+    if problem:
+        raise _invalid(info, problem)
+    try:
+        pm.register(info.obj() if inspect.isclass(info.obj) else info.obj, name=info.name)
+    except pluggy.PluginValidationError as exc:
+        if pm.get_plugin(info.name) is not None:
+            pm.unregister(name=info.name)
+        raise _invalid(info, str(exc).replace("\n", "; ")) from exc
+    plugin = pm.get_plugin(info.name)
+    unknown = [c.name for c in pm.get_hookcallers(plugin) or [] if not c.has_spec()]
+    if unknown:
+        pm.unregister(plugin)
+        raise _invalid(info, f"unknown hook {unknown[0]!r}"
+                       f"{did_you_mean(unknown[0], vars(hookspecs))}")
+    return plugin
+
+
+def near_miss(obj):
+    """A message for a function whose name is almost a hook's but not ``plugtune_…``
+    (``plugtun_step_end``, ``plugtune_step_end`` spelt ``plugtune__step_end``): pluggy would
+    ignore it silently. None when there is none."""
+    hooks = [n for n in vars(hookspecs) if n.startswith("plugtune_")]
+    for attr in dir(obj):
+        if attr.startswith(("plugtune_", "_")) or not inspect.isroutine(getattr(obj, attr, None)):
+            continue
+        close = difflib.get_close_matches(attr, hooks, n=1, cutoff=0.85)
+        if close:
+            return (f"function {attr!r} looks like a misspelt hook (did you mean {close[0]!r}?); "
+                    "rename it, or start its name with an underscore if it is not a hook")
+    return None
+
+
+def inspect_all(discovered):
+    """``(plugin manager, {name: BrokenPlugin})`` with every discovered plugin registered that
+    can be: one that breaks the hook contract is left out and reported, not raised."""
+    pm = Manager(GROUP)
+    pm.infos = dict(discovered)
+    pm.add_hookspecs(hookspecs)
+    broken = {}
+    for name, info in discovered.items():
+        try:
+            register(pm, info)
+        except PluginError as exc:
+            broken[name] = BrokenPlugin(name, info.dist, info.version, f"{exc}\n  hint: fix or "
+                                        f"uninstall {info.dist}, or set {SKIP_ENV}={name} to "
+                                        "run without it")
+    return pm, broken
 
 
 class Manager(pluggy.PluginManager):

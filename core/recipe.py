@@ -142,6 +142,8 @@ class Recipe:
     def __init__(self, core, sections, plugins, path, raw):
         self.core, self.sections, self.plugins, self.path, self.raw = (
             core, sections, plugins, path, raw)
+        #: ``{section: {key: value}}`` decided from the data during this run (:meth:`decide`)
+        self.decided = {}
 
     def __getattr__(self, name):
         if name in CoreRecipe.model_fields:
@@ -151,10 +153,27 @@ class Recipe:
     def __getitem__(self, section):
         return self.sections[section]
 
+    def decide(self, section, key, value):
+        """Keep a setting a plugin worked out from the data during this run (a classifier's
+        label set, ``balanced`` class weights as numbers). The validated section is not changed
+        (``recipe[section]`` stays what the recipe said); :meth:`setting` returns the decided
+        value, and ``recipe.yaml`` records it, so a run reloaded from its directory
+        (``plugtune eval``, ``export``, ``generate``, ``resume``) finds it in its section."""
+        self.decided.setdefault(section, {})[key] = value
+
+    def setting(self, section, key):
+        """What this run uses for ``section.key``: the value decided from the data
+        (:meth:`decide`), else the recipe's."""
+        if key in self.decided.get(section, {}):
+            return self.decided[section][key]
+        return getattr(self.sections[section], key)
+
     def resolved(self):
-        """The fully resolved recipe as plain data (defaults filled in), for ``recipe.yaml``."""
+        """The fully resolved recipe as plain data (defaults filled in, and what plugins
+        decided from the data), for ``recipe.yaml``."""
         out = self.core.model_dump(mode="json")
-        out.update({k: s.model_dump(mode="json") for k, s in self.sections.items()})
+        out.update({k: {**s.model_dump(mode="json"), **self.decided.get(k, {})}
+                    for k, s in self.sections.items()})
         return out
 
 
@@ -414,8 +433,9 @@ def load_recipe(arg, overrides=(), discovered=None, check_files=True, trust_remo
         problems += section_problems
     problems += _missing_files(tree) if check_files else []
     if not pm.hook.plugtune_compute_loss.get_hookimpls():
-        problems.append("plugins: no active plugin computes the loss; add a task plugin such "
-                        "as causal_lm")
+        problems.append("plugins: no active plugin computes the loss; add a task plugin "
+                        "(one that implements plugtune_compute_loss; `plugtune plugins` lists "
+                        "them)")
     recipe = Recipe(core,
                     {name: section or _stand_in(schemas[name], tree.get(name))
                      for name, section in sections.items()}, active, path, tree)

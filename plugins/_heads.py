@@ -4,9 +4,10 @@ a plugin itself.
 A head is a new output layer on a pretrained model, loaded through a transformers task class
 (``AutoModelFor...Classification``), which adds the layer (``score`` on decoders, ``classifier``
 on encoders) with random weights. Its label set comes from the training split, sorted (numerically
-when every label is a number), unless the recipe gives ``labels:``; the plugin keeps it in its
-recipe section, so the run's ``recipe.yaml`` records it, and the run also writes ``labels.json``
-and the model config's ``id2label``/``label2id``.
+when every label is a number), unless the recipe gives ``labels:``; the plugin keeps it as the
+run's state (``recipe.decide(NAME, "labels", ...)``; the validated section is not changed) and
+reads it with :func:`labels_of`; the run's ``recipe.yaml`` records it, and the run also writes
+``labels.json`` and the model config's ``id2label``/``label2id``.
 
 The head always trains: with ``lora`` peft saves and trains it as a ``modules_to_save`` module
 (the ``lora`` plugin picks peft's classification task type from the model class); otherwise the
@@ -75,7 +76,13 @@ def field(record, key, section_name, needs):
     return record.data[key]
 
 
-def label_ids(section, section_name, records, values, split):
+def labels_of(recipe, section_name):
+    """The run's label set in id order: the recipe's ``labels:``, or the training split's
+    (decided when it was tokenized); None before that."""
+    return recipe.setting(section_name, "labels")
+
+
+def label_ids(recipe, section_name, records, values, split):
     """Label ids of ``values`` (one label, or a list per record). The training split decides
     the label set where the recipe gives none; a label outside the set is a DataError."""
     def names(value, record):
@@ -85,22 +92,24 @@ def label_ids(section, section_name, records, values, split):
             raise DataError(f"{record.where}: {exc}") from exc
 
     texts = [names(v, r) for v, r in zip(values, records)]
-    if section.labels is None:
+    labels = labels_of(recipe, section_name)
+    if labels is None:
         if split != "train":
             raise PluginError(f"{section_name}: the label set is unknown; tokenize the training "
                               f"split first or give {section_name}.labels")
         flat = [t for ts in texts for t in (ts if isinstance(ts, list) else [ts])]
-        section.labels = sorted_labels(flat)
-    label2id = {name: i for i, name in enumerate(section.labels)}
+        labels = sorted_labels(flat)
+        recipe.decide(section_name, "labels", labels)
+    label2id = {name: i for i, name in enumerate(labels)}
 
     def to_id(text, record):
         if text in label2id:
             return label2id[text]
         if split == "train":
             raise DataError(f"{record.where}: label {text!r} is not in {section_name}.labels "
-                            f"{section.labels}; add it there or fix the record")
+                            f"{labels}; add it there or fix the record")
         raise DataError(f"{record.where}: label {text!r} is not one of the labels the head is "
-                        f"trained on {section.labels}; a held-out record can only have one of "
+                        f"trained on {labels}; a held-out record can only have one of "
                         f"those (fix the record, or list every label in {section_name}.labels)")
 
     return [[to_id(t, r) for t in ts] if isinstance(ts, list) else to_id(ts, r)
@@ -133,17 +142,16 @@ def collator(tokenizer, per_token):
     return collate
 
 
-def model_kwargs(section, section_name, tokenizer):
+def model_kwargs(labels, tokenizer):
     """``from_pretrained`` arguments for a head with the section's labels. The model learns the
     tokenizer's padding token: a decoder's classifier pools the last token that is not padding
     (transformers finds it by ``pad_token_id``, on either padding side)."""
-    if section.labels is None:
+    if labels is None:
         # Only the memory planner loads a model (on the meta device) before the training split
         # is read; the number of labels hardly changes its figures.
         return {}
-    kwargs = {"num_labels": len(section.labels),
-              "id2label": dict(enumerate(section.labels)),
-              "label2id": {name: i for i, name in enumerate(section.labels)}}
+    kwargs = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+              "label2id": {name: i for i, name in enumerate(labels)}}
     if tokenizer is not None and tokenizer.pad_token_id is not None:
         kwargs["pad_token_id"] = tokenizer.pad_token_id
     return kwargs
@@ -211,8 +219,7 @@ def plugtune_model_class(recipe):
 
 @hookimpl
 def plugtune_model_kwargs(recipe, tokenizer):
-    name = head_name(recipe)
-    return model_kwargs(recipe[name], name, tokenizer)
+    return model_kwargs(labels_of(recipe, head_name(recipe)), tokenizer)
 
 
 @hookimpl(wrapper=True)
@@ -233,4 +240,4 @@ def plugtune_train_start(run):
     name = head_name(run.recipe)
     if run.dir is not None:
         atomic_write(run.dir / "labels.json", json.dumps(
-            {"task": name, "labels": run.recipe[name].labels}, indent=2) + "\n")
+            {"task": name, "labels": labels_of(run.recipe, name)}, indent=2) + "\n")

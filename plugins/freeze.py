@@ -8,7 +8,7 @@ import re
 from pydantic import Field, field_validator
 
 from plugtune import hookimpl
-from plugtune.plan import transformer_blocks
+from plugtune.models import transformer_blocks
 from plugtune.recipe import Section, float16_training_problem
 
 
@@ -67,3 +67,15 @@ def plugtune_select_trainable(model, recipe):
     for name, p in named.items():
         if any(re.search(pat, name) for pat in s.unfreeze):
             p.requires_grad_(True)
+
+
+@hookimpl
+def plugtune_fit_variants(blocks):
+    """``plan --fit``: train the last half, quarter or eighth of the blocks (after ``full``,
+    before adapters)."""
+    from plugtune.plan import Variant
+
+    counts = dict.fromkeys(max(1, blocks // d) for d in (2, 4, 8))
+    return [Variant(f"freeze (train the last {n} of {blocks} blocks)", 10 + i, ["freeze"],
+                    {"freeze": {"last_n_blocks": n}}, override=True)
+            for i, n in enumerate(counts)]

@@ -18,3 +18,11 @@ def plugtune_check_recipe(recipe):
 def plugtune_select_trainable(model):
     for p in model.parameters():
         p.requires_grad_(True)
+
+
+@hookimpl
+def plugtune_fit_variants():
+    """``plan --fit``'s first choice: every weight trains (quality cost 0)."""
+    from plugtune.plan import Variant
+
+    return [Variant("full", 0, ["full"])]

@@ -58,3 +58,11 @@ def plugtune_estimate_memory(plan, recipe):
         plan.offloaded = True
         plan.notes.append("gradient_checkpointing.offload: block inputs are kept in pinned host "
                           "RAM, not counted on the GPU")
+
+
+@hookimpl
+def plugtune_fit_variants():
+    """``plan --fit``: recompute activations in backward, tried on top of every method."""
+    from plugtune.plan import Variant
+
+    return [Variant("gradient checkpointing", 0, ["gradient_checkpointing"], saver=True)]

@@ -45,7 +45,7 @@ def plugtune_check_recipe(recipe):
     """``model.name`` and ``model.tokenizer`` as the loader will see them: a local path exists
     (a directory with config.json, a .gguf file that is one), a hub id is valid and reachable,
     custom code only with --trust-remote-code."""
-    from plugtune.plan import catalog
+    from plugtune.models import catalog
 
     m, problems = recipe.model, []
     for key, name in (("model.name", m.name), ("model.tokenizer", m.tokenizer)):
@@ -164,7 +164,7 @@ def plugtune_save_model(model, tokenizer, path):
 def plugtune_model_config(recipe):
     """The config alone, for the memory planner: a GGUF file's header, a directory's
     config.json, the shipped catalog by hub id, or the hub."""
-    from plugtune.plan import read_config
+    from plugtune.models import read_config
 
     return read_config(resolve_source(recipe.model.name),
                        trust_remote_code=recipe.model.trust_remote_code)

@@ -64,3 +64,11 @@ def plugtune_estimate_memory(plan, recipe):
     product keeps the layer's input for backward even though the weight is frozen."""
     plan.quantize(plan.base_linear_weights(recipe["int8"].skip_modules or plan.keep_unquantized),
                   "int8", lambda p: p.numel + 4 * p.shape[0], keeps_input=True)
+
+
+@hookimpl
+def plugtune_fit_variants():
+    """``plan --fit``: LoRA on an 8-bit base (after LoRA on the full-precision one)."""
+    from plugtune.plan import Variant
+
+    return [Variant("int8 + lora", 30, ["int8", "lora"], {"lora": {}})]

@@ -113,3 +113,11 @@ def plugtune_save_model(model, tokenizer, path):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return "adapter"
+
+
+@hookimpl
+def plugtune_fit_variants():
+    """``plan --fit``: adapters on the 16/32-bit base (the recipe's own ``lora:`` kept)."""
+    from plugtune.plan import Variant
+
+    return [Variant("lora", 20, ["lora"], {"lora": {}})]

@@ -76,3 +76,11 @@ def plugtune_estimate_memory(plan, recipe):
     s = recipe["nf4"]
     plan.quantize(plan.base_linear_weights(s.skip_modules or plan.keep_unquantized),
                   s.quant_type, lambda p: weight_bytes(p.numel, s.double_quant))
+
+
+@hookimpl
+def plugtune_fit_variants():
+    """``plan --fit``: QLoRA, LoRA on a 4-bit base: the least memory, the last resort."""
+    from plugtune.plan import Variant
+
+    return [Variant("nf4 + lora", 40, ["nf4", "lora"], {"lora": {}})]

@@ -53,10 +53,10 @@ def plugtune_tokenize(records, tokenizer, recipe, split):
     s = recipe[NAME]
     needs = f"{s.text_field!r} and {s.label_field!r}"
     texts = [heads.field(r, s.text_field, NAME, needs) for r in records]
-    labels = heads.label_ids(s, NAME, records,
+    labels = heads.label_ids(recipe, NAME, records,
                              [heads.field(r, s.label_field, NAME, needs) for r in records], split)
     if split == "train":
-        resolve_class_weights(s, labels)
+        resolve_class_weights(recipe, labels)
     examples, truncated = [], 0
     for record, text, label in zip(records, texts, labels):
         if not isinstance(text, str):
@@ -68,29 +68,31 @@ def plugtune_tokenize(records, tokenizer, recipe, split):
     return Tokenized(examples, heads.collator(tokenizer, per_token=False), truncated, records)
 
 
-def resolve_class_weights(section, label_ids):
+def resolve_class_weights(recipe, label_ids):
     """Turn ``balanced`` into weights per label (scikit-learn's ``n / (classes * count)``) and
-    check labels given by name; the section then records the weights the run used."""
-    if section.class_weights == "balanced":
+    check labels given by name; the run keeps the weights it used (``recipe.yaml`` records
+    them)."""
+    weights, labels = recipe[NAME].class_weights, heads.labels_of(recipe, NAME)
+    if weights == "balanced":
         import numpy as np
         from sklearn.utils.class_weight import compute_class_weight
 
         present = np.unique(label_ids)
-        weights = compute_class_weight("balanced", classes=present, y=np.array(label_ids))
-        section.class_weights = {section.labels[i]: float(w) for i, w in zip(present, weights)}
-    elif section.class_weights:
-        unknown = sorted(set(section.class_weights) - set(section.labels))
+        balanced = compute_class_weight("balanced", classes=present, y=np.array(label_ids))
+        recipe.decide(NAME, "class_weights",
+                      {labels[i]: float(w) for i, w in zip(present, balanced)})
+    elif weights:
+        unknown = sorted(set(weights) - set(labels))
         if unknown:
             raise RecipeError([f"{NAME}.class_weights: {unknown} are not labels of the "
-                               f"training data {section.labels}"])
+                               f"training data {labels}"])
 
 
 @hookimpl
 def plugtune_compute_loss(model, batch, recipe):
-    s = recipe[NAME]
-    weight = None
-    if isinstance(s.class_weights, dict):
-        weight = torch.tensor([s.class_weights.get(name, 1.0) for name in s.labels])
+    weights, weight = recipe.setting(NAME, "class_weights"), None
+    if isinstance(weights, dict):
+        weight = torch.tensor([weights.get(name, 1.0) for name in heads.labels_of(recipe, NAME)])
     return heads.loss(model, batch, weight)
 
 
@@ -110,7 +112,7 @@ def metrics(labels, predictions, names):
 
 @hookimpl
 def plugtune_evaluate(run, model):
-    return metrics(*heads.predict(run, model), run.recipe[NAME].labels)
+    return metrics(*heads.predict(run, model), heads.labels_of(run.recipe, NAME))
 
 
 @hookimpl

@@ -81,7 +81,7 @@ def join(words):
 def plugtune_tokenize(records, tokenizer, recipe, split):
     s = recipe[NAME]
     pairs = [words_and_tags(r, s) for r in records]
-    tag_ids = heads.label_ids(s, NAME, records, [tags for _, tags in pairs], split)
+    tag_ids = heads.label_ids(recipe, NAME, records, [tags for _, tags in pairs], split)
     if not getattr(tokenizer, "is_fast", True):
         raise DataError(f"{NAME}: the tokenizer of {recipe.model.name} is not a fast (Rust) "
                         "tokenizer, so sub-words cannot be matched to words; give one with "
@@ -123,4 +123,4 @@ def metrics(labels, predictions, names):
 
 @hookimpl
 def plugtune_evaluate(run, model):
-    return metrics(*heads.predict(run, model), run.recipe[NAME].labels)
+    return metrics(*heads.predict(run, model), heads.labels_of(run.recipe, NAME))

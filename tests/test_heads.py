@@ -119,7 +119,7 @@ def test_word_tags_go_to_the_first_sub_word(tmp_path, request, source):
     out = pm.hook.plugtune_tokenize(records=[Record({"tokens": words, "tags": tags}, "f", 1)],
                                     tokenizer=tokenizer, recipe=recipe, split="train")
     ids, labels = out.examples[0]["input_ids"], out.examples[0]["labels"]
-    names = recipe["token_classification"].labels
+    names = recipe.setting("token_classification", "labels")
     starts = [i for i, label in enumerate(labels) if label != -100]
     assert [names[labels[i]] for i in starts] == tags
     ends = starts[1:] + [len(ids)]
@@ -175,7 +175,8 @@ def test_numeric_labels_sort_as_numbers(tmp_path, tiny_llama):
     recipe, pm = testing.load_recipe(head_recipe(tmp_path, tiny_llama,
                                                  "sequence_classification", records))
     run = loop.setup(recipe, pm, echo=lambda *a: None)
-    assert recipe["sequence_classification"].labels == ["9", "10"]
+    assert recipe.setting("sequence_classification", "labels") == ["9", "10"]
+    assert recipe["sequence_classification"].labels is None  # the run's state, not the section
     assert run.model.config.id2label == {0: "9", 1: "10"}
 
 
@@ -185,7 +186,12 @@ def test_balanced_class_weights_are_inverse_frequencies(tmp_path, tiny_llama):
         tmp_path, tiny_llama, "sequence_classification", records,
         sequence_classification={"class_weights": "balanced"}))
     loop.setup(recipe, pm, echo=lambda *a: None)
-    assert recipe["sequence_classification"].class_weights == {"animal": 2.0, "fruit": 16 / 24}
+    assert recipe.setting("sequence_classification", "class_weights") == {
+        "animal": 2.0, "fruit": 16 / 24}
+    assert recipe["sequence_classification"].class_weights == "balanced"  # as validated
+    saved = recipe.resolved()["sequence_classification"]  # what recipe.yaml records
+    assert saved["class_weights"] == {"animal": 2.0, "fruit": 16 / 24}
+    assert saved["labels"] == ["animal", "fruit"]
 
 
 # ------------------------------------------------------------------------------ metrics

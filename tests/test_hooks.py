@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from pydantic import BaseModel
 
 from plugtune import Loss, hookimpl, hookspecs, loop, manager, testing
@@ -67,7 +68,7 @@ EVAL = ["compute_loss", "evaluate", "log", "eval_end"]  # one validation batch
 STEP = ["compute_loss", "step_end", "log"]  # one micro-batch per step, logged every step
 END = ["steps_done", *EVAL, "save_model", "train_end", "teardown"]
 #: Called by `plugtune plan` (and before `plugtune run` loads anything), not by a run itself.
-PLANNING = {"plugtune_model_config", "plugtune_estimate_memory"}
+PLANNING = {"plugtune_model_config", "plugtune_estimate_memory", "plugtune_fit_variants"}
 #: Called by `plugtune resume` only (test_golden_hook_order_of_a_resumed_run).
 RESUME = {"plugtune_load_checkpoint"}
 
@@ -698,3 +699,50 @@ def test_estimate_memory_reports_a_plugins_own_bytes(quick):
     assert after.peak().total - before.peak().total == before.weights
     assert any(line.startswith("reference model") for line in plan.describe(after))
 
+
+
+class NormOnly:
+    """A third party's memory saver: only the final norm trains. It offers itself to
+    `plugtune plan --fit` between freezing blocks and adapters."""
+
+    @hookimpl
+    def plugtune_fit_variants(self, recipe, blocks):
+        from plugtune.plan import Variant
+
+        return [Variant("norm only", 15, ["norm_only"])]
+
+    @hookimpl
+    def plugtune_select_trainable(self, model):
+        for name, p in model.named_parameters():
+            p.requires_grad_(name == "model.norm.weight")
+
+
+@covers("plugtune_fit_variants")
+def test_fit_variants_lets_fit_pick_a_plugins_own_variant(quick, tmp_path):
+    """Installed only in this test (not active in the recipe), the plugin's variant is tried in
+    the order of its rank and --fit writes it where it is the cheapest that fits."""
+    from plugtune import cli, plan
+
+    norm_only = type("norm_only", (NormOnly,), {})
+    installed = testing.with_plugins([norm_only])
+    path = quick(train={"batch_size": 1, "max_length": 32})
+
+    def total(plugins, *overrides):
+        recipe, pm = testing.load_recipe(path, [f"plugins={json.dumps(plugins)}", *overrides],
+                                         extra_plugins=[norm_only] * ("norm_only" in plugins))
+        return plan.estimate(recipe, pm, "cuda").total()
+
+    ours = total(["causal_lm", "norm_only"])
+    assert total(["causal_lm", "freeze", "gradient_checkpointing"],  # freezing: too big
+                 "freeze.last_n_blocks=1") > ours
+    out, lines = tmp_path / "fit.yaml", []
+    args = cli.parser().parse_args(["plan", str(path), "--gpu", f"{ours}B", "--fit",
+                                    "--out", str(out)])
+    assert plan.command(args, echo=lines.append, discovered=installed) == 0
+    tried = [line.strip().split(",")[0] for line in lines if line.startswith("  ")
+             and "accumulated" in line]
+    assert tried[0] == "full" and tried[-1] == "norm only"
+    assert any(t.startswith("freeze") for t in tried) and "lora" not in tried
+    written = yaml.safe_load(out.read_text())
+    assert written["plugins"] == ["causal_lm", "norm_only"]
+    assert "# changed: plugins: full -> norm_only" in out.read_text()

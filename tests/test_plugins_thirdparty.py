@@ -88,15 +88,78 @@ def test_plugin_section_is_validated(example_site, make_recipe):
     assert "example.greeting: is empty; give some text" in result.stderr
 
 
-@pytest.mark.parametrize("command", ["plugins", "validate"])
-def test_broken_plugin_stops_with_its_name_distribution_and_error(command, example_site,
-                                                                   broken_site, make_recipe):
-    args = [command] + ([make_recipe()] if command == "validate" else [])
-    result = plugtune(*args, sites=[example_site, broken_site])
-    assert result.returncode != 0 and "Traceback" not in result.stderr
+def test_broken_plugin_stops_a_command_with_its_name_distribution_and_error(
+        example_site, broken_site, make_recipe):
+    result = plugtune("validate", make_recipe(), sites=[example_site, broken_site])
+    assert result.returncode == 3 and "Traceback" not in result.stderr
     assert "plugin 'broken' (distribution plugtune-broken 0.0.1" in result.stderr
     assert BROKEN_ERROR in result.stderr
     assert "PLUGTUNE_SKIP_PLUGINS=broken" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def future_site(tmp_path_factory):
+    return pip_install("plugtune-future", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def misspelt_site(tmp_path_factory):
+    return pip_install("plugtune-misspelt", tmp_path_factory)
+
+
+def listed(stdout):
+    """``{plugin name: its line}`` of ``plugtune plugins``' output."""
+    return {line.split()[0]: line for line in stdout.splitlines() if not line.startswith(" ")}
+
+
+def test_plugins_lists_every_healthy_plugin_and_marks_the_broken_ones(
+        example_site, broken_site, future_site, misspelt_site):
+    result = plugtune("plugins", sites=[example_site, broken_site, future_site, misspelt_site])
+    assert result.returncode == 3 and "Traceback" not in result.stderr
+    lines = listed(result.stdout)
+    assert lines["example"].startswith("example  (plugtune-example 0.3.1)  Write a greeting")
+    assert {"causal_lm", "lora", "hf", "progress"} <= set(lines)  # built-ins still there
+    # a class entry point shows its class's docstring (docs/plugins.md)
+    assert lines["progress"].endswith("Progress bar with loss, lr, tokens/s and ETA; prints "
+                                      "each evaluation")
+    assert lines["broken"] == ("broken  (plugtune-broken 0.0.1)  BROKEN: failed to import: "
+                               + BROKEN_ERROR)
+    assert "needs plugtune plugin API <3,>=2.0" in lines["future"]
+    assert "unknown hook 'plugtune_step_ends' (did you mean 'plugtune_step_end'?)" in \
+        lines["misspelt"]
+    for name in ("broken", "future", "misspelt"):
+        assert f"skip it with PLUGTUNE_SKIP_PLUGINS={name}" in result.stdout
+        assert f"plugtune: error: plugin '{name}' (distribution plugtune-{name} " in result.stderr
+    skipped = plugtune("plugins", sites=[example_site, broken_site, future_site, misspelt_site],
+                       skip="broken,future,misspelt")
+    assert skipped.returncode == 0 and "example  (plugtune-example" in skipped.stdout
+
+
+def test_a_misspelt_hook_stops_only_the_recipes_that_use_its_plugin(misspelt_site, make_recipe):
+    assert plugtune("validate", make_recipe(), sites=[misspelt_site]).returncode == 0
+    result = plugtune("validate", make_recipe(plugins=["causal_lm", "full", "misspelt"]),
+                      sites=[misspelt_site])
+    assert result.returncode == 3
+    assert result.stderr.startswith(
+        "plugtune: error: plugin 'misspelt' (distribution plugtune-misspelt 0.1.0): unknown "
+        "hook 'plugtune_step_ends' (did you mean 'plugtune_step_end'?)")
+
+
+def test_a_plugin_for_another_api_is_refused_in_one_line(future_site, make_recipe):
+    result = plugtune("validate", make_recipe(), sites=[future_site])
+    assert result.returncode == 3
+    first, hint = result.stderr.splitlines()
+    assert first == ("plugtune: error: plugin 'future' (distribution plugtune-future 2.0.0) "
+                     "needs plugtune plugin API <3,>=2.0, and this plugtune "
+                     f"{plugtune_version()} provides API 1.0")
+    assert hint.strip().startswith("hint: install a version of plugtune-future made for API 1.0")
+    assert plugtune("validate", make_recipe(), sites=[future_site], skip="future").returncode == 0
+
+
+def plugtune_version():
+    import plugtune as package
+
+    return package.__version__
 
 
 class Misspelt:
@@ -145,3 +208,56 @@ def test_undecorated_hook_functions_are_hooks_too(make_recipe):
     with pytest.raises(PluginError, match="unknown hook 'plugtune_stepend' .did you mean "
                                           "'plugtune_step_end'.."):
         testing.load_recipe(make_recipe(), extra_plugins=[UndecoratedMisspelt])
+
+
+class NearMiss:
+    def plugtun_step_end(self, step):  # no @hookimpl and a typo in the prefix
+        pass
+
+
+def test_a_near_miss_of_a_hook_name_is_an_error(make_recipe):
+    with pytest.raises(PluginError) as info:
+        testing.load_recipe(make_recipe(), extra_plugins=[NearMiss])
+    assert str(info.value).startswith(
+        "plugin 'NearMiss' (distribution plugtune.testing test): function 'plugtun_step_end' "
+        "looks like a misspelt hook (did you mean 'plugtune_step_end'?)")
+
+
+class ForApiOne:
+    PLUGTUNE_API = ">=1.0,<2"
+
+    def plugtune_step_end(self, step):
+        pass
+
+
+class ForApiTwo(ForApiOne):
+    PLUGTUNE_API = ">=2"
+
+
+class NotARange(ForApiOne):
+    PLUGTUNE_API = "version one"
+
+
+def test_a_plugin_declares_the_api_range_it_needs(make_recipe):
+    import plugtune
+
+    assert plugtune.API_VERSION == "1.0"
+    testing.load_recipe(make_recipe(), extra_plugins=[ForApiOne])  # accepted
+    with pytest.raises(PluginError, match=r"plugin 'ForApiTwo' \(distribution plugtune.testing "
+                                          r"test\) needs plugtune plugin API >=2, and this "
+                                          r"plugtune .* provides API 1.0"):
+        testing.load_recipe(make_recipe(), extra_plugins=[ForApiTwo])
+    with pytest.raises(PluginError, match="PLUGTUNE_API = 'version one' is not a version range"):
+        testing.load_recipe(make_recipe(), extra_plugins=[NotARange])
+
+
+def test_the_public_api_is_importable_from_plugtune():
+    import plugtune
+
+    for name in plugtune.__all__:
+        assert getattr(plugtune, name) is not None, name
+    from plugtune import Param, Plan, Record, Run, Tokenized, loss_of, transformer_blocks
+    from plugtune.loop import Run as LoopRun
+    assert Run is LoopRun and callable(loss_of) and callable(transformer_blocks)
+    assert Plan.__module__.startswith("plugtune.plan") and Param.__module__ == Plan.__module__
+    assert Record.__module__ == Tokenized.__module__ == "plugtune.data"

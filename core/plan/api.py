@@ -1,0 +1,137 @@
+"""What ``plugtune_estimate_memory`` and ``plugtune_fit_variants`` work with: the plan a plugin
+adjusts (:class:`Plan` of :class:`Param` entries, :class:`Optimizer`, :class:`Memory`) and the
+``--fit`` :class:`Variant` a plugin offers. Part of the plugin API."""
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Param:
+    """One parameter tensor as the planner counts it."""
+
+    name: str  # its name in the model as loaded (adapters: their name after wrapping)
+    shape: tuple
+    dtype: torch.dtype  # after the model phases (k-bit preparation casts 16-bit weights to fp32)
+    trainable: bool
+    block: int | None  # index of the transformer block that holds it; None outside the blocks
+    module: str  # class name of the module that owns it: "Linear", "Embedding", ...
+    module_name: str  # that module's name in the model as loaded (before adapters wrapped it)
+    added: bool  # a model phase added it (adapter, head): not part of the loaded checkpoint
+    storage: str = ""  # how it is stored when not as a dense tensor of `dtype` ("int8", "nf4")
+    nbytes: int | None = None  # its bytes when `storage` is set
+    keeps_input: bool = False  # its kernel keeps the layer input for backward although frozen
+    tensor: object = field(default=None, repr=False, compare=False)  # the meta parameter
+
+    @property
+    def numel(self):
+        return math.prod(self.shape)
+
+    @property
+    def bytes(self):
+        return self.nbytes if self.nbytes is not None else self.numel * self.dtype.itemsize
+
+    @property
+    def kind(self):
+        return self.storage or str(self.dtype).removeprefix("torch.")
+
+
+@dataclass
+class Optimizer:
+    """The optimizer's memory, as the optimizer plugin reports it."""
+
+    name: str  # what the table shows, e.g. "AdamW (torch): 2 states of the parameter dtype"
+    state: int  # bytes of state for all trainable parameters
+    step: int = 0  # bytes allocated only while optimizer.step() runs
+    paged: bool = False  # state in CUDA unified memory: pages out to CPU RAM when short
+
+
+@dataclass
+class Memory:
+    """Memory a plugin holds for the whole run (a reference model, an EMA copy, ...)."""
+
+    name: str
+    bytes: int
+    detail: str = ""
+
+
+@dataclass
+class Plan:
+    """What plugins see and adjust in ``plugtune_estimate_memory``."""
+
+    recipe: object
+    model: object  # the model on the meta device, after the run's model phases
+    params: list  # of Param
+    device: str  # "cuda" or "cpu"
+    batch_size: int
+    seq_len: int
+    grad_accum: int
+    mixed_precision: str = "no"
+    checkpointed: set = field(default_factory=set)  # blocks that keep only their input and
+    # recompute the rest in backward (read off the model after the phases)
+    offloaded: bool = False  # checkpointed blocks keep their input in host memory instead
+    optimizer: Optimizer | None = None
+    extra: list = field(default_factory=list)  # of Memory
+    notes: list = field(default_factory=list)  # shown under the table
+    make_batch: object = None  # (batch_size, seq_len) -> dict of meta tensors for the loss hook
+    keep_unquantized: list = field(default_factory=list)  # modules quantizers skip by default
+    architecture: str = ""  # the loaded model's class, before adapters wrap it
+
+    def trainable(self):
+        return [p for p in self.params if p.trainable]
+
+    def add(self, name, nbytes, detail=""):
+        """Count memory this plugin holds for the whole run."""
+        self.extra.append(Memory(name, int(nbytes), detail))
+
+    def quantize(self, params, storage, nbytes, keeps_input=False):
+        """Count ``params`` as stored quantized, ``nbytes(param)`` bytes each (the quantizing
+        plugins' helper). On a CPU the checkpoint file stays memory-mapped after loading, and
+        the pages read to quantize these weights stay resident (clean pages the system may
+        drop under pressure): counted as their own component."""
+        read, itemsize = 0, getattr(torch, self.recipe.model.dtype).itemsize
+        for p in params:
+            p.storage, p.nbytes, p.keeps_input = storage, nbytes(p), keeps_input
+            read += p.numel * itemsize
+        if self.device == "cpu" and read:
+            self.add("checkpoint pages read to quantize", read, "CPU only: the safetensors "
+                     "file stays mapped; clean pages the system can drop")
+
+    def base_linear_weights(self, skip=()):
+        """Weights of the loaded model's ``nn.Linear`` layers (the ones bitsandbytes quantizes),
+        except modules whose name or last name part is in ``skip``."""
+        skip = set(skip)
+        return [p for p in self.params if p.module == "Linear" and not p.added
+                and p.name.endswith("weight") and p.module_name not in skip
+                and p.module_name.rsplit(".", 1)[-1] not in skip]
+
+
+def causal_batch(batch_size, seq_len):
+    """A causal-LM batch on the meta device: every sequence ``seq_len`` tokens, no padding."""
+    ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
+    return {"input_ids": ids, "labels": ids}
+
+
+@dataclass
+class Variant:
+    """One way a plugin offers to make a recipe fit (``plugtune_fit_variants``).
+
+    :param label: what ``--fit`` prints, e.g. ``"int8 + lora"``.
+    :param rank: quality cost: 0 when every weight trains as in full fine-tuning; the larger,
+        the more the result may differ. ``--fit`` tries variants from the lowest rank up.
+    :param plugins: the plugins that make this variant; the core removes from the recipe every
+        plugin any variant names and adds these.
+    :param sections: recipe sections the variant sets, ``{name: {key: value}}``; the recipe's
+        own section wins unless ``override``.
+    :param override: these sections replace the recipe's own (``freeze``'s block counts).
+    :param saver: a memory saver tried on top of every other variant (gradient checkpointing),
+        not a variant of its own.
+    """
+
+    label: str
+    rank: float
+    plugins: list
+    sections: dict = field(default_factory=dict)
+    override: bool = False
+    saver: bool = False

@@ -1,0 +1,112 @@
+"""The estimate: the moments a training step passes through (end of forward, start of backward,
+each block's backward, the optimizer step), the peak, and the framework overhead."""
+from dataclasses import dataclass, replace
+
+from .api import Optimizer, Plan
+from .budget import MiB
+from .build import build
+from .trace import Activations, trace
+
+
+OVERHEAD = {"cuda": (512 * MiB, 0.05), "cpu": (48 * MiB, 0.03)}
+
+
+@dataclass
+class Moment:
+    name: str
+    parts: dict  # component -> bytes at this moment
+
+    @property
+    def total(self):
+        return sum(self.parts.values())
+
+
+@dataclass
+class Estimate:
+    """A plan with its activations: the peak at any micro-batch size."""
+
+    plan: Plan
+    acts: Activations
+
+    @property
+    def weights(self):
+        return sum(p.bytes for p in self.plan.params)
+
+    def grads(self):
+        """``(all, outside the blocks, per block)`` gradient bytes."""
+        blocks = [0] * len(self.acts.blocks)
+        outside = 0
+        for p in self.plan.trainable():
+            nbytes = p.numel * p.dtype.itemsize
+            if p.block is None or p.block >= len(blocks):
+                outside += nbytes
+            else:
+                blocks[p.block] += nbytes
+        return outside + sum(blocks), outside, blocks
+
+    def with_batch(self, batch_size, grad_accum):
+        """The same plan at another micro-batch size and accumulation (activations scale with
+        the tokens of a micro-batch; gradients stay between micro-batches when accumulating)."""
+        plan = replace(self.plan, batch_size=batch_size, grad_accum=grad_accum)
+        return Estimate(plan, self.acts)
+
+    def moments(self):
+        """The moments of a training step, each with the bytes of every component."""
+        plan, a = self.plan, self.acts
+        n = plan.batch_size * plan.seq_len
+        ckpt = plan.checkpointed
+        opt = plan.optimizer or Optimizer("none", 0)
+        resident = {"weights": self.weights,
+                    "optimizer state": 0 if opt.paged and plan.device == "cuda" else opt.state}
+        for m in plan.extra:
+            resident[m.name] = m.bytes
+        g_all, g_out, g_blocks = self.grads()
+        kept = [(0 if plan.offloaded and plan.device == "cuda" else i) * n if k in ckpt
+                else b * n for k, (i, b) in enumerate(zip(a.inputs, a.blocks))]
+        before, after = a.before * n, a.after * n
+        logits, l32 = a.logits * n, a.logits_fp32 * n
+        upcast = l32 if logits != l32 else 0
+        held = g_all if plan.grad_accum > 1 else 0  # gradients kept between micro-batches
+
+        def moment(name, grads, acts, buffers, step=0):
+            parts = dict(resident, gradients=grads, activations=acts)
+            parts["logits and loss buffers"] = buffers
+            parts["optimizer step"] = step
+            return Moment(name, parts)
+
+        # Under autocast accelerate converts the outputs to float32 once the loss's own float32
+        # copy of the logits is gone; the loss keeps its float32 log-probabilities (in `after`).
+        mixed = l32 if plan.mixed_precision != "no" else 0
+        acts, lsm = sum(kept) + before + after, min(l32, after)
+        out = [moment("end of forward", held, acts, logits + max(upcast, mixed)),
+               moment("start of backward", held, acts, 2 * l32 + (logits if upcast else 0)),
+               moment("backward of the output layer", max(held, g_out), acts - lsm,
+                      l32 + (logits if upcast else 0))]
+        for k in reversed(range(len(kept))):
+            grads = g_all if held else g_out + sum(g_blocks[k:])
+            block = a.blocks[k] * n
+            transient = (2 * a.largest[k] + a.inputs[k]) * n
+            below = sum(kept[:k]) + before
+            acts = below + (kept[k] + block if k in ckpt else block) + transient
+            out.append(moment(f"backward of block {k}", grads, acts, 0))
+        out.append(moment("optimizer step", g_all, 0, 0, opt.step))
+        return out
+
+    def peak(self):
+        return max(self.moments(), key=lambda m: m.total)
+
+    def overhead(self, tensors):
+        fixed, share = OVERHEAD[self.plan.device]
+        return int(fixed + share * tensors)
+
+    def total(self):
+        """Bytes the run needs at its peak, the framework overhead included."""
+        tensors = self.peak().total
+        return tensors + self.overhead(tensors)
+
+
+def estimate(recipe, pm, device="cuda"):
+    """The :class:`Estimate` of a validated recipe (``plugtune plan`` and ``plugtune run``)."""
+    plan = build(recipe, pm, device)
+    pm.hook.plugtune_estimate_memory(plan=plan, recipe=recipe)
+    return Estimate(plan, trace(plan, pm))

@@ -1,0 +1,30 @@
+"""The check before ``plugtune run`` loads anything: the plan's peak, and a warning when it will
+not fit the GPU this process sees. It never stops a run."""
+import torch
+
+from .budget import size
+from .moments import estimate
+
+
+def preflight(recipe, pm, echo=print):
+    """Before ``plugtune run`` loads anything: print the plan's peak, and warn when it will not
+    fit the GPU this process sees. Never stops a run: a planner failure is only reported."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        est = estimate(recipe, pm, device)
+    except Exception as exc:  # the planner must never stop a run
+        echo(f"memory plan: unavailable ({type(exc).__name__}: {exc})")
+        return None
+    total = est.total()
+    if device == "cpu":
+        echo(f"memory plan: {size(total)} at peak ({est.peak().name}); no CUDA GPU here, so "
+             "no fit check (`plugtune plan` shows the breakdown)")
+        return est
+    free, capacity = torch.cuda.mem_get_info()
+    echo(f"memory plan: {size(total)} at peak; the GPU has {size(free)} free of "
+         f"{size(capacity)}")
+    if total > free:
+        echo(f"warning: this recipe will likely run out of GPU memory: it needs {size(total)} "
+             f"and {size(free)} is free; `plugtune plan {recipe.path} --fit` finds plugins and "
+             "settings that fit")
+    return est

@@ -1,0 +1,1 @@
+"""Templates of the files ``plugtune new-plugin`` writes (``str.format`` fields)."""
