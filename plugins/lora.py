@@ -10,12 +10,13 @@ Composes with ``int8``/``nf4`` (QLoRA: adapters on a quantized base) and
 ``lora.layers_to_transform`` instead). See docs/combinations.md.
 """
 import re
-import warnings
 from typing import Literal
 
 from pydantic import Field, field_validator
 
 from plugtune import hookimpl
+from plugtune.plugins import _peft
+from plugtune.plugins._peft import plugtune_save_model  # noqa: F401  (shared hook)
 from plugtune.recipe import Section
 
 INIT = {"default": True, "gaussian": "gaussian", "orthogonal": "orthogonal"}
@@ -77,39 +78,15 @@ def plugtune_check_recipe(recipe):
                         f"{s.target_modules!r}; or select the blocks in a target_modules regex")
     if s.init == "orthogonal" and s.r % 2:
         problems.append(f"lora.init: orthogonal needs an even lora.r, got r={s.r}")
-    return problems
-
-
-TASK_TYPES = {"SequenceClassification": "SEQ_CLS", "TokenClassification": "TOKEN_CLS"}
-
-
-def task_type(model):
-    """peft's task type for the model class (a classifier's new head is then saved too)."""
-    name = type(model).__name__
-    return next((t for k, t in TASK_TYPES.items() if k in name), "CAUSAL_LM")
-
-
-def lora_config(s, model):
-    from peft import LoraConfig
-
-    return LoraConfig(task_type=task_type(model), r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout,
-                      target_modules=s.target_modules, layers_to_transform=s.layers_to_transform,
-                      modules_to_save=s.modules_to_save or None, use_rslora=s.use_rslora,
-                      use_dora=s.use_dora, init_lora_weights=INIT[s.init], bias=s.bias)
+    return problems + _peft.other_adapters(recipe, "lora")
 
 
 @hookimpl
 def plugtune_wrap_model(model, recipe):
-    from peft import get_peft_model
+    from peft import LoraConfig
 
-    with warnings.catch_warnings():  # peft 0.21 asks transformers 5 a deprecated question
-        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
-        return get_peft_model(model, lora_config(recipe["lora"], model))
-
-
-@hookimpl
-def plugtune_save_model(model, tokenizer, path):
-    """Save only the adapter (and ``modules_to_save``), in PEFT format, with the tokenizer."""
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return "adapter"
+    s = recipe["lora"]
+    return _peft.wrap(model, LoraConfig, r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout,
+                      target_modules=s.target_modules, layers_to_transform=s.layers_to_transform,
+                      modules_to_save=s.modules_to_save or None, use_rslora=s.use_rslora,
+                      use_dora=s.use_dora, init_lora_weights=INIT[s.init], bias=s.bias)

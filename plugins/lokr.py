@@ -1,0 +1,45 @@
+"""LoKr adapters (peft, from LyCORIS): the weight update is a Kronecker product of a small
+matrix and a low-rank one — fewer trainable parameters than LoRA at the same rank.
+
+Saves a PEFT adapter (``adapter/``); ``plugtune export --merge`` folds it into the base.
+Composes with ``gradient_checkpointing``; refuses ``int8``/``nf4`` (peft's LoKr adapts only
+torch layers) and conflicts with ``full``, ``freeze`` and the other adapter methods
+(docs/combinations.md).
+"""
+from pydantic import Field
+
+from plugtune import hookimpl
+from plugtune.plugins import _peft
+from plugtune.plugins._peft import plugtune_save_model  # noqa: F401  (shared hook)
+
+
+class LokrSection(_peft.LycorisSection):
+    decompose_both: bool = Field(False, description="also factor the small Kronecker matrix "
+                                 "into a low-rank product")
+    decompose_factor: int = Field(-1, description="factor the layer's sizes by this number "
+                                  "for the Kronecker split; -1 picks the most square split")
+
+
+@hookimpl
+def plugtune_recipe_sections(register):
+    register("lokr", LokrSection)
+
+
+@hookimpl
+def plugtune_check_recipe(recipe):
+    problems = (_peft.check(recipe, "lokr", "LoKr adapters")
+                + _peft.no_quantized_base(recipe, "lokr", "peft's LoKr adapts only torch "
+                                          "Linear/Conv layers, not bitsandbytes ones"))
+    factor = recipe["lokr"].decompose_factor
+    if factor == 0 or factor < -1:
+        problems.append(f"lokr.decompose_factor: give a positive factor or -1, got {factor}")
+    return problems
+
+
+@hookimpl
+def plugtune_wrap_model(model, recipe):
+    from peft import LoKrConfig
+
+    s = recipe["lokr"]
+    return _peft.wrap(model, LoKrConfig, **_peft.lycoris_options(s),
+                      decompose_both=s.decompose_both, decompose_factor=s.decompose_factor)
