@@ -18,8 +18,8 @@ def check(recipe, name):
                         "every weight in float precision")
     elif not any(a in recipe.plugins for a in ADAPTERS):
         problems.append(f"plugins: `{name}` freezes the quantized base, so nothing would train; "
-                        "add lora (adapters on the frozen quantized base), or ia3, adalora or "
-                        "prompt_tuning")
+                        "add lora (adapters on the frozen quantized base) or another adapter "
+                        "method: " + ", ".join(a for a in ADAPTERS if a != "lora"))
     return problems
 
 

@@ -21,8 +21,8 @@ from plugtune.recipe import Section
 
 #: Every adapter plugin, in the order the docs list them.
 ADAPTERS = ("lora", "ia3", "adalora", "loha", "lokr", "oft", "vera", "prompt_tuning")
-QUANTIZERS = ("int8", "nf4")
 TASK_TYPES = {"SequenceClassification": "SEQ_CLS", "TokenClassification": "TOKEN_CLS"}
+HEADS = ("score", "classifier")  # the layers transformers' classification classes add
 
 
 def target_modules_field(default, what="adapters"):
@@ -103,11 +103,15 @@ def other_adapters(recipe, name):
             f"is wrapped with one here: keep one of them"]
 
 
-def no_quantized_base(recipe, name, why):
-    """The problem of a method that cannot adapt bitsandbytes layers, if the recipe asks it to."""
-    return [f"plugins: `{name}` cannot adapt the `{q}` base: {why}; drop {q} (train {name} on "
-            "a float base), or use lora, ia3 or adalora on a quantized base"
-            for q in QUANTIZERS if q in recipe.plugins]
+def no_4bit_base(recipe, name):
+    """The problem of a LyCORIS method (LoHa, LoKr) asked to adapt a 4-bit base: it computes
+    its update in the shape of the layer's weight, which bitsandbytes packs into another shape
+    for 4-bit (the first forward fails); an int8 weight keeps its shape and works."""
+    if "nf4" not in recipe.plugins:
+        return []
+    return [f"plugins: `{name}` cannot adapt the `nf4` base: peft's {name} builds its update in "
+            "the shape of the layer's weight, which a 4-bit base packs into another shape; use "
+            f"int8 with {name}, or lora, ia3, adalora, oft, vera or prompt_tuning on nf4"]
 
 
 def task_type(model):
@@ -116,11 +120,26 @@ def task_type(model):
     return next((t for k, t in TASK_TYPES.items() if k in name), "CAUSAL_LM")
 
 
+def linear_layers(model, but=()):
+    """Names of the model's linear layers (``nn.Linear``, GPT-2's ``Conv1D``), except those
+    whose last name part is in ``but``."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    return [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))
+            and n.rsplit(".", 1)[-1] not in but]
+
+
 def wrap(model, config_class, **options):
     """``peft.get_peft_model(model, config_class(task_type=..., **options))``."""
     from peft import get_peft_model
 
-    config = config_class(task_type=task_type(model), **options)
+    task = task_type(model)
+    if task != "CAUSAL_LM" and options.get("target_modules") == "all-linear":
+        # the new head trains in full (modules_to_save), so no adapter on it; peft's all-linear
+        # keeps a token classifier's head, and then refuses to save it in full
+        options["target_modules"] = linear_layers(model, but=HEADS)
+    config = config_class(task_type=task, **options)
     with warnings.catch_warnings():  # peft 0.21 asks transformers 5 a deprecated question
         warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
         return get_peft_model(model, config)

@@ -2,9 +2,9 @@
 products, so a small rank reaches a higher effective rank than LoRA's.
 
 Saves a PEFT adapter (``adapter/``); ``plugtune export --merge`` folds it into the base.
-Composes with ``gradient_checkpointing``; refuses ``int8``/``nf4`` (peft's LoHa adapts only
-torch layers) and conflicts with ``full``, ``freeze`` and the other adapter methods
-(docs/combinations.md).
+Composes with ``int8`` and ``gradient_checkpointing``; refuses ``nf4`` (peft's LoHa builds
+its update in the shape of the weight, which a 4-bit base packs into another shape) and
+conflicts with ``full``, ``freeze`` and the other adapter methods (docs/combinations.md).
 """
 from plugtune import hookimpl
 from plugtune.plugins import _peft
@@ -23,8 +23,7 @@ def plugtune_recipe_sections(register):
 @hookimpl
 def plugtune_check_recipe(recipe):
     return (_peft.check(recipe, "loha", "LoHa adapters")
-            + _peft.no_quantized_base(recipe, "loha", "peft's LoHa adapts only torch "
-                                      "Linear/Conv layers, not bitsandbytes ones"))
+            + _peft.no_4bit_base(recipe, "loha"))
 
 
 @hookimpl

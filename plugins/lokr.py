@@ -2,9 +2,9 @@
 matrix and a low-rank one — fewer trainable parameters than LoRA at the same rank.
 
 Saves a PEFT adapter (``adapter/``); ``plugtune export --merge`` folds it into the base.
-Composes with ``gradient_checkpointing``; refuses ``int8``/``nf4`` (peft's LoKr adapts only
-torch layers) and conflicts with ``full``, ``freeze`` and the other adapter methods
-(docs/combinations.md).
+Composes with ``int8`` and ``gradient_checkpointing``; refuses ``nf4`` (peft's LoKr builds
+its update in the shape of the weight, which a 4-bit base packs into another shape) and
+conflicts with ``full``, ``freeze`` and the other adapter methods (docs/combinations.md).
 """
 from pydantic import Field
 
@@ -28,8 +28,7 @@ def plugtune_recipe_sections(register):
 @hookimpl
 def plugtune_check_recipe(recipe):
     problems = (_peft.check(recipe, "lokr", "LoKr adapters")
-                + _peft.no_quantized_base(recipe, "lokr", "peft's LoKr adapts only torch "
-                                          "Linear/Conv layers, not bitsandbytes ones"))
+                + _peft.no_4bit_base(recipe, "lokr"))
     factor = recipe["lokr"].decompose_factor
     if factor == 0 or factor < -1:
         problems.append(f"lokr.decompose_factor: give a positive factor or -1, got {factor}")

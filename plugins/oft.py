@@ -4,8 +4,8 @@ matrix, which keeps the angles between the pretrained neurons (less forgetting).
 ``oft.block_size`` sets the blocks (the layer's input size must be a multiple of it); the
 rotation is a Cayley transform of a skew-symmetric matrix. Saves a PEFT adapter
 (``adapter/``); ``plugtune export --merge`` folds it into the base. Composes with
-``gradient_checkpointing``; refuses ``int8``/``nf4`` and conflicts with ``full``, ``freeze``
-and the other adapter methods (docs/combinations.md).
+``int8``/``nf4`` and ``gradient_checkpointing``; conflicts with ``full``, ``freeze`` and the
+other adapter methods (docs/combinations.md).
 """
 from pydantic import Field
 
@@ -32,9 +32,7 @@ def plugtune_recipe_sections(register):
 
 @hookimpl
 def plugtune_check_recipe(recipe):
-    return (_peft.check(recipe, "oft", "orthogonal rotations")
-            + _peft.no_quantized_base(recipe, "oft", "peft's OFT adapts only torch "
-                                      "Linear/Conv layers, not bitsandbytes ones"))
+    return _peft.check(recipe, "oft", "orthogonal rotations")
 
 
 @hookimpl

@@ -4,7 +4,7 @@ layer, and per layer only two small trainable scaling vectors.
 The shared matrices are regenerated from ``vera.projection_prng_key`` and, by default, saved
 with the adapter too (``vera.save_projection``), so ``peft.PeftModel.from_pretrained`` restores
 them exactly. Saves a PEFT adapter (``adapter/``); ``plugtune export --merge`` folds it into the
-base. Composes with ``gradient_checkpointing``; refuses ``int8``/``nf4`` and conflicts with
+base. Composes with ``int8``/``nf4`` and ``gradient_checkpointing``; conflicts with
 ``full``, ``freeze`` and the other adapter methods (docs/combinations.md).
 """
 from pydantic import Field
@@ -31,9 +31,7 @@ def plugtune_recipe_sections(register):
 
 @hookimpl
 def plugtune_check_recipe(recipe):
-    return (_peft.check(recipe, "vera", "VeRA scaling vectors")
-            + _peft.no_quantized_base(recipe, "vera", "peft's VeRA adapts only torch "
-                                      "Linear layers, not bitsandbytes ones"))
+    return _peft.check(recipe, "vera", "VeRA scaling vectors")
 
 
 @hookimpl

@@ -134,3 +134,65 @@ def test_the_planner_counts_what_the_run_trains(make_recipe, method):
     planned = sum(p.numel for p in plan.estimate(recipe, pm, "cpu").plan.trainable())
     model = loop.setup_model(pm.hook, recipe, echo=lambda *a: None)
     assert planned == sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
+
+
+@pytest.mark.parametrize("method, plugins, sections", [
+    ("vera", ["nf4"], {}),
+    ("loha", ["int8"], {}),
+    ("ia3", ["nf4", "gradient_checkpointing"], {}),
+    ("prompt_tuning", ["gradient_checkpointing"], {"gradient_checkpointing":
+                                                   {"use_reentrant": True}}),
+])
+def test_allowed_combinations_learn_and_train_only_the_adapter(make_recipe, method, plugins,
+                                                               sections):
+    section, lr, marker = METHODS[method]
+    summary, run = testing.run(make_recipe(plugins=["causal_lm", *plugins, method],
+                                           train={"max_steps": 4, "lr": lr},
+                                           causal_lm={"exact_match": False},
+                                           **{method: section}, **sections))
+    assert summary["eval_after"]["eval_loss"] < summary["eval_before"]["eval_loss"]
+    trains = [n for n, p in run.model.named_parameters() if p.requires_grad]
+    assert trains and all(marker in n for n in trains)
+
+
+@pytest.mark.parametrize("method", ["oft", "prompt_tuning"])
+def test_with_a_classification_head_the_head_trains_and_is_saved(tmp_path, tiny_llama, method):
+    from test_heads import head_recipe, toy_texts
+
+    recipe = head_recipe(tmp_path, tiny_llama, "sequence_classification", toy_texts(),
+                         plugins=["sequence_classification", method],
+                         train={"max_steps": 10, "lr": METHODS[method][1]},
+                         **{method: METHODS[method][0]})
+    summary, run = testing.run(recipe)
+    assert summary["eval_after"]["accuracy"] > summary["eval_before"]["accuracy"]
+    assert any(".score.modules_to_save." in n for n, p in run.model.named_parameters()
+               if p.requires_grad)
+
+
+@pytest.mark.parametrize("plugins, sections, says", [
+    (["ia3", "full"], {}, "plugins: `ia3` trains IA3 scaling vectors on a frozen base and `full` "
+                          "trains every weight: use one"),
+    (["oft", "freeze"], {"freeze": {"last_n_blocks": 1}},
+     "plugins: `oft` already freezes every base weight, so `freeze` has nothing to add"),
+    (["lora", "vera"], {}, "plugins: `lora`, `vera` are adapter methods and a model is wrapped "
+                           "with one here: keep one of them"),
+    (["loha", "nf4"], {}, "plugins: `loha` cannot adapt the `nf4` base"),
+    (["token_classification", "prompt_tuning"], {},
+     "plugins: `prompt_tuning` adds virtual tokens to the input, which token_classification "
+     "would have to tag"),
+    (["prompt_tuning"], {"prompt_tuning": {"init": "text"}}, "prompt_tuning.init_text: give it "
+                                                             "exactly when"),
+    (["adalora"], {"adalora": {"init_r": 4, "target_r": 8}}, "adalora.target_r: 8 is above "
+                                                             "adalora.init_r=4"),
+    (["adalora"], {"adalora": {"tinit": 20, "tfinal": 10}}, "adalora.tinit + adalora.tfinal: "
+                                                            "20 + 10 leaves no step"),
+    (["ia3"], {"ia3": {"target_modules": ["k_proj"]}}, "ia3.feedforward_modules: give it with"),
+    (["vera"], {"vera": {"r": 0}}, "vera.r: Input should be greater than 0"),
+    (["lokr"], {"lokr": {"alhpa": 4}}, "lokr.alhpa: unknown key (did you mean 'alpha'?)"),
+    (["nf4"], {}, "nothing would train; add lora (adapters on the frozen quantized base) or "
+                  "another adapter method: ia3, adalora"),
+])
+def test_rejected_recipes_name_the_key(make_recipe, capsys, plugins, sections, says):
+    path = make_recipe(plugins=["causal_lm", *plugins], **sections)
+    assert cli.main(["validate", str(path)]) == 2
+    assert says in capsys.readouterr().err
