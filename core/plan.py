@@ -684,37 +684,44 @@ class Candidate:
         return self.estimate.total()
 
 
-def rungs(tree, blocks):
+def adapter_of(plugins, discovered):
+    """The recipe's adapter plugin (one that wraps the model: lora, ia3, ...); lora if none."""
+    return next((p for p in plugins if p in discovered
+                 and hasattr(discovered[p].obj, "plugtune_wrap_model")), "lora")
+
+
+def rungs(tree, blocks, adapter="lora"):
     """``(label, plugins, sections)`` from the least quality cost to the most: every weight
-    trains, then the last half/quarter/eighth of the blocks, then adapters on a 16/32-bit, an
-    8-bit and a 4-bit base."""
+    trains, then the last half/quarter/eighth of the blocks, then adapters (the recipe's own
+    method, else lora) on a 16/32-bit, an 8-bit and a 4-bit base."""
     out = [("full", ["full"], {})]
     for n in dict.fromkeys(max(1, blocks // d) for d in (2, 4, 8)):
         out.append((f"freeze (train the last {n} of {blocks} blocks)", ["freeze"],
                     {"freeze": {"last_n_blocks": n}}))
-    lora = {"lora": tree.get("lora") or {}}
-    out += [("lora", ["lora"], lora), ("int8 + lora", ["int8", "lora"], lora),
-            ("nf4 + lora", ["nf4", "lora"], lora)]
+    section = {adapter: tree.get(adapter) or {}}
+    out += [(adapter, [adapter], section), (f"int8 + {adapter}", ["int8", adapter], section),
+            (f"nf4 + {adapter}", ["nf4", adapter], section)]
     return out
 
 
-def start_rung(plugins, ladder):
+def start_rung(plugins, ladder, adapter="lora"):
     """Where the search starts: the recipe's own method (it is never 'upgraded' past it)."""
-    chosen = [p for p in plugins if p in METHODS]
+    chosen = [p for p in plugins if p in METHODS or p == adapter]
     for i, (_, names, _) in enumerate(ladder):
         if set(names) == set(chosen) or (chosen == ["freeze"] and names == ["freeze"]):
             return i
     return 0
 
 
-def variant(tree, names, sections, checkpointing):
+def variant(tree, names, sections, checkpointing, adapter="lora"):
     """``tree`` with its method plugins replaced by ``names`` (and their sections)."""
     import copy
 
+    methods = METHODS + (adapter,)
     out = copy.deepcopy(tree)
-    plugins = [p for p in out.get("plugins") or [] if p not in METHODS and p != CHECKPOINTING]
+    plugins = [p for p in out.get("plugins") or [] if p not in methods and p != CHECKPOINTING]
     out["plugins"] = plugins + names + ([CHECKPOINTING] if checkpointing else [])
-    for name in METHODS:
+    for name in methods:
         if name not in names:
             out.pop(name, None)
     for name, section in sections.items():
@@ -735,12 +742,13 @@ def search(recipe, blocks, budget, device, discovered, echo=print):
     from . import recipe as recipes
 
     tree, own_ckpt = recipe.raw, CHECKPOINTING in recipe.plugins
-    ladder = rungs(tree, blocks)
+    adapter = adapter_of(recipe.plugins, discovered)
+    ladder = rungs(tree, blocks, adapter)
     if "freeze" in recipe.plugins:  # the recipe's own freeze settings come first
         ladder.insert(1, ("freeze (as the recipe says)", ["freeze"], {}))
     smallest = None
     with tempfile_dir() as tmp:
-        for label, names, sections in ladder[start_rung(recipe.plugins, ladder):]:
+        for label, names, sections in ladder[start_rung(recipe.plugins, ladder, adapter):]:
             # the recipe's micro-batch as it is, then with gradient checkpointing, then
             # checkpointing with smaller micro-batches (the effective batch kept)
             batches = micro_batches(recipe.train.batch_size, recipe.train.grad_accum)
@@ -749,11 +757,15 @@ def search(recipe, blocks, budget, device, discovered, echo=print):
             for ckpt, sizes in steps:
                 if not all(n in discovered for n in names + [CHECKPOINTING] * ckpt):
                     continue
-                t = variant(tree, names, sections, ckpt)
+                t = variant(tree, names, sections, ckpt, adapter)
                 path = Path(tmp) / "candidate.yaml"
                 path.write_text(yaml_dump(t))
-                est = estimate(*recipes.load_recipe(path, discovered=discovered), device)
                 name = label + (" + gradient checkpointing" if ckpt else "")
+                try:
+                    est = estimate(*recipes.load_recipe(path, discovered=discovered), device)
+                except RecipeError as exc:  # a combination the plugins refuse (loha + nf4)
+                    echo(f"  {name}: not allowed: {'; '.join(exc.problems)}")
+                    continue
                 for b, accum in sizes:
                     train = {**(t.get("train") or {}), "batch_size": b, "grad_accum": accum}
                     c = Candidate(name, {**t, "train": train}, est.with_batch(b, accum), b, accum)
@@ -781,15 +793,16 @@ def yaml_dump(tree, header=""):
     return header + yaml.safe_dump(tree, sort_keys=False)
 
 
-def changes(recipe, chosen):
+def changes(recipe, chosen, adapter="lora"):
     """What --fit changed, in words."""
     out = []
     t, old = chosen.tree, recipe.raw
-    before = [p for p in old.get("plugins") or [] if p in METHODS + (CHECKPOINTING,)]
-    after = [p for p in t["plugins"] if p in METHODS + (CHECKPOINTING,)]
+    methods = METHODS + (adapter, CHECKPOINTING)
+    before = [p for p in old.get("plugins") or [] if p in methods]
+    after = [p for p in t["plugins"] if p in methods]
     if before != after:
         out.append(f"plugins: {' + '.join(before) or '(none)'} -> {' + '.join(after)}")
-    for name in METHODS:
+    for name in dict.fromkeys(METHODS + (adapter,)):
         if name in t and t.get(name) != old.get(name):
             out.append(f"{name}: {t[name] or 'defaults'}")
     tr = recipe.train
@@ -854,7 +867,7 @@ def command(args, echo=print):
     out = Path(args.out) if args.out else Path(recipe.path).with_suffix(".fit.yaml")
     if not args.out and not os.access(out.parent, os.W_OK):  # a shipped recipe
         out = Path.cwd() / out.name
-    what = changes(recipe, chosen)
+    what = changes(recipe, chosen, adapter_of(recipe.plugins, discovered))
     header = (f"# Written by `plugtune plan {args.recipe} --gpu {args.gpu} --fit`: {chosen.label}"
               f" needs {size(chosen.total)} of {size(budget)}.\n"
               + "".join(f"# changed: {c}\n" for c in what)

@@ -8,6 +8,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from conftest import echo_records
+from test_plan import small  # noqa: F401  (fixture)
 from plugtune import artifacts, cli, hookimpl, loop, plan, testing
 
 IDS = torch.tensor([[3, 17, 42, 5, 99, 23, 7, 64]])
@@ -196,3 +197,28 @@ def test_rejected_recipes_name_the_key(make_recipe, capsys, plugins, sections, s
     path = make_recipe(plugins=["causal_lm", *plugins], **sections)
     assert cli.main(["validate", str(path)]) == 2
     assert says in capsys.readouterr().err
+
+
+def test_plan_fit_keeps_the_recipes_adapter_method(small, capsys, tmp_path):
+    """--fit moves an ia3 recipe down to int8 + ia3 (never to lora), and skips what the
+    combination rules refuse (loha + nf4) instead of stopping."""
+    from test_plan import fit, searched
+
+    path, total = small
+    ia3 = make_variant(path, tmp_path, "ia3")
+    budget = total(batch=1, accum=8, plugins=["causal_lm", "int8", "ia3",
+                                              "gradient_checkpointing"]) + 1
+    code, text, written = fit(capsys, ia3, budget, tmp_path / "out.yaml")
+    assert code == 0 and searched(text)[-1].startswith("int8 + ia3")
+    assert {"int8", "ia3"} <= set(written["plugins"]) and "lora" not in written["plugins"]
+    loha = make_variant(path, tmp_path, "loha", "gradient_checkpointing")
+    code, text, _ = fit(capsys, loha, 1, tmp_path / "no.yaml")
+    assert code == 1 and "nf4 + loha + gradient checkpointing: not allowed: plugins: `loha` cannot adapt" in text
+
+
+def make_variant(path, tmp_path, *plugins):
+    import yaml
+
+    tree = yaml.safe_load(path.read_text())
+    tree["plugins"] = ["causal_lm", *plugins]
+    return testing.write_recipe(tmp_path / f"{plugins[0]}.yaml", **tree)
