@@ -222,3 +222,14 @@ def make_variant(path, tmp_path, *plugins):
     tree = yaml.safe_load(path.read_text())
     tree["plugins"] = ["causal_lm", *plugins]
     return testing.write_recipe(tmp_path / f"{plugins[0]}.yaml", **tree)
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "vera"])
+def test_eval_and_generate_load_the_saved_adapter(trained, capsys, method):
+    summary, run = trained(method)
+    assert cli.main(["eval", str(run.dir)]) == 0
+    out = capsys.readouterr().out
+    assert f"{summary['eval_after']['eval_loss']:.4f}" in out  # the run's own held-out figure
+    assert cli.main(["generate", str(run.dir), "Echo: apple", "--temperature", "5",
+                     "--max-new-tokens", "8", "--seed", "3"]) == 0
+    assert capsys.readouterr().out.strip()
