@@ -233,3 +233,4 @@ def test_eval_and_generate_load_the_saved_adapter(trained, capsys, method):
     assert cli.main(["generate", str(run.dir), "Echo: apple", "--temperature", "5",
                      "--max-new-tokens", "8", "--seed", "3"]) == 0
     assert capsys.readouterr().out.strip()
+
