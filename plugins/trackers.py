@@ -10,6 +10,7 @@ mlflow`` or ``pip install wandb`` for the one you choose.
 """
 import importlib.util
 import numbers
+import os
 from typing import Literal
 
 from pydantic import Field
@@ -118,6 +119,10 @@ def start(kind, s, run_dir, name):
     elif kind == "mlflow":
         import mlflow
 
+        if s.mlflow_tracking_uri is None:
+            # MLflow 3 asks file-store users to opt in; a store inside the run directory needs
+            # no server or database
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         mlflow.set_tracking_uri(s.mlflow_tracking_uri or (run_dir / "mlruns").as_uri())
         tracker = tracking.MLflowTracker(s.project, run_name=name)
     else:
