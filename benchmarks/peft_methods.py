@@ -1,16 +1,19 @@
 """Every peft method plugin on the quickstart task, shortened: trainable parameters, held-out
 eval loss and exact match before -> after, seconds per optimizer step, peak memory.
 
-Each method is ``recipes/quickstart.yaml`` (SmolLM2-135M-Instruct, the same data, batch size,
-schedule and held-out set) with ``lora`` replaced by the method, trained for ``--steps``
-optimizer steps instead of the full epoch (45 steps), in a process of its own so that its
-peak resident memory (``ru_maxrss``, loading included) is its own. Seconds per step are the
+Each method runs its recipe, ``recipes/smollm2-METHOD.yaml`` (the quickstart's SmolLM2-135M-
+Instruct, data, batch size, schedule and held-out set, with ``lora`` swapped for the method),
+for ``--steps`` optimizer steps instead of the full epoch (45 steps), in a process of its own
+so that its peak resident memory (``ru_maxrss``, loading included) is its own. Seconds per step are the
 median gap between consecutive ``plugtune_step_end`` calls (evaluations excluded). The learning
 rates are the method's usual order of magnitude, not tuned here: scaling-vector and prompt
 methods train far fewer parameters and need larger steps.
 
-    nice -n 10 python benchmarks/peft_methods.py --steps 15            # every method
-    nice -n 10 python benchmarks/peft_methods.py --steps 15 ia3 vera   # some
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/peft_methods.py --steps 15           # all
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/peft_methods.py --steps 15 ia3 vera  # some
+
+(one torch thread: on a machine whose cores other jobs keep busy, two threads wait on each
+other at every operation and run several times slower.)
 """
 import argparse
 import json
@@ -20,28 +23,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-#: method -> the quickstart overrides that swap lora for it
-METHODS = {
-    "lora": [],
-    "ia3": ["train.lr=2e-2"],
-    "adalora": ["adalora.init_r=16", "adalora.target_r=8", "adalora.tinit=3", "adalora.tfinal=3",
-                "adalora.alpha=32"],
-    "loha": ["loha.r=8", "loha.alpha=16"],
-    "lokr": ["lokr.r=8", "lokr.alpha=16"],
-    "oft": [],
-    "vera": ["train.lr=2e-2"],
-    "prompt_tuning": ["train.lr=3e-2", "prompt_tuning.init=text",
-                      "prompt_tuning.init_text='Answer with the label or the order id only:'"],
-}
-QUICKSTART = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml"
+#: every adapter method; each runs its shipped recipe, recipes/smollm2-METHOD.yaml: the
+#: quickstart (whose own method is lora) with the method's section and learning rate
+METHODS = ("lora", "ia3", "adalora", "loha", "lokr", "oft", "vera", "prompt_tuning")
 
 
-def overrides(method, steps, out):
-    swap = [] if method == "lora" else [f"plugins=[causal_lm,{method}]", "lora=null"]
-    return swap + METHODS[method] + [f"train.max_steps={steps}", f"output.dir={out}",
-                                     f"output.name={method}"]
+def recipe(method):
+    return "smollm2-" + method.replace("_", "-")
+
+
+def overrides(steps, out, method):
+    return [f"train.max_steps={steps}", f"output.dir={out}", f"output.name={method}"]
 
 
 class StepTimer:
@@ -59,8 +52,8 @@ def one(method, steps, out):
     from plugtune import testing
 
     timer = StepTimer()
-    summary, _ = testing.run(QUICKSTART, overrides(method, steps, out), extra_plugins=[timer],
-                             echo=print)
+    summary, _ = testing.run(recipe(method), overrides(steps, out, method),
+                             extra_plugins=[timer], echo=print)
     gaps = [b - a for a, b in zip(timer.times, timer.times[1:])]
     before, after = summary["eval_before"], summary["eval_after"]
     print("RESULT " + json.dumps({
