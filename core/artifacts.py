@@ -93,6 +93,11 @@ def load(run_dir, merge=False, trust_remote_code=False):
         with sources.loading("run directory", path):
             model = PeftModel.from_pretrained(base, path)
     if merge:
+        if not hasattr(model.base_model, "merge_and_unload"):  # prompt learning
+            raise PlugtuneError(f"{path}: a {model.peft_config['default'].peft_type.value} "
+                                "adapter adds to the model's input, not to its weights: nothing "
+                                "to merge; export it without --merge (peft loads it onto the "
+                                "base)")
         model = model.merge_and_unload().to(dtype)
     elif getattr(base, "is_quantized", False):
         notes.append(f"the base is loaded quantized as in training "

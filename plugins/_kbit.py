@@ -5,7 +5,7 @@ weight frozen, norms and other small non-quantized weights cast to float32 for s
 That preparation runs once, in ``plugtune_prepare_base``, before gradient checkpointing and
 before LoRA wraps the model (re-applying it to a PeftModel would freeze the adapters too).
 """
-QUANTIZERS = ("int8", "nf4")
+from plugtune.plugins._peft import ADAPTERS
 
 
 def check(recipe, name):
@@ -16,9 +16,10 @@ def check(recipe, name):
                         "cannot be trained by `full`; use lora instead of full (QLoRA-style "
                         f"adapters on the frozen {name} base), or drop {name} to fine-tune "
                         "every weight in float precision")
-    elif "lora" not in recipe.plugins:
+    elif not any(a in recipe.plugins for a in ADAPTERS):
         problems.append(f"plugins: `{name}` freezes the quantized base, so nothing would train; "
-                        "add lora (adapters on the frozen quantized base)")
+                        "add lora (adapters on the frozen quantized base) or another adapter "
+                        "method: " + ", ".join(a for a in ADAPTERS if a != "lora"))
     return problems
 
 

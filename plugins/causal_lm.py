@@ -199,9 +199,12 @@ def plugtune_tokenize(records, tokenizer, recipe):
 
 @hookimpl
 def plugtune_compute_loss(model, batch):
-    """Next-token cross-entropy summed over the labelled tokens, and their count."""
+    """Next-token cross-entropy summed over the labelled tokens, and their count. Logits of
+    positions an adapter prepends (prompt tuning's virtual tokens) have no label: dropped."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    return cross_entropy(model(**inputs).logits, batch["labels"], shift=True)
+    labels = batch["labels"]
+    logits = model(**inputs).logits[:, -labels.shape[1]:]
+    return cross_entropy(logits, labels, shift=True)
 
 
 def normalize(text):

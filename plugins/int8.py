@@ -11,6 +11,7 @@ import logging
 from pydantic import Field
 
 from plugtune import hookimpl
+from plugtune.plugins import _peft
 from plugtune.plugins import _kbit
 from plugtune.recipe import Section
 
@@ -67,8 +68,10 @@ def plugtune_estimate_memory(plan, recipe):
 
 
 @hookimpl
-def plugtune_fit_variants():
+def plugtune_fit_variants(recipe):
     """``plan --fit``: LoRA on an 8-bit base (after LoRA on the full-precision one)."""
     from plugtune.plan import Variant
 
+    if _peft.adapter_for_fit(recipe) != "lora":  # the recipe's own method offers its own
+        return []
     return [Variant("int8 + lora", 30, ["int8", "lora"], {"lora": {}})]

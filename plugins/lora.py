@@ -9,31 +9,24 @@ Composes with ``int8``/``nf4`` (QLoRA: adapters on a quantized base) and
 (LoRA already freezes the base; restrict the adapters with ``lora.target_modules`` or
 ``lora.layers_to_transform`` instead). See docs/combinations.md.
 """
-import re
-import warnings
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from plugtune import hookimpl
-from plugtune.recipe import Section
+from plugtune.plugins import _peft
+from plugtune.plugins._peft import plugtune_save_model  # noqa: F401  (shared hook)
 
 INIT = {"default": True, "gaussian": "gaussian", "orthogonal": "orthogonal"}
 
 
-class LoraSection(Section):
+class LoraSection(_peft.AdapterSection):
     r: int = Field(8, gt=0, description="rank of the adapter matrices")
     alpha: float = Field(16, gt=0, description="scale: the update is multiplied by alpha / r "
                          "(alpha / sqrt(r) with use_rslora)")
     dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter's input")
-    target_modules: list[str] | str = Field(
-        "all-linear", description="module names (a list, matched at the end of the name), a "
-        "regular expression (a string, matched against the full name), or all-linear (every "
-        "linear layer but the output layer)")
     layers_to_transform: list[int] | None = Field(None, description="adapt only these blocks "
                                                   "(0-based indices); default all")
-    modules_to_save: list[str] = Field([], description="modules trained in full and saved "
-                                       "with the adapter, e.g. [lm_head] or a new head")
     use_rslora: bool = Field(False, description="rank-stabilized scaling alpha / sqrt(r)")
     use_dora: bool = Field(False, description="weight-decomposed LoRA (DoRA)")
     init: Literal["default", "gaussian", "orthogonal"] = Field(
@@ -41,16 +34,6 @@ class LoraSection(Section):
         "orthogonal, r must be even) so the adapter starts as a no-op")
     bias: Literal["none", "all", "lora_only"] = Field("none", description="which biases train: "
                                                       "none, all (the base's too), lora_only")
-
-    @field_validator("target_modules")
-    @classmethod
-    def _regex_compiles(cls, value):
-        if isinstance(value, str) and value != "all-linear":
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"{value!r} is not a regular expression: {exc}") from exc
-        return value
 
 
 @hookimpl
@@ -77,47 +60,25 @@ def plugtune_check_recipe(recipe):
                         f"{s.target_modules!r}; or select the blocks in a target_modules regex")
     if s.init == "orthogonal" and s.r % 2:
         problems.append(f"lora.init: orthogonal needs an even lora.r, got r={s.r}")
-    return problems
-
-
-TASK_TYPES = {"SequenceClassification": "SEQ_CLS", "TokenClassification": "TOKEN_CLS"}
-
-
-def task_type(model):
-    """peft's task type for the model class (a classifier's new head is then saved too)."""
-    name = type(model).__name__
-    return next((t for k, t in TASK_TYPES.items() if k in name), "CAUSAL_LM")
-
-
-def lora_config(s, model):
-    from peft import LoraConfig
-
-    return LoraConfig(task_type=task_type(model), r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout,
-                      target_modules=s.target_modules, layers_to_transform=s.layers_to_transform,
-                      modules_to_save=s.modules_to_save or None, use_rslora=s.use_rslora,
-                      use_dora=s.use_dora, init_lora_weights=INIT[s.init], bias=s.bias)
+    return problems + _peft.other_adapters(recipe, "lora")
 
 
 @hookimpl
 def plugtune_wrap_model(model, recipe):
-    from peft import get_peft_model
+    from peft import LoraConfig
 
-    with warnings.catch_warnings():  # peft 0.21 asks transformers 5 a deprecated question
-        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
-        return get_peft_model(model, lora_config(recipe["lora"], model))
-
-
-@hookimpl
-def plugtune_save_model(model, tokenizer, path):
-    """Save only the adapter (and ``modules_to_save``), in PEFT format, with the tokenizer."""
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return "adapter"
+    s = recipe["lora"]
+    return _peft.wrap(model, LoraConfig, **_peft.common(s), r=s.r, lora_alpha=s.alpha,
+                      lora_dropout=s.dropout, layers_to_transform=s.layers_to_transform,
+                      use_rslora=s.use_rslora, use_dora=s.use_dora,
+                      init_lora_weights=INIT[s.init], bias=s.bias)
 
 
 @hookimpl
-def plugtune_fit_variants():
+def plugtune_fit_variants(recipe):
     """``plan --fit``: adapters on the 16/32-bit base (the recipe's own ``lora:`` kept)."""
     from plugtune.plan import Variant
 
+    if _peft.adapter_for_fit(recipe) != "lora":  # the recipe's own method offers its own
+        return []
     return [Variant("lora", 20, ["lora"], {"lora": {}})]

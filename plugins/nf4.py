@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field
 
 from plugtune import hookimpl
+from plugtune.plugins import _peft
 from plugtune.plugins import _kbit
 from plugtune.recipe import Section
 
@@ -79,8 +80,10 @@ def plugtune_estimate_memory(plan, recipe):
 
 
 @hookimpl
-def plugtune_fit_variants():
+def plugtune_fit_variants(recipe):
     """``plan --fit``: QLoRA, LoRA on a 4-bit base: the least memory, the last resort."""
     from plugtune.plan import Variant
 
+    if _peft.adapter_for_fit(recipe) != "lora":  # the recipe's own method offers its own
+        return []
     return [Variant("nf4 + lora", 40, ["nf4", "lora"], {"lora": {}})]

@@ -5,6 +5,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import RecipeError
 from .api import Variant
 from .budget import size
 from .moments import Estimate, estimate
@@ -99,10 +100,14 @@ def search(recipe, blocks, budget, device, discovered, echo=print):
                 t = variant(tree, method, extra, involved)
                 path = Path(tmp) / "candidate.yaml"
                 path.write_text(yaml_dump(t))
-                est = estimate(*recipes.load_recipe(
-                    path, discovered=discovered,
-                    trust_remote_code=recipe.model.trust_remote_code), device)
                 name = " + ".join([method.label, *(s.label for s in extra)])
+                try:
+                    est = estimate(*recipes.load_recipe(
+                        path, discovered=discovered,
+                        trust_remote_code=recipe.model.trust_remote_code), device)
+                except RecipeError as exc:  # a combination the plugins refuse (loha + nf4)
+                    echo(f"  {name}: not allowed: {'; '.join(exc.problems)}")
+                    continue
                 for b, accum in sizes:
                     train = {**(t.get("train") or {}), "batch_size": b, "grad_accum": accum}
                     c = Candidate(name, {**t, "train": train}, est.with_batch(b, accum), b, accum,

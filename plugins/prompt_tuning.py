@@ -1,0 +1,85 @@
+"""Prompt tuning (peft): learn a few virtual tokens' embeddings put before every input; the
+whole model stays frozen and unchanged.
+
+The virtual tokens start random, as the embeddings of tokens sampled from the vocabulary
+(``sample_vocab``), or as the embeddings of ``prompt_tuning.init_text`` (``text``: a task
+description, the usual best start). Saves a PEFT adapter (``adapter/``) that
+``peft.PeftModel.from_pretrained`` loads; there is nothing to merge into the weights, so
+``plugtune export --merge`` refuses. Composes with ``int8``/``nf4``, ``gradient_checkpointing``
+and ``sequence_classification``; conflicts with ``full``, ``freeze``, ``token_classification``
+and the other adapter methods (docs/combinations.md).
+"""
+from typing import Literal
+
+from pydantic import Field
+
+from plugtune import hookimpl
+from plugtune.plugins import _peft
+from plugtune.plugins._peft import plugtune_save_model  # noqa: F401  (shared hook)
+from plugtune.recipe import Section
+
+INIT = {"random": "RANDOM", "sample_vocab": "SAMPLE_VOCAB", "text": "RANDOM"}
+
+
+class PromptTuningSection(Section):
+    num_virtual_tokens: int = Field(20, gt=0, description="how many virtual tokens")
+    init: Literal["random", "sample_vocab", "text"] = Field(
+        "random", description="start from random vectors, from the embeddings of random "
+        "vocabulary tokens, or from those of init_text")
+    init_text: str | None = Field(None, description="with init: text, e.g. 'Answer the "
+                                  "question in one word:' (repeated or cut to the length)")
+    modules_to_save: list[str] = Field([], description="modules trained in full and saved "
+                                       "with the adapter")
+
+
+@hookimpl
+def plugtune_recipe_sections(register):
+    register("prompt_tuning", PromptTuningSection)
+
+
+@hookimpl
+def plugtune_check_recipe(recipe):
+    problems = _peft.check(recipe, "prompt_tuning", "virtual token embeddings")
+    s = recipe["prompt_tuning"]
+    if (s.init == "text") != bool(s.init_text):
+        problems.append("prompt_tuning.init_text: give it exactly when prompt_tuning.init is "
+                        "text (the words the virtual tokens start as)")
+    if "token_classification" in recipe.plugins:
+        problems.append("plugins: `prompt_tuning` adds virtual tokens to the input, which "
+                        "token_classification would have to tag: use lora or another adapter "
+                        "method with token_classification")
+    return problems
+
+
+@hookimpl
+def plugtune_wrap_model(model, recipe):
+    from peft import PromptTuningConfig
+
+    s = recipe["prompt_tuning"]
+    return _peft.wrap(model, PromptTuningConfig, num_virtual_tokens=s.num_virtual_tokens,
+                      prompt_tuning_init=INIT[s.init],
+                      modules_to_save=s.modules_to_save or None)
+
+
+@hookimpl
+def plugtune_train_start(run):
+    """``init: text``: the virtual tokens start as the embeddings of ``init_text``'s tokens
+    (peft would load the tokenizer again by name, which a GGUF or ``pkg:`` source cannot)."""
+    import torch
+
+    s = run.recipe["prompt_tuning"]
+    if s.init != "text":
+        return
+    model = run.accelerator.unwrap_model(run.model)
+    ids = run.tokenizer(s.init_text, add_special_tokens=False)["input_ids"]
+    ids = (ids * (s.num_virtual_tokens // len(ids) + 1))[:s.num_virtual_tokens]
+    embeddings = model.get_input_embeddings()
+    with torch.no_grad():
+        words = embeddings(torch.tensor(ids, device=embeddings.weight.device))
+        model.prompt_encoder["default"].embedding.weight.copy_(words)
+
+
+@hookimpl
+def plugtune_fit_variants(recipe):
+    """``plan --fit``: prompt_tuning on a 16/32-bit, an 8-bit and a 4-bit base, when the recipe uses it."""
+    return _peft.fit_variants("prompt_tuning", recipe)

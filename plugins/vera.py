@@ -1,0 +1,50 @@
+"""VeRA adapters (peft): one pair of frozen random low-rank matrices shared by every adapted
+layer, and per layer only two small trainable scaling vectors.
+
+The shared matrices are regenerated from ``vera.projection_prng_key`` and, by default, saved
+with the adapter too (``vera.save_projection``), so ``peft.PeftModel.from_pretrained`` restores
+them exactly. Saves a PEFT adapter (``adapter/``); ``plugtune export --merge`` folds it into the
+base. Composes with ``int8``/``nf4`` and ``gradient_checkpointing``; conflicts with
+``full``, ``freeze`` and the other adapter methods (docs/combinations.md).
+"""
+from pydantic import Field
+
+from plugtune import hookimpl
+from plugtune.plugins import _peft
+from plugtune.plugins._peft import plugtune_save_model  # noqa: F401  (shared hook)
+
+
+class VeraSection(_peft.AdapterSection):
+    r: int = Field(256, gt=0, description="rank of the shared random matrices (VeRA uses a "
+                   "far higher rank than LoRA: only the scaling vectors train)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input")
+    d_initial: float = Field(0.1, gt=0, description="initial value of the scaling vector d")
+    projection_prng_key: int = Field(0, description="seed of the shared random matrices")
+    save_projection: bool = Field(True, description="save the shared matrices with the adapter "
+                                  "(larger file; loads without regenerating them)")
+
+
+@hookimpl
+def plugtune_recipe_sections(register):
+    register("vera", VeraSection)
+
+
+@hookimpl
+def plugtune_check_recipe(recipe):
+    return _peft.check(recipe, "vera", "VeRA scaling vectors")
+
+
+@hookimpl
+def plugtune_wrap_model(model, recipe):
+    from peft import VeraConfig
+
+    s = recipe["vera"]
+    return _peft.wrap(model, VeraConfig, **_peft.common(s), r=s.r, vera_dropout=s.dropout,
+                      d_initial=s.d_initial, projection_prng_key=s.projection_prng_key,
+                      save_projection=s.save_projection)
+
+
+@hookimpl
+def plugtune_fit_variants(recipe):
+    """``plan --fit``: vera on a 16/32-bit, an 8-bit and a 4-bit base, when the recipe uses it."""
+    return _peft.fit_variants("vera", recipe)
