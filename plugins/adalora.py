@@ -12,9 +12,10 @@ the duration of the run. The ranks it arrived at are saved in the adapter's conf
 ``gradient_checkpointing``; conflicts with ``full``, ``freeze`` and the other adapter methods
 (docs/combinations.md).
 """
+import torch
 from pydantic import Field
 
-from plugtune import hookimpl
+from plugtune import Loss, hookimpl
 from plugtune.errors import PluginError
 from plugtune.plugins import _peft
 from plugtune.plugins._peft import plugtune_save_model  # noqa: F401  (shared hook)
@@ -47,20 +48,19 @@ def _check(recipe):
     return problems
 
 
-def _penalty_only_in_training(adalora_model, weight):
-    """peft adds the orthogonality penalty to every loss the model returns, the held-out one
-    too; keep it out of evaluation, so that eval_loss is the task's loss, comparable with other
-    methods' (the weight is restored after each forward, so the saved config keeps it)."""
-    config = adalora_model.peft_config[adalora_model.trainable_adapter_name]
-
-    def before(module, args):
-        config.orth_reg_weight = weight if module.training else 0.0
-
-    def after(module, args, output):
-        config.orth_reg_weight = weight
-
-    adalora_model.register_forward_pre_hook(before)
-    adalora_model.register_forward_hook(after)
+def orthogonality_penalty(model):
+    """AdaLoRA's regulariser: the mean Frobenius distance of ``A Aᵀ`` and ``Bᵀ B`` from the
+    identity over the trainable adapter matrices. peft adds it inside its forward, but only to
+    a loss the model computes from labels; plugtune's task plugins compute the loss themselves
+    (``plugtune.Loss``), so it is added here, as peft writes it."""
+    total, n = 0.0, 0
+    for name, p in model.named_parameters():
+        if p.requires_grad and ("lora_A" in name or "lora_B" in name) and p.numel():
+            cov = p @ p.T if "lora_A" in name else p.T @ p
+            total = total + torch.linalg.matrix_norm(
+                cov - torch.eye(*cov.shape, device=cov.device, dtype=cov.dtype))
+            n += 1
+    return total / n if n else total
 
 
 def _model(run):
@@ -94,8 +94,18 @@ class AdaLora:
                            target_r=s.target_r, lora_alpha=s.alpha, lora_dropout=s.dropout,
                            tinit=s.tinit, tfinal=s.tfinal, deltaT=s.delta_t, beta1=s.beta1,
                            beta2=s.beta2, orth_reg_weight=s.orth_reg_weight, total_step=total)
-        _penalty_only_in_training(model.base_model, s.orth_reg_weight)
         return model
+
+    @hookimpl(wrapper=True)
+    def plugtune_compute_loss(self, model, recipe):
+        """The penalty joins the training loss only (``eval_loss`` stays the task's loss,
+        comparable with other methods'), once per target so the step's mean gains it once."""
+        loss = yield
+        weight = recipe["adalora"].orth_reg_weight
+        if not model.training or not weight:
+            return loss
+        penalty = weight * orthogonality_penalty(model)
+        return Loss(loss.sum + penalty * loss.count, loss.count)
 
     @hookimpl
     def plugtune_train_start(self, run):

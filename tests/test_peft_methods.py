@@ -234,3 +234,26 @@ def test_eval_and_generate_load_the_saved_adapter(trained, capsys, method):
                      "--max-new-tokens", "8", "--seed", "3"]) == 0
     assert capsys.readouterr().out.strip()
 
+
+
+def test_adalora_orthogonality_penalty_is_in_the_training_loss_only(trained):
+    """peft adds it only to a loss computed from labels inside its forward; plugtune adds it to
+    the task plugin's Loss: training sees task loss + weight x penalty, evaluation the task's."""
+    import torch
+
+    from plugtune import loop
+    from plugtune.plugins.adalora import orthogonality_penalty
+
+    _, run = trained("adalora")
+    data = run.data["validation"]
+    batch = data.collate(data.examples[:4])
+    weight = run.recipe["adalora"].orth_reg_weight
+    with torch.no_grad():
+        run.model.eval()
+        task = loop.loss_of(run, run.model, batch)
+        run.model.train()
+        training = loop.loss_of(run, run.model, batch)
+        penalty = orthogonality_penalty(run.model).item()
+    run.model.eval()
+    assert weight > 0 and penalty > 0
+    assert training.mean.item() == pytest.approx(task.mean.item() + weight * penalty, rel=1e-4)
