@@ -21,7 +21,7 @@ STEPS = 40
 def long_recipe(make_recipe, tmp_path):
     """LoRA with dropout (so the random state matters) over 40 steps, crossing epochs, with a
     checkpoint every 4 steps; records long enough that a step takes a noticeable time."""
-    records = [{"text": " ".join([w] * 60)} for w in testing_words() for _ in range(2)]
+    records = [{"text": " ".join([w] * 60)} for w in echo_words() for _ in range(2)]
     data = testing.write_jsonl(tmp_path / "long.jsonl", records)
 
     def make(name):
@@ -34,7 +34,7 @@ def long_recipe(make_recipe, tmp_path):
     return make
 
 
-def testing_words():
+def echo_words():
     return ["apple", "river", "stone", "cloud", "tiger", "piano", "lemon", "candle"]
 
 
