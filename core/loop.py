@@ -301,18 +301,19 @@ def train_step(run, micro, examples, collate):
     return loss_sum, count, n_tokens, signalled > 0
 
 
-def optimizer_step(run, t):
-    """Clip, check and apply the accumulated gradients; ``(grad_norm, applied)``. A step with
-    a non-finite gradient norm is not applied (under fp16 mixed precision the gradient scaler
-    makes that call, as it must, and the step counts as skipped)."""
+def optimizer_step(run, t, loss):
+    """Clip, check and apply the accumulated gradients, then clear them; ``(grad_norm,
+    applied)``. A step whose loss or gradient norm is not finite is not applied (under fp16
+    mixed precision the gradient scaler makes that call for the gradients, as it must, and the
+    step counts as skipped)."""
     acc = run.accelerator
-    norm = acc.clip_grad_norm_(run.model.parameters(), t.max_grad_norm or math.inf)
-    norm = float(norm) if norm is not None else math.nan
-    if acc.scaler is not None or math.isfinite(norm):
-        run.optimizer.step()
-        applied = acc.scaler is None or not acc.optimizer_step_was_skipped
-    else:
-        applied = False
+    norm, applied = math.nan, False
+    if math.isfinite(loss):
+        norm = acc.clip_grad_norm_(run.model.parameters(), t.max_grad_norm or math.inf)
+        norm = float(norm) if norm is not None else math.nan
+        if acc.scaler is not None or math.isfinite(norm):
+            run.optimizer.step()
+            applied = acc.scaler is None or not acc.optimizer_step_was_skipped
     if applied:
         run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -392,22 +393,19 @@ def train(run, echo=print, resume=None, stop_after=None):
                 run.state["evaluated"] = True
             run.model.train()
             plan_epoch, plan = None, None
+            lengths = [len(e["input_ids"]) for e in data.examples]
             while run.step < run.total_steps:
                 epoch, k = divmod(run.step, per_epoch)
                 if epoch != plan_epoch:
                     plan_epoch = epoch
-                    plan = epoch_plan([len(e["input_ids"]) for e in data.examples], t, epoch,
-                                      rank, world)
+                    plan = epoch_plan(lengths, t, epoch, rank, world)
                 tick = time.perf_counter()
                 loss_sum, count, tokens, signalled = train_step(run, plan[k], data.examples,
                                                                 data.collate)
                 lr = run.scheduler.get_last_lr()[0]  # the rate this step is taken at
                 loss = loss_sum / count if count else math.nan
                 updating = True
-                norm, applied = (optimizer_step(run, t) if math.isfinite(loss)
-                                 else (math.nan, False))
-                if not applied:
-                    run.optimizer.zero_grad(set_to_none=True)
+                norm, applied = optimizer_step(run, t, loss)
                 run.step += 1
                 rng, updating = checkpoint.rng_state(), False
                 metrics = {"step": run.step, "loss": _finite(loss), "lr": lr,
