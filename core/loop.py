@@ -185,9 +185,21 @@ def to_device(batch, device):
 
 
 def loss_of(run, model, batch):
-    """The task plugin's :class:`~plugtune.loss.Loss` of ``model`` on ``batch``."""
+    """The task plugin's :class:`~plugtune.loss.Loss` of ``model`` on ``batch``. Keys that
+    start with ``_`` are the loop's bookkeeping (``_tokens``), not model inputs: left out."""
+    batch = {k: v for k, v in batch.items() if not k.startswith("_")}
     return as_loss(first(run.pm.hook.plugtune_compute_loss, "compute the loss", model=model,
                          batch=batch, recipe=run.recipe))
+
+
+def real_tokens(batch):
+    """The tokens of ``batch`` that are not padding: its ``_tokens`` where the collator counted
+    them (packed rows), else the attention mask's sum, else every position."""
+    if "_tokens" in batch:
+        return batch["_tokens"].float()
+    mask = batch.get("attention_mask")
+    return (mask.sum() if mask is not None else
+            torch.tensor(batch["input_ids"].numel(), device=batch["input_ids"].device)).float()
 
 
 def evaluate(run, step):
@@ -284,9 +296,7 @@ def train_step(run, micro, examples, collate):
             acc.backward(total * world / reference)
         sums.append(total.detach().float())
         counts.append(count)
-        mask = batch.get("attention_mask")
-        tokens.append((mask.sum() if mask is not None else
-                       torch.tensor(batch["input_ids"].numel(), device=acc.device)).float())
+        tokens.append(real_tokens(batch))
     signalled = torch.tensor(float(run.signum is not None), device=acc.device)
     step = torch.stack([torch.stack(sums).sum(), torch.stack(counts).sum(),
                         torch.stack(tokens).sum(), signalled, reference])

@@ -59,6 +59,9 @@ class TrainSection(Section):
     grad_accum: PositiveInt = Field(1, description="micro-batches per optimizer step")
     group_by_length: bool = Field(False, description="micro-batches of examples of similar "
                                   "length (less padding), in shuffled order")
+    packing: bool = Field(False, description="causal_lm: padding-free batches; each "
+                          "micro-batch's examples packed into rows of at most max_length "
+                          "tokens, attention kept inside each example")
     lr: PositiveFloat = 2e-5
     warmup_steps: NonNegativeInt = 0
     schedule: Literal["constant", "linear", "cosine"] = "linear"
@@ -132,6 +135,7 @@ SYNONYMS = {
     "model_name_or_path": "name", "torch_dtype": "dtype", "tokenizer_name": "tokenizer",
     "datasets": "train", "train_file": "train", "validation_file": "validation",
     "val_set_size": "val_fraction", "eval_file": "validation",
+    "sample_packing": "packing", "padding_free": "packing", "pack_sequences": "packing",
 }
 DATA_PATH_KEYS = ("train", "validation")
 

@@ -207,7 +207,10 @@ def plugtune_check_recipe(recipe):
     name = head_name(recipe)
     return [f"plugins: `{name}` and `{other}` are both task plugins (each computes the loss its "
             f"own way); keep one: {name} for a classifier, causal_lm for text generation"
-            for other in TASKS if other != name and other in recipe.plugins]
+            for other in TASKS if other != name and other in recipe.plugins] + (
+        [f"train.packing: {name} keeps padded batches (each example is classified on its "
+         "own row); packing is for causal_lm; remove train.packing (train.group_by_length "
+         "cuts padding instead)"] if recipe.train.packing else [])
 
 
 @hookimpl

@@ -179,6 +179,50 @@ def collator(pad_id):
     return collate
 
 
+def rows(lengths, width):
+    """Example indices packed into rows of at most ``width`` tokens: first fit, longest first
+    (the bin-packing heuristic axolotl's multipack and torchtune use), so rows come out nearly
+    full. Each example fits a row alone: tokenization truncates at ``train.max_length``."""
+    packed, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r in range(len(packed)) if room[r] >= lengths[i]), None)
+        if row is None:
+            packed.append([]), room.append(width)
+            row = len(packed) - 1
+        packed[row].append(i)
+        room[row] -= lengths[i]
+    return packed
+
+
+def packed_collator(pad_id, width):
+    """Padding-free batches: the micro-batch's examples laid end to end in rows of at most
+    ``width`` tokens, ``position_ids`` restarting at each example and no attention mask, which
+    is how transformers is told to keep attention inside each example (SDPA and eager get a
+    block-diagonal causal mask, flash attention its variable-length kernel). The first label
+    of every example is ignored, so no token learns to predict its neighbour's start. Rows
+    shorter than the longest end in one filler segment (its own positions from 0, ignored
+    labels), which attends only to itself; ``_tokens`` counts the real tokens."""
+    def collate(examples):
+        lengths = [len(e["input_ids"]) for e in examples]
+        layout = rows(lengths, width)
+        wide = max(sum(lengths[i] for i in row) for row in layout)
+        ids, labels, positions = [], [], []
+        for row in layout:
+            r_ids, r_labels, r_pos = [], [], []
+            for i in row:
+                r_ids += examples[i]["input_ids"]
+                r_labels += [IGNORE] + list(examples[i]["labels"][1:])
+                r_pos += range(lengths[i])
+            filler = wide - len(r_ids)
+            ids.append(r_ids + [pad_id] * filler)
+            labels.append(r_labels + [IGNORE] * filler)
+            positions.append(r_pos + list(range(filler)))
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
+                "position_ids": torch.tensor(positions),
+                "_tokens": torch.tensor(sum(lengths))}
+    return collate
+
+
 @hookimpl
 def plugtune_tokenize(records, tokenizer, recipe):
     max_len, truncated, examples = recipe.train.max_length, 0, []
@@ -194,17 +238,33 @@ def plugtune_tokenize(records, tokenizer, recipe):
                             f"train.max_length={max_len}; raise it or shorten the prompt")
         examples.append({"input_ids": ids, "labels": labels, "prompt_ids": prompt,
                          "reference": reference})
-    return Tokenized(examples, collator(tokenizer.pad_token_id), truncated, records)
+    collate = (packed_collator(tokenizer.pad_token_id, max_len) if recipe.train.packing
+               else collator(tokenizer.pad_token_id))
+    return Tokenized(examples, collate, truncated, records)
 
 
 @hookimpl
 def plugtune_compute_loss(model, batch):
     """Next-token cross-entropy summed over the labelled tokens, and their count. Logits of
-    positions an adapter prepends (prompt tuning's virtual tokens) have no label: dropped."""
+    positions an adapter prepends (prompt tuning's virtual tokens) have no label: dropped.
+    No key/value cache: it is of no use to a loss, and transformers reads packed
+    ``position_ids`` only without one."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs["use_cache"] = False
     labels = batch["labels"]
+    if "position_ids" in inputs and _flash(model) and labels.shape[0] > 1:
+        # flash attention reads packed sequences from position_ids only in a single row;
+        # rows start with an example and end with one (or filler), so laying them end to end
+        # changes nothing else
+        inputs = {k: v.reshape(1, -1) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        labels = labels.reshape(1, -1)
     logits = model(**inputs).logits[:, -labels.shape[1]:]
     return cross_entropy(logits, labels, shift=True)
+
+
+def _flash(model):
+    config = getattr(model, "config", None)
+    return "flash" in str(getattr(config, "_attn_implementation", "") or "")
 
 
 def normalize(text):

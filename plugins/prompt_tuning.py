@@ -48,6 +48,10 @@ def plugtune_check_recipe(recipe):
         problems.append("plugins: `prompt_tuning` adds virtual tokens to the input, which "
                         "token_classification would have to tag: use lora or another adapter "
                         "method with token_classification")
+    if recipe.train.packing:
+        problems.append("train.packing: prompt tuning puts its virtual tokens before each row, "
+                        "which packed examples would share; set train.packing: false (or use "
+                        "train.group_by_length) with prompt_tuning")
     return problems
 
 

@@ -1,0 +1,176 @@
+"""Padding-free packing (`train.packing`): the examples of a micro-batch laid end to end in rows
+of at most `train.max_length` tokens, positions restarting at each example. Each example's loss
+is what it is alone, no token sees another example, and a packed run takes the same steps as a
+padded one."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from plugtune import hookimpl, loop, testing
+from plugtune.errors import RecipeError
+from plugtune.plugins import causal_lm
+
+WORDS = ["apple", "river", "stone", "cloud", "tiger", "piano", "lemon", "candle"]
+
+
+def records(n=12):
+    """Text, prompt/completion and chat records of 3 to about 60 tokens."""
+    out = []
+    for i in range(n):
+        words = " ".join(WORDS[(i + j) % 8] for j in range(1 + (i * 37) % 40))
+        kind = i % 3
+        if kind == 0:
+            out.append({"text": words})
+        elif kind == 1:
+            out.append({"prompt": f"Echo: {words}", "completion": f" {words.upper()}"})
+        else:
+            out.append({"messages": [{"role": "user", "content": f"Echo: {words}"},
+                                     {"role": "assistant", "content": words.upper()}]})
+    return out
+
+
+class SGD:
+    """Plain SGD: the update is the gradient itself (AdamW's first step is lr times its sign)."""
+
+    @hookimpl
+    def plugtune_build_optimizer(self, params, recipe):
+        return torch.optim.SGD(params, lr=recipe.train.lr)
+
+
+@pytest.fixture
+def mixed(make_recipe, tmp_path):
+    data = testing.write_jsonl(tmp_path / "mixed.jsonl", records())
+
+    def make(name, plugins=("causal_lm", "full"), **train):
+        extra = {"lora": {"dropout": 0.0}} if "lora" in plugins else {}
+        return make_recipe(f"{name}.yaml", plugins=list(plugins), **extra,
+                           data={"train": str(data), "validation": str(data)},
+                           train={"max_steps": 1, "lr": 0.5, "max_grad_norm": None,
+                                  "eval_every": None, "batch_size": 12, "max_length": 128,
+                                  **train},
+                           output={"name": name})
+    return make
+
+
+def per_example_sums(model, batch, spans):
+    """Each example's summed next-token loss, read off one forward pass of ``batch``; ``spans``
+    is ``(row, start, end)`` per example."""
+    inputs = {k: v for k, v in batch.items() if k != "labels" and not k.startswith("_")}
+    with torch.no_grad():
+        logits = model(**inputs, use_cache=False).logits.float()
+    out = []
+    for row, start, end in spans:
+        lg, lb = logits[row, start:end - 1], batch["labels"][row, start + 1:end]
+        out.append(torch.nn.functional.cross_entropy(lg, lb, ignore_index=-100,
+                                                     reduction="sum").item())
+    return out
+
+
+def packed_spans(examples, width):
+    spans = []
+    for r, row in enumerate(causal_lm.rows([len(e["input_ids"]) for e in examples], width)):
+        start = 0
+        for i in row:
+            spans.append((i, r, start, start + len(examples[i]["input_ids"])))
+            start += len(examples[i]["input_ids"])
+    return [s[1:] for s in sorted(spans)]
+
+
+def test_packed_rows_hold_every_token_once_within_max_length(mixed):
+    recipe, pm = testing.load_recipe(mixed("rows", packing=True, max_length=64))
+    run = loop.setup(recipe, pm, echo=lambda *a: None)
+    examples = run.data["train"].examples
+    batch = run.data["train"].collate(examples)
+    assert "attention_mask" not in batch and batch["input_ids"].shape[1] <= 64
+    lengths = [len(e["input_ids"]) for e in examples]
+    assert batch["_tokens"].item() == sum(lengths)
+    assert batch["input_ids"].shape[0] < len(examples)  # examples share rows
+    layout = causal_lm.rows(lengths, 64)
+    assert sorted(i for row in layout for i in row) == list(range(len(examples)))
+    for r, row in enumerate(layout):  # positions restart at each example
+        expected = [p for i in row for p in range(lengths[i])]
+        assert batch["position_ids"][r, :len(expected)].tolist() == expected
+
+
+def test_each_packed_example_has_the_loss_it_has_alone(mixed):
+    """float32: every example's loss in the packed batch equals its loss run on its own."""
+    recipe, pm = testing.load_recipe(mixed("alone", packing=True))
+    run = loop.setup(recipe, pm, echo=lambda *a: None)
+    model, examples = run.model.eval(), run.data["train"].examples
+    packed = per_example_sums(model, run.data["train"].collate(examples),
+                              packed_spans(examples, 128))
+    plain = causal_lm.collator(run.tokenizer.pad_token_id)
+    alone = [per_example_sums(model, plain([e]), [(0, 0, len(e["input_ids"]))])[0]
+             for e in examples]
+    assert packed == pytest.approx(alone, rel=1e-5, abs=1e-5)
+    assert min(alone) > 0
+
+
+def test_no_token_attends_across_an_example_boundary(mixed):
+    """Change one example's tokens: its row neighbours' logits stay the same. Without the
+    restarting positions (one long sequence) they change: the check can fail."""
+    recipe, pm = testing.load_recipe(mixed("boundary", packing=True))
+    run = loop.setup(recipe, pm, echo=lambda *a: None)
+    model, examples = run.model.eval(), run.data["train"].examples
+    collate = run.data["train"].collate
+    spans = packed_spans(examples, 128)
+    # an example that starts a row another example shares
+    first = next(i for i, (r, s, _) in enumerate(spans)
+                 if s == 0 and sum(x[0] == r for x in spans) > 1)
+    row, start, end = spans[first]
+    neighbours = [s for s in spans if s[0] == row and s[1] > start]
+    changed = [dict(e) for e in examples]
+    changed[first]["input_ids"] = [(t + 1) % 50 + 3 for t in examples[first]["input_ids"]]
+
+    def logits(batch, positions=True):
+        inputs = {"input_ids": batch["input_ids"], "use_cache": False}
+        if positions:
+            inputs["position_ids"] = batch["position_ids"]
+        with torch.no_grad():
+            return model(**inputs).logits
+
+    before, after = logits(collate(examples)), logits(collate(changed))
+    assert not torch.allclose(before[row, start:end], after[row, start:end])
+    for _, s, e in neighbours:
+        assert torch.allclose(before[row, s:e], after[row, s:e], atol=1e-6)
+    leaky = logits(collate(examples), False), logits(collate(changed), False)
+    assert any(not torch.allclose(leaky[0][row, s:e], leaky[1][row, s:e], atol=1e-6)
+               for _, s, e in neighbours)
+
+
+@pytest.mark.parametrize("plugins,accum", [
+    (("causal_lm", "full"), 1),
+    (("causal_lm", "lora", "gradient_checkpointing"), 3),
+])
+def test_a_packed_run_takes_the_same_step_as_a_padded_one(mixed, plugins, accum):
+    """Packing changes how a step's examples are laid out, not which examples it sees or its
+    objective: the trained weights agree (float32, SGD-like lr, one step of 12 examples)."""
+    trained = {}
+    for packing in (False, True):
+        summary, _ = testing.run(mixed(f"p{packing}{len(plugins)}", plugins, packing=packing,
+                                       batch_size=12 // accum, grad_accum=accum),
+                                 extra_plugins=[SGD()])
+        path = Path(summary["artifact"])
+        trained[packing] = load_file(next(path.glob("*.safetensors")))
+        log = [json.loads(line) for line in (path.parent / "metrics.jsonl").read_text()
+               .splitlines()]
+        trained[f"loss{packing}"] = log[0]["loss"]
+    assert trained["lossTrue"] == pytest.approx(trained["lossFalse"], rel=1e-5)
+    assert max((trained[True][k] - trained[False][k]).abs().max().item()
+               for k in trained[True]) < 1e-5
+
+
+@pytest.mark.parametrize("plugins,key", [
+    (["sequence_classification", "full"], "train.packing"),
+    (["causal_lm", "prompt_tuning"], "train.packing"),
+])
+def test_packing_is_refused_where_it_cannot_apply(make_recipe, tmp_path, plugins, key):
+    data = testing.write_jsonl(tmp_path / "labelled.jsonl",
+                               [{"text": w, "label": w[0]} for w in WORDS])
+    recipe = make_recipe(plugins=plugins, data={"train": str(data), "validation": str(data)},
+                         train={"packing": True})
+    with pytest.raises(RecipeError, match=key):
+        testing.load_recipe(recipe)
