@@ -331,6 +331,8 @@ def plugtune_estimate_memory(plan, recipe):
       input in host memory rather than on the GPU.
     - ``plan.add(name, bytes, detail)`` for memory held the whole run (a reference model, an EMA
       copy); ``plan.make_batch`` for a task whose batches are not causal-LM ones;
+      ``plan.loss_chunk_tokens`` where the task's loss runs the output layer that many tokens
+      at a time (its logits buffers then stop growing with the micro-batch);
       ``plan.notes`` for what the user should know.
 
     Read-only context: ``plan.device`` (``"cuda"``/``"cpu"``), ``plan.batch_size``,

@@ -14,6 +14,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 
 IGNORE = -100
 
@@ -55,6 +56,43 @@ def cross_entropy(logits, labels, weight=None, shift=False):
     valid = labels != IGNORE
     count = weight[labels[valid]].sum() if weight is not None else valid.sum()
     return Loss(total, count)
+
+
+def chunked_cross_entropy(hidden, head, labels, chunk_tokens, shift=False, softcap=None):
+    """:class:`Loss` of ``head(hidden)`` against ``labels``, equal to :func:`cross_entropy` of
+    the full logits, without ever holding them: only labelled positions go through ``head``
+    (the output layer), ``chunk_tokens`` at a time, each chunk's float32 logits recomputed in
+    backward rather than kept (activation checkpointing per chunk). What torchtune's chunked
+    cross-entropy and Liger's fused linear cross-entropy save, with any output layer module
+    (an adapter on it included).
+
+    :param hidden: ``(..., positions, hidden size)`` final hidden states.
+    :param head: the module that turns hidden states into logits.
+    :param softcap: Gemma 2's final logit soft-capping, ``tanh(logits / c) * c``.
+    """
+    if shift:
+        hidden, labels = hidden[..., :-1, :], labels[..., 1:]
+    labels = labels.to(hidden.device)
+    valid = labels != IGNORE
+    if hidden.is_meta:  # the memory planner: shapes only, every position labelled
+        states, targets = hidden.flatten(0, -2), labels.flatten()
+    else:
+        states, targets = hidden[valid], labels[valid]  # only what is scored
+    total = hidden.new_zeros((), dtype=torch.float32)
+
+    def piece(h, t):
+        logits = head(h).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return torch.nn.functional.cross_entropy(logits, t, reduction="sum")
+
+    for i in range(0, len(targets), chunk_tokens):
+        h, t = states[i:i + chunk_tokens], targets[i:i + chunk_tokens]
+        if torch.is_grad_enabled():
+            total = total + torch.utils.checkpoint.checkpoint(piece, h, t, use_reentrant=False)
+        else:
+            total = total + piece(h, t)
+    return Loss(total, valid.sum())
 
 
 def as_loss(result):

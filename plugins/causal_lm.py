@@ -3,17 +3,20 @@
 rendered with the tokenizer's chat template. Where a held-out record has a reference answer
 (the completion, or the last assistant turn) evaluation also reports the exact match of the
 model's greedy answer, and always the perplexity (``exp(eval_loss)``)."""
+import contextlib
 import json
 import math
 from pathlib import Path
+from typing import Literal
 
 import torch
-from pydantic import Field
+from accelerate.utils import extract_model_from_parallel
+from pydantic import Field, PositiveInt
 
 from plugtune import hookimpl
 from plugtune.data import Tokenized
 from plugtune.errors import DataError
-from plugtune.loss import cross_entropy
+from plugtune.loss import chunked_cross_entropy, cross_entropy
 from plugtune.recipe import Section
 
 IGNORE = -100
@@ -21,10 +24,20 @@ IGNORE = -100
 ROLES = ("system", "user", "assistant", "tool")
 
 
+#: ``loss_chunk_tokens: auto`` chunks the loss of vocabularies at least this large, in chunks of
+#: at most CHUNK_BYTES of float32 logits.
+CHUNK_VOCAB, CHUNK_BYTES = 32_000, 128 * 2 ** 20
+
+
 class CausalLMSection(Section):
     exact_match: bool = Field(True, description="generate answers for held-out references")
     max_new_tokens: int = Field(32, gt=0, description="longest generated answer")
     generate_limit: int = Field(100, gt=0, description="held-out records to generate for")
+    loss_chunk_tokens: PositiveInt | Literal["auto"] | None = Field(
+        "auto", description="run the output layer and the loss this many labelled tokens at "
+        "a time, recomputing each chunk in backward, so a micro-batch's float32 logits are "
+        "never held whole (same loss and gradients); auto: chunks of at most 128 MiB of "
+        f"float32 logits for vocabularies of {CHUNK_VOCAB:,} tokens or more; null: off")
     roles: list[str] = Field(list(ROLES), min_length=1, description="the roles a messages "
                              "record may use (those the model's chat template knows); "
                              "assistant turns are learnt")
@@ -243,14 +256,63 @@ def plugtune_tokenize(records, tokenizer, recipe):
     return Tokenized(examples, collate, truncated, records)
 
 
+def output_layer(model):
+    model = extract_model_from_parallel(model)
+    return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+
+
+#: config keys of architectures that rescale logits after the output layer in their own way
+#: (Cohere's logit_scale, Granite's logits_scaling): their loss is not chunked.
+RESCALED = ("logit_scale", "logits_scaling")
+
+
+def chunk_tokens(recipe, model):
+    """Labelled tokens per loss chunk for ``model``, or None for the plain loss."""
+    setting = recipe["causal_lm"].loss_chunk_tokens if recipe is not None else "auto"
+    config = getattr(extract_model_from_parallel(model), "config", None)
+    head = output_layer(model)
+    if setting is None or head is None or config is None or any(
+            getattr(config, k, None) not in (None, 1, 1.0) for k in RESCALED):
+        return None
+    if setting != "auto":
+        return setting
+    vocab = getattr(head, "out_features", None) or getattr(config, "vocab_size", 0)
+    if vocab < CHUNK_VOCAB:
+        return None
+    return max(64, 2 ** int(math.log2(CHUNK_BYTES / (4 * vocab))))
+
+
+@contextlib.contextmanager
+def final_hidden_states(model):
+    """Within the block, a forward pass of ``model`` (whatever wraps it: peft, DDP) leaves the
+    output layer's input in the yielded list and gives the output layer nothing to compute
+    (a zero-length slice), so the full logits are never made."""
+    captured, head = [], output_layer(model)
+
+    def capture(module, args, kwargs):
+        if args:
+            captured.append(args[0])
+            return (args[0][..., :0, :],) + tuple(args[1:]), kwargs
+        key = next(iter(kwargs))
+        captured.append(kwargs[key])
+        return args, {**kwargs, key: kwargs[key][..., :0, :]}
+
+    handle = head.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
 @hookimpl
-def plugtune_compute_loss(model, batch):
+def plugtune_compute_loss(model, batch, recipe):
     """Next-token cross-entropy summed over the labelled tokens, and their count. Logits of
     positions an adapter prepends (prompt tuning's virtual tokens) have no label: dropped.
-    No key/value cache: it is of no use to a loss, and transformers reads packed
-    ``position_ids`` only without one."""
+    Packed batches run without a key/value cache: transformers reads packed ``position_ids``
+    only without one."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    inputs["use_cache"] = False
+    if "position_ids" in inputs:
+        inputs["use_cache"] = False
     labels = batch["labels"]
     if "position_ids" in inputs and _flash(model) and labels.shape[0] > 1:
         # flash attention reads packed sequences from position_ids only in a single row;
@@ -258,13 +320,34 @@ def plugtune_compute_loss(model, batch):
         # changes nothing else
         inputs = {k: v.reshape(1, -1) if torch.is_tensor(v) else v for k, v in inputs.items()}
         labels = labels.reshape(1, -1)
-    logits = model(**inputs).logits[:, -labels.shape[1]:]
-    return cross_entropy(logits, labels, shift=True)
+    chunk = chunk_tokens(recipe, model)
+    if not chunk:
+        logits = model(**inputs).logits[:, -labels.shape[1]:]
+        return cross_entropy(logits, labels, shift=True)
+    with final_hidden_states(model) as hidden:
+        model(**inputs)
+    return chunked_cross_entropy(hidden[0][:, -labels.shape[1]:], output_layer(model), labels,
+                                 chunk, shift=True,
+                                 softcap=getattr(extract_model_from_parallel(model).config,
+                                                 "final_logit_softcapping", None))
 
 
 def _flash(model):
     config = getattr(model, "config", None)
     return "flash" in str(getattr(config, "_attn_implementation", "") or "")
+
+
+@hookimpl
+def plugtune_estimate_memory(plan, recipe):
+    """The chunked loss's chunk, and with packing the one attention mask SDPA and eager
+    attention are given (one boolean per pair of positions of a row; flash attention needs
+    none). Sequences are planned at ``train.max_length`` either way: a packed row holds at
+    most that many tokens, with no padding."""
+    plan.loss_chunk_tokens = chunk_tokens(recipe, plan.model)
+    if recipe.train.packing:
+        nbytes = plan.batch_size * plan.seq_len ** 2
+        plan.add("packed attention mask", nbytes, f"{plan.batch_size} x {plan.seq_len}^2 "
+                 "booleans (SDPA and eager attention; none with flash attention)")
 
 
 def normalize(text):

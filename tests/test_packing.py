@@ -174,3 +174,47 @@ def test_packing_is_refused_where_it_cannot_apply(make_recipe, tmp_path, plugins
                          train={"packing": True})
     with pytest.raises(RecipeError, match=key):
         testing.load_recipe(recipe)
+
+
+@pytest.mark.parametrize("plugins", [("causal_lm", "full"), ("causal_lm", "lora")])
+def test_the_chunked_loss_equals_the_plain_one_in_value_and_gradient(mixed, plugins):
+    """causal_lm.loss_chunk_tokens: the same loss and gradients (float32, <= 1e-5), chunked
+    in pieces smaller than a micro-batch's labelled tokens, with packed and padded batches."""
+    from plugtune.plugins.causal_lm import output_layer
+
+    for packing in (False, True):
+        results = []
+        for chunk in (None, 7):
+            recipe, pm = testing.load_recipe(
+                mixed(f"chunk{packing}{chunk}", plugins, packing=packing),
+                [f"causal_lm.loss_chunk_tokens={'null' if chunk is None else chunk}"])
+            run = loop.setup(recipe, pm, echo=lambda *a: None)
+            made = []  # the output layer's largest result: chunked, never the whole batch
+            handle = output_layer(run.model).register_forward_hook(
+                lambda m, a, out: made.append(out.shape[:-1].numel()))
+            batch = run.data["train"].collate(run.data["train"].examples)
+            loss = loop.loss_of(run, run.model, batch)
+            (loss.sum / loss.count).backward()  # the step objective: the token mean
+            handle.remove()
+            grads = {n: p.grad.clone() for n, p in run.model.named_parameters()
+                     if p.grad is not None}
+            results.append((loss.sum.item(), int(loss.count), grads, max(made)))
+        (plain, n, g_plain, widest), (chunked, m, g_chunked, chunk_widest) = results
+        assert n == m and chunked == pytest.approx(plain, rel=1e-5)
+        assert chunk_widest == 7 and widest > 100
+        assert g_plain.keys() == g_chunked.keys()
+        assert max((g_plain[k] - g_chunked[k]).abs().max().item() for k in g_plain) < 1e-5
+
+
+def test_the_loss_is_chunked_by_default_only_for_large_vocabularies(mixed):
+    from plugtune.plugins.causal_lm import chunk_tokens
+
+    recipe, pm = testing.load_recipe(mixed("auto"))
+    run = loop.setup(recipe, pm, echo=lambda *a: None)
+    assert chunk_tokens(recipe, run.model) is None  # the tiny model's 400 tokens
+    run.model.config.vocab_size = 49152
+    head = run.model.get_output_embeddings()
+    head.out_features = 49152
+    assert chunk_tokens(recipe, run.model) == 512  # <= 128 MiB of float32 logits
+    head.out_features = 128256
+    assert chunk_tokens(recipe, run.model) == 256

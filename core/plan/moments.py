@@ -64,7 +64,8 @@ class Estimate:
         kept = [(0 if plan.offloaded and plan.device == "cuda" else i) * n if k in ckpt
                 else b * n for k, (i, b) in enumerate(zip(a.inputs, a.blocks))]
         before, after = a.before * n, a.after * n
-        logits, l32 = a.logits * n, a.logits_fp32 * n
+        scored = min(n, plan.loss_chunk_tokens or n)  # tokens whose logits exist at once
+        logits, l32 = a.logits * scored, a.logits_fp32 * scored
         upcast = l32 if logits != l32 else 0
         held = g_all if plan.grad_accum > 1 else 0  # gradients kept between micro-batches
 

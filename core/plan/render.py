@@ -50,8 +50,12 @@ def describe(est, budget=None, label=None):
             if plan.checkpointed else "no gradient checkpointing")
     kept = sum(i if k in plan.checkpointed else b for k, (i, b) in enumerate(zip(a.inputs, a.blocks)))
     row("  all blocks", n * kept, f"{ckpt}; outside the blocks {size((a.before + a.after) * n)}")
+    chunk = plan.loss_chunk_tokens
+    scored = (f"chunks of {chunk:,} tokens (causal_lm.loss_chunk_tokens)"
+              if chunk and chunk < n else "the whole micro-batch")
     row("logits and loss buffers", peak.parts["logits and loss buffers"],
-        f"logits {size(a.logits * n)} ({size(a.logits)} per token), upcast and gradients")
+        f"logits {size(a.logits * min(n, chunk or n))} ({size(a.logits)} per token) for "
+        f"{scored}, upcast and gradients")
     if peak.parts["optimizer step"]:
         row("optimizer step buffers", peak.parts["optimizer step"], "only during the step")
     tensors = peak.total

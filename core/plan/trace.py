@@ -18,7 +18,7 @@ class Activations:
     largest: list  # the largest single kept tensor of each block
     before: float  # kept before the first block (embeddings)
     after: float  # kept after the last block (final norm, output layer, loss)
-    logits: float  # the output layer's result
+    logits: float  # the output layer's result, per token it covers
     logits_fp32: float  # the same in float32 (the loss upcasts it)
 
 
@@ -117,10 +117,12 @@ def trace(plan, pm):
 
     logits = {}
 
-    def output_layer(module, args, output):
-        if isinstance(output, torch.Tensor):
-            logits["bytes"] = output.untyped_storage().nbytes()
-            logits["fp32"] = output.numel() * 4
+    def output_layer(module, args, output):  # per token of its largest call (a chunked
+        # loss calls it a chunk at a time)
+        if isinstance(output, torch.Tensor) and output.numel() > logits.get("numel", 0):
+            tokens = output.shape[:-1].numel()
+            logits.update(numel=output.numel(), bytes=output.untyped_storage().nbytes() / tokens,
+                          fp32=output.numel() * 4 / tokens)
 
     handles = [b.register_forward_pre_hook(enter(i), with_kwargs=True) for i, b in enumerate(blocks)]
     handles += [b.register_forward_hook(leave(i)) for i, b in enumerate(blocks)]
@@ -154,4 +156,4 @@ def trace(plan, pm):
             largest[region] = max(largest[region], nbytes)
     return Activations([b / n for b in per_block], [i / n for i in inputs],
                        [x / n for x in largest], before / n, after / n,
-                       logits.get("bytes", 0) / n, logits.get("fp32", 0) / n)
+                       logits.get("bytes", 0), logits.get("fp32", 0))
