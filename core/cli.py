@@ -137,6 +137,8 @@ def cmd_eval(args):
 
     record, path = evaluation.evaluate(args.run_dir, args.data, args.baseline,
                                        trust_remote_code=args.trust_remote_code)
+    if path is None:  # not the main process
+        return 0
     what = "base model (before fine-tuning)" if args.baseline else "fine-tuned model"
     print(f"{what} of {args.run_dir} on {args.data or 'its held-out data'}:")
     for key, value in record.items():

@@ -48,6 +48,8 @@ def evaluate(run_dir, data=None, baseline=False, trust_remote_code=False):
     record = loop.evaluate(run, step)
     name = Path(data).stem if data else "validation"
     path = run_dir / f"eval-{name}{'-baseline' if baseline else ''}.json"
+    if not run.is_main:  # under torchrun every process evaluates its share; one writes
+        return record, None
     rundir.atomic_write(path, json.dumps({
         "model": "baseline" if baseline else "fine-tuned",
         "data": [str(f) for f in recipe.data.validation or recipe.data.train],

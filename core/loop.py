@@ -86,6 +86,21 @@ class Run:
             state={"step": self.step, **self.state}, rng=rng,
             plugin_hook=lambda p: self.pm.hook.plugtune_save_checkpoint(run=self, path=p))
 
+    def share(self, items):
+        """This process's contiguous share of ``items``, so that evaluation work (batches,
+        generations) is split across processes; one process gets everything."""
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        return items[len(items) * rank // world:len(items) * (rank + 1) // world]
+
+    def gather(self, values):
+        """Every process's results for its :meth:`share`, concatenated in the order of the
+        shared items, on every process (each must call it)."""
+        if self.accelerator.num_processes == 1:
+            return list(values)
+        from accelerate.utils import gather_object
+
+        return gather_object(list(values))
+
     def load_weights(self, path):
         """Copy the trainable weights of the checkpoint directory ``path`` into the model."""
         checkpoint.load_trainable(self.accelerator.unwrap_model(self.model),
@@ -204,19 +219,25 @@ def real_tokens(batch):
 
 def evaluate(run, step):
     """The validation split's loss (its summed loss over its whole count, so it does not
-    depend on the evaluation batch size) and every plugin's extra metrics."""
-    model, data = run.model, run.data["validation"]
+    depend on the evaluation batch size) and every plugin's extra metrics. Under several
+    processes each evaluates its share of the batches and the sums are added up (one
+    all-reduce); plugins share their own work with :meth:`Run.share` and :meth:`Run.gather`."""
+    model, data, acc = run.model, run.data["validation"], run.accelerator
     batch_size = run.recipe.train.eval_batch_size or run.recipe.train.batch_size
     model.eval()
-    total = count = 0.0
+    sums = torch.zeros(2, dtype=torch.float64, device=acc.device)
     with torch.no_grad():
-        for i in range(0, len(data.examples), batch_size):
-            batch = to_device(data.collate(data.examples[i:i + batch_size]),
-                              run.accelerator.device)
-            with run.accelerator.autocast():
+        starts = run.share(range(0, len(data.examples), batch_size))
+        for i in starts:
+            batch = to_device(data.collate(data.examples[i:i + batch_size]), acc.device)
+            with acc.autocast():
                 loss = loss_of(run, model, batch)
-            total, count = total + loss.sum.detach().double(), count + loss.count
-        result = {"step": step, "eval_loss": float(total / count) if count else float("nan")}
+            sums += torch.stack([loss.sum.detach().double(),
+                                 torch.as_tensor(loss.count, device=acc.device).double()])
+        if acc.num_processes > 1:
+            sums = acc.reduce(sums, "sum")
+        total, count = sums.tolist()
+        result = {"step": step, "eval_loss": total / count if count else float("nan")}
         for extra in run.pm.hook.plugtune_evaluate(run=run, model=model, step=step,
                                                    eval_loss=result["eval_loss"]):
             result.update(extra or {})

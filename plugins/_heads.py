@@ -166,12 +166,13 @@ def loss(model, batch, weight=None):
 
 def predict(run, model):
     """``(labels, predictions)`` per validation example: one id each for a sequence label, or
-    the ids at the labelled (first sub-word) positions for token labels."""
+    the ids at the labelled (first sub-word) positions for token labels. Each process predicts
+    its share of the batches; every process gets them all."""
     data = run.data["validation"]
     size = run.recipe.train.eval_batch_size or run.recipe.train.batch_size
     labels, predictions = [], []
     with torch.no_grad():
-        for i in range(0, len(data.examples), size):
+        for i in run.share(range(0, len(data.examples), size)):
             batch = data.collate(data.examples[i:i + size])
             batch = {k: v.to(run.accelerator.device) for k, v in batch.items()}
             gold = batch.pop("labels")
@@ -183,7 +184,8 @@ def predict(run, model):
                     g = [t for t in g if t != IGNORE]
                 labels.append(g)
                 predictions.append(b)
-    return labels, predictions
+    pairs = run.gather(list(zip(labels, predictions)))
+    return [g for g, _ in pairs], [b for _, b in pairs]
 
 
 def head_parameters(model):

@@ -250,7 +250,8 @@ def plugtune_tokenize(records, tokenizer, recipe):
             raise DataError(f"{record.where}: nothing left to learn after truncation at "
                             f"train.max_length={max_len}; raise it or shorten the prompt")
         examples.append({"input_ids": ids, "labels": labels, "prompt_ids": prompt,
-                         "reference": reference})
+                         "reference": reference, "reference_tokens": None if reference is None
+                         else len(_ids(tokenizer, reference))})
     collate = (packed_collator(tokenizer.pad_token_id, max_len) if recipe.train.packing
                else collator(tokenizer.pad_token_id))
     return Tokenized(examples, collate, truncated, records)
@@ -370,6 +371,8 @@ def generate(model, tokenizer, prompts, max_new_tokens, batch_size, device):
 
 @hookimpl
 def plugtune_evaluate(run, model, step, eval_loss):
+    """Perplexity, and the exact match of greedy answers: batched, left padded, under the
+    run's autocast, each process generating for its share of the held-out references."""
     metrics = {"perplexity": math.exp(min(eval_loss, 700.0))}
     section = run.recipe["causal_lm"]
     checkable = [e for e in run.data["validation"].examples if e["reference"] is not None]
@@ -377,10 +380,12 @@ def plugtune_evaluate(run, model, step, eval_loss):
     if not section.exact_match or not checkable:
         return metrics
     tokenizer = run.tokenizer
-    longest = max(len(_ids(tokenizer, e["reference"])) for e in checkable)
-    answers = generate(run.accelerator.unwrap_model(model), tokenizer,
-                       [e["prompt_ids"] for e in checkable],
-                       min(section.max_new_tokens, longest + 4),
-                       run.recipe.train.eval_batch_size or 16, run.accelerator.device)
+    longest = max(e["reference_tokens"] for e in checkable)
+    with run.accelerator.autocast():
+        answers = generate(run.accelerator.unwrap_model(model), tokenizer,
+                           [e["prompt_ids"] for e in run.share(checkable)],
+                           min(section.max_new_tokens, longest + 4),
+                           run.recipe.train.eval_batch_size or 16, run.accelerator.device)
+    answers = run.gather(answers)
     hits = sum(normalize(a) == normalize(e["reference"]) for a, e in zip(answers, checkable))
     return {**metrics, "exact_match": hits / len(checkable)}
