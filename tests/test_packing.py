@@ -218,3 +218,27 @@ def test_the_loss_is_chunked_by_default_only_for_large_vocabularies(mixed):
     assert chunk_tokens(recipe, run.model) == 512  # <= 128 MiB of float32 logits
     head.out_features = 128256
     assert chunk_tokens(recipe, run.model) == 256
+
+
+def test_two_processes_pack_and_chunk_to_the_same_step_as_one(mixed, tmp_path):
+    """torchrun, 2 CPU processes x 6 examples, packed, loss in chunks of 7 tokens (through the
+    DDP wrapper) == 1 process x 12 padded, plain loss (SGD-sized update, float32)."""
+    import os
+    import subprocess
+    import sys
+
+    def weights(name):
+        return load_file(tmp_path / "runs" / name / "model" / "model.safetensors")
+
+    over = ["train.lr=1e-3"]
+    testing.run(mixed("single", batch_size=12, packing=False),
+                over + ["causal_lm.loss_chunk_tokens=null"])
+    recipe = mixed("double", batch_size=6, packing=True)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "plugtune.cli", "run", str(recipe), *over, "causal_lm.loss_chunk_tokens=7"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = weights("single"), weights("double")
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
