@@ -61,7 +61,8 @@ def cross_entropy(logits, labels, weight=None, shift=False):
 def chunked_cross_entropy(hidden, head, labels, chunk_tokens, shift=False, softcap=None):
     """:class:`Loss` of ``head(hidden)`` against ``labels``, equal to :func:`cross_entropy` of
     the full logits, without ever holding them: only labelled positions go through ``head``
-    (the output layer), ``chunk_tokens`` at a time, each chunk's float32 logits recomputed in
+    (the output layer, on a CPU; a GPU runs every position rather than wait to select them),
+    ``chunk_tokens`` at a time, each chunk's float32 logits recomputed in
     backward rather than kept (activation checkpointing per chunk). What torchtune's chunked
     cross-entropy and Liger's fused linear cross-entropy save, with any output layer module
     (an adapter on it included).
@@ -74,17 +75,19 @@ def chunked_cross_entropy(hidden, head, labels, chunk_tokens, shift=False, softc
         hidden, labels = hidden[..., :-1, :], labels[..., 1:]
     labels = labels.to(hidden.device)
     valid = labels != IGNORE
-    if hidden.is_meta:  # the memory planner: shapes only, every position labelled
+    if hidden.device.type == "cpu":  # only what is scored: prompts skip the output layer
+        states, targets = hidden[valid], labels[valid]
+    else:  # selecting would wait for the device (a host sync per micro-batch): chunk every
+        # position and let the loss ignore the unlabelled ones (the planner's meta tensors too)
         states, targets = hidden.flatten(0, -2), labels.flatten()
-    else:
-        states, targets = hidden[valid], labels[valid]  # only what is scored
     total = hidden.new_zeros((), dtype=torch.float32)
 
     def piece(h, t):
         logits = head(h).float()
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
-        return torch.nn.functional.cross_entropy(logits, t, reduction="sum")
+        return torch.nn.functional.cross_entropy(logits, t, ignore_index=IGNORE,
+                                                 reduction="sum")
 
     for i in range(0, len(targets), chunk_tokens):
         h, t = states[i:i + chunk_tokens], targets[i:i + chunk_tokens]
