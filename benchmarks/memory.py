@@ -1,4 +1,6 @@
-"""Peak memory of fine-tuning SmolLM2-135M-Instruct four ways: full, lora, int8+lora, nf4+lora.
+"""Peak memory of fine-tuning SmolLM2-135M-Instruct four ways: full, lora, int8+lora, nf4+lora,
+and LoRA again with the loss unchunked (``causal_lm.loss_chunk_tokens=null``: the float32
+logits of the whole micro-batch held at once), beside the planner's figure for each.
 
 Each configuration is its shipped recipe (recipes/smollm2-*.yaml) run by plugtune's own loop
 for the same steps, batch size and sequence length, in a process of its own, so that each peak
@@ -11,6 +13,7 @@ model is loaded), and both as a ratio to full fine-tuning. On a CUDA machine it 
 
     python benchmarks/memory.py                  # 3 steps of 4 x 128 tokens each
     python benchmarks/memory.py --steps 5 --batch-size 8 --max-length 256
+    python benchmarks/memory.py --configs lora "lora, loss unchunked" --batch-size 8 --max-length 512
 """
 import argparse
 import json
@@ -23,7 +26,8 @@ import time
 from pathlib import Path
 
 CONFIGS = {"full": "smollm2-full", "lora": "smollm2-lora", "int8+lora": "smollm2-int8-lora",
-           "nf4+lora": "smollm2-nf4-lora"}
+           "nf4+lora": "smollm2-nf4-lora", "lora, loss unchunked": "smollm2-lora"}
+EXTRA = {"lora, loss unchunked": ["causal_lm.loss_chunk_tokens=null"]}
 DATA = Path(__file__).resolve().parent.parent / "recipes" / "data"
 
 
@@ -55,7 +59,7 @@ def child(args):
     import torch
     import transformers  # noqa: F401
 
-    from plugtune import loop, recipe as recipes
+    from plugtune import loop, plan, recipe as recipes
 
     baseline = peak_mb()
     overrides = [f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}",
@@ -63,8 +67,9 @@ def child(args):
                  f"train.max_length={args.max_length}", "train.eval_every=null",
                  "causal_lm.exact_match=false", "output.save_model=false",
                  f"output.dir={args.workdir}", f"data.train={args.workdir}/train.jsonl",
-                 f"data.validation={args.workdir}/validation.jsonl"]
+                 f"data.validation={args.workdir}/validation.jsonl", *args.extra]
     recipe, pm = recipes.load_recipe(args.child, overrides)
+    planned = plan.estimate(recipe, pm, "cpu").total() / 2**20
     run = loop.setup(recipe, pm, echo=lambda *a: None)
     reset = reset_high_water_mark()
     start = time.perf_counter()
@@ -72,7 +77,8 @@ def child(args):
     result = {"peak_mb": peak_mb(), "baseline_mb": baseline,
               "weights_mb": run.model.get_memory_footprint() / 2**20,
               "training_peak_mb": high_water_mark_mb() if reset else None,
-              "trainable": summary["trainable"], "seconds": time.perf_counter() - start}
+              "trainable": summary["trainable"], "seconds": time.perf_counter() - start,
+              "planned_mb": planned}
     if torch.cuda.is_available():
         result["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print(json.dumps(result))
@@ -95,6 +101,7 @@ def main():
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
+    p.add_argument("--extra", nargs="*", default=[], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(args)
@@ -110,7 +117,7 @@ def main():
         for name in args.configs:
             cmd = [sys.executable, __file__, "--child", CONFIGS[name], "--workdir", workdir,
                    "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-                   "--max-length", str(args.max_length)]
+                   "--max-length", str(args.max_length), "--extra", *EXTRA.get(name, [])]
             print(f"running {name} ({CONFIGS[name]}) ...", file=sys.stderr, flush=True)
             out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
             if out.returncode != 0:
@@ -122,7 +129,7 @@ def main():
 def table(rows, args):
     full = rows.get("full", {})
     columns = [("model weights", "weights_mb"), ("peak RSS", "peak_mb"),
-               ("peak RSS while training", "training_peak_mb"),
+               ("peak RSS while training", "training_peak_mb"), ("planned peak", "planned_mb"),
                ("CUDA peak allocated", "cuda_peak_mb")]
     columns = [(title, key) for title, key in columns
                if all(r.get(key) is not None for r in rows.values())]

@@ -1,17 +1,15 @@
 """What the quantized-base plugins (``int8``, ``nf4``) share; not a plugin itself.
 
 Both load the base through bitsandbytes and prepare it for k-bit training: every base weight
-frozen, norms and biases cast to float32 for stable training, and the other non-quantized
-weights (embeddings, the output layer) left in the model's dtype. peft's
-``prepare_model_for_kbit_training`` casts those to float32 too: for Llama 3 8B that is 1.05B
-frozen weights, 3.9 GiB in float32 beside 3.4 GiB of NF4, for no gain (they are never
-updated, and the matrix products run in the compute dtype). torchtune and Unsloth keep them in
-16 bits; so does this. The preparation runs once, in ``plugtune_prepare_base``, before gradient
-checkpointing and before LoRA wraps the model (re-applying it to a PeftModel would freeze the
-adapters too).
+frozen, and every non-quantized weight (embeddings, norms, the output layer) left in the
+model's dtype, as torchtune and Unsloth do. peft's ``prepare_model_for_kbit_training`` casts
+them all to float32: for Llama 3 8B that is 1.05B frozen weights, 3.9 GiB in float32 beside
+3.4 GiB of NF4, for nothing (they never change; norms already compute in float32 inside, and
+the adapters are float32). It would also leave a 16-bit model's hidden states float32 after
+each norm, which the 16-bit output layer then refuses without autocast. The preparation runs
+once, in ``plugtune_prepare_base``, before gradient checkpointing and before LoRA wraps the
+model (re-applying it to a PeftModel would freeze the adapters too).
 """
-import torch
-
 from plugtune.plugins._peft import ADAPTERS
 
 
@@ -38,7 +36,4 @@ def prepare(model):
     # gradient_checkpointing plugin's, in the next phase.
     for param in model.parameters():
         param.requires_grad = False
-        if param.dtype in (torch.float16, torch.bfloat16) and param.ndim < 2 and \
-                type(param).__name__ not in ("Params4bit", "Int8Params"):
-            param.data = param.data.to(torch.float32)
     model._plugtune_kbit_prepared = True

@@ -132,9 +132,10 @@ def test_shipped_recipes_validate_offline(monkeypatch, capsys, name):
 @pytest.mark.parametrize("quantizer", ["int8", "nf4"])
 def test_frozen_non_quantized_weights_stay_in_the_models_dtype(make_recipe, tiny_llama,
                                                               quantizer):
-    """k-bit preparation upcasts norms (numerics) but not the frozen embeddings and output
-    layer (peft's prepare_model_for_kbit_training makes them float32: for Llama 3 8B, 3.9 GiB
-    of frozen float32 beside 3.4 GiB of NF4); the adapters train in float32."""
+    """k-bit preparation leaves the frozen embeddings, norms and output layer in the model's
+    dtype (peft's prepare_model_for_kbit_training makes them float32: for Llama 3 8B, 3.9 GiB
+    of frozen float32 beside 3.4 GiB of NF4); the adapters train in float32; and a 16-bit
+    model trains without autocast (float32 norms would hand the output layer float32)."""
     import torch
 
     from plugtune import loop
@@ -146,9 +147,13 @@ def test_frozen_non_quantized_weights_stay_in_the_models_dtype(make_recipe, tiny
     model = loop.setup_model(pm.hook, recipe, echo=lambda *a: None)
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
     assert dtypes["base_model.model.model.embed_tokens.weight"] == torch.bfloat16
-    assert dtypes["base_model.model.model.norm.weight"] == torch.float32
+    assert dtypes["base_model.model.model.norm.weight"] == torch.bfloat16
     assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
     assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 8]]), "labels": torch.tensor([[5, 6, 7, 8]])}
+    loss = loop.loss_of(type("Run", (), {"pm": pm, "recipe": recipe})(), model, batch)
+    loss.sum.backward()
+    assert torch.isfinite(loss.sum)
 
 
 def test_llama3_8b_qlora_is_planned_under_9_gib(capsys):
