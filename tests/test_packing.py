@@ -144,6 +144,7 @@ def test_no_token_attends_across_an_example_boundary(mixed):
 @pytest.mark.parametrize("plugins,accum", [
     (("causal_lm", "full"), 1),
     (("causal_lm", "lora", "gradient_checkpointing"), 3),
+    (("causal_lm", "nf4", "lora"), 2),
 ])
 def test_a_packed_run_takes_the_same_step_as_a_padded_one(mixed, plugins, accum):
     """Packing changes how a step's examples are laid out, not which examples it sees or its
