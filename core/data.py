@@ -20,6 +20,7 @@ class Record:
 class Splits:
     train: list
     validation: list
+    test: list | None = None  #: ``data.test``'s records, evaluated once at the end
 
 
 @dataclass

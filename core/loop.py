@@ -44,7 +44,8 @@ class Run:
     """What the training-phase hooks see of a run.
 
     ``recipe``, ``pm`` (the plugin manager), ``accelerator``, ``model``, ``tokenizer``,
-    ``data`` (``"train"``/``"validation"`` -> :class:`plugtune.data.Tokenized`), ``dir`` (the
+    ``data`` (``"train"``/``"validation"``, and ``"test"`` when the recipe has ``data.test``
+    -> :class:`plugtune.data.Tokenized`), ``dir`` (the
     run directory; None on processes other than the main one), ``step`` (optimizer steps
     taken), ``total_steps``, ``optimizer`` and ``scheduler`` once training starts.
     """
@@ -109,7 +110,8 @@ def setup(recipe, pm, echo=print):
     run = Run(recipe, pm, acc)
     run.tokenizer = first(h.plugtune_load_tokenizer, "load the tokenizer", recipe=recipe)
     splits = first(h.plugtune_read_data, "read the data", recipe=recipe)
-    for split in ("train", "validation"):
+    test = ("test",) if getattr(splits, "test", None) is not None else ()
+    for split in ("train", "validation", *test):
         run.data[split] = first(h.plugtune_tokenize, "tokenize records", recipe=recipe,
                                 records=getattr(splits, split), tokenizer=run.tokenizer,
                                 split=split)
@@ -190,10 +192,11 @@ def loss_of(run, model, batch):
                          batch=batch, recipe=run.recipe))
 
 
-def evaluate(run, step):
-    """The validation split's loss (its summed loss over its whole count, so it does not
-    depend on the evaluation batch size) and every plugin's extra metrics."""
-    model, data = run.model, run.data["validation"]
+def evaluate(run, step, split="validation"):
+    """A held-out split's loss (its summed loss over its whole count, so it does not depend on
+    the evaluation batch size) and every plugin's extra metrics. The keys of another split
+    than ``"validation"`` carry its name: ``test_loss``, ``test_accuracy``, ..."""
+    model, data = run.model, run.data[split]
     batch_size = run.recipe.train.eval_batch_size or run.recipe.train.batch_size
     model.eval()
     total = count = 0.0
@@ -206,11 +209,15 @@ def evaluate(run, step):
             total, count = total + loss.sum.detach().double(), count + loss.count
         result = {"step": step, "eval_loss": float(total / count) if count else float("nan")}
         for extra in run.pm.hook.plugtune_evaluate(run=run, model=model, step=step,
-                                                   eval_loss=result["eval_loss"]):
+                                                   eval_loss=result["eval_loss"], split=split):
             result.update(extra or {})
     model.train()
+    if split != "validation":
+        result = {k if k == "step" else f"{split}_{k.removeprefix('eval_')}": v
+                  for k, v in result.items()}
     run.pm.hook.plugtune_log(run=run, record=result)
-    run.pm.hook.plugtune_eval_end(run=run, step=step, metrics=result)
+    if split == "validation":  # a test score is reported, never acted on
+        run.pm.hook.plugtune_eval_end(run=run, step=step, metrics=result)
     return result
 
 
@@ -437,9 +444,11 @@ def train(run, echo=print, resume=None, stop_after=None):
             h.plugtune_steps_done(run=run)
             after = evaluate(run, run.step) if evaluating(t) else None
             _check_finite(run, after)
+            test = evaluate(run, run.step, "test") if "test" in run.data else None
             artifact = save(run) if run.is_main and run.recipe.output.save_model else None
             summary = {"steps": run.step, "seconds": time.perf_counter() - start,
                        "eval_before": run.state["eval_before"], "eval_after": after,
+                       "test": test,
                        "artifact": artifact, "truncated": data.truncated,
                        "trainable": trainable, "total": total,
                        "skipped_steps": run.state["skipped_steps"],

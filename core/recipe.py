@@ -38,9 +38,11 @@ class DataSection(Section):
 
     train: list[str] = Field(description="one file or a list; relative to the recipe's folder")
     validation: list[str] | None = Field(None, description="held-out file(s); else a split")
+    test: list[str] | None = Field(None, description="test file(s), evaluated once at the end "
+                                   "with the final (or early stopping's best) model")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="held-out share without validation")
 
-    @field_validator("train", "validation", mode="before")
+    @field_validator("train", "validation", "test", mode="before")
     @classmethod
     def _one_or_many(cls, v):
         return [v] if isinstance(v, str) else v
@@ -131,9 +133,9 @@ SYNONYMS = {
     "output_dir": "dir", "run_name": "name", "base_model": "name", "model_name": "name",
     "model_name_or_path": "name", "torch_dtype": "dtype", "tokenizer_name": "tokenizer",
     "datasets": "train", "train_file": "train", "validation_file": "validation",
-    "val_set_size": "val_fraction", "eval_file": "validation",
+    "val_set_size": "val_fraction", "eval_file": "validation", "test_file": "test",
 }
-DATA_PATH_KEYS = ("train", "validation")
+DATA_PATH_KEYS = ("train", "validation", "test")
 
 
 class Recipe:

@@ -136,7 +136,7 @@ def remove_stale(parent, name):
 
 
 def manifest(recipe):
-    files = [f for key in ("train", "validation") for f in getattr(recipe.data, key) or []]
+    files = [f for key in ("train", "validation", "test") for f in getattr(recipe.data, key) or []]
     return {
         "status": "running",
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -164,10 +164,10 @@ def loss(model, batch, weight=None):
     return cross_entropy(model(**inputs).logits, batch["labels"], weight=weight)
 
 
-def predict(run, model):
-    """``(labels, predictions)`` per validation example: one id each for a sequence label, or
-    the ids at the labelled (first sub-word) positions for token labels."""
-    data = run.data["validation"]
+def predict(run, model, split="validation"):
+    """``(labels, predictions)`` per example of a held-out split: one id each for a sequence
+    label, or the ids at the labelled (first sub-word) positions for token labels."""
+    data = run.data[split]
     size = run.recipe.train.eval_batch_size or run.recipe.train.batch_size
     labels, predictions = [], []
     with torch.no_grad():

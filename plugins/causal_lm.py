@@ -44,7 +44,7 @@ def plugtune_check_recipe(recipe):
     from plugtune.recipe import is_file
 
     roles, problems = recipe["causal_lm"].roles, []
-    for key in ("train", "validation"):
+    for key in ("train", "validation", "test"):
         for f in getattr(recipe.data, key) or []:
             if Path(f).suffix.lower() not in READERS or not is_file(f):
                 continue
@@ -226,10 +226,10 @@ def generate(model, tokenizer, prompts, max_new_tokens, batch_size, device):
 
 
 @hookimpl
-def plugtune_evaluate(run, model, step, eval_loss):
+def plugtune_evaluate(run, model, step, eval_loss, split):
     metrics = {"perplexity": math.exp(min(eval_loss, 700.0))}
     section = run.recipe["causal_lm"]
-    checkable = [e for e in run.data["validation"].examples if e["reference"] is not None]
+    checkable = [e for e in run.data[split].examples if e["reference"] is not None]
     checkable = checkable[:section.generate_limit]
     if not section.exact_match or not checkable:
         return metrics

@@ -103,7 +103,7 @@ def plugtune_check_recipe(recipe):
     """Every data file is of a known type and reads: UTF-8, well-formed, records that are
     objects (a missing file is the core's to report)."""
     problems = []
-    for key in ("train", "validation"):
+    for key in ("train", "validation", "test"):
         for f in getattr(recipe.data, key) or []:
             if Path(f).suffix.lower() not in READERS:
                 problems.append(f"data.{key}: {f}: unknown data file type; use one of "
@@ -121,12 +121,13 @@ def plugtune_check_recipe(recipe):
 @hookimpl(trylast=True)
 def plugtune_read_data(recipe):
     train = [r for f in recipe.data.train for r in read_file(f)]
+    test = [r for f in recipe.data.test for r in read_file(f)] if recipe.data.test else None
     if recipe.data.validation:
-        return Splits(train, [r for f in recipe.data.validation for r in read_file(f)])
+        return Splits(train, [r for f in recipe.data.validation for r in read_file(f)], test)
     shuffled = train[:]
     random.Random(recipe.train.seed).shuffle(shuffled)
     n_val = max(1, round(len(shuffled) * recipe.data.val_fraction))
     if n_val >= len(shuffled):
         raise DataError(f"data.train: {len(train)} record(s) cannot be split for validation; "
                         "add records or give data.validation")
-    return Splits(shuffled[n_val:], shuffled[:n_val])
+    return Splits(shuffled[n_val:], shuffled[:n_val], test)
