@@ -1,11 +1,13 @@
 """Causal language modelling: next-token loss on ``{"text"}`` records, on the completion of
 ``{"prompt", "completion"}`` records, or on the assistant turns of ``{"messages"}`` records
 rendered with the tokenizer's chat template. Where a held-out record has a reference answer
-(the completion, or the last assistant turn) evaluation also reports the exact match of the
-model's greedy answer, and always the perplexity (``exp(eval_loss)``)."""
+(the completion, or the last assistant turn) evaluation also scores the model's greedy answer
+(exact match by default; BLEU, chrF and ROUGE with ``causal_lm.metrics``, see
+``_generation_metrics``), and always reports the perplexity (``exp(eval_loss)``)."""
 import json
 import math
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -14,6 +16,8 @@ from plugtune import hookimpl
 from plugtune.data import Tokenized
 from plugtune.errors import DataError
 from plugtune.loss import cross_entropy
+from plugtune.plugins import _generation_metrics as generation_metrics
+from plugtune.plugins._generation_metrics import normalize  # noqa: F401  (its old home)
 from plugtune.recipe import Section
 
 IGNORE = -100
@@ -22,7 +26,11 @@ ROLES = ("system", "user", "assistant", "tool")
 
 
 class CausalLMSection(Section):
-    exact_match: bool = Field(True, description="generate answers for held-out references")
+    exact_match: bool = Field(True, description="score exact match of the generated answers "
+                              "(false drops it from metrics)")
+    metrics: list[Literal[generation_metrics.METRICS]] | None = Field(
+        None, description="scores of greedy answers against held-out references: exact_match, "
+        "bleu, chrf (sacrebleu), rouge (rouge1/rouge2/rougeL); default [exact_match]")
     max_new_tokens: int = Field(32, gt=0, description="longest generated answer")
     generate_limit: int = Field(100, gt=0, description="held-out records to generate for")
     roles: list[str] = Field(list(ROLES), min_length=1, description="the roles a messages "
@@ -207,11 +215,6 @@ def plugtune_compute_loss(model, batch):
     return cross_entropy(logits, labels, shift=True)
 
 
-def normalize(text):
-    """Exact match ignores case, surrounding and repeated white space, and a final period."""
-    return " ".join(text.split()).casefold().rstrip(".")
-
-
 def generate(model, tokenizer, prompts, max_new_tokens, batch_size, device):
     """Greedy answers for token-id prompts (left padded, batched)."""
     answers = []
@@ -231,7 +234,8 @@ def plugtune_evaluate(run, model, step, eval_loss, split):
     section = run.recipe["causal_lm"]
     checkable = [e for e in run.data[split].examples if e["reference"] is not None]
     checkable = checkable[:section.generate_limit]
-    if not section.exact_match or not checkable:
+    names = generation_metrics.chosen(section.metrics, section.exact_match)
+    if not names or not checkable:
         return metrics
     tokenizer = run.tokenizer
     longest = max(len(_ids(tokenizer, e["reference"])) for e in checkable)
@@ -239,5 +243,5 @@ def plugtune_evaluate(run, model, step, eval_loss, split):
                        [e["prompt_ids"] for e in checkable],
                        min(section.max_new_tokens, longest + 4),
                        run.recipe.train.eval_batch_size or 16, run.accelerator.device)
-    hits = sum(normalize(a) == normalize(e["reference"]) for a, e in zip(answers, checkable))
-    return {**metrics, "exact_match": hits / len(checkable)}
+    return {**metrics, **generation_metrics.score(names, answers,
+                                                  [e["reference"] for e in checkable])}
