@@ -62,6 +62,7 @@ class Run:
     optimizer: object = None
     scheduler: object = None
     stop_reason: str | None = None
+    sources: dict = field(default_factory=dict)  # hashes of non-file data, for the manifest
     signum: int | None = None
     state: dict = field(default_factory=dict)  # the loop's counters a checkpoint keeps
 
@@ -110,6 +111,7 @@ def setup(recipe, pm, echo=print):
     run = Run(recipe, pm, acc)
     run.tokenizer = first(h.plugtune_load_tokenizer, "load the tokenizer", recipe=recipe)
     splits = first(h.plugtune_read_data, "read the data", recipe=recipe)
+    run.sources = getattr(splits, "sources", None) or {}
     test = ("test",) if getattr(splits, "test", None) is not None else ()
     for split in ("train", "validation", *test):
         run.data[split] = first(h.plugtune_tokenize, "tokenize records", recipe=recipe,
@@ -387,7 +389,7 @@ def train(run, echo=print, resume=None, stop_after=None):
         run.step = run.state.pop("step")
         echo(f"resuming at step {run.step} of {run.total_steps} from {resume[1]}")
     else:
-        run.dir = rundir.create(run.recipe) if run.is_main else None
+        run.dir = rundir.create(run.recipe, run.sources) if run.is_main else None
     error, start = None, time.perf_counter()
     rng, updating = checkpoint.rng_state(), False
     try:

@@ -6,7 +6,6 @@ rendered with the tokenizer's chat template. Where a held-out record has a refer
 ``_generation_metrics``), and always reports the perplexity (``exp(eval_loss)``)."""
 import json
 import math
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -48,25 +47,17 @@ def plugtune_check_recipe(recipe):
     """What ``validate`` can tell of the records without a tokenizer: text fields are strings,
     conversations use known roles, string contents and have an assistant turn. (Files the
     ``data`` plugin cannot read are its to report.)"""
-    from plugtune.plugins.data import READERS, read_file
-    from plugtune.recipe import is_file
+    from plugtune.plugins.data import readable
 
     roles, problems = recipe["causal_lm"].roles, []
-    for key in ("train", "validation", "test"):
-        for f in getattr(recipe.data, key) or []:
-            if Path(f).suffix.lower() not in READERS or not is_file(f):
-                continue
-            try:
-                records = read_file(f)
-            except DataError:
-                continue
-            try:
-                for record in records:
-                    check_strings(record.data, record.where)
-                    if "messages" in record.data:
-                        check_messages(record.data["messages"], record.where, roles)
-            except DataError as exc:  # the first bad record of each file
-                problems.append(f"data.{key}: {exc}")
+    for key, records in readable(recipe):
+        try:
+            for record in records:
+                check_strings(record.data, record.where)
+                if "messages" in record.data:
+                    check_messages(record.data["messages"], record.where, roles)
+        except DataError as exc:  # the first bad record of each file
+            problems.append(f"data.{key}: {exc}")
     return problems
 
 
