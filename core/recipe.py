@@ -61,7 +61,24 @@ class DataSection(Section):
     @field_validator("train", "validation", "test", mode="before")
     @classmethod
     def _one_or_many(cls, v):
-        return [v] if isinstance(v, (str, dict)) else v
+        items = [v] if isinstance(v, (str, dict)) else v
+        return [_dataset_source(i) if isinstance(i, dict) else i for i in items] \
+            if isinstance(items, list) else v
+
+
+def _dataset_source(entry):
+    """A ``{dataset: ...}`` entry as a :class:`DatasetSource`, its problems said in one line
+    (rather than one per member of the ``str | DatasetSource`` union)."""
+    fields = DatasetSource.model_fields
+    for key in entry:
+        if key not in fields:
+            raise ValueError(f"unknown key {key!r} in a dataset entry{did_you_mean(key, fields)}"
+                             f"; it takes {', '.join(fields)}")
+    try:
+        return DatasetSource.model_validate(entry)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ValueError(f"dataset entry {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
 
 
 class TrainSection(Section):

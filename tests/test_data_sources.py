@@ -140,4 +140,4 @@ def test_a_hub_dataset_offline_is_one_line(make_recipe, tmp_path):
 def test_a_dataset_entry_with_an_unknown_key(make_recipe, capsys):
     recipe = make_recipe(data={"train": {"dataset": "squad", "splt": "train"}})
     assert cli.main(["validate", str(recipe)]) == 2
-    assert "splt" in capsys.readouterr().err
+    assert "unknown key 'splt' in a dataset entry (did you mean 'split'?)" in capsys.readouterr().err
