@@ -51,7 +51,8 @@ def evaluate(run_dir, data=None, baseline=False, trust_remote_code=False, split=
     path = run_dir / f"eval-{name}{'-baseline' if baseline else ''}.json"
     rundir.atomic_write(path, json.dumps({
         "model": "baseline" if baseline else "fine-tuned",
-        "data": [str(f) for f in recipe.data.validation or recipe.data.train],
+        "data": [f if isinstance(f, str) else f.model_dump(exclude_none=True)
+                 for f in recipe.data.validation or recipe.data.train],
         "records": len(splits.validation), "metrics": record}, indent=2) + "\n")
     return record, path
 
