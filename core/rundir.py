@@ -141,7 +141,7 @@ def manifest(recipe, sources=None):
     ``save_to_disk`` dataset, named as a path or as ``dataset:``) are hashed here."""
     files = [f if isinstance(f, str) else f.dataset
              for key in ("train", "validation", "test") for f in getattr(recipe.data, key) or []]
-    files = [f for f in files if os.path.exists(f)]
+    files = [f for f in files if Path(f).is_absolute() and os.path.exists(f)]  # not hub ids
     return {
         "status": "running",
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
