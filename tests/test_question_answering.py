@@ -160,3 +160,10 @@ def test_windows_of_a_record(tiny_llama):
     context, question, answers = qa.parse(record, qa.QuestionAnsweringSection())
     enc = qa.windows(tokenizer, question, context, 24, 8, record.where)
     assert len(enc["input_ids"]) > 1
+
+
+def test_prompt_tuning_is_refused(tmp_path, tiny_llama, capsys):
+    recipe = qa_recipe(tmp_path, tiny_llama, plugins=("prompt_tuning",))
+    assert cli.main(["validate", str(recipe)]) == 2
+    assert "`prompt_tuning` adds virtual tokens to the input, which question_answering would " \
+        "have to leave out of its answer positions" in capsys.readouterr().err
