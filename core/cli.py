@@ -42,6 +42,9 @@ def report(summary, run, echo):
             was = before.get(key)  # a metric only the trained model has: `-> x`
             was = f"{was:.4f} " if isinstance(was, (int, float)) and math.isfinite(was) else ""
             echo(f"  held-out {key}: {was}-> {after[key]:.4f}")
+    for key, value in (summary.get("test") or {}).items():
+        if key != "step" and isinstance(value, (int, float)):
+            echo(f"  {key}: {value:.4f}")
 
 
 def cmd_resume(args):
@@ -136,11 +139,13 @@ def cmd_eval(args):
     from . import evaluation
 
     record, path = evaluation.evaluate(args.run_dir, args.data, args.baseline,
-                                       trust_remote_code=args.trust_remote_code)
+                                       trust_remote_code=args.trust_remote_code,
+                                       split=args.split)
     if path is None:  # not the main process
         return 0
     what = "base model (before fine-tuning)" if args.baseline else "fine-tuned model"
-    print(f"{what} of {args.run_dir} on {args.data or 'its held-out data'}:")
+    data = {"validation": "its held-out data", "test": "its test data"}[args.split]
+    print(f"{what} of {args.run_dir} on {args.data or data}:")
     for key, value in record.items():
         if key != "step" and isinstance(value, (int, float)):
             print(f"  {key}: {value:.4f}")
@@ -258,7 +263,10 @@ def parser():
                         "task's metrics, print them and write RUN_DIR/eval-NAME.json; "
                         "--baseline evaluates the untouched base model the same way.")
     sp.add_argument("run_dir", help="the run directory (runs/NAME)")
-    sp.add_argument("--data", metavar="FILE", help="default: the run's held-out data")
+    sp.add_argument("--data", metavar="FILE", help="default: the run's held-out data (or, with "
+                    "--split test, its data.test)")
+    sp.add_argument("--split", choices=["validation", "test"], default="validation",
+                    help="the run's split to evaluate (test: data.test, reported as test_*)")
     sp.add_argument("--baseline", action="store_true",
                     help="evaluate the base model as loaded before training")
     add_trust_remote_code(sp)

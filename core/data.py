@@ -5,21 +5,28 @@ from typing import Callable
 
 @dataclass
 class Record:
-    """One record of a data file, with where it came from for error messages."""
+    """One record of a data file (or a row of a table), with where it came from for error
+    messages: ``file:line``, or ``file:row N``."""
 
     data: dict
     file: str
     line: int
 
+    row: bool = False  #: ``line`` is a table's row number (Parquet, Arrow, datasets), not a line
+
     @property
     def where(self):
-        return f"{self.file}:{self.line}"
+        return f"{self.file}:row {self.line}" if self.row else f"{self.file}:{self.line}"
 
 
 @dataclass
 class Splits:
     train: list
     validation: list
+    test: list | None = None  #: ``data.test``'s records, evaluated once at the end
+    #: ``{name: sha256}`` of what was read that is not a local path (a hub dataset's cached
+    #: files), for the run's manifest; local files and directories are hashed by the core
+    sources: dict | None = None
 
 
 @dataclass

@@ -11,7 +11,7 @@ from . import artifacts, loop, recipe as recipes, rundir
 from .errors import DataError
 
 
-def evaluate(run_dir, data=None, baseline=False, trust_remote_code=False):
+def evaluate(run_dir, data=None, baseline=False, trust_remote_code=False, split="validation"):
     """Evaluate the run in ``run_dir`` and write the result beside it.
 
     :param data: a data file; default the run's own held-out split.
@@ -20,10 +20,12 @@ def evaluate(run_dir, data=None, baseline=False, trust_remote_code=False):
     :return: ``(record, path)``: the metrics (as logged during training) and the JSON file
         written into the run directory, ``eval-NAME.json`` or ``eval-NAME-baseline.json``.
     :param trust_remote_code: the command line's ``--trust-remote-code``.
+    :param split: ``"validation"``, or ``"test"``: the run's ``data.test`` (or ``data``),
+        reported as ``test_*`` and written to ``eval-test.json``.
     """
     run_dir = Path(run_dir)
     artifacts.find(run_dir)  # says clearly when this is no finished run
-    recipe, pm = recipes.load_recipe(run_dir / "recipe.yaml", data_overrides(run_dir, data),
+    recipe, pm = recipes.load_recipe(run_dir / "recipe.yaml", data_overrides(run_dir, data, split),
                                      check_files=False, trust_remote_code=trust_remote_code)
     h = pm.hook
     set_seed(recipe.train.seed)
@@ -41,30 +43,36 @@ def evaluate(run_dir, data=None, baseline=False, trust_remote_code=False):
                         "evaluate on with --data FILE") from exc
     run = loop.Run(recipe, pm, Accelerator(mixed_precision=recipe.train.mixed_precision),
                    tokenizer=tokenizer)
-    run.data["validation"] = loop.first(h.plugtune_tokenize, "tokenize records", recipe=recipe,
-                                        records=splits.validation, tokenizer=tokenizer,
-                                        split="validation")
+    run.data[split] = loop.first(h.plugtune_tokenize, "tokenize records", recipe=recipe,
+                                 records=splits.validation, tokenizer=tokenizer, split=split)
     run.model = run.accelerator.prepare_model(model, evaluation_mode=True)
-    record = loop.evaluate(run, step)
-    name = Path(data).stem if data else "validation"
+    record = loop.evaluate(run, step, split)
+    name = Path(data).stem if data else split
     path = run_dir / f"eval-{name}{'-baseline' if baseline else ''}.json"
     if not run.is_main:  # under torchrun every process evaluates its share; one writes
         return record, None
     rundir.atomic_write(path, json.dumps({
         "model": "baseline" if baseline else "fine-tuned",
-        "data": [str(f) for f in recipe.data.validation or recipe.data.train],
+        "data": [f if isinstance(f, str) else f.model_dump(exclude_none=True)
+                 for f in recipe.data.validation or recipe.data.train],
         "records": len(splits.validation), "metrics": record}, indent=2) + "\n")
     return record, path
 
 
-def data_overrides(run_dir, data):
+def data_overrides(run_dir, data, split="validation"):
     """Recipe overrides that make the data phase read only what is evaluated: ``data`` (or the
-    run's validation files) as both splits, so no training file is needed."""
+    run's files of ``split``) as both splits, so no training file is needed."""
     if data is None:
         saved = recipes.load_tree(Path(run_dir) / "recipe.yaml").get("data") or {}
-        files = saved.get("validation")
-        return [f"data.train={json.dumps(files)}"] if files else []
+        files = saved.get(split)
+        if split == "test" and not files:
+            raise DataError("--split test: the run has no data.test; give the file to test on "
+                            "with --data FILE")
+        if split == "test":
+            files = json.dumps(files)
+            return [f"data.train={files}", f"data.validation={files}", "data.test=null"]
+        return [f"data.train={json.dumps(files)}", "data.test=null"] if files else ["data.test=null"]
     if not Path(data).is_file():
         raise DataError(f"--data: file not found: {data}")
     data = json.dumps(str(Path(data).resolve()))
-    return [f"data.train={data}", f"data.validation={data}"]
+    return [f"data.train={data}", f"data.validation={data}", "data.test=null"]

@@ -71,7 +71,8 @@ def plugtune_tokenize(records, tokenizer, recipe, split):
     """Turn records into model inputs. Stops at first non-None result (the task plugin).
 
     :param records: a list of :class:`plugtune.data.Record`.
-    :param split: ``"train"`` or ``"validation"``; the training split is tokenized first, so a
+    :param split: ``"train"``, ``"validation"`` or ``"test"`` (``data.test``); the training
+        split is tokenized first, so a
         task may take from it what the data decides (a classifier's label set) and keep it in
         its own recipe section, which the run's ``recipe.yaml`` then records (a reloaded run
         finds it there; ``plugtune eval`` tokenizes only a ``"validation"`` split).
@@ -167,8 +168,9 @@ def plugtune_build_scheduler(optimizer, recipe, total_steps):
 # Training phase: train_start, then per optimizer step compute_loss (once per micro-batch),
 # step_end and log; evaluate (before the first step, every ``train.eval_every`` steps and
 # after the last: compute_loss per batch, evaluate, log, eval_end); save_checkpoint every
-# ``train.save_every`` steps; then steps_done, the final evaluation, save_model, train_end and
-# teardown. ``plugtune resume`` calls load_checkpoint before train_start.
+# ``train.save_every`` steps; then steps_done, the final evaluation, the test split's (with
+# ``data.test``: compute_loss per batch, evaluate, log), save_model, train_end and teardown.
+# ``plugtune resume`` calls load_checkpoint before train_start.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -216,18 +218,23 @@ def plugtune_step_end(run, step, metrics):
 
 
 @hookspec
-def plugtune_evaluate(run, model, step, eval_loss):
+def plugtune_evaluate(run, model, step, eval_loss, split):
     """Return extra evaluation metrics as a dict (e.g. exact match of generations); the core
-    adds ``eval_loss`` itself. Called before training (step 0), every ``train.eval_every``
-    steps, and after the last step.
+    adds ``eval_loss`` itself. Called on the validation split before training (step 0), every
+    ``train.eval_every`` steps, and after the last step; on the test split (``data.test``) once,
+    after the final validation evaluation.
 
-    :param eval_loss: the mean validation loss the core has just computed (for perplexity).
+    :param eval_loss: the mean loss of the split the core has just computed (for perplexity).
+    :param split: the split evaluated, ``"validation"`` or ``"test"``: score
+        ``run.data[split]``. The core prefixes the keys of a test evaluation (``test_loss``,
+        ``test_accuracy``); return them unprefixed.
     """
 
 
 @hookspec
 def plugtune_eval_end(run, step, metrics):
-    """Called after each evaluation, with every metric of it (``eval_loss`` and what
+    """Called after each evaluation of the validation split (not the test split's, which is
+    reported and never acted on), with every metric of it (``eval_loss`` and what
     :func:`plugtune_evaluate` added): the place to act on a score (``early_stopping`` calls
     ``run.stop(reason)`` here and keeps the best checkpoint)."""
 
@@ -269,7 +276,8 @@ def plugtune_save_model(run, model, tokenizer, path):
 def plugtune_train_end(run, summary):
     """Called after the model is saved.
 
-    :param summary: ``steps``, ``seconds``, ``eval_before``, ``eval_after``, ``truncated``,
+    :param summary: ``steps``, ``seconds``, ``eval_before``, ``eval_after``, ``test`` (the
+        test split's ``test_*`` figures, or None), ``truncated``,
         ``trainable``, ``total`` and ``artifact`` (the saved model's directory).
     """
 

@@ -44,7 +44,8 @@ class Run:
     """What the training-phase hooks see of a run.
 
     ``recipe``, ``pm`` (the plugin manager), ``accelerator``, ``model``, ``tokenizer``,
-    ``data`` (``"train"``/``"validation"`` -> :class:`plugtune.data.Tokenized`), ``dir`` (the
+    ``data`` (``"train"``/``"validation"``, and ``"test"`` when the recipe has ``data.test``
+    -> :class:`plugtune.data.Tokenized`), ``dir`` (the
     run directory; None on processes other than the main one), ``step`` (optimizer steps
     taken), ``total_steps``, ``optimizer`` and ``scheduler`` once training starts.
     """
@@ -61,6 +62,7 @@ class Run:
     optimizer: object = None
     scheduler: object = None
     stop_reason: str | None = None
+    sources: dict = field(default_factory=dict)  # hashes of non-file data, for the manifest
     signum: int | None = None
     state: dict = field(default_factory=dict)  # the loop's counters a checkpoint keeps
 
@@ -124,7 +126,9 @@ def setup(recipe, pm, echo=print):
     run = Run(recipe, pm, acc)
     run.tokenizer = first(h.plugtune_load_tokenizer, "load the tokenizer", recipe=recipe)
     splits = first(h.plugtune_read_data, "read the data", recipe=recipe)
-    for split in ("train", "validation"):
+    run.sources = getattr(splits, "sources", None) or {}
+    test = ("test",) if getattr(splits, "test", None) is not None else ()
+    for split in ("train", "validation", *test):
         run.data[split] = first(h.plugtune_tokenize, "tokenize records", recipe=recipe,
                                 records=getattr(splits, split), tokenizer=run.tokenizer,
                                 split=split)
@@ -217,12 +221,13 @@ def real_tokens(batch):
             torch.tensor(batch["input_ids"].numel(), device=batch["input_ids"].device)).float()
 
 
-def evaluate(run, step):
-    """The validation split's loss (its summed loss over its whole count, so it does not
-    depend on the evaluation batch size) and every plugin's extra metrics. Under several
+def evaluate(run, step, split="validation"):
+    """A held-out split's loss (its summed loss over its whole count, so it does not depend on
+    the evaluation batch size) and every plugin's extra metrics. The keys of another split
+    than ``"validation"`` carry its name: ``test_loss``, ``test_accuracy``, ... Under several
     processes each evaluates its share of the batches and the sums are added up (one
     all-reduce); plugins share their own work with :meth:`Run.share` and :meth:`Run.gather`."""
-    model, data, acc = run.model, run.data["validation"], run.accelerator
+    model, data, acc = run.model, run.data[split], run.accelerator
     batch_size = run.recipe.train.eval_batch_size or run.recipe.train.batch_size
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=acc.device)
@@ -239,11 +244,15 @@ def evaluate(run, step):
         total, count = sums.tolist()
         result = {"step": step, "eval_loss": total / count if count else float("nan")}
         for extra in run.pm.hook.plugtune_evaluate(run=run, model=model, step=step,
-                                                   eval_loss=result["eval_loss"]):
+                                                   eval_loss=result["eval_loss"], split=split):
             result.update(extra or {})
     model.train()
+    if split != "validation":
+        result = {k if k == "step" else f"{split}_{k.removeprefix('eval_')}": v
+                  for k, v in result.items()}
     run.pm.hook.plugtune_log(run=run, record=result)
-    run.pm.hook.plugtune_eval_end(run=run, step=step, metrics=result)
+    if split == "validation":  # a test score is reported, never acted on
+        run.pm.hook.plugtune_eval_end(run=run, step=step, metrics=result)
     return result
 
 
@@ -411,7 +420,7 @@ def train(run, echo=print, resume=None, stop_after=None):
         run.step = run.state.pop("step")
         echo(f"resuming at step {run.step} of {run.total_steps} from {resume[1]}")
     else:
-        run.dir = rundir.create(run.recipe) if run.is_main else None
+        run.dir = rundir.create(run.recipe, run.sources) if run.is_main else None
     error, start = None, time.perf_counter()
     rng, updating = checkpoint.rng_state(), False
     try:
@@ -468,9 +477,11 @@ def train(run, echo=print, resume=None, stop_after=None):
             h.plugtune_steps_done(run=run)
             after = evaluate(run, run.step) if evaluating(t) else None
             _check_finite(run, after)
+            test = evaluate(run, run.step, "test") if "test" in run.data else None
             artifact = save(run) if run.is_main and run.recipe.output.save_model else None
             summary = {"steps": run.step, "seconds": time.perf_counter() - start,
                        "eval_before": run.state["eval_before"], "eval_after": after,
+                       "test": test,
                        "artifact": artifact, "truncated": data.truncated,
                        "trainable": trainable, "total": total,
                        "skipped_steps": run.state["skipped_steps"],

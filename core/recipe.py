@@ -33,17 +33,52 @@ class ModelSection(Section):
     trust_remote_code: bool = False
 
 
+class DatasetSource(Section):
+    """A split of a ``datasets`` dataset: ``{dataset: NAME, config: ..., split: train}``."""
+
+    dataset: str = Field(description="hub dataset id, or a directory written by save_to_disk")
+    config: str | None = Field(None, description="the dataset's configuration (subset) name")
+    split: str | None = Field(None, description="the split to read; default the key's own "
+                              "(train, validation or test)")
+    revision: str | None = Field(None, description="a hub dataset's git revision")
+
+
 class DataSection(Section):
-    """Local data files: JSONL, JSON, CSV or plain text (one record per line)."""
+    """Where the data is: local files (JSONL, JSON, CSV, text, Parquet, Arrow), directories
+    written by ``datasets``' ``save_to_disk``, or ``{dataset: ...}`` splits of hub datasets."""
 
-    train: list[str] = Field(description="one file or a list; relative to the recipe's folder")
-    validation: list[str] | None = Field(None, description="held-out file(s); else a split")
+    train: list[str | DatasetSource] = Field(description="one source or a list; file paths are "
+                                             "relative to the recipe's folder")
+    validation: list[str | DatasetSource] | None = Field(None, description="held-out source(s); "
+                                                         "else a split")
+    test: list[str | DatasetSource] | None = Field(
+        None, description="test source(s), evaluated once at the end with the final (or early "
+        "stopping's best) model")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="held-out share without validation")
+    columns: dict[str, str] = Field({}, description="record field -> the column it is read from "
+                                    "({text: body}), for every source")
 
-    @field_validator("train", "validation", mode="before")
+    @field_validator("train", "validation", "test", mode="before")
     @classmethod
     def _one_or_many(cls, v):
-        return [v] if isinstance(v, str) else v
+        items = [v] if isinstance(v, (str, dict)) else v
+        return [_dataset_source(i) if isinstance(i, dict) else i for i in items] \
+            if isinstance(items, list) else v
+
+
+def _dataset_source(entry):
+    """A ``{dataset: ...}`` entry as a :class:`DatasetSource`, its problems said in one line
+    (rather than one per member of the ``str | DatasetSource`` union)."""
+    fields = DatasetSource.model_fields
+    for key in entry:
+        if key not in fields:
+            raise ValueError(f"unknown key {key!r} in a dataset entry{did_you_mean(key, fields)}"
+                             f"; it takes {', '.join(fields)}")
+    try:
+        return DatasetSource.model_validate(entry)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ValueError(f"dataset entry {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
 
 
 class TrainSection(Section):
@@ -134,10 +169,10 @@ SYNONYMS = {
     "output_dir": "dir", "run_name": "name", "base_model": "name", "model_name": "name",
     "model_name_or_path": "name", "torch_dtype": "dtype", "tokenizer_name": "tokenizer",
     "datasets": "train", "train_file": "train", "validation_file": "validation",
-    "val_set_size": "val_fraction", "eval_file": "validation",
+    "val_set_size": "val_fraction", "eval_file": "validation", "test_file": "test",
     "sample_packing": "packing", "padding_free": "packing", "pack_sequences": "packing",
 }
-DATA_PATH_KEYS = ("train", "validation")
+DATA_PATH_KEYS = ("train", "validation", "test")
 
 
 class Recipe:
@@ -233,11 +268,21 @@ def _absolute_paths(tree, base):
         return
     for key in DATA_PATH_KEYS:
         value = data.get(key)
-        if isinstance(value, (str, list)):
-            items = [value] if isinstance(value, str) else value
-            paths = [str(base / v) if isinstance(v, str) and not Path(v).is_absolute() else v
-                     for v in items]
-            data[key] = paths[0] if isinstance(value, str) else paths
+        if isinstance(value, (str, list, dict)):
+            items = value if isinstance(value, list) else [value]
+            paths = [_absolute_source(v, base) for v in items]
+            data[key] = paths if isinstance(value, list) else paths[0]
+
+
+def _absolute_source(source, base):
+    """A data source with its path made absolute: a file or directory name, or the
+    ``dataset:`` of a mapping when it is written as a path (``./saved``, ``../saved``)."""
+    if isinstance(source, str) and not Path(source).is_absolute():
+        return str(base / source)
+    if isinstance(source, dict) and isinstance(source.get("dataset"), str) and \
+            source["dataset"].startswith(("./", "../")):
+        return {**source, "dataset": str((base / source["dataset"]).resolve())}
+    return source
 
 
 def _model_section(tree):
@@ -478,6 +523,13 @@ def is_file(path):
         return False
 
 
+def _is_dir(path):
+    try:
+        return Path(path).is_dir()
+    except (OSError, ValueError):
+        return False
+
+
 def _missing_files(tree):
     """Data files that do not exist and a run directory that does (read from the raw tree, so
     that they are reported even when other keys are invalid)."""
@@ -486,7 +538,7 @@ def _missing_files(tree):
     for key in DATA_PATH_KEYS:
         files = data.get(key) or []
         for file in [files] if isinstance(files, str) else files if isinstance(files, list) else []:
-            if isinstance(file, str) and not is_file(file):
+            if isinstance(file, str) and not is_file(file) and not _is_dir(file):
                 problems.append(f"data.{key}: file not found: {file}; paths in a recipe are "
                                 "relative to the recipe file, on the command line to the cwd")
     output = tree.get("output") if isinstance(tree.get("output"), dict) else {}

@@ -9,6 +9,10 @@ from . import checkpoint, loop, recipe as recipes, rundir
 from .errors import PlugtuneError
 
 
+#: How the manifest names a hub dataset's split (``dataset:NAME[/CONFIG]:SPLIT``).
+HUB_SOURCE = "dataset:"
+
+
 def read_manifest(run_dir):
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.yaml").is_file() or not (run_dir / "manifest.json").is_file():
@@ -23,7 +27,9 @@ def differences(manifest, recipe):
     resume may go on; versions are only worth a warning."""
     data, plugins, versions = [], [], []
     for path, digest in manifest.get("data", {}).items():
-        now = rundir.sha256(path) if Path(path).is_file() else "missing"
+        if path.startswith(HUB_SOURCE):  # a hub dataset's cache: pinned by its recipe entry
+            continue
+        now = rundir.sha256(path) if Path(path).exists() else "missing"
         if now != digest:
             data.append(f"data file {path} changed (sha256 {digest[:12]} -> {now[:12]})")
     now = rundir.plugin_versions(recipe)

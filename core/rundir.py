@@ -84,7 +84,7 @@ def unusable_parent(parent):
     return None
 
 
-def create(recipe):
+def create(recipe, sources=None):
     """Create ``output.dir/<name>/`` holding ``recipe.yaml`` and ``manifest.json``.
 
     The name is claimed with one ``mkdir``, which is atomic: of two runs racing for a name one
@@ -105,7 +105,7 @@ def create(recipe):
     try:
         remove_stale(parent, final.name)
         atomic_write(final / "recipe.yaml", yaml.safe_dump(recipe.resolved(), sort_keys=False))
-        write_manifest(final, manifest(recipe))
+        write_manifest(final, manifest(recipe, sources))
     except BaseException:
         shutil.rmtree(final, ignore_errors=True)
         raise
@@ -135,8 +135,13 @@ def remove_stale(parent, name):
             shutil.rmtree(entry, ignore_errors=True)
 
 
-def manifest(recipe):
-    files = [f for key in ("train", "validation") for f in getattr(recipe.data, key) or []]
+def manifest(recipe, sources=None):
+    """The manifest of a new run. ``sources``: ``{name: sha256}`` of what the data phase read
+    that is not a local path (a hub dataset's cached files); local files and directories (a
+    ``save_to_disk`` dataset, named as a path or as ``dataset:``) are hashed here."""
+    files = [f if isinstance(f, str) else f.dataset
+             for key in ("train", "validation", "test") for f in getattr(recipe.data, key) or []]
+    files = [f for f in files if Path(f).is_absolute() and os.path.exists(f)]  # not hub ids
     return {
         "status": "running",
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -152,7 +157,7 @@ def manifest(recipe):
         "recipe_file": str(recipe.path),
         "git_revision": _git_revision(recipe.path.parent),
         "command": sys.argv,
-        "data": {f: sha256(f) for f in files},
+        "data": {**{f: sha256(f) for f in files}, **(sources or {})},
     }
 
 
@@ -177,6 +182,12 @@ def update_manifest(run_dir, **changes):
 
 
 def sha256(path):
+    """The sha256 of a file; of a directory, the sha256 of its files' relative names and
+    hashes, in name order."""
+    if Path(path).is_dir():
+        lines = "".join(f"{p.relative_to(path).as_posix()} {sha256(p)}\n"
+                        for p in sorted(Path(path).rglob("*")) if p.is_file())
+        return hashlib.sha256(lines.encode()).hexdigest()
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -1,5 +1,5 @@
-"""What the task-head plugins (``sequence_classification``, ``token_classification``) share; not
-a plugin itself.
+"""What the task-head plugins (``sequence_classification``, ``token_classification``,
+``question_answering``) share; not a plugin itself.
 
 A head is a new output layer on a pretrained model, loaded through a transformers task class
 (``AutoModelFor...Classification``), which adds the layer (``score`` on decoders, ``classifier``
@@ -29,7 +29,8 @@ from plugtune.rundir import atomic_write
 
 #: Each head plugin and the transformers class that adds its head.
 MODEL_CLASSES = {"sequence_classification": "AutoModelForSequenceClassification",
-                 "token_classification": "AutoModelForTokenClassification"}
+                 "token_classification": "AutoModelForTokenClassification",
+                 "question_answering": "AutoModelForQuestionAnswering"}
 TASKS = ("causal_lm", *MODEL_CLASSES)
 IGNORE = -100
 
@@ -164,11 +165,11 @@ def loss(model, batch, weight=None):
     return cross_entropy(model(**inputs).logits, batch["labels"], weight=weight)
 
 
-def predict(run, model):
-    """``(labels, predictions)`` per validation example: one id each for a sequence label, or
-    the ids at the labelled (first sub-word) positions for token labels. Each process predicts
-    its share of the batches; every process gets them all."""
-    data = run.data["validation"]
+def predict(run, model, split="validation"):
+    """``(labels, predictions)`` per example of a held-out split: one id each for a sequence
+    label, or the ids at the labelled (first sub-word) positions for token labels. Each process
+    predicts its share of the batches; every process gets them all."""
+    data = run.data[split]
     size = run.recipe.train.eval_batch_size or run.recipe.train.batch_size
     labels, predictions = [], []
     with torch.no_grad():
@@ -186,6 +187,16 @@ def predict(run, model):
                 predictions.append(b)
     pairs = run.gather(list(zip(labels, predictions)))
     return [g for g, _ in pairs], [b for _, b in pairs]
+
+
+def meta_batch(*per_sequence):
+    """The planner's batch maker for a head whose targets are one id per sequence under each
+    name of ``per_sequence`` (a class label; a start and an end position), not one per token."""
+    def batch(batch_size, seq_len):
+        ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
+        return {"input_ids": ids, **{k: torch.zeros(batch_size, dtype=torch.long, device="meta")
+                                     for k in per_sequence}}
+    return batch
 
 
 def head_parameters(model):

@@ -21,8 +21,9 @@ from plugtune.recipe import Section
 
 #: Every adapter plugin, in the order the docs list them.
 ADAPTERS = ("lora", "ia3", "adalora", "loha", "lokr", "oft", "vera", "prompt_tuning")
-TASK_TYPES = {"SequenceClassification": "SEQ_CLS", "TokenClassification": "TOKEN_CLS"}
-HEADS = ("score", "classifier")  # the layers transformers' classification classes add
+TASK_TYPES = {"SequenceClassification": "SEQ_CLS", "TokenClassification": "TOKEN_CLS",
+              "QuestionAnswering": "QUESTION_ANS"}
+HEADS = ("score", "classifier", "qa_outputs")  # the layers transformers' head classes add
 
 
 def target_modules_field(default, what="adapters"):

@@ -1,12 +1,12 @@
 """Causal language modelling: next-token loss on ``{"text"}`` records, on the completion of
 ``{"prompt", "completion"}`` records, or on the assistant turns of ``{"messages"}`` records
 rendered with the tokenizer's chat template. Where a held-out record has a reference answer
-(the completion, or the last assistant turn) evaluation also reports the exact match of the
-model's greedy answer, and always the perplexity (``exp(eval_loss)``)."""
+(the completion, or the last assistant turn) evaluation also scores the model's greedy answer
+(exact match by default; BLEU, chrF and ROUGE with ``causal_lm.metrics``, see
+``_generation_metrics``), and always reports the perplexity (``exp(eval_loss)``)."""
 import contextlib
 import json
 import math
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -17,6 +17,8 @@ from plugtune import hookimpl
 from plugtune.data import Tokenized
 from plugtune.errors import DataError
 from plugtune.loss import chunked_cross_entropy, cross_entropy
+from plugtune.plugins import _generation_metrics as generation_metrics
+from plugtune.plugins._generation_metrics import normalize  # noqa: F401  (its old home)
 from plugtune.recipe import Section
 
 IGNORE = -100
@@ -30,7 +32,11 @@ CHUNK_VOCAB, CHUNK_BYTES = 32_000, 128 * 2 ** 20
 
 
 class CausalLMSection(Section):
-    exact_match: bool = Field(True, description="generate answers for held-out references")
+    exact_match: bool = Field(True, description="score exact match of the generated answers "
+                              "(false drops it from metrics)")
+    metrics: list[Literal[generation_metrics.METRICS]] | None = Field(
+        None, description="scores of greedy answers against held-out references: exact_match, "
+        "bleu, chrf (sacrebleu), rouge (rouge1/rouge2/rougeL); default [exact_match]")
     max_new_tokens: int = Field(32, gt=0, description="longest generated answer")
     generate_limit: int = Field(100, gt=0, description="held-out records to generate for")
     loss_chunk_tokens: PositiveInt | Literal["auto"] | None = Field(
@@ -53,25 +59,17 @@ def plugtune_check_recipe(recipe):
     """What ``validate`` can tell of the records without a tokenizer: text fields are strings,
     conversations use known roles, string contents and have an assistant turn. (Files the
     ``data`` plugin cannot read are its to report.)"""
-    from plugtune.plugins.data import READERS, read_file
-    from plugtune.recipe import is_file
+    from plugtune.plugins.data import readable
 
     roles, problems = recipe["causal_lm"].roles, []
-    for key in ("train", "validation"):
-        for f in getattr(recipe.data, key) or []:
-            if Path(f).suffix.lower() not in READERS or not is_file(f):
-                continue
-            try:
-                records = read_file(f)
-            except DataError:
-                continue
-            try:
-                for record in records:
-                    check_strings(record.data, record.where)
-                    if "messages" in record.data:
-                        check_messages(record.data["messages"], record.where, roles)
-            except DataError as exc:  # the first bad record of each file
-                problems.append(f"data.{key}: {exc}")
+    for key, records in readable(recipe):
+        try:
+            for record in records:
+                check_strings(record.data, record.where)
+                if "messages" in record.data:
+                    check_messages(record.data["messages"], record.where, roles)
+        except DataError as exc:  # the first bad record of each file
+            problems.append(f"data.{key}: {exc}")
     return problems
 
 
@@ -351,11 +349,6 @@ def plugtune_estimate_memory(plan, recipe):
                  "booleans (SDPA and eager attention; none with flash attention)")
 
 
-def normalize(text):
-    """Exact match ignores case, surrounding and repeated white space, and a final period."""
-    return " ".join(text.split()).casefold().rstrip(".")
-
-
 def generate(model, tokenizer, prompts, max_new_tokens, batch_size, device):
     """Greedy answers for token-id prompts (left padded, batched)."""
     answers = []
@@ -370,14 +363,15 @@ def generate(model, tokenizer, prompts, max_new_tokens, batch_size, device):
 
 
 @hookimpl
-def plugtune_evaluate(run, model, step, eval_loss):
-    """Perplexity, and the exact match of greedy answers: batched, left padded, under the
-    run's autocast, each process generating for its share of the held-out references."""
+def plugtune_evaluate(run, model, step, eval_loss, split):
+    """Perplexity, and scores of greedy answers: batched, left padded, under the run's
+    autocast, each process generating for its share of the held-out references."""
     metrics = {"perplexity": math.exp(min(eval_loss, 700.0))}
     section = run.recipe["causal_lm"]
-    checkable = [e for e in run.data["validation"].examples if e["reference"] is not None]
+    checkable = [e for e in run.data[split].examples if e["reference"] is not None]
     checkable = checkable[:section.generate_limit]
-    if not section.exact_match or not checkable:
+    names = generation_metrics.chosen(section.metrics, section.exact_match)
+    if not names or not checkable:
         return metrics
     tokenizer = run.tokenizer
     longest = max(e["reference_tokens"] for e in checkable)
@@ -387,5 +381,5 @@ def plugtune_evaluate(run, model, step, eval_loss):
                            min(section.max_new_tokens, longest + 4),
                            run.recipe.train.eval_batch_size or 16, run.accelerator.device)
     answers = run.gather(answers)
-    hits = sum(normalize(a) == normalize(e["reference"]) for a, e in zip(answers, checkable))
-    return {**metrics, "exact_match": hits / len(checkable)}
+    return {**metrics, **generation_metrics.score(names, answers,
+                                                  [e["reference"] for e in checkable])}

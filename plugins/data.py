@@ -1,5 +1,9 @@
-"""Read local data files: JSONL, JSON (a list of records), CSV (a header row) and plain text
-(one ``{"text": line}`` record per non-empty line). Without ``data.validation`` a seeded
+"""Read the data where users keep it: local JSONL, JSON (a list of records), CSV (a header
+row), plain text (one ``{"text": line}`` record per non-empty line), Parquet and Arrow files;
+directories written by ``datasets``' ``save_to_disk``; and ``{dataset: NAME, config, split}``
+splits of hub datasets through the ``datasets`` library. ``data.columns`` maps record fields to
+the columns they are read from. A record names its file and line (``file:12``), or its table
+and row (``file:row 12``), for error messages. Without ``data.validation`` a seeded
 ``data.val_fraction`` of the training records is held out."""
 import csv
 import io
@@ -11,6 +15,7 @@ from plugtune import hookimpl
 from plugtune.data import Record, Splits
 from plugtune.errors import DataError
 from plugtune.recipe import is_file
+from plugtune.sources import hub_offline
 
 PLUGTUNE_DEFAULT = True
 
@@ -82,13 +87,96 @@ def read_text(path):
             yield Record({"text": line.rstrip("\n")}, str(path), n)
 
 
-READERS = {".jsonl": read_jsonl, ".json": read_json, ".csv": read_csv, ".txt": read_text}
+def read_parquet(path):
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow's ArrowInvalid and OSError for a damaged file
+        raise DataError(f"{path}: not a readable Parquet file ({_first_line(exc)})") from exc
+    return rows(table.to_pylist(), str(path))
+
+
+def read_arrow(path):
+    """An Arrow IPC file: the stream format ``datasets`` writes, or the file (Feather 2)
+    format ``pyarrow.feather`` writes."""
+    import pyarrow as pa
+
+    try:
+        with pa.memory_map(str(path)) as source:
+            try:
+                table = pa.ipc.open_stream(source).read_all()
+            except pa.ArrowInvalid:
+                table = pa.ipc.open_file(source).read_all()
+    except Exception as exc:
+        raise DataError(f"{path}: not a readable Arrow IPC file ({_first_line(exc)})") from exc
+    return rows(table.to_pylist(), str(path))
+
+
+def rows(table_rows, name):
+    return [Record(r, name, i, row=True) for i, r in enumerate(table_rows, 1)]
+
+
+def _first_line(exc):
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+READERS = {".jsonl": read_jsonl, ".json": read_json, ".csv": read_csv, ".txt": read_text,
+           ".parquet": read_parquet, ".arrow": read_arrow}
+
+
+def read_saved(path, split, key):
+    """The rows of a directory written by ``save_to_disk``: a Dataset, or a DatasetDict's
+    ``split`` (default the recipe key's: train, validation or test)."""
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as exc:
+        raise DataError(f"{path}: a directory, but not a dataset written by save_to_disk "
+                        f"({_first_line(exc)}); give a data file or a saved dataset") from exc
+    if isinstance(loaded, datasets.DatasetDict):
+        loaded = pick_split(loaded, split or key, path)
+    elif split is not None:
+        raise DataError(f"{path}: split: this saved dataset has no splits (it is one Dataset); "
+                        "drop split:")
+    return rows(loaded.to_list(), str(path)), loaded
+
+
+def pick_split(splits, split, name):
+    if split not in splits:
+        raise DataError(f"{name}: no split {split!r}; it has {', '.join(splits)} (choose one "
+                        f"with {{dataset: ..., split: NAME}})")
+    return splits[split]
+
+
+def read_hub(source, key):
+    """A split of a hub dataset through ``datasets.load_dataset`` (its cache, or the hub)."""
+    import datasets
+
+    split = source.split or key
+    name = source.dataset + (f"/{source.config}" if source.config else "")
+    label = f"{name}:{split}"
+    try:
+        loaded = datasets.load_dataset(source.dataset, source.config, split=split,
+                                       revision=source.revision)
+    except Exception as exc:  # datasets raises many kinds: offline, not found, gated, bad split
+        text = " ".join(_first_line(exc).split())
+        if hub_offline() or "offline" in text.lower() or "connect" in text.lower():
+            raise DataError(f"dataset {label}: cannot load it: the hub is offline or unreachable "
+                            "(HF_HUB_OFFLINE) and it is not in the datasets cache; download it "
+                            "online first, or save it locally (save_to_disk, Parquet)") from exc
+        raise DataError(f"dataset {label}: cannot load it ({text}); check the id, config and "
+                        "split (a gated dataset needs `hf auth login`)") from exc
+    return rows(loaded.to_list(), label), loaded
 
 
 def read_file(path):
     reader = READERS.get(Path(path).suffix.lower())
     if reader is None:
-        raise DataError(f"{path}: unknown data file type; use one of {', '.join(READERS)}")
+        raise DataError(f"{path}: unknown data file type; use one of {', '.join(READERS)}, or "
+                        "a directory written by save_to_disk")
     records = list(reader(path))
     for r in records:
         if not isinstance(r.data, dict):
@@ -98,21 +186,100 @@ def read_file(path):
     return records
 
 
+def is_hub(source):
+    return not isinstance(source, str) and not Path(source.dataset).is_absolute()
+
+
+def read_source(source, key, columns=None, sources=None):
+    """The records of one entry of ``data.KEY`` (a path, or a ``{dataset: ...}`` mapping), with
+    ``columns`` mapped; ``sources`` collects the sha256 of a hub dataset's cached files."""
+    if is_hub(source):
+        records, loaded = read_hub(source, key)
+        if sources is not None:
+            sources[f"dataset:{records[0].file if records else source.dataset}"] = \
+                _cache_digest(loaded)
+    elif isinstance(source, str) and not Path(source).is_dir():
+        records = read_file(source)
+    else:
+        path, split = (source, None) if isinstance(source, str) else (source.dataset,
+                                                                      source.split)
+        if not Path(path).is_dir():
+            raise DataError(f"{path}: no such directory (a dataset: that is a path must be a "
+                            "directory written by save_to_disk)")
+        records, _ = read_saved(path, split, key)
+    for r in records:
+        if not isinstance(r.data, dict):
+            raise DataError(f"{r.where}: a record must be a JSON object, got {r.data!r:.60}")
+    if not records:
+        raise DataError(f"{getattr(source, 'dataset', source)}: no records")
+    return map_columns(records, columns or {})
+
+
+def map_columns(records, columns):
+    """Rename each record's columns to the fields the task reads (``{field: column}``)."""
+    if not columns:
+        return records
+    for r in records:
+        for target, column in columns.items():
+            if column not in r.data:
+                raise DataError(f"{r.where}: no {column!r} column (data.columns reads "
+                                f"{target!r} from it); this record has {sorted(r.data)}")
+        mapped = {target: r.data[column] for target, column in columns.items()}
+        r.data = {**{k: v for k, v in r.data.items() if k not in columns.values()}, **mapped}
+    return records
+
+
+def _cache_digest(dataset):
+    import hashlib
+
+    from plugtune.rundir import sha256
+
+    lines = "".join(f"{Path(f['filename']).name} {sha256(f['filename'])}\n"
+                    for f in dataset.cache_files)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def readable(recipe):
+    """``(key, records)`` of every source of the recipe that reads (columns mapped), for the
+    checks of ``validate``; a hub dataset is read only from its cache while the hub is offline,
+    and not at all while it is online (``plugtune run`` downloads it)."""
+    for key in ("train", "validation", "test"):
+        for source in getattr(recipe.data, key) or []:
+            if _skipped(source):
+                continue
+            try:
+                yield key, read_source(source, key, recipe.data.columns)
+            except DataError:
+                continue
+
+
+def _skipped(source):
+    """Not read by ``validate``: a path the core reports as missing, a file of a type no reader
+    knows (reported apart), a hub dataset while the hub is online (read by ``plugtune run``)."""
+    if not isinstance(source, str):
+        return is_hub(source) and not hub_offline()
+    if Path(source).is_dir():
+        return False
+    return not is_file(source) or Path(source).suffix.lower() not in READERS
+
+
 @hookimpl
 def plugtune_check_recipe(recipe):
-    """Every data file is of a known type and reads: UTF-8, well-formed, records that are
-    objects (a missing file is the core's to report)."""
+    """Every data source is of a known type and reads: UTF-8, well-formed, records that are
+    objects, the mapped columns present (a missing file is the core's to report; a hub
+    dataset is checked only while the hub is offline, from the datasets cache)."""
     problems = []
-    for key in ("train", "validation"):
-        for f in getattr(recipe.data, key) or []:
-            if Path(f).suffix.lower() not in READERS:
-                problems.append(f"data.{key}: {f}: unknown data file type; use one of "
-                                f"{', '.join(READERS)}")
+    for key in ("train", "validation", "test"):
+        for source in getattr(recipe.data, key) or []:
+            if isinstance(source, str) and not Path(source).is_dir() and \
+                    Path(source).suffix.lower() not in READERS:
+                problems.append(f"data.{key}: {source}: unknown data file type; use one of "
+                                f"{', '.join(READERS)}, or a directory written by save_to_disk")
                 continue
-            if not is_file(f):
-                continue  # the core reports it, where the recipe's files are checked
+            if _skipped(source):
+                continue
             try:
-                read_file(f)
+                read_source(source, key, recipe.data.columns)
             except DataError as exc:
                 problems.append(f"data.{key}: {exc}")
     return problems
@@ -120,13 +287,20 @@ def plugtune_check_recipe(recipe):
 
 @hookimpl(trylast=True)
 def plugtune_read_data(recipe):
-    train = [r for f in recipe.data.train for r in read_file(f)]
+    sources, columns = {}, recipe.data.columns
+
+    def read(key):
+        return [r for s in getattr(recipe.data, key) for r in read_source(s, key, columns,
+                                                                          sources)]
+
+    train = read("train")
+    test = read("test") if recipe.data.test else None
     if recipe.data.validation:
-        return Splits(train, [r for f in recipe.data.validation for r in read_file(f)])
+        return Splits(train, read("validation"), test, sources)
     shuffled = train[:]
     random.Random(recipe.train.seed).shuffle(shuffled)
     n_val = max(1, round(len(shuffled) * recipe.data.val_fraction))
     if n_val >= len(shuffled):
         raise DataError(f"data.train: {len(train)} record(s) cannot be split for validation; "
                         "add records or give data.validation")
-    return Splits(shuffled[n_val:], shuffled[:n_val])
+    return Splits(shuffled[n_val:], shuffled[:n_val], test, sources)

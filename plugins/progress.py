@@ -27,10 +27,11 @@ class Progress:
 
     @hookimpl
     def plugtune_log(self, run, record):
-        if "eval_loss" in record and self.bar is not None and run.is_main:
+        split = "eval" if "eval_loss" in record else "test" if "test_loss" in record else None
+        if split and self.bar is not None and run.is_main:
             text = "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                              for k, v in record.items())
-            self.bar.write(f"eval: {text}")
+            self.bar.write(f"{split}: {text}")
 
     @hookimpl
     def plugtune_teardown(self):

@@ -6,8 +6,8 @@ The virtual tokens start random, as the embeddings of tokens sampled from the vo
 description, the usual best start). Saves a PEFT adapter (``adapter/``) that
 ``peft.PeftModel.from_pretrained`` loads; there is nothing to merge into the weights, so
 ``plugtune export --merge`` refuses. Composes with ``int8``/``nf4``, ``gradient_checkpointing``
-and ``sequence_classification``; conflicts with ``full``, ``freeze``, ``token_classification``
-and the other adapter methods (docs/combinations.md).
+and ``sequence_classification``; conflicts with ``full``, ``freeze``, ``token_classification``,
+``question_answering`` and the other adapter methods (docs/combinations.md).
 """
 from typing import Literal
 
@@ -44,10 +44,12 @@ def plugtune_check_recipe(recipe):
     if (s.init == "text") != bool(s.init_text):
         problems.append("prompt_tuning.init_text: give it exactly when prompt_tuning.init is "
                         "text (the words the virtual tokens start as)")
-    if "token_classification" in recipe.plugins:
-        problems.append("plugins: `prompt_tuning` adds virtual tokens to the input, which "
-                        "token_classification would have to tag: use lora or another adapter "
-                        "method with token_classification")
+    for task, what in (("token_classification", "tag"),
+                       ("question_answering", "leave out of its answer positions")):
+        if task in recipe.plugins:
+            problems.append(f"plugins: `prompt_tuning` adds virtual tokens to the input, which "
+                            f"{task} would have to {what}: use lora or another adapter method "
+                            f"with {task}")
     if recipe.train.packing:
         problems.append("train.packing: prompt tuning puts its virtual tokens before each row, "
                         "which packed examples would share; set train.packing: false (or use "

@@ -111,16 +111,11 @@ def metrics(labels, predictions, names):
 
 
 @hookimpl
-def plugtune_evaluate(run, model):
-    return metrics(*heads.predict(run, model), heads.labels_of(run.recipe, NAME))
+def plugtune_evaluate(run, model, split):
+    return metrics(*heads.predict(run, model, split), heads.labels_of(run.recipe, NAME))
 
 
 @hookimpl
 def plugtune_estimate_memory(plan):
     """The planner's batch: one label per sequence, not one per token."""
-    def batch(batch_size, seq_len):
-        ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
-        return {"input_ids": ids,
-                "labels": torch.zeros(batch_size, dtype=torch.long, device="meta")}
-
-    plan.make_batch = batch
+    plan.make_batch = heads.meta_batch("labels")

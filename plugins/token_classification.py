@@ -122,5 +122,5 @@ def metrics(labels, predictions, names):
 
 
 @hookimpl
-def plugtune_evaluate(run, model):
-    return metrics(*heads.predict(run, model), heads.labels_of(run.recipe, NAME))
+def plugtune_evaluate(run, model, split):
+    return metrics(*heads.predict(run, model, split), heads.labels_of(run.recipe, NAME))

@@ -4,7 +4,8 @@ accelerate's tracker classes; the resolved recipe is logged as the run's hyperpa
 
 Every logged record goes to each tracker at its step: a training step's ``loss``, ``lr``,
 ``tokens_per_s`` and ``epoch`` as ``train/loss``, ..., an evaluation's ``eval_loss``,
-``exact_match``, ... as ``eval/loss``, ``eval/exact_match``, ... Only the main process of a
+``exact_match``, ... as ``eval/loss``, ``eval/exact_match``, ... (the test split's
+``test_loss``, ... as ``test/loss``, ...). Only the main process of a
 distributed run writes. ``pip install tensorboard`` (the ``trackers`` extra), ``pip install
 mlflow`` or ``pip install wandb`` for the one you choose.
 """
@@ -50,13 +51,17 @@ def flatten(tree, prefix=""):
 
 
 def scalars(record):
-    """A record's numbers under the trackers' names: ``train/loss``, ``eval/loss``, ..."""
+    """A record's numbers under the trackers' names: ``train/loss``, ``eval/loss``, ...,
+    ``test/loss`` (the test split's ``test_*`` keys)."""
     evaluation = "eval_loss" in record
     out = {}
     for key, value in record.items():
         if key == "step" or isinstance(value, bool) or not isinstance(value, numbers.Number):
             continue
-        out["eval/" + key.removeprefix("eval_") if evaluation else "train/" + key] = value
+        if key.startswith("test_"):
+            out["test/" + key.removeprefix("test_")] = value
+        else:
+            out["eval/" + key.removeprefix("eval_") if evaluation else "train/" + key] = value
     return out
 
 

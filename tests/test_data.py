@@ -99,9 +99,9 @@ def test_bad_data_stops_the_run_naming_file_and_line(case, make_recipe, tmp_path
 
 
 def test_unknown_file_type_is_a_recipe_problem(make_recipe, tmp_path):
-    (tmp_path / "train.parquet").write_bytes(b"PAR1")
-    with pytest.raises(RecipeError, match=r"data.train: \S+train.parquet: unknown data file type"):
-        testing.load_recipe(make_recipe(data={"train": "train.parquet"}))
+    (tmp_path / "train.xlsx").write_bytes(b"PK")
+    with pytest.raises(RecipeError, match=r"data.train: \S+train.xlsx: unknown data file type"):
+        testing.load_recipe(make_recipe(data={"train": "train.xlsx"}))
 
 
 def test_val_fraction_holds_out_a_seeded_share(make_recipe, tmp_path):

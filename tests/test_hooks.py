@@ -525,7 +525,7 @@ def test_train_end_receives_the_summary_after_saving(quick):
     summary, run = testing.run(quick(), extra_plugins=[Summary])
     written = json.loads((run.dir / "summary.json").read_text())
     assert written["steps"] == 1 and written["artifact"] == str(run.dir / "model")
-    assert set(written) == {"steps", "seconds", "eval_before", "eval_after", "truncated",
+    assert set(written) == {"steps", "seconds", "eval_before", "eval_after", "test", "truncated",
                             "trainable", "total", "artifact", "skipped_steps", "stopped_early"}
     assert written["eval_after"] == summary["eval_after"]
 

@@ -234,3 +234,16 @@ def test_version(capsys):
         cli.main(["--version"])
     assert info.value.code == 0
     assert capsys.readouterr().out.strip() == f"plugtune {plugtune.__version__}"
+
+
+@pytest.mark.parametrize("script, files", [
+    ("make_qa_data", ["qa_train.jsonl", "qa_validation.jsonl"]),
+    ("make_summarize_data", ["summarize_train.jsonl", "summarize_validation.jsonl"])])
+def test_shipped_data_is_what_its_script_generates(script, files, tmp_path):
+    import importlib
+    from importlib.resources import files as package_files
+
+    importlib.import_module(f"plugtune.recipes.data.{script}").main(["--out-dir", str(tmp_path)])
+    shipped = package_files("plugtune.recipes.data")
+    for name in files:
+        assert (tmp_path / name).read_text() == (shipped / name).read_text()

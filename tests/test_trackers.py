@@ -41,6 +41,8 @@ def test_flattened_recipe_and_record_names():
         "train.lr": 1e-3, "train.max_steps": "None", "plugins": "['causal_lm', 'ia3']"}
     assert trackers.scalars({"step": 3, "eval_loss": 1.5, "exact_match": 0.5, "note": "x"}) == {
         "eval/loss": 1.5, "eval/exact_match": 0.5}
+    assert trackers.scalars({"step": 9, "test_loss": 1.2, "test_accuracy": 0.75}) == {
+        "test/loss": 1.2, "test/accuracy": 0.75}
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="mlflow not installed")
