@@ -94,21 +94,22 @@ def target_length(rng, low=20, high=430, median=110, sigma=0.75):
     return min(high, max(low, round(rng.lognormvariate(math.log(median), sigma))))
 
 
-def records(n, seed=0):
-    """``n`` ``{"prompt", "completion"}`` records, the same for the same seed."""
+def records(n, seed=0, longest=430):
+    """``n`` ``{"prompt", "completion"}`` records, the same for the same seed; ``longest``:
+    the most tokens a record aims at (it may come out about 15% over)."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         task = rng.choice(sorted(TASKS))
-        size = max(1, round((target_length(rng) - FIXED) / COST[task]))
+        size = max(1, round((target_length(rng, high=longest) - FIXED) / COST[task]))
         prompt, completion = TASKS[task](rng, size)
         out.append({"prompt": prompt + "\n", "completion": completion})
     return out
 
 
-def write(path, n, seed=0):
+def write(path, n, seed=0, longest=430):
     with open(path, "w", encoding="utf-8") as f:
-        for record in records(n, seed):
+        for record in records(n, seed, longest):
             f.write(json.dumps(record) + "\n")
 
 
@@ -116,13 +117,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--records", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--longest", type=int, default=430, help="tokens a record aims at, at most")
     ap.add_argument("--out", default="-", help="JSONL file (default: standard output)")
     args = ap.parse_args(argv)
     if args.out == "-":
-        for record in records(args.records, args.seed):
+        for record in records(args.records, args.seed, args.longest):
             print(json.dumps(record))
     else:
-        write(args.out, args.records, args.seed)
+        write(args.out, args.records, args.seed, args.longest)
     return 0
 
 

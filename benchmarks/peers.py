@@ -60,8 +60,10 @@ def write_job(args, workdir):
     import yaml
 
     workdir = Path(workdir)
-    make_sft_data.write(workdir / "train.jsonl", args.records, args.seed)
-    make_sft_data.write(workdir / "validation.jsonl", 8, args.seed + 1)  # unused: no evaluation
+    # records aim at 430 tokens at most; less where --max-length is shorter (smoke runs)
+    longest = min(430, int(args.max_length * 0.84))
+    make_sft_data.write(workdir / "train.jsonl", args.records, args.seed, longest)
+    make_sft_data.write(workdir / "validation.jsonl", 8, args.seed + 1, longest)  # unused
     recipe = {
         "description": "benchmarks/peers.py: variable-length SFT with LoRA",
         "model": MODEL,
