@@ -305,7 +305,7 @@ def fmt(value, spec, missing="-"):
 def table(results, args):
     base = results.get(BASELINE, {}).get("tokens_per_s")
     lines = [f"| peer | steps measured | real tokens/s | s/step | padding | peak RSS | "
-             f"final loss | tokens/s vs {PEERS[BASELINE].split(',')[0]} | note |",
+             f"final loss | tokens/s vs {BASELINE} | note |",
              "|---|---|---|---|---|---|---|---|---|"]
     for key, r in results.items():
         name = f"{key}  {PEERS[key]}"
@@ -321,9 +321,9 @@ def table(results, args):
                         "limit")
         lines.append(
             f"| {name} | {r['measured_steps']} | {fmt(r['tokens_per_s'], '.1f')} | "
-            f"{fmt(r['s_per_step'], '.2f')} | {fmt(pad and 100 * pad, '.0f')}% | "
+            f"{fmt(r['s_per_step'], '.2f')} | {fmt(pad, '.0%')} | "
             f"{r['peak_rss_bytes'] / 2**30:.2f} GiB | {fmt(r['final_loss'], '.4f')} | "
-            f"{fmt(ratio, '.2f')}x | {'; '.join(note)} |")
+            f"{fmt(ratio, '.2f')} | {'; '.join(note)} |")
     return "\n".join(lines)
 
 
