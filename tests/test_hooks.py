@@ -416,8 +416,8 @@ class PlusHundred:
     """Every target's loss plus 100, as a sum and a count (the hook's contract)."""
 
     @hookimpl
-    def plugtune_compute_loss(self, model, batch):
-        loss = causal_lm.plugtune_compute_loss(model=model, batch=batch)
+    def plugtune_compute_loss(self, model, batch, recipe):
+        loss = causal_lm.plugtune_compute_loss(model=model, batch=batch, recipe=recipe)
         return Loss(loss.sum + 100.0 * loss.count, loss.count)
 
 
