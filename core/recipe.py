@@ -94,7 +94,7 @@ class TrainSection(Section):
     grad_accum: PositiveInt = Field(1, description="micro-batches per optimizer step")
     group_by_length: bool = Field(False, description="micro-batches of examples of similar "
                                   "length (less padding), in shuffled order")
-    packing: bool = Field(False, description="causal_lm: padding-free batches; each "
+    packing: bool = Field(False, description="padding-free batches (language modelling); each "
                           "micro-batch's examples packed into rows of at most max_length "
                           "tokens, attention kept inside each example")
     lr: PositiveFloat = 2e-5

@@ -51,7 +51,7 @@ def describe(est, budget=None, label=None):
     kept = sum(i if k in plan.checkpointed else b for k, (i, b) in enumerate(zip(a.inputs, a.blocks)))
     row("  all blocks", n * kept, f"{ckpt}; outside the blocks {size((a.before + a.after) * n)}")
     chunk = plan.loss_chunk_tokens
-    scored = (f"chunks of {chunk:,} tokens (causal_lm.loss_chunk_tokens)"
+    scored = (f"chunks of {chunk:,} tokens (the task's chunked loss)"
               if chunk and chunk < n else "the whole micro-batch")
     row("logits and loss buffers", peak.parts["logits and loss buffers"],
         f"logits {size(a.logits * min(n, chunk or n))} ({size(a.logits)} per token) for "
