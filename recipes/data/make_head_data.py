@@ -19,9 +19,10 @@ Usage::
     python recipes/data/make_head_data.py [--out-dir DIR]
 """
 import argparse
-import json
 import os
 import random
+
+from plugtune.recipes.data import write_jsonl
 
 SEED = 5
 
@@ -232,12 +233,6 @@ def entities(n, rng, held_out):
             seen.add(key)
             rows.append(row)
     return rows
-
-
-def write_jsonl(path, rows):
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def main(argv=None):

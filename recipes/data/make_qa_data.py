@@ -15,9 +15,10 @@ Usage::
     python recipes/data/make_qa_data.py [--out-dir DIR]
 """
 import argparse
-import json
 import os
 import random
+
+from plugtune.recipes.data import write_jsonl
 
 SEED = 11
 #: Each pool: values for training, then values held out for validation.
@@ -77,12 +78,6 @@ def memo(rng, held_out):
     assert context[start:start + len(answer)] == answer
     return {"context": context, "question": question,
             "answers": {"text": [answer], "answer_start": [start]}}
-
-
-def write_jsonl(path, rows):
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def main(argv=None):

@@ -28,9 +28,10 @@ Usage::
 """
 
 import argparse
-import json
 import os
 import random
+
+from plugtune.recipes.data import write_jsonl
 
 SEED = 1234
 N_TRAIN = 360
@@ -195,12 +196,6 @@ def generate(n, rng, seen):
         i += 1
     rng.shuffle(out)
     return out
-
-
-def write_jsonl(path, rows):
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def main(argv=None):

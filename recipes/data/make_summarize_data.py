@@ -14,9 +14,10 @@ Usage::
     python recipes/data/make_summarize_data.py [--out-dir DIR]
 """
 import argparse
-import json
 import os
 import random
+
+from plugtune.recipes.data import write_jsonl
 
 SEED = 7
 #: Each pool: values for training, then values held out for validation.
@@ -59,12 +60,6 @@ def notes(rng, held_out):
     prompt = "Summarize these meeting notes in one sentence:\n" + " ".join(sentences)
     return {"messages": [{"role": "user", "content": prompt},
                          {"role": "assistant", "content": summary}]}
-
-
-def write_jsonl(path, rows):
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def main(argv=None):
