@@ -332,7 +332,7 @@ def plugtune_compute_loss(model, batch, recipe):
 
 
 def _flash(model):
-    config = getattr(model, "config", None)
+    config = getattr(extract_model_from_parallel(model), "config", None)
     return "flash" in str(getattr(config, "_attn_implementation", "") or "")
 
 
