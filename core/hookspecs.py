@@ -151,9 +151,17 @@ def plugtune_select_trainable(model, recipe):
 
 
 @hookspec(firstresult=True)
-def plugtune_build_optimizer(params, recipe):
+def plugtune_build_optimizer(params, recipe, named_params):
     """Return the optimizer for ``params`` (the trainable parameters). Stops at first
-    non-None result; the built-in ``adamw`` plugin is the default."""
+    non-None result; the built-in ``adamw`` plugin is the default.
+
+    :param named_params: ``(name, parameter)`` of the same parameters, in the same order, named
+        as ``model.named_parameters()`` names them (for layer-wise rates or decay).
+
+    The rate logged as ``lr`` is that of the group ``train.lr`` names: a group with
+    ``"plugtune_base": True``, else the first whose initial rate is ``train.lr``, else the
+    first; every group's rate is logged as ``lrs`` where they differ.
+    """
 
 
 @hookspec(firstresult=True)

@@ -71,9 +71,11 @@ class Run:
         return self.accelerator.is_main_process
 
     def stop(self, reason):
-        """End training after the current optimizer step: the final evaluation and save still
-        run, and the manifest says ``stopped early: REASON``. Any plugin may call it."""
+        """End training before the next optimizer step: the final evaluation and save still
+        run, and where this cut training short the manifest says ``stopped early: REASON``.
+        Any plugin may call it."""
         self.stop_reason = self.stop_reason or str(reason)
+        self.state["stop_reason"] = self.stop_reason  # a checkpoint keeps it: resume stops too
 
     def save_checkpoint(self, path, rng=None):
         """Write a checkpoint of the run as it is now (trainable weights, optimizer, scheduler,
@@ -119,7 +121,13 @@ def first(hook, what, **kwargs):
 
 
 def setup(recipe, pm, echo=print):
-    """Everything that can fail on bad input, before the run directory exists."""
+    """Everything that can fail on bad input, before the run directory exists. A plugin's
+    hook that raises here is named (:class:`plugtune.manager.PluginFault`)."""
+    with manager.blamed(pm):
+        return _setup(recipe, pm, echo)
+
+
+def _setup(recipe, pm, echo):
     h, t = pm.hook, recipe.train
     set_seed(t.seed)
     acc = Accelerator(mixed_precision=t.mixed_precision)
@@ -360,16 +368,35 @@ def optimizer_step(run, t, loss):
     return norm, applied
 
 
+class FinalInterrupt(BaseException):
+    """A signal during the final phase (steps_done, the final evaluation, the save): raised in
+    the handler, so a long evaluation does not keep a scheduler waiting until its SIGKILL. A
+    BaseException, so a plugin's ``except Exception`` does not swallow it."""
+
+
 @contextlib.contextmanager
-def signals(run, echo):
+def signals(run, echo, phase=None):
     """SIGINT/SIGTERM ask the loop to stop after the current step (with a checkpoint); a
-    second SIGINT/SIGTERM stops at once. Handlers are restored afterwards."""
+    second SIGINT/SIGTERM stops at once. In the final phase (``phase["final"]``) the first
+    signal stops the evaluation/save at once (:class:`FinalInterrupt`; the loop writes a
+    checkpoint of the last step); once the model is saved (``phase["saved"]``) the run just
+    finishes. Handlers are restored afterwards."""
+    phase = {} if phase is None else phase
+
     def handler(signum, frame):
         if run.signum is not None:
             raise KeyboardInterrupt
         run.signum = signum
-        echo(f"\n{signal.Signals(signum).name}: stopping after this step and writing a "
-             "checkpoint (again to stop at once)")
+        name = signal.Signals(signum).name
+        if phase.get("saved"):
+            echo(f"\n{name}: the model is saved; finishing (again to stop at once)")
+        elif phase.get("final"):
+            echo(f"\n{name}: stopping the final evaluation/save and writing a checkpoint of "
+                 f"step {run.step} (resume evaluates and saves the model)")
+            raise FinalInterrupt(signum)
+        else:
+            echo(f"\n{name}: stopping after this step and writing a checkpoint (again to "
+                 "stop at once)")
 
     previous = {}
     try:
@@ -389,110 +416,138 @@ def evaluating(t):
     return t.eval_every is not None
 
 
-def train(run, echo=print, resume=None, stop_after=None):
+def train(run, echo=print, resume=None, stop_after=None, on_resume=None):
     """Train ``run`` (from :func:`setup`) to the end; return the summary.
 
     :param resume: ``(run_dir, checkpoint_dir)`` to continue a run from its checkpoint.
     :param stop_after: stop (as :meth:`Run.stop` does) after this many steps in all.
+    :param on_resume: called once the checkpoint has loaded, before ``plugtune_train_start``
+        (``plugtune resume`` records the resume in the manifest there, so a resume that fails
+        before changes nothing).
     """
     h, t, acc = run.pm.hook, run.recipe.train, run.accelerator
     data = run.data["train"]
-    params = [p for p in run.model.parameters() if p.requires_grad]
-    optimizer = first(h.plugtune_build_optimizer, "build the optimizer", params=params,
-                      recipe=run.recipe)
+    named = [(n, p) for n, p in run.model.named_parameters() if p.requires_grad]
     trainable, total = count_parameters(run.model)
     world, rank = acc.num_processes, acc.process_index
     per_epoch = steps_per_epoch(len(data.examples), t, world)
     run.total_steps = t.max_steps or per_epoch * t.epochs
-    run.scheduler = first(h.plugtune_build_scheduler, "build the scheduler",
-                          optimizer=optimizer, recipe=run.recipe, total_steps=run.total_steps)
+    with manager.blamed(run.pm):  # still before training: no step to name
+        optimizer = first(h.plugtune_build_optimizer, "build the optimizer",
+                          params=[p for _, p in named], named_params=named, recipe=run.recipe)
+        run.scheduler = first(h.plugtune_build_scheduler, "build the scheduler",
+                              optimizer=optimizer, recipe=run.recipe,
+                              total_steps=run.total_steps)
+    base = base_group(optimizer, t.lr)
     run.model, run.optimizer = acc.prepare(run.model, optimizer)
     processes = f" x {world} processes" if world > 1 else ""
     echo(f"training: {run.total_steps} steps of {t.batch_size} x {t.grad_accum} sequences"
          f"{processes} ({per_epoch} steps per epoch) on {acc.device}")
-    run.state = {"bad_steps": 0, "skipped_steps": 0, "evaluated": True, "eval_before": None}
+    run.state = {"bad_steps": 0, "empty_steps": 0, "dead_steps": 0, "skipped_steps": 0,
+                 "evaluated": True, "eval_before": None, "last_eval": None}
     if resume is not None:
         run.dir = Path(resume[0]) if run.is_main else None
-        run.state = checkpoint.load(
+        run.state = {**run.state, **checkpoint.load(
             resume[1], model=acc.unwrap_model(run.model), optimizer=run.optimizer,
             scheduler=run.scheduler, scaler=acc.scaler,
-            plugin_hook=lambda p: h.plugtune_load_checkpoint(run=run, path=p))
+            plugin_hook=lambda p: h.plugtune_load_checkpoint(run=run, path=p))}
         run.step = run.state.pop("step")
+        run.stop_reason = run.state.get("stop_reason")  # stopped, then interrupted in the end
+        if on_resume is not None:
+            on_resume()
         echo(f"resuming at step {run.step} of {run.total_steps} from {resume[1]}")
     else:
         run.dir = rundir.create(run.recipe, run.sources) if run.is_main else None
-    error, start = None, time.perf_counter()
-    rng, updating = checkpoint.rng_state(), False
+    error, early, start = None, None, time.perf_counter()
+    rng, updating, stepping, unlogged = checkpoint.rng_state(), False, False, None
+    phase = {"final": False, "saved": False}
     try:
-        with signals(run, echo):
+        with signals(run, echo, phase):
             h.plugtune_train_start(run=run)
             if resume is None and evaluating(t):
-                run.state["eval_before"] = evaluate(run, 0)
+                run.state["eval_before"] = _evaluate(run, 0)
             if not run.state["evaluated"]:
-                evaluate(run, run.step)
+                _evaluate(run, run.step)
                 run.state["evaluated"] = True
+            seen = _weights(run)  # what the last evaluation saw (resumed: the checkpoint's)
             run.model.train()
             plan_epoch, plan = None, None
             lengths = [len(e["input_ids"]) for e in data.examples]
             while run.step < run.total_steps:
+                if _agree(acc, run.stop_reason is not None):  # asked before this step
+                    echo(f"stopping early at step {run.step}: {run.stop_reason}")
+                    break
                 epoch, k = divmod(run.step, per_epoch)
                 if epoch != plan_epoch:
                     plan_epoch = epoch
                     plan = epoch_plan(lengths, t, epoch, rank, world)
-                tick = time.perf_counter()
+                tick, stepping = time.perf_counter(), True
                 loss_sum, count, tokens, signalled = train_step(run, plan[k], data.examples,
                                                                 data.collate)
-                lr = run.scheduler.get_last_lr()[0]  # the rate this step is taken at
+                lr, lrs = rates(run.scheduler, base)  # the rates this step is taken at
                 loss = loss_sum / count if count else math.nan
                 updating = True
                 norm, applied = optimizer_step(run, t, loss)
                 run.step += 1
-                rng, updating = checkpoint.rng_state(), False
+                rng, updating, stepping = checkpoint.rng_state(), False, False
                 metrics = {"step": run.step, "loss": _finite(loss), "lr": lr,
                            "grad_norm": _finite(norm),
                            "tokens_per_s": tokens / (time.perf_counter() - tick),
                            "epoch": run.step / per_epoch}
+                if len(set(lrs)) > 1:
+                    metrics["lrs"] = lrs
                 run.state["bad_steps"] = 0 if applied else run.state["bad_steps"] + 1
+                run.state["empty_steps"] = 0 if count else run.state["empty_steps"] + 1
+                dead = applied and norm == 0 and loss > 0  # nothing can change any more
+                run.state["dead_steps"] = run.state["dead_steps"] + 1 if dead else 0
                 if not applied:
                     run.state["skipped_steps"] += 1
                     metrics["skipped"] = True
                 run.state["evaluated"] = not (_eval_due(t, run) and run.step < run.total_steps)
+                # logged even when a step_end hook fails (before the rescue checkpoint)
+                unlogged = metrics if run.step % t.log_every == 0 or not applied else None
                 h.plugtune_step_end(run=run, step=run.step, metrics=metrics)
-                if run.step % t.log_every == 0 or not applied:
-                    h.plugtune_log(run=run, record=metrics)
+                record, unlogged = unlogged, None
+                if record is not None:
+                    h.plugtune_log(run=run, record=record)
                 if not applied and acc.scaler is None:
                     _check_divergence(run, t, loss, norm, lr, echo)
+                _check_stalled(run, t, loss, lr)
                 if signalled:
-                    raise _interrupt(run)
+                    raise _interrupt(run, rng)
                 if not run.state["evaluated"]:
-                    evaluate(run, run.step)
+                    _evaluate(run, run.step)
                     run.state["evaluated"] = True
+                    seen = _weights(run)
                 if _due(t.save_every, run) and applied:  # none in a run of bad steps
                     _checkpoint(run, t)
                 if stop_after is not None and run.step >= stop_after:
                     run.stop(f"stopped after {stop_after} steps as asked")
-                if _agree(acc, run.stop_reason is not None):
-                    echo(f"stopping early at step {run.step}: {run.stop_reason}")
-                    break
-            h.plugtune_steps_done(run=run)
-            after = evaluate(run, run.step) if evaluating(t) else None
-            _check_finite(run, after)
-            test = evaluate(run, run.step, "test") if "test" in run.data else None
-            artifact = save(run) if run.is_main and run.recipe.output.save_model else None
+            early = run.stop_reason if run.step < run.total_steps else None
+            phase["final"] = True  # from here a signal interrupts at once
+            if _agree(acc, run.signum is not None):  # came after the last step's check
+                raise _interrupt(run, rng, final=True)
+            try:
+                after, test, artifact = finish(run, seen, phase)
+            except FinalInterrupt:
+                raise _interrupt(run, rng, final=True) from None
             summary = {"steps": run.step, "seconds": time.perf_counter() - start,
                        "eval_before": run.state["eval_before"], "eval_after": after,
                        "test": test,
                        "artifact": artifact, "truncated": data.truncated,
                        "trainable": trainable, "total": total,
                        "skipped_steps": run.state["skipped_steps"],
-                       "stopped_early": run.stop_reason}
+                       "stopped_early": early}
             h.plugtune_train_end(run=run, summary=summary)
             return summary
     except BaseException as exc:
         error = exc
         if isinstance(exc, Exception) and not isinstance(exc, PlugtuneError):
-            error = manager.blame(run.pm, exc, run.step) or exc
+            # the step being computed while one runs, else the last one taken
+            error = manager.blame(run.pm, exc, run.step + 1 if stepping else run.step) or exc
             if not updating and run.step > 0:
+                if unlogged is not None:  # a step_end hook failed: the step still happened
+                    _log_anyway(run, unlogged, echo)
                 _rescue(run, rng, echo)
         if error is exc:
             raise
@@ -500,7 +555,66 @@ def train(run, echo=print, resume=None, stop_after=None):
     finally:
         h.plugtune_teardown(run=run, error=error)
         if run.dir is not None:
-            rundir.update_manifest(run.dir, status=_status(run, error), steps=run.step)
+            rundir.update_manifest(run.dir, status=_status(run, error, early), steps=run.step)
+
+
+def finish(run, seen, phase):
+    """After the last step: ``plugtune_steps_done``, the final evaluation (not again where the
+    last evaluation was of this step and these weights: an early stop after an evaluation),
+    the test split's, and the save. ``(eval_after, test, artifact)``."""
+    run.pm.hook.plugtune_steps_done(run=run)
+    last, after = run.state["last_eval"], None
+    if evaluating(run.recipe.train):
+        same = last is not None and last["step"] == run.step and _weights(run) == seen
+        after = last if same else evaluate(run, run.step)
+    _check_finite(run, after)
+    test = evaluate(run, run.step, "test") if "test" in run.data else None
+    artifact = save(run) if run.is_main and run.recipe.output.save_model else None
+    phase["saved"] = True
+    return after, test, artifact
+
+
+def _evaluate(run, step):
+    """An evaluation during training, kept as the state's ``last_eval`` (a checkpoint written
+    after it holds it: resume keeps its record and need not evaluate these weights again)."""
+    run.state["last_eval"] = evaluate(run, step)
+    return run.state["last_eval"]
+
+
+def _weights(run):
+    """What identifies the trainable weights as they are now: the model object and each
+    trainable tensor's storage and in-place version counter (every in-place change, an
+    optimizer step or a ``copy_`` of other weights, moves it), so no values are read."""
+    return id(run.model), [(p.data_ptr(), p._version) for p in run.model.parameters()
+                           if p.requires_grad]
+
+
+def base_group(optimizer, lr):
+    """The index of the parameter group whose rate ``train.lr`` names, the one that is logged:
+    a group marked ``"plugtune_base": True`` by the optimizer plugin, else the first whose
+    initial rate is ``lr`` (a layer-wise optimizer scales the others), else the first."""
+    groups = optimizer.param_groups
+    for i, g in enumerate(groups):
+        if g.get("plugtune_base"):
+            return i
+    for i, g in enumerate(groups):
+        if math.isclose(g.get("initial_lr", g["lr"]), lr, rel_tol=1e-9):
+            return i
+    return 0
+
+
+def rates(scheduler, base):
+    """``(the base group's rate, every group's rate)`` for the next optimizer step."""
+    lrs = [float(x) for x in scheduler.get_last_lr()]
+    return lrs[base], lrs
+
+
+def _log_anyway(run, record, echo):
+    """Log a step's record after a hook failed before it was logged."""
+    try:
+        run.pm.hook.plugtune_log(run=run, record=record)
+    except Exception as exc:  # the original error matters more
+        echo(f"could not log step {record['step']}: {exc}")
 
 
 def _finite(x):
@@ -544,22 +658,38 @@ def _rescue(run, rng, echo):
         echo(f"could not write a checkpoint of step {run.step}: {exc}")
 
 
-def _interrupt(run):
+def _interrupt(run, rng, final=False):
+    """Checkpoint the last step (with the random state it ended with) and say how to go on.
+    ``final``: the signal came after the last step, in the final evaluation or save."""
     signum = run.signum or signal.SIGTERM  # another process was signalled
-    path = _checkpoint(run, run.recipe.train)
+    path = _checkpoint(run, run.recipe.train, rng=rng)
+    where, then = ("", "") if not final else (
+        " (in the final evaluation/save)", " (it evaluates and saves the model)")
     return Interrupted(f"{signal.Signals(signum).name}: interrupted at step {run.step} of "
-                       f"{run.total_steps}; checkpoint {path}; continue with: plugtune resume "
-                       f"{run.dir}", signum)
+                       f"{run.total_steps}{where}; checkpoint {path}; continue with: plugtune "
+                       f"resume {run.dir}{then}", signum)
 
 
 def _check_divergence(run, t, loss, norm, lr, echo):
     bad = run.state["bad_steps"]
     what = "loss" if not math.isfinite(loss) else "gradient norm"
-    echo(f"step {run.step}: non-finite {what} (loss {loss}, grad norm {norm}); "
-         f"step skipped ({bad} in a row)")
+    if run.state["empty_steps"]:
+        echo(f"step {run.step}: no target tokens (every label masked); step skipped "
+             f"({bad} in a row)")
+    else:
+        echo(f"step {run.step}: non-finite {what} (loss {loss}, grad norm {norm}); "
+             f"step skipped ({bad} in a row)")
     if bad < t.max_bad_steps:
         return
     last = checkpoint.latest(run.dir) if run.dir is not None else None
+    if run.state["empty_steps"] >= bad:  # the data's fault, not the learning rate's
+        files = ", ".join(str(getattr(f, "dataset", f)) for f in run.recipe.data.train)
+        raise Diverged(f"training stopped: {bad} optimizer steps in a row had no target token "
+                       f"(step {run.step}): every label of their records is masked, so there "
+                       f"is nothing to learn; no model is saved. Check the data ({files}): "
+                       "empty \"text\" records, empty completions or assistant turns, or "
+                       "prompts that fill train.max_length. Last good checkpoint: "
+                       f"{last or 'none (set train.save_every)'}")
     causes = [f"the learning rate is too high (train.lr={t.lr}, now {lr:.3g})"]
     if not t.max_grad_norm:
         causes.append("no gradient clipping (train.max_grad_norm is null; try 1.0)")
@@ -569,6 +699,24 @@ def _check_divergence(run, t, loss, norm, lr, echo):
                    f"(step {run.step}: loss {loss}, grad norm {norm}, lr {lr:.3g}); none of "
                    f"them was applied, and no model is saved. Likely cause: "
                    f"{'; or '.join(causes)}. Last good checkpoint: "
+                   f"{last or 'none (set train.save_every)'}")
+
+
+def _check_stalled(run, t, loss, lr):
+    """Stop when the gradient has been exactly 0 for ``train.max_bad_steps`` steps in a row
+    while the loss is not: no trained weight can change any more. A learning rate far too
+    high (``lr=1e6``) does this, saturating the network (weights in the millions) rather than
+    overflowing it, and the run would otherwise complete and save a dead model."""
+    if run.state["dead_steps"] < t.max_bad_steps:
+        return
+    model = run.accelerator.unwrap_model(run.model)
+    largest = max(float(p.detach().abs().max()) for p in model.parameters() if p.requires_grad)
+    last = checkpoint.latest(run.dir) if run.dir is not None else None
+    raise Diverged(f"training diverged: the gradient was exactly 0 for {run.state['dead_steps']} "
+                   f"optimizer steps in a row at a loss of {loss:.4g} (step {run.step}, lr "
+                   f"{lr:.3g}; the largest trained weight is {largest:.3g}): the network has "
+                   "saturated and cannot learn any more; no model is saved. Likely cause: the "
+                   f"learning rate is too high (train.lr={t.lr}). Last good checkpoint: "
                    f"{last or 'none (set train.save_every)'}")
 
 
@@ -585,9 +733,11 @@ def _check_finite(run, after):
                        "train.max_grad_norm")
 
 
-def _status(run, error):
+def _status(run, error, early=None):
+    """The manifest's status. ``early``: the reason of a stop that cut training short (a stop
+    asked after the last step, e.g. in the final evaluation, changes nothing)."""
     if error is None:
-        return f"stopped early: {run.stop_reason}" if run.stop_reason else "completed"
+        return f"stopped early: {early}" if early else "completed"
     if isinstance(error, (Interrupted, KeyboardInterrupt)):
         return f"interrupted at step {run.step}"
     return f"failed at step {run.step}: {type(error).__name__}: {error}"

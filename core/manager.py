@@ -5,6 +5,7 @@ Built-in plugins are found exactly as a third party's are. A plugin module (or c
 ``no:NAME`` in ``plugins:``; any other plugin is active when a recipe names it. A plugin that
 is a class is instantiated afresh for every run, so it can keep per-run state on ``self``.
 """
+import contextlib
 import difflib
 import inspect
 import os
@@ -14,7 +15,7 @@ from importlib.metadata import entry_points
 import pluggy
 
 from . import hookspecs
-from .errors import PluginError
+from .errors import PluginError, PlugtuneError
 
 GROUP = "plugtune"
 #: Comma-separated plugin names not to import at all (to run despite a broken plugin).
@@ -229,12 +230,19 @@ def _invalid(info, problem):
 
 
 class PluginFault(PluginError):
-    """A plugin's hook raised during a run; the message names the plugin, hook and step."""
+    """A plugin's hook raised; the message names the plugin, its hook and, once training has
+    begun, the step. ``plugin`` and ``hook`` name them."""
+
+    def __init__(self, message, plugin=None, hook=None):
+        super().__init__(message)
+        self.plugin, self.hook = plugin, hook
 
 
-def blame(pm, exc, step):
+def blame(pm, exc, step=None):
     """A :class:`PluginFault` naming the plugin whose hook implementation ``exc`` was raised
     in (the innermost one on the traceback), or None when no hook implementation is on it.
+    ``step``: the optimizer step being taken or evaluated, or None before training (the
+    recipe, data, model and optimizer phases), which the message then leaves out.
     Set ``PLUGTUNE_TRACEBACK=1`` (or pass ``-v``) to see the traceback too."""
     impls = {}
     for caller in pm.hook.__dict__.values():
@@ -251,8 +259,24 @@ def blame(pm, exc, step):
     name, hook = found
     info = getattr(pm, "infos", {}).get(name)
     dist = f" (distribution {info.dist} {info.version})" if info else ""
-    return PluginFault(f"plugin {name}{dist} failed in {hook} at step {step}: "
-                       f"{type(exc).__name__}: {exc}")
+    when = f" at step {step}" if step is not None else ""
+    return PluginFault(f"plugin {name}{dist} failed in {hook}{when}: "
+                       f"{type(exc).__name__}: {exc}", plugin=name, hook=hook)
+
+
+@contextlib.contextmanager
+def blamed(pm, step=None):
+    """Turn an exception a plugin's hook raises inside the block into a :class:`PluginFault`
+    naming it (the original is its ``__cause__``); plugtune's own errors pass as they are."""
+    try:
+        yield
+    except PlugtuneError:
+        raise
+    except Exception as exc:
+        fault = blame(pm, exc, step)
+        if fault is None:
+            raise
+        raise fault from exc
 
 
 def hooks_of(pm, name):

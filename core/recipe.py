@@ -457,7 +457,8 @@ def load_recipe(arg, overrides=(), discovered=None, check_files=True, trust_remo
             raise PluginError(f"a plugin registers recipe section {name!r}, which is taken")
         schemas[name] = schema
 
-    pm.hook.plugtune_recipe_sections(register=register)
+    with manager.blamed(pm):  # a plugin's bug is named, even before training
+        pm.hook.plugtune_recipe_sections(register=register)
 
     for key in tree:
         if key in CORE_KEYS or key in schemas:
@@ -490,7 +491,8 @@ def load_recipe(arg, overrides=(), discovered=None, check_files=True, trust_remo
                      for name, section in sections.items()}, active, path, tree)
     if recipe.core is not None and None not in recipe.sections.values():
         try:
-            results = pm.hook.plugtune_check_recipe(recipe=recipe)
+            with manager.blamed(pm):
+                results = pm.hook.plugtune_check_recipe(recipe=recipe)
         except Exception:
             if not problems:  # on a valid recipe a failing check is a plugin's bug: show it
                 raise

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from . import checkpoint, loop, recipe as recipes, rundir
-from .errors import PlugtuneError
+from .errors import InputError, PlugtuneError
 
 
 #: How the manifest names a hub dataset's split (``dataset:NAME[/CONFIG]:SPLIT``).
@@ -16,8 +16,8 @@ HUB_SOURCE = "dataset:"
 def read_manifest(run_dir):
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.yaml").is_file() or not (run_dir / "manifest.json").is_file():
-        raise PlugtuneError(f"{run_dir}: not a run directory (no recipe.yaml and manifest.json);"
-                            " give the directory a run printed")
+        raise InputError(f"{run_dir}: not a run directory (no recipe.yaml and manifest.json);"
+                         " give the directory a run printed")
     return json.loads((run_dir / "manifest.json").read_text())
 
 
@@ -82,18 +82,22 @@ def resume(run_dir, force=False, echo=print, trust_remote_code=False):
         raise PlugtuneError(f"{run_dir}: cannot resume exactly: " + "; ".join(changed) +
                             "; pass --force to resume anyway (recorded in the manifest)")
     step = json.loads((ckpt / "state.json").read_text())["step"]
-    if rundir.is_main_process():
-        truncate_metrics(run_dir, step, json.loads((ckpt / "state.json").read_text()))
-        resumed = manifest.get("resumed", []) + [{"from_step": step, "forced": changed}]
-        rundir.update_manifest(run_dir, status="running", resumed=resumed, pid=os.getpid(),
-                               host=os.uname().nodename)
+
+    def started():  # the checkpoint loaded: only now is this a resume to record
+        if rundir.is_main_process():
+            truncate_metrics(run_dir, step, json.loads((ckpt / "state.json").read_text()))
+            resumed = manifest.get("resumed", []) + [{"from_step": step, "forced": changed}]
+            rundir.update_manifest(run_dir, status="running", resumed=resumed, pid=os.getpid(),
+                                   host=os.uname().nodename)
+
     run = loop.setup(recipe, pm, echo=echo)
-    return loop.train(run, echo=echo, resume=(run_dir, ckpt)), run
+    return loop.train(run, echo=echo, resume=(run_dir, ckpt), on_resume=started), run
 
 
 def truncate_metrics(run_dir, step, state):
     """Drop what ``metrics.jsonl`` recorded after the checkpoint's step (the steps the resumed
-    run takes again), and the checkpoint's own evaluation when it has not run yet."""
+    run takes again), and what was logged at its step after it was written: an evaluation it
+    does not hold (the final one), the test split's."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return
@@ -104,10 +108,18 @@ def truncate_metrics(run_dir, step, state):
         except json.JSONDecodeError:  # a line cut by a kill
             continue
         is_eval = "eval_loss" in record
-        if record["step"] < step or (record["step"] == step and (
-                not is_eval or state.get("evaluated", True))):
+        if record["step"] < step or (record["step"] == step and "test_loss" not in record and (
+                not is_eval or _evaluated_at(state, step))):
             keep.append(line + "\n")
     rundir.atomic_write(path, "".join(keep))
+
+
+def _evaluated_at(state, step):
+    """Whether the checkpoint holds an evaluation of its own step (the final evaluation,
+    logged after the checkpoint, is not: resume runs it again)."""
+    if "last_eval" in state:
+        return (state["last_eval"] or {}).get("step") == step
+    return state.get("evaluated", True)  # a checkpoint from before last_eval was kept
 
 
 def losses(run_dir):

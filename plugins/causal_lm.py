@@ -65,6 +65,7 @@ def plugtune_check_recipe(recipe):
     for key, records in readable(recipe):
         try:
             for record in records:
+                check_fields(record.data, record.where)
                 check_strings(record.data, record.where)
                 if "messages" in record.data:
                     check_messages(record.data["messages"], record.where, roles)
@@ -98,6 +99,14 @@ def check_messages(messages, where, roles=ROLES):
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: this conversation has no assistant turn, so there is nothing "
                         "to learn; add the assistant's answer (role \"assistant\")")
+
+
+def check_fields(data, where):
+    """A DataError unless the record has what a causal-LM example is made of."""
+    if not ("text" in data or "messages" in data or {"prompt", "completion"} <= set(data)):
+        raise DataError(f"{where}: a causal_lm record needs \"text\", \"prompt\" and "
+                        f"\"completion\", or \"messages\"; this one has {sorted(data)} (map "
+                        "other column names with data.columns)")
 
 
 def check_strings(data, where):
@@ -156,6 +165,7 @@ def encode(record, tokenizer, prefix=(), roles=ROLES):
     """``(input_ids, labels, prompt_ids or None, reference or None)`` for one record;
     ``prefix`` (see :func:`special_prefix`) starts text and prompt/completion records."""
     data, eos, prefix = record.data, [tokenizer.eos_token_id], list(prefix)
+    check_fields(data, record.where)
     check_strings(data, record.where)
     if "messages" in data:
         ids, labels = encode_messages(tokenizer, data["messages"], record.where, roles)
@@ -171,8 +181,6 @@ def encode(record, tokenizer, prefix=(), roles=ROLES):
     if "text" in data:
         ids = _ids(tokenizer, str(data["text"])) + eos
         return prefix + ids, [IGNORE] * len(prefix) + ids, None, None
-    raise DataError(f"{record.where}: a causal_lm record needs \"text\", \"prompt\" and "
-                    f"\"completion\", or \"messages\"; this one has {sorted(data)}")
 
 
 def pad(rows, value, left=False):

@@ -45,10 +45,12 @@ def read_jsonl(path):
     for n, line in lines(path):
         if not line.strip():
             continue
+        text = line.rstrip("\n")  # parsed with its newline, a cut line fails at "line 2 col 1"
         try:
-            yield Record(json.loads(line), str(path), n)
+            yield Record(json.loads(text), str(path), n)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{n}: not valid JSON ({exc.msg} at column {exc.colno}); "
+            cut = ", the end of the line: is it cut short?" if exc.pos >= len(text) else ""
+            raise DataError(f"{path}:{n}: not valid JSON ({exc.msg} at column {exc.colno}{cut}); "
                             "each line of a .jsonl file must be one JSON object") from exc
         except RecursionError as exc:
             raise DataError(f"{path}:{n}: JSON nested too deeply to read") from exc
