@@ -49,11 +49,20 @@ def read_jsonl(path):
         try:
             yield Record(json.loads(text), str(path), n)
         except json.JSONDecodeError as exc:
-            cut = ", the end of the line: is it cut short?" if exc.pos >= len(text) else ""
-            raise DataError(f"{path}:{n}: not valid JSON ({exc.msg} at column {exc.colno}{cut}); "
-                            "each line of a .jsonl file must be one JSON object") from exc
+            raise DataError(f"{path}:{n}: not valid JSON ({json_problem(exc, text)}); each "
+                            "line of a .jsonl file must be one JSON object") from exc
         except RecursionError as exc:
             raise DataError(f"{path}:{n}: JSON nested too deeply to read") from exc
+
+
+def json_problem(exc, line):
+    """What the parser says of ``line``, at its column, and whether the line looks cut."""
+    where = f"{exc.msg.removesuffix(' at')} at column {exc.colno}"
+    if exc.msg.startswith("Unterminated string"):
+        return f"{where}; the line ends inside it: is it cut short?"
+    if exc.pos >= len(line):
+        return f"{where}, where the line ends: is it cut short?"
+    return where
 
 
 def read_json(path):

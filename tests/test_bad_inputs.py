@@ -137,6 +137,42 @@ def test_bad_records_name_the_line(record, expected, make_recipe, capsys, tmp_pa
     assert "truncation" not in err
 
 
+@pytest.mark.parametrize("record", [{"question": "a", "answer": "b"}, {"prompt": "no answer"},
+                                    {"completion": "no prompt"}])
+def test_validate_refuses_a_record_a_causal_lm_cannot_use(record, make_recipe, capsys, tmp_path,
+                                                          echo_data):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(echo_data[0].read_text() + json.dumps(record) + "\n")
+    line = len(echo_data[0].read_text().splitlines()) + 1
+    code, _, err = plugtune_cli(capsys, "validate", make_recipe(data={"train": str(bad)}))
+    assert_refused(code, err, f"{bad}:{line}: a causal_lm record needs \"text\"",
+                   str(sorted(record)))
+
+
+@pytest.mark.parametrize("line, expected", [
+    ('{"text": "cut here"', "Expecting ',' delimiter at column 20, where the line ends: is it "
+                            "cut short?"),
+    ('{"text": "cut', "Unterminated string starting at column 10; the line ends inside it"),
+    ('{"text" "x"}', "Expecting ':' delimiter at column 9)"),
+])
+def test_a_json_error_names_its_column(line, expected, make_recipe, capsys, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a whole line"}\n' + line + "\n")
+    code, _, err = plugtune_cli(capsys, "validate", make_recipe(data={"train": str(bad)}))
+    assert_refused(code, err, f"{bad}:2: not valid JSON ({expected}")
+
+
+@pytest.mark.parametrize("where", ["missing", "file", "empty"])
+def test_resume_of_a_path_that_is_no_run_directory_exits_2(where, capsys, tmp_path):
+    path = tmp_path / where
+    if where == "file":
+        path.write_text("not a run\n")
+    elif where == "empty":
+        path.mkdir()
+    code, _, err = plugtune_cli(capsys, "resume", path)
+    assert_refused(code, err, f"{path}: not a run directory")
+
+
 def test_roles_are_configurable(make_recipe, tmp_path, echo_data):
     from plugtune import testing
 
