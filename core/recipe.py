@@ -114,7 +114,8 @@ class TrainSection(Section):
                                                  "null keeps all")
     max_bad_steps: PositiveInt = Field(3, description="stop after this many optimizer steps "
                                        "in a row with a non-finite loss or gradient (each is "
-                                       "skipped, never applied)")
+                                       "skipped, never applied), with no target token, or with "
+                                       "a gradient of exactly 0")
 
 
 class OutputSection(Section):
