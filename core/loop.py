@@ -427,35 +427,18 @@ def train(run, echo=print, resume=None, stop_after=None, on_resume=None):
     """
     h, t, acc = run.pm.hook, run.recipe.train, run.accelerator
     data = run.data["train"]
-    named = [(n, p) for n, p in run.model.named_parameters() if p.requires_grad]
     trainable, total = count_parameters(run.model)
     world, rank = acc.num_processes, acc.process_index
     per_epoch = steps_per_epoch(len(data.examples), t, world)
     run.total_steps = t.max_steps or per_epoch * t.epochs
-    with manager.blamed(run.pm):  # still before training: no step to name
-        optimizer = first(h.plugtune_build_optimizer, "build the optimizer",
-                          params=[p for _, p in named], named_params=named, recipe=run.recipe)
-        run.scheduler = first(h.plugtune_build_scheduler, "build the scheduler",
-                              optimizer=optimizer, recipe=run.recipe,
-                              total_steps=run.total_steps)
-    base = base_group(optimizer, t.lr)
-    run.model, run.optimizer = acc.prepare(run.model, optimizer)
+    base = optimization(run)
     processes = f" x {world} processes" if world > 1 else ""
     echo(f"training: {run.total_steps} steps of {t.batch_size} x {t.grad_accum} sequences"
          f"{processes} ({per_epoch} steps per epoch) on {acc.device}")
     run.state = {"bad_steps": 0, "empty_steps": 0, "dead_steps": 0, "skipped_steps": 0,
                  "evaluated": True, "eval_before": None, "last_eval": None}
     if resume is not None:
-        run.dir = Path(resume[0]) if run.is_main else None
-        run.state = {**run.state, **checkpoint.load(
-            resume[1], model=acc.unwrap_model(run.model), optimizer=run.optimizer,
-            scheduler=run.scheduler, scaler=acc.scaler,
-            plugin_hook=lambda p: h.plugtune_load_checkpoint(run=run, path=p))}
-        run.step = run.state.pop("step")
-        run.stop_reason = run.state.get("stop_reason")  # stopped, then interrupted in the end
-        if on_resume is not None:
-            on_resume()
-        echo(f"resuming at step {run.step} of {run.total_steps} from {resume[1]}")
+        _resume(run, *resume, on_resume, echo)
     else:
         run.dir = rundir.create(run.recipe, run.sources) if run.is_main else None
     error, early, start = None, None, time.perf_counter()
@@ -558,6 +541,36 @@ def train(run, echo=print, resume=None, stop_after=None, on_resume=None):
             rundir.update_manifest(run.dir, status=_status(run, error, early), steps=run.step)
 
 
+def optimization(run):
+    """Build the optimizer and scheduler through their hooks (a plugin's fault is named, with
+    no step: training has not begun) and prepare them; the index of the logged group."""
+    h, t = run.pm.hook, run.recipe.train
+    named = [(n, p) for n, p in run.model.named_parameters() if p.requires_grad]
+    with manager.blamed(run.pm):
+        optimizer = first(h.plugtune_build_optimizer, "build the optimizer",
+                          params=[p for _, p in named], named_params=named, recipe=run.recipe)
+        run.scheduler = first(h.plugtune_build_scheduler, "build the scheduler",
+                              optimizer=optimizer, recipe=run.recipe,
+                              total_steps=run.total_steps)
+    run.model, run.optimizer = run.accelerator.prepare(run.model, optimizer)
+    return base_group(optimizer, t.lr)
+
+
+def _resume(run, run_dir, path, on_resume, echo):
+    """Load the checkpoint ``path`` of the run in ``run_dir`` into ``run``."""
+    acc = run.accelerator
+    run.dir = Path(run_dir) if run.is_main else None
+    run.state = {**run.state, **checkpoint.load(
+        path, model=acc.unwrap_model(run.model), optimizer=run.optimizer,
+        scheduler=run.scheduler, scaler=acc.scaler,
+        plugin_hook=lambda p: run.pm.hook.plugtune_load_checkpoint(run=run, path=p))}
+    run.step = run.state.pop("step")
+    run.stop_reason = run.state.get("stop_reason")  # stopped, then interrupted in the end
+    if on_resume is not None:
+        on_resume()
+    echo(f"resuming at step {run.step} of {run.total_steps} from {path}")
+
+
 def finish(run, seen, phase):
     """After the last step: ``plugtune_steps_done``, the final evaluation (not again where the
     last evaluation was of this step and these weights: an early stop after an evaluation),
@@ -566,7 +579,8 @@ def finish(run, seen, phase):
     last, after = run.state["last_eval"], None
     if evaluating(run.recipe.train):
         same = last is not None and last["step"] == run.step and _weights(run) == seen
-        after = last if same else evaluate(run, run.step)
+        # every process evaluates, or none (a plugin may change the weights on one only)
+        after = evaluate(run, run.step) if _agree(run.accelerator, not same) else last
     _check_finite(run, after)
     test = evaluate(run, run.step, "test") if "test" in run.data else None
     artifact = save(run) if run.is_main and run.recipe.output.save_model else None

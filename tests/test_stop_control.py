@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,6 @@ import torch
 from safetensors.torch import load_file
 
 from plugtune import cli, hookimpl, manager, resume, testing
-from plugtune.loop import Diverged
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
