@@ -508,9 +508,9 @@ def train(run, echo=print, resume=None, stop_after=None, on_resume=None):
                     run.stop(f"stopped after {stop_after} steps as asked")
             early = run.stop_reason if run.step < run.total_steps else None
             phase["final"] = True  # from here a signal interrupts at once
-            if _agree(acc, run.signum is not None):  # came after the last step's check
-                raise _interrupt(run, rng, final=True)
             try:
+                if _agree(acc, run.signum is not None):  # came after the last step's check
+                    raise FinalInterrupt(run.signum)
                 after, test, artifact = finish(run, seen, phase)
             except FinalInterrupt:
                 raise _interrupt(run, rng, final=True) from None
@@ -678,7 +678,8 @@ def _interrupt(run, rng, final=False):
     signum = run.signum or signal.SIGTERM  # another process was signalled
     path = _checkpoint(run, run.recipe.train, rng=rng)
     where, then = ("", "") if not final else (
-        " (in the final evaluation/save)", " (it evaluates and saves the model)")
+        " (after the last step, before the model was saved)",
+        " (it evaluates and saves the model)")
     return Interrupted(f"{signal.Signals(signum).name}: interrupted at step {run.step} of "
                        f"{run.total_steps}{where}; checkpoint {path}; continue with: plugtune "
                        f"resume {run.dir}{then}", signum)

@@ -83,7 +83,8 @@ def test_a_saved_dataset_directory_gives_each_key_its_split(make_recipe, saved_d
 
 def test_a_missing_split_lists_the_saved_ones(make_recipe, saved_dataset, capsys):
     recipe = make_recipe(data={"train": str(saved_dataset),
-                               "validation": {"dataset": str(saved_dataset), "split": "dev"}})
+                               "validation": {"dataset": str(saved_dataset), "split": "dev"},
+                               "columns": {"messages": "conversation"}})
     assert cli.main(["validate", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1

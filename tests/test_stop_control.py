@@ -339,7 +339,8 @@ def test_sigterm_in_the_final_evaluation_checkpoints_and_resume_finishes(make_re
     code, err = run_with(tmp_path, recipe, SIGTERM_IN_FINAL_EVALUATION)
     run_dir = tmp_path / "runs" / "run"
     assert code == 143, err[-2000:]
-    assert "SIGTERM: interrupted at step 3 of 3 (in the final evaluation/save)" in err
+    assert "SIGTERM: interrupted at step 3 of 3 (after the last step, before the model was " \
+        "saved)" in err
     assert status(run_dir) == "interrupted at step 3"
     assert (run_dir / "checkpoints" / "step-3" / "state.json").is_file()
     assert not (run_dir / "model").exists()
@@ -348,6 +349,23 @@ def test_sigterm_in_the_final_evaluation_checkpoints_and_resume_finishes(make_re
     assert status(run_dir) == "completed"
     assert same_weights(weights(run_dir), weights(straight))
     assert losses(run_dir) == losses(straight)  # the final evaluation once, at step 3
+
+
+SIGTERM_IN_LAST_STEP_END = """
+    @hookimpl
+    def plugtune_step_end(self, run, step):
+        if step == run.total_steps:  # after the step's own check for signals
+            os.kill(os.getpid(), signal.SIGTERM)
+"""
+
+
+def test_sigterm_after_the_last_steps_check_is_acted_on(make_recipe, tmp_path):
+    code, err = run_with(tmp_path, make_recipe(train={"max_steps": 2, "eval_every": None}),
+                         SIGTERM_IN_LAST_STEP_END)
+    run_dir = tmp_path / "runs" / "run"
+    assert code == 143, err[-2000:]
+    assert (run_dir / "checkpoints" / "step-2" / "state.json").is_file()
+    assert status(run_dir) == "interrupted at step 2" and not (run_dir / "model").exists()
 
 
 SIGKILL_IN_SAVE = """
