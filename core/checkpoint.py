@@ -47,7 +47,7 @@ def rng_state():
 
 def set_rng_state(state):
     """Restore this process's random states from :func:`rng_state`'s answer, or from a list of
-    them by rank (``rng.pt``; a single state in checkpoints of plugtune 0.2 and earlier)."""
+    them by rank (``rng.pt``; older checkpoints hold one state, restored on every process)."""
     if isinstance(state, list):
         state = state[_rank() if _rank() < len(state) else 0]  # more processes than saved
     random.setstate(state["python"])

@@ -4,10 +4,12 @@ Accelerate does device placement, mixed precision and (under ``accelerate launch
 distribution; the loop does its own accumulation so that a step's objective is exact.
 
 What a step means: the mean loss over every target of the optimizer step, across its
-micro-batches and processes (see ``plugtune.loss``). Each micro-batch's summed loss is
-backpropagated divided by a reference count that every process shares, and once the step's true
-count is known the gradients are scaled by ``reference / count`` (torchtune's way: exact, one
-pass over the gradients, and no need to know the count before the first forward).
+micro-batches and processes (see ``plugtune.loss``), however the micro-batches divide among
+the processes. Each micro-batch's summed loss is backpropagated divided by a reference count
+that every process shares, and once the step's true count is known the gradients are scaled
+by ``reference / count`` (torchtune's way: exact, one pass over the gradients, and no need to
+know the count before the first forward). Which examples a step sees follows from the seed
+and the epoch (:func:`epoch_plan`); ``train.group_by_length`` changes it.
 """
 import contextlib
 import hashlib

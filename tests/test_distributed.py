@@ -163,6 +163,19 @@ def test_two_processes_resume_with_dropout_as_if_uninterrupted(make_recipe, tiny
     assert [k for k in expected if not torch.equal(expected[k], got[k])] == []
 
 
+def test_each_process_takes_its_own_random_state_and_old_checkpoints_still_load(tmp_path):
+    """``rng.pt`` is a list by rank (one process here: rank 0 takes the first); an older
+    checkpoint's holds one state, which still restores."""
+    state = checkpoint.rng_state()
+    expected = torch.rand(4)
+    other = checkpoint.rng_state()
+    for saved in (state, [state], [state, other]):
+        torch.save(saved, tmp_path / "rng.pt")
+        torch.rand(10)
+        checkpoint.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+        assert torch.equal(torch.rand(4), expected)
+
+
 if __name__ == "__main__":  # under torchrun, from sgd_under_torchrun
     for path in sys.argv[2:]:
         _, trained = testing.run(path, extra_plugins=[SGD()])
