@@ -84,10 +84,12 @@ def test_two_processes_evaluate_their_shares_and_agree_with_one(make_recipe, tmp
             assert two[key] == pytest.approx(one[key], rel=1e-6), key
 
 
-def sgd_under_torchrun(out, *recipes):
-    """Train ``recipes`` in 2 processes with plain SGD (this file as the script); each process
-    writes its own final trainable weights to ``out/rank{R}-{recipe stem}.safetensors``."""
-    return subprocess.run([*TORCHRUN, __file__, str(out), *map(str, recipes)], env=ENV,
+def under_torchrun(out, *tasks):
+    """Run ``tasks`` one after another in one 2-process torchrun of this file (one start-up for
+    all): ``sgd=RECIPE`` trains with plain SGD, each process writing its final trainable weights
+    to ``out/rank{R}-{recipe stem}.safetensors``; ``run=RECIPE``, ``resume=RUN`` are
+    ``plugtune run`` / ``plugtune resume``."""
+    return subprocess.run([*TORCHRUN, __file__, str(out), *map(str, tasks)], env=ENV,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -96,8 +98,7 @@ def largest_difference(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-@pytest.mark.parametrize("clip", [None, 0.05], ids=["unclipped", "clipped"])
-def test_an_uneven_last_step_trains_as_one_process(make_recipe, tmp_path, clip):
+def test_an_uneven_last_step_trains_as_one_process(make_recipe, tmp_path):
     """7 records of very uneven length, batch 1: one process accumulating 4 micro-batches and
     2 processes x 2 take the same steps on the same examples, the last of each epoch 3
     micro-batches (2 on one process, 1 on the other). With plain SGD (the update is the
@@ -105,25 +106,35 @@ def test_an_uneven_last_step_trains_as_one_process(make_recipe, tmp_path, clip):
     without clipping; the saved model is the one process's."""
     data = testing.write_jsonl(tmp_path / "seven.jsonl", uneven_records(7))
 
-    def recipe(name, grad_accum):
+    def recipe(name, grad_accum, clip):
         return make_recipe(f"{name}.yaml", data={"train": str(data), "validation": str(data)},
                            train={"max_steps": None, "epochs": 3, "batch_size": 1,
                                   "grad_accum": grad_accum, "lr": 0.1, "eval_every": None,
                                   "max_grad_norm": clip},
                            output={"name": name})
-    snapshot = testing.WeightSnapshot()
-    summary, run = testing.run(recipe("one", 4), extra_plugins=[SGD(), snapshot])
-    assert summary["steps"] == 6
-    one = checkpoint.trainable_state(run.model)
-    done = sgd_under_torchrun(tmp_path, recipe("two", 2))
+    clips = {"unclipped": None, "clipped": 0.05}
+    ones = {}
+    for case, clip in clips.items():
+        snapshot = testing.WeightSnapshot()
+        summary, run = testing.run(recipe(f"one-{case}", 4, clip),
+                                   extra_plugins=[SGD(), snapshot])
+        assert summary["steps"] == 6 and len(snapshot.changed(run.model)) > 10
+        ones[case] = checkpoint.trainable_state(run.model)
+        norms = [r["grad_norm"] for r in map(json.loads, (run.dir / "metrics.jsonl")
+                                             .read_text().splitlines()) if "loss" in r]
+        assert len(norms) == 6 and min(norms) > 0.05  # clipping (0.05) cuts every step
+    done = under_torchrun(tmp_path, *(f"sgd={recipe(f'two-{case}', 2, clip)}"
+                                      for case, clip in clips.items()))
     assert done.returncode == 0, done.stderr[-3000:]
-    for rank in (0, 1):
-        assert largest_difference(one, load_file(tmp_path / f"rank{rank}-two.safetensors")) \
-            < 1e-6, f"process {rank}"
-    saved = [load_file(tmp_path / "runs" / name / "model" / "model.safetensors")
-             for name in ("one", "two")]
-    assert largest_difference(*saved) < 1e-6
-    assert len(snapshot.changed(run.model)) > 10  # and SGD did train every layer
+    for case in clips:
+        for rank in (0, 1):
+            apart = largest_difference(
+                ones[case], load_file(tmp_path / f"rank{rank}-two-{case}.safetensors"))
+            assert apart < 1e-6, (case, rank)
+        apart = largest_difference(*(
+            load_file(tmp_path / "runs" / f"{n}-{case}" / "model" / "model.safetensors")
+            for n in ("one", "two")))
+        assert apart < 1e-6, case
 
 
 def test_two_processes_resume_with_dropout_as_if_uninterrupted(make_recipe, tiny_gpt2, tmp_path):
@@ -139,8 +150,6 @@ def test_two_processes_resume_with_dropout_as_if_uninterrupted(make_recipe, tiny
                            data={"train": str(data), "validation": str(data)},
                            train={"max_steps": 40, "batch_size": 1, "lr": 1e-3,
                                   "eval_every": None}, output={"name": name})
-    whole = torchrun("run", recipe("whole"))
-    assert whole.returncode == 0, whole.stderr[-3000:]
     cut = tmp_path / "runs" / "cut"
     proc = subprocess.Popen([*TORCHRUN, "-m", "plugtune.cli", "run", str(recipe("cut"))],
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -154,7 +163,7 @@ def test_two_processes_resume_with_dropout_as_if_uninterrupted(make_recipe, tiny
     assert status.startswith("interrupted at step"), (status, out, err[-3000:])
     stopped = int(status.split()[-1])
     assert 2 <= stopped < 40 and (cut / "checkpoints" / f"step-{stopped}").is_dir()
-    resumed = torchrun("resume", cut)
+    resumed = under_torchrun(tmp_path, f"run={recipe('whole')}", f"resume={cut}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming at step {stopped} of 40" in resumed.stdout
     expected, got = (load_file(tmp_path / "runs" / name / "model" / "model.safetensors")
@@ -176,8 +185,15 @@ def test_each_process_takes_its_own_random_state_and_old_checkpoints_still_load(
         assert torch.equal(torch.rand(4), expected)
 
 
-if __name__ == "__main__":  # under torchrun, from sgd_under_torchrun
-    for path in sys.argv[2:]:
+if __name__ == "__main__":  # under torchrun, from under_torchrun
+    from plugtune import cli
+
+    for task in sys.argv[2:]:
+        what, path = task.split("=", 1)
+        if what != "sgd":
+            if cli.main([what, path]) != 0:
+                sys.exit(f"plugtune {what} {path} failed")
+            continue
         _, trained = testing.run(path, extra_plugins=[SGD()])
         rank = trained.accelerator.process_index
         save_file(checkpoint.trainable_state(trained.accelerator.unwrap_model(trained.model)),
