@@ -5,7 +5,8 @@
 - ``trainable.safetensors``: the parameters that train, by name (for LoRA the adapters and
   heads: megabytes, not the base, which the recipe reloads),
 - ``optimizer.pt``, ``scheduler.pt`` (and ``scaler.pt`` under fp16 mixed precision),
-- ``rng.pt``: the python, numpy, torch and every CUDA device's random states,
+- ``rng.pt``: the python, numpy, torch and every CUDA device's random states of every
+  process, a list by rank (each process draws its own dropout masks),
 - ``state.json``: the step, the data position and the loop's own counters,
 - whatever plugins write through ``plugtune_save_checkpoint``.
 
@@ -36,6 +37,7 @@ def directory(run_dir):
 
 
 def rng_state():
+    """This process's random states."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"python": random.getstate(),
             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
@@ -44,12 +46,21 @@ def rng_state():
 
 
 def set_rng_state(state):
+    """Restore this process's random states from :func:`rng_state`'s answer, or from a list of
+    them by rank (``rng.pt``; older checkpoints hold one state, restored on every process)."""
+    if isinstance(state, list):
+        state = state[_rank() if _rank() < len(state) else 0]  # more processes than saved
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _rank():
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed.get_rank() if distributed else 0
 
 
 def trainable_state(model):
@@ -74,7 +85,8 @@ def save(path, *, model, optimizer, scheduler, scaler, state, plugin_hook, rng=N
     """Write a checkpoint into the directory ``path`` atomically (replacing one there).
 
     :param state: the loop's counters (``step`` first), written as ``state.json``.
-    :param rng: random states to record (default: the current ones).
+    :param rng: random states to record, a list by rank (default: this process's current
+        ones alone).
     :param plugin_hook: ``plugin_hook(tmp_path)`` lets plugins add their files.
     """
     final = Path(path)
@@ -87,7 +99,7 @@ def save(path, *, model, optimizer, scheduler, scaler, state, plugin_hook, rng=N
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         if scaler is not None:
             torch.save(scaler.state_dict(), tmp / "scaler.pt")
-        torch.save(rng or rng_state(), tmp / "rng.pt")
+        torch.save(rng or [rng_state()], tmp / "rng.pt")
         plugin_hook(tmp)
         (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
         _sync(tmp)

@@ -4,12 +4,15 @@ Accelerate does device placement, mixed precision and (under ``accelerate launch
 distribution; the loop does its own accumulation so that a step's objective is exact.
 
 What a step means: the mean loss over every target of the optimizer step, across its
-micro-batches and processes (see ``plugtune.loss``). Each micro-batch's summed loss is
-backpropagated divided by a reference count that every process shares, and once the step's true
-count is known the gradients are scaled by ``reference / count`` (torchtune's way: exact, one
-pass over the gradients, and no need to know the count before the first forward).
+micro-batches and processes (see ``plugtune.loss``), however the micro-batches divide among
+the processes. Each micro-batch's summed loss is backpropagated divided by a reference count
+that every process shares, and once the step's true count is known the gradients are scaled
+by ``reference / count`` (torchtune's way: exact, one pass over the gradients, and no need to
+know the count before the first forward). Which examples a step sees follows from the seed
+and the epoch (:func:`epoch_plan`); ``train.group_by_length`` changes it.
 """
 import contextlib
+import hashlib
 import math
 import shutil
 import signal
@@ -89,6 +92,12 @@ class Run:
             scheduler=self.scheduler, scaler=self.accelerator.scaler,
             state={"step": self.step, **self.state}, rng=rng,
             plugin_hook=lambda p: self.pm.hook.plugtune_save_checkpoint(run=self, path=p))
+
+    def rng_states(self):
+        """Every process's random states, a list by rank, on every process (under several
+        processes a collective: each must call it)."""
+        state = checkpoint.rng_state()
+        return [state] if self.accelerator.num_processes == 1 else self.gather([state])
 
     def share(self, items):
         """This process's contiguous share of ``items``, so that evaluation work (batches,
@@ -271,13 +280,15 @@ def epoch_plan(lengths, t, epoch, rank, world):
     The order is a permutation drawn from ``(train.seed, epoch)`` alone, not from the global
     random state (which model and adapter initialisation have drawn from), so every recipe
     with the same seed and data sees the same batches, and a resumed run finds its place by
-    step number. Written here rather than with a DataLoader for that reason: a DataLoader draws
-    its base seed from the global state at every epoch. Under several processes micro-batch
+    step number. Written here rather than with a DataLoader for that reason: a DataLoader
+    draws its base seed from the global state at every epoch. The generator's seed is a hash
+    of the pair, not ``seed + epoch`` (with which seed s's second epoch was seed s+1's first:
+    a seed sweep was not independent). Under several processes micro-batch
     ``j`` of a step goes to process ``j % world``; a process left without one in an epoch's
     last step runs a zero-weight micro-batch (``counts`` False) so the gradient all-reduce
     still meets every process.
     """
-    generator = torch.Generator().manual_seed(t.seed + epoch)
+    generator = torch.Generator().manual_seed(epoch_seed(t.seed, epoch))
     order = torch.randperm(len(lengths), generator=generator).tolist()
     if t.group_by_length:
         micro = grouped_by_length(order, lengths, t.batch_size, generator)
@@ -290,6 +301,12 @@ def epoch_plan(lengths, t, epoch, rank, world):
         mine = [(m, True) for m in chunk[rank::world]]
         steps.append(mine or [(chunk[0], False)])
     return steps
+
+
+def epoch_seed(seed, epoch):
+    """A 64-bit generator seed for ``(seed, epoch)``: distinct pairs, unrelated seeds."""
+    digest = hashlib.sha256(f"{seed}:{epoch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
 
 
 def grouped_by_length(order, lengths, batch_size, generator, group=50):
@@ -328,9 +345,11 @@ def train_step(run, micro, examples, collate):
             loss = loss_of(run, model, batch)
             total, count = (loss.sum, loss.count) if real else (loss.sum * 0, 0)
             count = torch.as_tensor(count, device=acc.device, dtype=torch.float32)
-            if reference is None:  # the same on every process, about the step's count
+            if reference is None:  # about the step's count, and the same on every process:
+                # (not x len(micro), which differs where a step's micro-batches do not divide
+                # among the processes, and would scale the all-reduced gradient differently)
                 shared = acc.reduce(count, "sum") if world > 1 else count
-                reference = shared.clamp(min=1) * len(micro)
+                reference = shared.clamp(min=1) * run.recipe.train.grad_accum
             acc.backward(total * world / reference)
         sums.append(total.detach().float())
         counts.append(count)
@@ -442,7 +461,7 @@ def train(run, echo=print, resume=None, stop_after=None, on_resume=None):
     else:
         run.dir = rundir.create(run.recipe, run.sources) if run.is_main else None
     error, early, start = None, None, time.perf_counter()
-    rng, updating, stepping, unlogged = checkpoint.rng_state(), False, False, None
+    rng, updating, stepping, unlogged = run.rng_states(), False, False, None
     phase = {"final": False, "saved": False}
     try:
         with signals(run, echo, phase):
@@ -472,7 +491,7 @@ def train(run, echo=print, resume=None, stop_after=None, on_resume=None):
                 updating = True
                 norm, applied = optimizer_step(run, t, loss)
                 run.step += 1
-                rng, updating, stepping = checkpoint.rng_state(), False, False
+                rng, updating, stepping = run.rng_states(), False, False
                 metrics = {"step": run.step, "loss": _finite(loss), "lr": lr,
                            "grad_norm": _finite(norm),
                            "tokens_per_s": tokens / (time.perf_counter() - tick),
@@ -651,7 +670,9 @@ def _agree(acc, flag):
 
 
 def _checkpoint(run, t, rng=None):
-    """``RUN/checkpoints/step-K``, keeping the newest ``train.keep_checkpoints``."""
+    """``RUN/checkpoints/step-K``, keeping the newest ``train.keep_checkpoints``; every
+    process calls it (each one's random state is recorded) but after a crash (``rng``)."""
+    rng = rng or run.rng_states()
     if not run.is_main:
         return None
     path = run.save_checkpoint(checkpoint.directory(run.dir) / f"step-{run.step}", rng=rng)
