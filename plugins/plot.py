@@ -2,8 +2,7 @@
 held-out scores the task reports (accuracy, F1, exact match, ...)."""
 import io
 
-from plugtune import hookimpl
-from plugtune.rundir import atomic_write
+from plugtune import atomic_write, hookimpl
 
 
 NOT_SCORES = {"step", "eval_loss", "perplexity"}
