@@ -213,7 +213,7 @@ def check_declarations(info, where):
     if not (isinstance(replaces, dict) and all(isinstance(k, str) and names(v)
                                                for k, v in replaces.items())):
         raise PluginError(f"{where}: PLUGTUNE_REPLACES = {replaces!r} is not {{plugin: hook}}; "
-                          "write one such as {\"causal_lm\": \"plugtune_compute_loss\"} "
+                          "write one such as {\"PLUGIN\": \"plugtune_compute_loss\"} "
                           "(docs/plugins.md, Roles)")
 
 

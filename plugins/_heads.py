@@ -1,3 +1,3 @@
-"""Moved to the public module ``plugtune.heads`` (plugin API 1.1); this name keeps old imports
-working."""
-from plugtune.heads import *  # noqa: F401,F403
+"""Moved to the public module ``plugtune.plugins.head_family`` (plugin API 1.1); this name keeps
+old imports working."""
+from plugtune.plugins.head_family import *  # noqa: F401,F403

@@ -1,3 +1,3 @@
-"""Moved to the public module ``plugtune.adapters`` (plugin API 1.1); this name keeps old imports
-working."""
-from plugtune.adapters import *  # noqa: F401,F403
+"""Moved to the public module ``plugtune.plugins.peft_family`` (plugin API 1.1); this name keeps
+old imports working."""
+from plugtune.plugins.peft_family import *  # noqa: F401,F403

@@ -15,9 +15,10 @@ the duration of the run. The ranks it arrived at are saved in the adapter's conf
 import torch
 from pydantic import Field
 
-from plugtune import Loss, adapters, hookimpl
+from plugtune import Loss, hookimpl
 from plugtune.errors import PluginError
-from plugtune.adapters import plugtune_save_model  # noqa: F401  (shared hook)
+from plugtune.plugins import peft_family as adapters
+from plugtune.plugins.peft_family import plugtune_save_model  # noqa: F401  (shared hook)
 
 
 class AdaloraSection(adapters.AdapterSection):

@@ -10,7 +10,8 @@ import logging
 
 from pydantic import Field
 
-from plugtune import Section, hookimpl, kbit
+from plugtune import Section, hookimpl
+from plugtune.plugins import kbit_family as kbit
 
 PLUGTUNE_ROLES = {"quantizer"}
 

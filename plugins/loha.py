@@ -6,8 +6,9 @@ Composes with ``int8`` and ``gradient_checkpointing``; refuses ``nf4`` (peft's L
 its update in the shape of the weight, which a 4-bit base packs into another shape) and
 conflicts with ``full``, ``freeze`` and the other adapter methods (docs/combinations.md).
 """
-from plugtune import adapters, hookimpl
-from plugtune.adapters import plugtune_save_model  # noqa: F401  (shared hook)
+from plugtune import hookimpl
+from plugtune.plugins import peft_family as adapters
+from plugtune.plugins.peft_family import plugtune_save_model  # noqa: F401  (shared hook)
 
 PLUGTUNE_ROLES = {"adapter"}
 

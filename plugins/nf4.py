@@ -10,7 +10,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from plugtune import Section, hookimpl, kbit
+from plugtune import Section, hookimpl
+from plugtune.plugins import kbit_family as kbit
 
 #: ``packed-weights``: a 4-bit weight is stored in another shape than the layer's (methods that
 #: build their update in the weight's shape, LoHa and LoKr, ask for this role and refuse).

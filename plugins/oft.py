@@ -9,8 +9,9 @@ other adapter methods (docs/combinations.md).
 """
 from pydantic import Field
 
-from plugtune import adapters, hookimpl
-from plugtune.adapters import plugtune_save_model  # noqa: F401  (shared hook)
+from plugtune import hookimpl
+from plugtune.plugins import peft_family as adapters
+from plugtune.plugins.peft_family import plugtune_save_model  # noqa: F401  (shared hook)
 
 PLUGTUNE_ROLES = {"adapter"}
 

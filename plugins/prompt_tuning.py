@@ -13,8 +13,9 @@ from typing import Literal
 
 from pydantic import Field
 
-from plugtune import Section, active_roles, adapters, hookimpl
-from plugtune.adapters import plugtune_save_model  # noqa: F401  (shared hook)
+from plugtune import Section, active_roles, hookimpl
+from plugtune.plugins import peft_family as adapters
+from plugtune.plugins.peft_family import plugtune_save_model  # noqa: F401  (shared hook)
 
 PLUGTUNE_ROLES = {"adapter"}
 

@@ -24,10 +24,11 @@ import string
 import torch
 from pydantic import Field
 
-from plugtune import Section, heads, hookimpl
+from plugtune import Section, hookimpl
 from plugtune.data import Tokenized
 from plugtune.errors import DataError
 from plugtune.loss import Loss, cross_entropy
+from plugtune.plugins import head_family as heads
 
 NAME = "question_answering"
 #: ``position-targets``: its targets are token positions of the input (the answer's start and

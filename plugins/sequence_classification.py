@@ -14,9 +14,10 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator
 
-from plugtune import heads, hookimpl
+from plugtune import hookimpl
 from plugtune.data import Tokenized
 from plugtune.errors import DataError, RecipeError
+from plugtune.plugins import head_family as heads
 
 NAME = "sequence_classification"
 PLUGTUNE_ROLES = {"task"}

@@ -13,9 +13,10 @@ import warnings
 
 from pydantic import Field
 
-from plugtune import heads, hookimpl
+from plugtune import hookimpl
 from plugtune.data import Tokenized
 from plugtune.errors import DataError
+from plugtune.plugins import head_family as heads
 
 NAME = "token_classification"
 #: ``position-targets``: its targets sit at the input's token positions (one tag per token), so

@@ -9,8 +9,9 @@ base. Composes with ``int8``/``nf4`` and ``gradient_checkpointing``; conflicts w
 """
 from pydantic import Field
 
-from plugtune import adapters, hookimpl
-from plugtune.adapters import plugtune_save_model  # noqa: F401  (shared hook)
+from plugtune import hookimpl
+from plugtune.plugins import peft_family as adapters
+from plugtune.plugins.peft_family import plugtune_save_model  # noqa: F401  (shared hook)
 
 PLUGTUNE_ROLES = {"adapter"}
 

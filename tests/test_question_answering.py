@@ -132,7 +132,8 @@ def test_bad_records_are_one_line_naming_the_record(tmp_path, tiny_llama, capsys
 def test_one_task_plugin(tmp_path, tiny_llama, capsys):
     recipe = qa_recipe(tmp_path, tiny_llama, plugins=("full", "causal_lm"))
     assert cli.main(["validate", str(recipe)]) == 2
-    assert "`question_answering` and `causal_lm` are both task plugins" in capsys.readouterr().err
+    assert "`question_answering` and `causal_lm` both fill the role `task`" in \
+        capsys.readouterr().err
 
 
 def test_the_planner_counts_the_head(tmp_path, tiny_llama):

@@ -24,11 +24,9 @@ import json
 import torch
 from pydantic import field_validator
 
-from . import hookimpl
-from .errors import DataError, PluginError
-from .loss import cross_entropy
-from .recipe import Section
-from .rundir import atomic_write
+from plugtune import Section, atomic_write, hookimpl
+from plugtune.errors import DataError, PluginError
+from plugtune.loss import cross_entropy
 
 IGNORE = -100
 

@@ -11,7 +11,7 @@ each norm, which the 16-bit output layer then refuses without autocast. The prep
 once, in ``plugtune_prepare_base``, before gradient checkpointing and before LoRA wraps the
 model (re-applying it to a PeftModel would freeze the adapters too).
 """
-from .manager import active_roles
+from plugtune import active_roles
 
 
 def check(recipe, name):
@@ -19,14 +19,15 @@ def check(recipe, name):
     only an adapter (a plugin filling the role ``adapter``, whoever wrote it) can train on a
     quantized base."""
     roles = active_roles(recipe)
-    if roles.get("adapter"):
-        return []
-    trainers = [p for p in roles.get("trainable", []) if p != name]
+    adapters = roles.get("adapter", [])
+    trainers = [p for p in roles.get("trainable", []) if p not in adapters]
     if trainers:
         return [f"plugins: `{name}` loads the base quantized, and quantized weights cannot be "
                 f"trained by `{trainers[0]}`; use lora instead of {trainers[0]} (QLoRA-style "
                 f"adapters on the frozen {name} base), or drop {name} to fine-tune in float "
                 "precision"]
+    if adapters:
+        return []
     return [f"plugins: `{name}` freezes the quantized base, so nothing would train; add lora "
             "(adapters on the frozen quantized base) or another adapter method (`plugtune "
             "plugins` lists those with the role adapter)"]

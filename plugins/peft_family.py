@@ -18,9 +18,7 @@ import warnings
 
 from pydantic import Field, field_validator
 
-from . import hookimpl
-from .manager import active_roles
-from .recipe import Section
+from plugtune import Section, active_roles, hookimpl
 
 TASK_TYPES = {"SequenceClassification": "SEQ_CLS", "TokenClassification": "TOKEN_CLS",
               "QuestionAnswering": "QUESTION_ANS"}
@@ -93,7 +91,7 @@ def fit_variants(name, recipe, without_adapter=False):
     a 4-bit one (a combination the plugins refuse, such as loha on nf4, or one whose quantizer
     is not installed, is skipped by the search). Offered when the recipe uses the method, or,
     with ``without_adapter``, when it uses none (lora: the method ``--fit`` reaches for)."""
-    from .plan import Variant
+    from plugtune import Variant
 
     own = adapter_of(recipe)
     if own != name and not (own is None and without_adapter):
