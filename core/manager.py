@@ -300,9 +300,8 @@ def arbitrate(names, discovered):
     for hook in firstresult_hooks():
         answerers = {n: a[hook] for n in names if hook in (a := answers(discovered[n].obj))}
         keep = [n for n in answerers if (n, hook) not in replaced and (n, "*") not in replaced]
-        for preferred in ([n for n in keep if discovered[n].overrides],
-                          [n for n in keep if not discovered[n].default]):
-            keep = preferred or keep
+        keep = [n for n in keep if discovered[n].overrides] or keep
+        keep = [n for n in keep if not discovered[n].default] or keep  # defaults yield
         for name in answerers:
             if name not in keep:
                 excluded.setdefault(name, set()).add(answerers[name])
