@@ -285,6 +285,9 @@ def arbitrate(names, discovered):
     {hook attribute, ...}}`` of the answers not registered: the replaced ones
     (``PLUGTUNE_REPLACES``), and a default plugin's where a plugin the recipe asked for answers
     too. So who answers never depends on registration order."""
+    for name in names:
+        info = discovered[name]
+        check_declarations(info, f"plugin {name!r} (distribution {info.dist} {info.version})")
     problems, clashes = [], []
     roles = role_map(names, discovered)
     for role, what in EXCLUSIVE_ROLES.items():
