@@ -116,3 +116,27 @@ def test_api_1_0_import_paths_still_work():
     assert callable(_heads.label_ids) and callable(_kbit.prepare)
     assert _generation_metrics.score(["exact_match"], ["A."], ["a"]) == {"exact_match": 1.0}
     assert plugtune.Section is Section and plugtune.API_VERSION == "1.1"
+
+
+@pytest.mark.parametrize("task", ["sequence_classification", "token_classification",
+                                  "question_answering"])
+def test_a_tiny_encoder_for_head_plugins(tmp_path, task):
+    """``plugtune.testing.tiny_encoder``: a BERT-style model every head class loads, which a
+    head trains on in seconds (what a third party's head plugin tests on)."""
+    from test_heads import GROUPS, head_recipe, toy_tags, toy_texts
+    from test_question_answering import toy_qa
+
+    from plugtune import testing
+
+    records = {"sequence_classification": toy_texts, "token_classification": toy_tags,
+               "question_answering": toy_qa}[task]()
+    corpus = [" ".join(w for ws in GROUPS.values() for w in ws)] + [
+        r.get("text") or " ".join(r.get("tokens") or [r["context"], r["question"]])
+        for r in records]
+    model = testing.tiny_encoder(tmp_path / "encoder", corpus=corpus)
+    sections = {"train": {"max_length": 32, "lr": 1e-3, "max_steps": 20}}
+    if task == "question_answering":
+        sections["question_answering"] = {"stride": 8, "max_answer_length": 4}
+    summary, run = testing.run(head_recipe(tmp_path, model, task, records, **sections))
+    assert type(run.model).__name__.startswith("BertFor")
+    assert summary["eval_after"]["eval_loss"] < summary["eval_before"]["eval_loss"]
