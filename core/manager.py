@@ -288,16 +288,30 @@ def arbitrate(names, discovered):
     for name in names:
         info = discovered[name]
         check_declarations(info, f"plugin {name!r} (distribution {info.dist} {info.version})")
+    problems, clashes = role_problems(role_map(names, discovered))
+    excluded, more = answer_problems(names, discovered, clashes)
+    return excluded, problems + more
+
+
+def role_problems(roles):
+    """``(problems, clashes)``: a line for each exclusive role filled twice, and the sets of
+    plugins named (a pair is named once, by its first shared role)."""
     problems, clashes = [], []
-    roles = role_map(names, discovered)
     for role, what in EXCLUSIVE_ROLES.items():
         fillers = roles.get(role, [])
         if len(fillers) > 1 and not any(set(fillers) <= c for c in clashes):
             clashes.append(set(fillers))
-            problems.append(f"plugins: {_both(fillers)} {'both' if len(fillers) == 2 else 'all'} "
-                            f"fill the role `{role}` (the plugin that {what}), which one plugin "
-                            f"fills in a run: keep one of them{ROLE_HINTS.get(role, '')}")
-    excluded = {}
+            problems.append(f"plugins: {_both(fillers)} fill the role `{role}` (the plugin that "
+                            f"{what}), which one plugin fills in a run: keep one of them"
+                            f"{ROLE_HINTS.get(role, '')}")
+    return problems, clashes
+
+
+def answer_problems(names, discovered, clashes):
+    """``(excluded, problems)`` of the firstresult hooks: per hook, a replaced answer and a
+    default's beside a named plugin's are excluded; two answers left are a problem, unless
+    their plugins already clash by role."""
+    excluded, problems = {}, []
     replaced = {(victim, hook) for n in names for victim, hooks in discovered[n].replaces.items()
                 for hook in hooks}
     for hook in firstresult_hooks():
@@ -311,16 +325,18 @@ def arbitrate(names, discovered):
         if (len(keep) > 1 and not all(discovered[n].overrides for n in keep)
                 and not any(len(c & set(keep)) > 1 for c in clashes)):
             clashes.append(set(keep))
-            problems.append(f"plugins: {_both(keep)} both answer {hook}, which one plugin "
-                            f"answers: keep one, or declare in `{keep[-1]}` that it replaces "
-                            f"the other's answer: PLUGTUNE_REPLACES = {{\"{keep[0]}\": "
-                            f"\"{hook}\"}} (docs/plugins.md, Roles)")
+            problems.append(f"plugins: {_both(keep)} answer {hook}, which one plugin answers: "
+                            f"keep one, or declare in `{keep[-1]}` that it replaces the other's "
+                            f"answer: PLUGTUNE_REPLACES = {{\"{keep[0]}\": \"{hook}\"}} "
+                            "(docs/plugins.md, Roles)")
     return excluded, problems
 
 
 def _both(names):
+    """```a` and `b` both`` or ```a`, `b` and `c` all``."""
     quoted = [f"`{n}`" for n in names]
-    return ", ".join(quoted[:-1]) + " and " + quoted[-1]
+    return (", ".join(quoted[:-1]) + " and " + quoted[-1]
+            + (" both" if len(names) == 2 else " all"))
 
 
 def make_manager(names, discovered):
