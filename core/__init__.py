@@ -22,8 +22,10 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 #: The version of the plugin API: the minor part grows when names are added, the major part
 #: when a name is removed or its contract changes. A plugin's ``PLUGTUNE_API`` range is checked
-#: against it.
-API_VERSION = "1.0"
+#: against it. 1.1 added roles (``PLUGTUNE_ROLES``, ``PLUGTUNE_REPLACES``, :func:`active_roles`),
+#: the names built-in plugins used from private modules, and the modules plugin families share
+#: (``plugtune.plugins.peft_family``, ``head_family``, ``kbit_family``, ``generation_metrics``).
+API_VERSION = "1.1"
 
 #: Decorator for hook implementations: ``@hookimpl def plugtune_check_recipe(recipe): ...``
 hookimpl = pluggy.HookimplMarker("plugtune")
@@ -37,6 +39,12 @@ _LAZY = {
     "cross_entropy": "loss",
     "Record": "data", "Splits": "data", "Tokenized": "data",
     "Section": "recipe", "Recipe": "recipe",
+    "is_file": "recipe",                     # Path.is_file that never raises (1.1)
+    "float16_training_problem": "recipe",    # the check_recipe line for float16 training (1.1)
+    "atomic_write": "rundir", "sha256": "rundir",                       # (1.1)
+    "terminate_raises": "signals", "Terminated": "signals",             # (1.1)
+    "active_roles": "manager", "EXCLUSIVE_ROLES": "manager",            # (1.1)
+    "Variant": "plan",                                                  # (1.1)
     "PlugtuneError": "errors", "RecipeError": "errors", "DataError": "errors",
     "InputError": "errors", "PluginError": "errors",
     "Plan": "plan", "Param": "plan", "Optimizer": "plan",
@@ -45,7 +53,11 @@ _LAZY = {
 
 #: Modules a plugin may import as a whole; their public names (no leading ``_``) are the API.
 PUBLIC_MODULES = ("plugtune.hookspecs", "plugtune.testing", "plugtune.errors", "plugtune.data",
-                  "plugtune.loss", "plugtune.models", "plugtune.sources")
+                  "plugtune.loss", "plugtune.models", "plugtune.sources",
+                  # what a family of plugins shares (1.1), so a stranger's method or head can
+                  # be written as the built-in ones are
+                  "plugtune.plugins.peft_family", "plugtune.plugins.head_family",
+                  "plugtune.plugins.kbit_family", "plugtune.plugins.generation_metrics")
 
 __all__ = ["__version__", "API_VERSION", "hookimpl", "Loss", *_LAZY]
 

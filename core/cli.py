@@ -74,9 +74,10 @@ def cmd_validate(args):
 
 
 def cmd_plugins(args):
-    """Every installed plugin with its hooks; a broken one (it fails to import, breaks the hook
-    contract or needs another plugin API) is listed with its error, every healthy one still is,
-    and the exit status is 3."""
+    """Every installed plugin with its hooks, roles and plugin API range; a broken one (it
+    fails to import, breaks the hook contract, needs another plugin API, or shares its name
+    with another distribution's) is listed with its error, every healthy one still is, and the
+    exit status is 3."""
     broken = {}
     discovered = manager.discover(broken=broken)
     pm, invalid = manager.inspect_all(discovered)
@@ -87,12 +88,23 @@ def cmd_plugins(args):
         default = " [default]" if info.default else ""
         print(f"{name}{default}  ({info.dist} {info.version})  {info.doc}")
         print(f"    hooks: {', '.join(manager.hooks_of(pm, name)) or '-'}")
+        print(f"    {contract(info)}")
     for name, bad in broken.items():
         what = re.sub(r"^plugin '[^']*' \([^)]*\):? ", "", bad.error.splitlines()[0])
-        print(f"{name}  ({bad.dist} {bad.version})  BROKEN: {what}")
+        print(f"{name}  ({f'{bad.dist} {bad.version}'.strip()})  BROKEN: {what}")
         print(f"    skip it with {manager.SKIP_ENV}={name}, or fix or uninstall {bad.dist}")
         print(f"plugtune: error: {bad.error}", file=sys.stderr)
     return PluginError.exit_code if broken else 0
+
+
+def contract(info):
+    """``roles: adapter, trainable  replaces: -  API: >=1.0,<2`` of one plugin (``any``: no
+    ``PLUGTUNE_API``)."""
+    roles = ", ".join(sorted(info.roles)) or "-"
+    replaces = "; ".join(f"{name}'s {', '.join(sorted(hooks))}"
+                         for name, hooks in info.replaces.items())
+    return (f"roles: {roles}" + (f"  replaces: {replaces}" if replaces else "")
+            + f"  API: {info.api or 'any'}")
 
 
 def cmd_recipes(args):
@@ -311,7 +323,6 @@ def main(argv=None):
 
 #: Exit status of an unexpected exception (EX_SOFTWARE); bad input exits 2.
 INTERNAL_ERROR = 70
-TRACEBACK_ENV = "PLUGTUNE_TRACEBACK"
 
 
 def _first_line(exc):

@@ -9,8 +9,11 @@ expressed as separate phases, never as ``tryfirst``/``trylast`` tricks: k-bit pr
 
 Hooks are called with keyword arguments; an implementation may accept any subset of them.
 "Collect" hooks call every implementation and use all results; "firstresult" hooks stop at the
-first non-None result (the built-in default implementations are registered ``trylast`` so that
-any other plugin overrides them).
+first non-None result, and one plugin answers each: the core refuses two answerers of one
+unless one declares replacing the other's answer (``PLUGTUNE_REPLACES``), and a default plugin
+yields its answer to a plugin the recipe names. Plugins declare the roles they fill
+(``PLUGTUNE_ROLES``: ``task``, ``adapter``, ``quantizer``, ``trainable``, ``optimizer``,
+``scheduler``, ``data``, ``loader``), one plugin per role; see docs/plugins.md, "Roles".
 
 The ``recipe`` argument is a :class:`plugtune.recipe.Recipe`: ``recipe.train.lr``,
 ``recipe.model.name``, ``recipe.plugins`` (active plugin names) and ``recipe["freeze"]`` for the
@@ -130,7 +133,8 @@ def plugtune_prepare_model(model, recipe):
 
 @hookspec(firstresult=True)
 def plugtune_wrap_model(model, recipe):
-    """Return a new model that wraps ``model`` (e.g. a PEFT adapter model), or None.
+    """Return a new model that wraps ``model`` (e.g. a PEFT adapter model), or None: the
+    plugin in the role ``adapter``.
 
     Stops at first non-None result; the returned model replaces ``model`` from here on.
     """

@@ -1,9 +1,15 @@
-"""Find plugins through the ``plugtune`` entry-point group and build the plugin manager.
+"""Find plugins through the ``plugtune`` entry-point group, arbitrate their roles and build
+the plugin manager.
 
 Built-in plugins are found exactly as a third party's are. A plugin module (or class) that sets
 ``PLUGTUNE_DEFAULT = True`` is active in every run unless a recipe blocks it with
 ``no:NAME`` in ``plugins:``; any other plugin is active when a recipe names it. A plugin that
 is a class is instantiated afresh for every run, so it can keep per-run state on ``self``.
+
+The core, not the plugins, decides who answers a single-answer (firstresult) hook: a plugin
+declares the roles it fills (``PLUGTUNE_ROLES``) and the answers of others it replaces
+(``PLUGTUNE_REPLACES``); :func:`arbitrate` refuses two active plugins in one exclusive role, or
+two answerers of one firstresult hook, naming both (docs/plugins.md, "Roles").
 """
 import contextlib
 import difflib
@@ -22,16 +28,61 @@ GROUP = "plugtune"
 SKIP_ENV = "PLUGTUNE_SKIP_PLUGINS"
 
 
+#: The exclusive roles, in the order conflicts are reported, with what the one plugin filling
+#: each does. A role not listed here is descriptive: plugins may share it, and others may ask
+#: for it (``plugtune.active_roles(recipe)``).
+EXCLUSIVE_ROLES = {
+    "task": "turns records into examples and computes the loss",
+    "adapter": "wraps the model with trainable adapters",
+    "quantizer": "loads the base model quantized",
+    "trainable": "decides which of the base model's weights train",
+    "optimizer": "builds the optimizer",
+    "scheduler": "builds the learning-rate schedule",
+    "data": "reads the data files",
+    "loader": "loads the model and its tokenizer",
+}
+ROLE_HINTS = {"trainable": " (an adapter method already freezes the base: choose where its "
+                          "adapters go in its section, and what else trains in full with its "
+                          "modules_to_save)"}
+#: Roles a role brings with it: an adapter decides what trains (its adapters, on a frozen base).
+IMPLIED_ROLES = {"adapter": {"trainable"}}
+
+
 @dataclass(frozen=True)
 class PluginInfo:
     name: str
     obj: object  # the module or class the entry point names
     dist: str
     version: str
+    #: answers the firstresult hooks it implements before any other plugin, as if it declared
+    #: replacing them all (plugins :func:`plugtune.testing.load_recipe` adds)
+    overrides: bool = False
 
     @property
     def default(self):
         return bool(getattr(self.obj, "PLUGTUNE_DEFAULT", False))
+
+    @property
+    def roles(self):
+        """The roles the plugin declares (``PLUGTUNE_ROLES``) and those they imply."""
+        declared = getattr(self.obj, "PLUGTUNE_ROLES", ())
+        roles = {declared} if isinstance(declared, str) else set(declared)
+        return roles.union(*(IMPLIED_ROLES.get(r, ()) for r in roles))
+
+    @property
+    def replaces(self):
+        """``{plugin: {hook, ...}}`` of ``PLUGTUNE_REPLACES`` (hook names completed to
+        ``plugtune_…``; ``"*"`` stands for every hook)."""
+        declared = getattr(self.obj, "PLUGTUNE_REPLACES", None) or {}
+        return {name: {h if h == "*" or h.startswith("plugtune_") else f"plugtune_{h}"
+                       for h in ([hooks] if isinstance(hooks, str) else hooks)}
+                for name, hooks in declared.items()}
+
+    @property
+    def api(self):
+        """The declared ``PLUGTUNE_API`` range, or None."""
+        wanted = getattr(self.obj, "PLUGTUNE_API", None)
+        return None if wanted is None else str(wanted)
 
     @property
     def doc(self):
@@ -44,43 +95,71 @@ class PluginInfo:
         return paragraph.split(". ")[0].rstrip(".")
 
 
+class Discovered(dict):
+    """``{name: PluginInfo}`` of the usable plugins; ``disabled`` holds ``{name: message}`` of the
+    names that two distributions register (neither is loaded: which one a recipe meant is
+    unknowable)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.disabled = {}
+
+
 def discover(broken=None):
-    """Import every plugin of the entry-point group; return ``{name: PluginInfo}``.
+    """Import every plugin of the entry-point group; return ``{name: PluginInfo}``
+    (a :class:`Discovered`).
 
     A plugin that fails to import, or whose ``PLUGTUNE_API`` range excludes this plugtune's
     :data:`plugtune.API_VERSION`, is a :class:`PluginError` naming it, its distribution and
     how to skip it; with ``broken`` (a dict) such plugins are put there (``name -> error``)
-    instead, and discovery goes on (``plugtune plugins`` lists them all)."""
+    instead, and discovery goes on (``plugtune plugins`` lists them all). A name two
+    distributions register disables those two only (``Discovered.disabled``, and ``broken``)."""
     skip = {s.strip() for s in os.environ.get(SKIP_ENV, "").split(",") if s.strip()}
-    found = {}
+    by_name = {}
     for ep in entry_points(group=GROUP):
-        if ep.name in skip:
+        if ep.name not in skip:
+            dist = (ep.dist.name, ep.dist.version) if ep.dist else ("unknown distribution", "?")
+            by_name.setdefault(ep.name, {}).setdefault(dist, ep)
+    found = Discovered()
+    for name, dists in by_name.items():
+        if len(dists) > 1:
+            found.disabled[name] = duplicate_message(name, dists)
+            if broken is not None:
+                broken[name] = BrokenPlugin(name, " and ".join(d for d, _ in dists), "",
+                                            found.disabled[name])
             continue
-        dist = ep.dist.name if ep.dist else "unknown distribution"
-        ver = ep.dist.version if ep.dist else "?"
-        if ep.name in found and (found[ep.name].dist, found[ep.name].version) != (dist, ver):
-            raise PluginError(
-                f"plugin name {ep.name!r} is registered by two distributions: "
-                f"{found[ep.name].dist} and {dist}; uninstall one of them"
-            )
+        (dist, ver), ep = next(iter(dists.items()))
         try:
-            try:
-                obj = ep.load()
-            except Exception as exc:
-                raise PluginError(
-                    f"plugin {ep.name!r} (distribution {dist} {ver}, entry point {ep.value}) "
-                    f"failed to import: {type(exc).__name__}: {exc}\n"
-                    f"  hint: fix or uninstall {dist}, or set {SKIP_ENV}={ep.name} to run "
-                    "without it") from exc
-            info = PluginInfo(ep.name, obj, dist, ver)
-            check_api(info)
+            info = load(ep, dist, ver)
         except PluginError as exc:
             if broken is None:
                 raise
-            broken[ep.name] = BrokenPlugin(ep.name, dist, ver, str(exc))
+            broken[name] = BrokenPlugin(name, dist, ver, str(exc))
             continue
-        found[ep.name] = info
+        found[name] = info
     return found
+
+
+def duplicate_message(name, dists):
+    both = " and ".join(f"{d} {v}" for d, v in dists)
+    return (f"plugin {name!r} is registered by two distributions, {both}, so neither is "
+            f"loaded\n  hint: uninstall one of {' and '.join(d for d, _ in dists)}, or set "
+            f"{SKIP_ENV}={name} to run without both")
+
+
+def load(ep, dist, ver):
+    """The checked :class:`PluginInfo` of one entry point, or a :class:`PluginError`."""
+    try:
+        obj = ep.load()
+    except Exception as exc:
+        raise PluginError(
+            f"plugin {ep.name!r} (distribution {dist} {ver}, entry point {ep.value}) "
+            f"failed to import: {type(exc).__name__}: {exc}\n"
+            f"  hint: fix or uninstall {dist}, or set {SKIP_ENV}={ep.name} to run "
+            "without it") from exc
+    info = PluginInfo(ep.name, obj, dist, ver)
+    check_api(info)
+    return info
 
 
 @dataclass(frozen=True)
@@ -101,10 +180,11 @@ def check_api(info):
 
     from . import API_VERSION
 
+    where = f"plugin {info.name!r} (distribution {info.dist} {info.version})"
+    check_declarations(info, where)
     wanted = getattr(info.obj, "PLUGTUNE_API", None)
     if wanted is None:
         return
-    where = f"plugin {info.name!r} (distribution {info.dist} {info.version})"
     try:
         spec = SpecifierSet(str(wanted))
     except InvalidSpecifier:
@@ -119,6 +199,25 @@ def check_api(info):
             f"{SKIP_ENV}={info.name} to run without it")
 
 
+def check_declarations(info, where):
+    """Refuse a ``PLUGTUNE_ROLES`` that is not a set of names, or a ``PLUGTUNE_REPLACES`` that
+    is not ``{plugin: hook or [hooks]}``."""
+    def names(value):
+        return isinstance(value, str) or (isinstance(value, (set, frozenset, list, tuple))
+                                          and all(isinstance(v, str) for v in value))
+
+    roles = getattr(info.obj, "PLUGTUNE_ROLES", ())
+    replaces = getattr(info.obj, "PLUGTUNE_REPLACES", None) or {}
+    if not names(roles):
+        raise PluginError(f"{where}: PLUGTUNE_ROLES = {roles!r} is not a set of role names; "
+                          "write one such as {\"adapter\"} (docs/plugins.md, Roles)")
+    if not (isinstance(replaces, dict) and all(isinstance(k, str) and names(v)
+                                               for k, v in replaces.items())):
+        raise PluginError(f"{where}: PLUGTUNE_REPLACES = {replaces!r} is not {{plugin: hook}}; "
+                          "write one such as {\"PLUGIN\": \"plugtune_compute_loss\"} "
+                          "(docs/plugins.md, Roles)")
+
+
 def _version():
     from . import __version__
 
@@ -126,7 +225,8 @@ def _version():
 
 
 def resolve_active(requested, discovered):
-    """Names of the plugins active for a recipe's ``plugins:`` list, and problems found.
+    """Names of the plugins active for a recipe's ``plugins:`` list, and problems found:
+    unknown names, and what :func:`arbitrate` refuses.
 
     Defaults come first (in discovery order), then the requested ones in recipe order;
     ``no:NAME`` removes a default.
@@ -134,26 +234,139 @@ def resolve_active(requested, discovered):
     problems = []
     blocked = {r[3:] for r in requested if r.startswith("no:")}
     wanted = [r for r in requested if not r.startswith("no:")]
+    disabled = getattr(discovered, "disabled", {})
     for name in sorted(blocked | set(wanted)):
-        if name not in discovered:
+        if name in disabled:
+            problems.append(f"plugins: {disabled[name].splitlines()[0]}; uninstall one of them")
+        elif name not in discovered:
             problems.append(f"plugins: unknown plugin {name!r}{did_you_mean(name, discovered)}"
                             "; `plugtune plugins` lists the installed ones")
     active = [n for n, info in discovered.items() if info.default and n not in blocked]
     active += [n for n in dict.fromkeys(wanted) if n in discovered and n not in active]
-    return active, problems
+    return active, problems + arbitrate(active, discovered)[1]
+
+
+def role_map(names, discovered):
+    """``{role: [plugin, ...]}`` of the active plugins ``names``: a default plugin yields a
+    role that a plugin the recipe asked for fills (``adamw_8bit`` takes ``optimizer`` from the
+    default ``adamw``)."""
+    roles = {}
+    for name in names:
+        for role in sorted(discovered[name].roles):
+            roles.setdefault(role, []).append(name)
+    for role, fillers in roles.items():
+        chosen = [n for n in fillers if not discovered[n].default]
+        roles[role] = chosen or fillers
+    return roles
+
+
+def firstresult_hooks():
+    return [n for n, f in vars(hookspecs).items() if n.startswith("plugtune_")
+            and getattr(f, f"{GROUP}_spec", {}).get("firstresult")]
+
+
+def answers(obj):
+    """``{hook: attribute}`` of the firstresult hooks ``obj`` answers (wrappers only watch)."""
+    out = {}
+    for attr in dir(obj):
+        fn = getattr(obj, attr, None) if attr.startswith("plugtune_") else None
+        if not inspect.isroutine(fn):
+            continue
+        opts = getattr(fn, f"{GROUP}_impl", None) or {}
+        if not (opts.get("wrapper") or opts.get("hookwrapper")):
+            out[opts.get("specname") or attr] = attr
+    return out
+
+
+def arbitrate(names, discovered):
+    """``(excluded, problems)`` for the active plugins ``names``.
+
+    ``problems``: two plugins filling one exclusive role (:data:`EXCLUSIVE_ROLES`), or two
+    answering one firstresult hook, one line each naming both. ``excluded``: ``{plugin:
+    {hook attribute, ...}}`` of the answers not registered: the replaced ones
+    (``PLUGTUNE_REPLACES``), and a default plugin's where a plugin the recipe asked for answers
+    too. So who answers never depends on registration order."""
+    for name in names:
+        info = discovered[name]
+        check_declarations(info, f"plugin {name!r} (distribution {info.dist} {info.version})")
+    problems, clashes = role_problems(role_map(names, discovered))
+    excluded, more = answer_problems(names, discovered, clashes)
+    return excluded, problems + more
+
+
+def role_problems(roles):
+    """``(problems, clashes)``: a line for each exclusive role filled twice, and the sets of
+    plugins named (a pair is named once, by its first shared role)."""
+    problems, clashes = [], []
+    for role, what in EXCLUSIVE_ROLES.items():
+        fillers = roles.get(role, [])
+        if len(fillers) > 1 and not any(set(fillers) <= c for c in clashes):
+            clashes.append(set(fillers))
+            problems.append(f"plugins: {_both(fillers)} fill the role `{role}` (the plugin that "
+                            f"{what}), which one plugin fills in a run: keep one of them"
+                            f"{ROLE_HINTS.get(role, '')}")
+    return problems, clashes
+
+
+def answer_problems(names, discovered, clashes):
+    """``(excluded, problems)`` of the firstresult hooks: per hook, a replaced answer and a
+    default's beside a named plugin's are excluded; two answers left are a problem, unless
+    their plugins already clash by role."""
+    excluded, problems = {}, []
+    replaced = {(victim, hook) for n in names for victim, hooks in discovered[n].replaces.items()
+                for hook in hooks}
+    for hook in firstresult_hooks():
+        answerers = {n: a[hook] for n in names if hook in (a := answers(discovered[n].obj))}
+        keep = [n for n in answerers if (n, hook) not in replaced and (n, "*") not in replaced]
+        keep = [n for n in keep if discovered[n].overrides] or keep
+        keep = [n for n in keep if not discovered[n].default] or keep  # defaults yield
+        for name in answerers:
+            if name not in keep:
+                excluded.setdefault(name, set()).add(answerers[name])
+        if (len(keep) > 1 and not all(discovered[n].overrides for n in keep)
+                and not any(len(c & set(keep)) > 1 for c in clashes)):
+            clashes.append(set(keep))
+            problems.append(f"plugins: {_both(keep)} answer {hook}, which one plugin answers: "
+                            f"keep one, or declare in `{keep[-1]}` that it replaces the other's "
+                            f"answer: PLUGTUNE_REPLACES = {{\"{keep[0]}\": \"{hook}\"}} "
+                            "(docs/plugins.md, Roles)")
+    return excluded, problems
+
+
+def _both(names):
+    """```a` and `b` both`` or ```a`, `b` and `c` all``."""
+    quoted = [f"`{n}`" for n in names]
+    return (", ".join(quoted[:-1]) + " and " + quoted[-1]
+            + (" both" if len(names) == 2 else " all"))
 
 
 def make_manager(names, discovered):
     """A plugin manager with the hookspecs and the named plugins registered, checked: a hook
     or hook argument that ``plugtune.hookspecs`` does not define, a near miss of a hook name
-    (``plugtun_step_end``) or an excluded ``PLUGTUNE_API`` is an error naming the plugin."""
+    (``plugtun_step_end``) or an excluded ``PLUGTUNE_API`` is an error naming the plugin.
+    The answers :func:`arbitrate` excludes are not registered; ``pm.roles`` is the
+    :func:`role_map` of the run."""
     pm = Manager(GROUP)
     pm.infos = {name: discovered[name] for name in names}
+    pm.roles = role_map(names, discovered)
+    pm.excluded = arbitrate(names, discovered)[0]
     pm.add_hookspecs(hookspecs)
     for name in names:
         register(pm, discovered[name])
     pm.check_pending()  # each plugin was checked as it registered; this is the backstop
     return pm
+
+
+def active_roles(recipe):
+    """``{role: [plugin, ...]}`` of the plugins active in ``recipe`` (validated by
+    ``plugtune``): ask ``"adapter" in plugtune.active_roles(recipe)`` rather than for a plugin
+    by name. A default plugin that yielded a role to a plugin the recipe named is not listed
+    in it."""
+    roles = getattr(recipe, "roles", None)
+    if roles is None:  # a Recipe built by hand: the installed plugins decide
+        found = discover()
+        roles = role_map([n for n in recipe.plugins if n in found], found)
+    return roles
 
 
 def register(pm, info):
@@ -163,6 +376,7 @@ def register(pm, info):
     problem = near_miss(info.obj)
     if problem:
         raise _invalid(info, problem)
+    pm.registering = info.name
     try:
         pm.register(info.obj() if inspect.isclass(info.obj) else info.obj, name=info.name)
     except pluggy.PluginValidationError as exc:
@@ -214,7 +428,12 @@ class Manager(pluggy.PluginManager):
     """Like pytest's: a ``plugtune_*`` function is a hook implementation even without
     ``@hookimpl``, so a forgotten decorator (or a misspelt undecorated name) is not silence."""
 
+    excluded = {}  # {plugin name: {hook attribute}} not to register (see arbitrate)
+    registering = None
+
     def parse_hookimpl_opts(self, plugin, name):
+        if name in self.excluded.get(self.registering, ()):
+            return None
         opts = super().parse_hookimpl_opts(plugin, name)
         if opts is None and name.startswith("plugtune_") and inspect.isroutine(
                 getattr(plugin, name, None)):

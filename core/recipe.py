@@ -490,6 +490,7 @@ def load_recipe(arg, overrides=(), discovered=None, check_files=True, trust_remo
     recipe = Recipe(core,
                     {name: section or _stand_in(schemas[name], tree.get(name))
                      for name, section in sections.items()}, active, path, tree)
+    recipe.roles = pm.roles  # {role: [plugin]}: plugtune.active_roles(recipe)
     if recipe.core is not None and None not in recipe.sections.values():
         try:
             with manager.blamed(pm):

@@ -1,7 +1,8 @@
 """Helpers for testing plugtune and plugins for it (as ``tox.pytest`` is for tox plugins).
 
 - :func:`tiny_model` writes a tiny Llama- or GPT-2-style model with random weights and a
-  byte-level BPE tokenizer (with a ChatML chat template) trained on the spot: no download.
+  byte-level BPE tokenizer (with a ChatML chat template) trained on the spot: no download;
+  :func:`tiny_encoder` a tiny BERT-style encoder with a WordPiece tokenizer, for head plugins.
 - :class:`HookRecorder` implements every hook and records the order they are called in.
 - :class:`WeightSnapshot` tells which weights a run changed (frozen ones must not).
 - :func:`write_recipe` writes a recipe for a tiny model, and :func:`run` runs one in-process.
@@ -57,6 +58,36 @@ def tiny_model(path, arch="llama", corpus=("hello world",), layers=2, hidden=64,
     return Path(path)
 
 
+def tiny_encoder(path, corpus=("hello world",), layers=2, hidden=64, seed=0):
+    """Write a tiny random-weight BERT-style encoder (``save_pretrained``, loadable by every
+    ``AutoModelFor...`` head class) and its WordPiece tokenizer, trained on ``corpus``, to
+    ``path``: what a task-head plugin's tests load (``model: {name: PATH}``)."""
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import AutoModel, BertConfig, PreTrainedTokenizerFast
+
+    torch.manual_seed(seed)
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(list(corpus), trainers.WordPieceTrainer(vocab_size=200,
+                                                                    special_tokens=special))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]",
+                                        pad_token="[PAD]", cls_token="[CLS]",
+                                        sep_token="[SEP]", mask_token="[MASK]")
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=4, intermediate_size=2 * hidden,
+                        max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id)
+    AutoModel.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return Path(path)
+
+
 def write_recipe(path, **sections):
     """Write a recipe YAML file from keyword sections (``model=..., train={...}``)."""
     Path(path).write_text(yaml.safe_dump(sections, sort_keys=False))
@@ -83,8 +114,9 @@ def run(recipe_path, overrides=(), extra_plugins=(), echo=lambda *a: None):
 def load_recipe(recipe_path, overrides=(), extra_plugins=(), check_files=True):
     """``plugtune.recipe.load_recipe`` with ``extra_plugins`` (modules, classes or instances
     implementing hooks) installed and appended to the recipe's ``plugins:``, so they see the
-    recipe phase too and, registered last, answer firstresult hooks before the recipe's
-    plugins. ``check_files=False`` reloads a run's ``recipe.yaml`` (its directory exists).
+    recipe phase too and answer firstresult hooks instead of the recipe's plugins, as if each
+    declared ``PLUGTUNE_REPLACES`` for the hooks it implements (roles are checked as for any
+    plugin). ``check_files=False`` reloads a run's ``recipe.yaml`` (its directory exists).
     Returns ``(recipe, plugin_manager)``."""
     found = with_plugins(extra_plugins)
     extra = [name for name, info in found.items() if info.dist == TESTING_DIST]
@@ -99,15 +131,18 @@ def load_recipe(recipe_path, overrides=(), extra_plugins=(), check_files=True):
 
 def with_plugins(plugins, discovered=None):
     """The discovered plugins (``manager.discover()`` by default) plus ``plugins`` as if
-    installed, each named after its ``__name__`` (or its class's)."""
-    found = dict(manager.discover() if discovered is None else discovered)
+    installed, each named after its ``__name__`` (or its class's), answering before the others
+    (``PluginInfo.overrides``)."""
+    base_found = manager.discover() if discovered is None else discovered
+    found = manager.Discovered(base_found)
+    found.disabled = dict(getattr(base_found, "disabled", {}))
     for plugin in plugins:
         base = getattr(plugin, "__name__", type(plugin).__name__)
         name, n = base, 1
         while name in found:
             n += 1
             name = f"{base}-{n}"
-        found[name] = manager.PluginInfo(name, plugin, TESTING_DIST, "test")
+        found[name] = manager.PluginInfo(name, plugin, TESTING_DIST, "test", overrides=True)
     return found
 
 
@@ -138,8 +173,8 @@ def hook_names():
 class HookRecorder:
     """A plugin implementing every hook; ``calls`` lists hook names in call order.
 
-    Its implementations run first (``tryfirst``) and return None, so it sees every call and
-    firstresult hooks fall through to the real plugins."""
+    Its implementations are wrappers that run first (``tryfirst``) and change nothing, so it
+    sees every call and answers no firstresult hook (the real plugins do)."""
 
     def __init__(self):
         self.calls = []
@@ -149,8 +184,9 @@ class HookRecorder:
     def _recorder(self, name):
         import pluggy
 
-        def record(**kwargs):
+        def record():
             self.calls.append(name)
+            return (yield)
 
         record.__name__ = name
-        return pluggy.HookimplMarker(manager.GROUP)(tryfirst=True)(record)
+        return pluggy.HookimplMarker(manager.GROUP)(tryfirst=True, wrapper=True)(record)

@@ -17,11 +17,11 @@ from pydantic import Field
 
 from plugtune import Loss, hookimpl
 from plugtune.errors import PluginError
-from plugtune.plugins import _peft
-from plugtune.plugins._peft import plugtune_save_model  # noqa: F401  (shared hook)
+from plugtune.plugins import peft_family as adapters
+from plugtune.plugins.peft_family import plugtune_save_model  # noqa: F401  (shared hook)
 
 
-class AdaloraSection(_peft.AdapterSection):
+class AdaloraSection(adapters.AdapterSection):
     init_r: int = Field(12, gt=0, description="rank of every adapter at the start")
     target_r: int = Field(8, gt=0, description="average rank per adapter at the end")
     alpha: float = Field(16, gt=0, description="scale of the update (alpha / r)")
@@ -36,7 +36,7 @@ class AdaloraSection(_peft.AdapterSection):
 
 
 def _check(recipe):
-    problems = _peft.check(recipe, "adalora", "AdaLoRA adapters")
+    problems = adapters.check(recipe, "adalora", "AdaLoRA adapters")
     s = recipe["adalora"]
     if s.target_r > s.init_r:
         problems.append(f"adalora.target_r: {s.target_r} is above adalora.init_r={s.init_r}; "
@@ -71,6 +71,8 @@ class AdaLora:
     """AdaLoRA adapters (peft): LoRA whose rank budget is shared out among the layers during
     training. (A class: it holds the run's optimizer-step hook.)"""
 
+    PLUGTUNE_ROLES = {"adapter"}
+
     def __init__(self):
         self.handle = None
 
@@ -90,10 +92,10 @@ class AdaLora:
         # the run's total steps are known only once the data is batched; plugtune_train_start
         # sets them (peft insists on a valid number here)
         total = recipe.train.max_steps or s.tinit + s.tfinal + 1
-        model = _peft.wrap(model, AdaLoraConfig, **_peft.common(s), init_r=s.init_r,
-                           target_r=s.target_r, lora_alpha=s.alpha, lora_dropout=s.dropout,
-                           tinit=s.tinit, tfinal=s.tfinal, deltaT=s.delta_t, beta1=s.beta1,
-                           beta2=s.beta2, orth_reg_weight=s.orth_reg_weight, total_step=total)
+        model = adapters.wrap(model, AdaLoraConfig, **adapters.common(s), init_r=s.init_r,
+                              target_r=s.target_r, lora_alpha=s.alpha, lora_dropout=s.dropout,
+                              tinit=s.tinit, tfinal=s.tfinal, deltaT=s.delta_t, beta1=s.beta1,
+                              beta2=s.beta2, orth_reg_weight=s.orth_reg_weight, total_step=total)
         return model
 
     @hookimpl(wrapper=True)
@@ -141,4 +143,4 @@ class AdaLora:
 @hookimpl
 def plugtune_fit_variants(recipe):
     """``plan --fit``: adalora on a 16/32-bit, an 8-bit and a 4-bit base, when the recipe uses it."""
-    return _peft.fit_variants("adalora", recipe)
+    return adapters.fit_variants("adalora", recipe)

@@ -5,6 +5,7 @@ import torch
 from plugtune import hookimpl
 
 PLUGTUNE_DEFAULT = True
+PLUGTUNE_ROLES = {"optimizer", "scheduler"}  # yields each to a plugin a recipe names
 
 import math
 

@@ -17,6 +17,8 @@ from plugtune import hookimpl
 from plugtune.plugins.adamw import param_groups
 from plugtune.recipe import Section
 
+PLUGTUNE_ROLES = {"optimizer"}
+
 
 class AdamW8bitSection(Section):
     paged: bool = Field(False, description="PagedAdamW8bit: page state to CPU RAM under GPU "

@@ -21,6 +21,8 @@ from plugtune.plugins import _generation_metrics as generation_metrics
 from plugtune.plugins._generation_metrics import normalize  # noqa: F401  (its old home)
 from plugtune.recipe import Section
 
+PLUGTUNE_ROLES = {"task"}
+
 IGNORE = -100
 #: The roles chat templates render (Llama 3, Qwen 2.5, Mistral, SmolLM2, ChatML).
 ROLES = ("system", "user", "assistant", "tool")

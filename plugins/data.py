@@ -11,13 +11,13 @@ import json
 import random
 from pathlib import Path
 
-from plugtune import hookimpl
+from plugtune import hookimpl, is_file
 from plugtune.data import Record, Splits
 from plugtune.errors import DataError
-from plugtune.recipe import is_file
 from plugtune.sources import hub_offline
 
 PLUGTUNE_DEFAULT = True
+PLUGTUNE_ROLES = {"data"}  # yields it to a data reader a recipe names
 
 
 def decode(path):
@@ -243,7 +243,7 @@ def map_columns(records, columns):
 def _cache_digest(dataset):
     import hashlib
 
-    from plugtune.rundir import sha256
+    from plugtune import sha256
 
     lines = "".join(f"{Path(f['filename']).name} {sha256(f['filename'])}\n"
                     for f in dataset.cache_files)

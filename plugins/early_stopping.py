@@ -11,9 +11,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from plugtune import hookimpl
+from plugtune import Section, hookimpl
 from plugtune.errors import PlugtuneError
-from plugtune.recipe import Section
 
 STATE = "early_stopping.json"
 

@@ -7,9 +7,11 @@ import re
 
 from pydantic import Field, field_validator
 
-from plugtune import hookimpl
+from plugtune import Section, float16_training_problem, hookimpl
 from plugtune.models import transformer_blocks
-from plugtune.recipe import Section, float16_training_problem
+
+#: ``trainable``: the core refuses ``full`` or an adapter method beside it.
+PLUGTUNE_ROLES = {"trainable"}
 
 
 class FreezeSection(Section):
@@ -73,7 +75,7 @@ def plugtune_select_trainable(model, recipe):
 def plugtune_fit_variants(blocks):
     """``plan --fit``: train the last half, quarter or eighth of the blocks (after ``full``,
     before adapters)."""
-    from plugtune.plan import Variant
+    from plugtune import Variant  # the planner loads only when asked
 
     counts = dict.fromkeys(max(1, blocks // d) for d in (2, 4, 8))
     return [Variant(f"freeze (train the last {n} of {blocks} blocks)", 10 + i, ["freeze"],

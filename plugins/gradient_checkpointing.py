@@ -12,9 +12,8 @@ block get no gradient.
 """
 from pydantic import Field
 
-from plugtune import hookimpl
+from plugtune import Section, hookimpl
 from plugtune.errors import PluginError
-from plugtune.recipe import Section
 
 
 class GradientCheckpointingSection(Section):
@@ -63,6 +62,6 @@ def plugtune_estimate_memory(plan, recipe):
 @hookimpl
 def plugtune_fit_variants():
     """``plan --fit``: recompute activations in backward, tried on top of every method."""
-    from plugtune.plan import Variant
+    from plugtune import Variant
 
     return [Variant("gradient checkpointing", 0, ["gradient_checkpointing"], saver=True)]

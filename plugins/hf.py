@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from plugtune import hookimpl, sources
-from plugtune.signals import terminate_raises
+from plugtune import hookimpl, sources, terminate_raises
 
 PLUGTUNE_DEFAULT = True
+PLUGTUNE_ROLES = {"loader"}  # yields it to a loader a recipe names
 
 
 def cache_dir():

@@ -14,6 +14,8 @@ from plugtune import hookimpl
 from plugtune.plugins import _peft
 from plugtune.plugins._peft import plugtune_save_model  # noqa: F401  (shared hook)
 
+PLUGTUNE_ROLES = {"adapter"}
+
 
 class Ia3Section(_peft.AdapterSection):
     target_modules: list[str] | str | None = _peft.target_modules_field(None, "scaling vectors")

@@ -10,10 +10,10 @@ import logging
 
 from pydantic import Field
 
-from plugtune import hookimpl
-from plugtune.plugins import _peft
-from plugtune.plugins import _kbit
-from plugtune.recipe import Section
+from plugtune import Section, hookimpl
+from plugtune.plugins import kbit_family as kbit
+
+PLUGTUNE_ROLES = {"quantizer"}
 
 
 class Int8Section(Section):
@@ -30,12 +30,7 @@ def plugtune_recipe_sections(register):
 
 @hookimpl
 def plugtune_check_recipe(recipe):
-    problems = _kbit.check(recipe, "int8")
-    if "nf4" in recipe.plugins:
-        problems.append("plugins: `int8` and `nf4` both quantize the base; pick one: nf4 "
-                        "(4-bit, the least memory, QLoRA) or int8 (8-bit, closer to the "
-                        "original weights)")
-    return problems
+    return kbit.check(recipe, "int8")  # a second quantizer is the core's (role quantizer)
 
 
 @hookimpl
@@ -56,7 +51,7 @@ def _not_cast_notice(record):
 @hookimpl
 def plugtune_prepare_base(model):
     logging.getLogger("bitsandbytes.autograd._functions").addFilter(_not_cast_notice)
-    _kbit.prepare(model)
+    kbit.prepare(model)
 
 
 @hookimpl
@@ -66,12 +61,3 @@ def plugtune_estimate_memory(plan, recipe):
     plan.quantize(plan.base_linear_weights(recipe["int8"].skip_modules or plan.keep_unquantized),
                   "int8", lambda p: p.numel + 4 * p.shape[0], keeps_input=True)
 
-
-@hookimpl
-def plugtune_fit_variants(recipe):
-    """``plan --fit``: LoRA on an 8-bit base (after LoRA on the full-precision one)."""
-    from plugtune.plan import Variant
-
-    if _peft.adapter_for_fit(recipe) != "lora":  # the recipe's own method offers its own
-        return []
-    return [Variant("int8 + lora", 30, ["int8", "lora"], {"lora": {}})]

@@ -7,11 +7,13 @@ its update in the shape of the weight, which a 4-bit base packs into another sha
 conflicts with ``full``, ``freeze`` and the other adapter methods (docs/combinations.md).
 """
 from plugtune import hookimpl
-from plugtune.plugins import _peft
-from plugtune.plugins._peft import plugtune_save_model  # noqa: F401  (shared hook)
+from plugtune.plugins import peft_family as adapters
+from plugtune.plugins.peft_family import plugtune_save_model  # noqa: F401  (shared hook)
+
+PLUGTUNE_ROLES = {"adapter"}
 
 
-class LohaSection(_peft.LycorisSection):
+class LohaSection(adapters.LycorisSection):
     pass
 
 
@@ -22,18 +24,18 @@ def plugtune_recipe_sections(register):
 
 @hookimpl
 def plugtune_check_recipe(recipe):
-    return (_peft.check(recipe, "loha", "LoHa adapters")
-            + _peft.no_4bit_base(recipe, "loha"))
+    return (adapters.check(recipe, "loha", "LoHa adapters")
+            + adapters.no_4bit_base(recipe, "loha"))
 
 
 @hookimpl
 def plugtune_wrap_model(model, recipe):
     from peft import LoHaConfig
 
-    return _peft.wrap(model, LoHaConfig, **_peft.lycoris_options(recipe["loha"]))
+    return adapters.wrap(model, LoHaConfig, **adapters.lycoris_options(recipe["loha"]))
 
 
 @hookimpl
 def plugtune_fit_variants(recipe):
     """``plan --fit``: loha on a 16/32-bit, an 8-bit and a 4-bit base, when the recipe uses it."""
-    return _peft.fit_variants("loha", recipe)
+    return adapters.fit_variants("loha", recipe)

@@ -9,11 +9,13 @@ conflicts with ``full``, ``freeze`` and the other adapter methods (docs/combinat
 from pydantic import Field
 
 from plugtune import hookimpl
-from plugtune.plugins import _peft
-from plugtune.plugins._peft import plugtune_save_model  # noqa: F401  (shared hook)
+from plugtune.plugins import peft_family as adapters
+from plugtune.plugins.peft_family import plugtune_save_model  # noqa: F401  (shared hook)
+
+PLUGTUNE_ROLES = {"adapter"}
 
 
-class LokrSection(_peft.LycorisSection):
+class LokrSection(adapters.LycorisSection):
     decompose_both: bool = Field(False, description="also factor the small Kronecker matrix "
                                  "into a low-rank product")
     decompose_factor: int = Field(-1, description="factor the layer's sizes by this number "
@@ -27,8 +29,8 @@ def plugtune_recipe_sections(register):
 
 @hookimpl
 def plugtune_check_recipe(recipe):
-    problems = (_peft.check(recipe, "lokr", "LoKr adapters")
-                + _peft.no_4bit_base(recipe, "lokr"))
+    problems = (adapters.check(recipe, "lokr", "LoKr adapters")
+                + adapters.no_4bit_base(recipe, "lokr"))
     factor = recipe["lokr"].decompose_factor
     if factor == 0 or factor < -1:
         problems.append(f"lokr.decompose_factor: give a positive factor or -1, got {factor}")
@@ -40,11 +42,11 @@ def plugtune_wrap_model(model, recipe):
     from peft import LoKrConfig
 
     s = recipe["lokr"]
-    return _peft.wrap(model, LoKrConfig, **_peft.lycoris_options(s),
-                      decompose_both=s.decompose_both, decompose_factor=s.decompose_factor)
+    return adapters.wrap(model, LoKrConfig, **adapters.lycoris_options(s),
+                         decompose_both=s.decompose_both, decompose_factor=s.decompose_factor)
 
 
 @hookimpl
 def plugtune_fit_variants(recipe):
     """``plan --fit``: lokr on a 16/32-bit, an 8-bit and a 4-bit base, when the recipe uses it."""
-    return _peft.fit_variants("lokr", recipe)
+    return adapters.fit_variants("lokr", recipe)

@@ -14,13 +14,15 @@ from typing import Literal
 from pydantic import Field
 
 from plugtune import hookimpl
-from plugtune.plugins import _peft
-from plugtune.plugins._peft import plugtune_save_model  # noqa: F401  (shared hook)
+from plugtune.plugins import peft_family as adapters
+from plugtune.plugins.peft_family import plugtune_save_model  # noqa: F401  (shared hook)
+
+PLUGTUNE_ROLES = {"adapter"}
 
 INIT = {"default": True, "gaussian": "gaussian", "orthogonal": "orthogonal"}
 
 
-class LoraSection(_peft.AdapterSection):
+class LoraSection(adapters.AdapterSection):
     r: int = Field(8, gt=0, description="rank of the adapter matrices")
     alpha: float = Field(16, gt=0, description="scale: the update is multiplied by alpha / r "
                          "(alpha / sqrt(r) with use_rslora)")
@@ -43,16 +45,7 @@ def plugtune_recipe_sections(register):
 
 @hookimpl
 def plugtune_check_recipe(recipe):
-    problems = []
-    if "full" in recipe.plugins:
-        problems.append("plugins: `lora` trains adapters on a frozen base and `full` trains "
-                        "every weight: use one (drop full for LoRA, or drop lora for full "
-                        "fine-tuning)")
-    if "freeze" in recipe.plugins:
-        problems.append("plugins: `lora` already freezes every base weight, so `freeze` has "
-                        "nothing to add; drop freeze and choose where adapters go with "
-                        "lora.target_modules (which layers) or lora.layers_to_transform (which "
-                        "blocks), and lora.modules_to_save to train a whole module")
+    problems = []  # full, freeze and other adapter methods: the core refuses (roles)
     s = recipe["lora"]
     if s.layers_to_transform is not None and isinstance(s.target_modules, str):
         problems.append("lora.layers_to_transform: peft needs lora.target_modules as a list of "
@@ -60,7 +53,7 @@ def plugtune_check_recipe(recipe):
                         f"{s.target_modules!r}; or select the blocks in a target_modules regex")
     if s.init == "orthogonal" and s.r % 2:
         problems.append(f"lora.init: orthogonal needs an even lora.r, got r={s.r}")
-    return problems + _peft.other_adapters(recipe, "lora")
+    return problems
 
 
 @hookimpl
@@ -68,17 +61,14 @@ def plugtune_wrap_model(model, recipe):
     from peft import LoraConfig
 
     s = recipe["lora"]
-    return _peft.wrap(model, LoraConfig, **_peft.common(s), r=s.r, lora_alpha=s.alpha,
-                      lora_dropout=s.dropout, layers_to_transform=s.layers_to_transform,
-                      use_rslora=s.use_rslora, use_dora=s.use_dora,
-                      init_lora_weights=INIT[s.init], bias=s.bias)
+    return adapters.wrap(model, LoraConfig, **adapters.common(s), r=s.r, lora_alpha=s.alpha,
+                         lora_dropout=s.dropout, layers_to_transform=s.layers_to_transform,
+                         use_rslora=s.use_rslora, use_dora=s.use_dora,
+                         init_lora_weights=INIT[s.init], bias=s.bias)
 
 
 @hookimpl
 def plugtune_fit_variants(recipe):
-    """``plan --fit``: adapters on the 16/32-bit base (the recipe's own ``lora:`` kept)."""
-    from plugtune.plan import Variant
-
-    if _peft.adapter_for_fit(recipe) != "lora":  # the recipe's own method offers its own
-        return []
-    return [Variant("lora", 20, ["lora"], {"lora": {}})]
+    """``plan --fit``: adapters on a 16/32-bit, an 8-bit and a 4-bit base (the recipe's own
+    ``lora:`` kept), when the recipe uses lora or no adapter method."""
+    return adapters.fit_variants("lora", recipe, without_adapter=True)

@@ -10,10 +10,12 @@ from typing import Literal
 
 from pydantic import Field
 
-from plugtune import hookimpl
-from plugtune.plugins import _peft
-from plugtune.plugins import _kbit
-from plugtune.recipe import Section
+from plugtune import Section, hookimpl
+from plugtune.plugins import kbit_family as kbit
+
+#: ``packed-weights``: a 4-bit weight is stored in another shape than the layer's (methods that
+#: build their update in the weight's shape, LoHa and LoKr, ask for this role and refuse).
+PLUGTUNE_ROLES = {"quantizer", "packed-weights"}
 
 
 class NF4Section(Section):
@@ -35,7 +37,7 @@ def plugtune_recipe_sections(register):
 
 @hookimpl
 def plugtune_check_recipe(recipe):
-    return _kbit.check(recipe, "nf4")
+    return kbit.check(recipe, "nf4")
 
 
 @hookimpl
@@ -53,7 +55,7 @@ def plugtune_model_kwargs(recipe):
 
 @hookimpl
 def plugtune_prepare_base(model):
-    _kbit.prepare(model)
+    kbit.prepare(model)
     # On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit weight in place at its
     # first no-grad forward (evaluation) and rounds its scales (absmax) to bfloat16, for good:
     # the frozen base would drift from the one the adapter is later loaded onto and merged
@@ -78,12 +80,3 @@ def plugtune_estimate_memory(plan, recipe):
     plan.quantize(plan.base_linear_weights(s.skip_modules or plan.keep_unquantized),
                   s.quant_type, lambda p: weight_bytes(p.numel, s.double_quant))
 
-
-@hookimpl
-def plugtune_fit_variants(recipe):
-    """``plan --fit``: QLoRA, LoRA on a 4-bit base: the least memory, the last resort."""
-    from plugtune.plan import Variant
-
-    if _peft.adapter_for_fit(recipe) != "lora":  # the recipe's own method offers its own
-        return []
-    return [Variant("nf4 + lora", 40, ["nf4", "lora"], {"lora": {}})]

@@ -10,11 +10,13 @@ other adapter methods (docs/combinations.md).
 from pydantic import Field
 
 from plugtune import hookimpl
-from plugtune.plugins import _peft
-from plugtune.plugins._peft import plugtune_save_model  # noqa: F401  (shared hook)
+from plugtune.plugins import peft_family as adapters
+from plugtune.plugins.peft_family import plugtune_save_model  # noqa: F401  (shared hook)
+
+PLUGTUNE_ROLES = {"adapter"}
 
 
-class OftSection(_peft.AdapterSection):
+class OftSection(adapters.AdapterSection):
     block_size: int = Field(32, gt=0, description="size of the orthogonal blocks; each "
                             "adapted layer's input size must be a multiple of it")
     module_dropout: float = Field(0.0, ge=0, lt=1, description="probability of leaving a "
@@ -32,7 +34,7 @@ def plugtune_recipe_sections(register):
 
 @hookimpl
 def plugtune_check_recipe(recipe):
-    return _peft.check(recipe, "oft", "orthogonal rotations")
+    return adapters.check(recipe, "oft", "orthogonal rotations")
 
 
 @hookimpl
@@ -40,12 +42,12 @@ def plugtune_wrap_model(model, recipe):
     from peft import OFTConfig
 
     s = recipe["oft"]
-    return _peft.wrap(model, OFTConfig, **_peft.common(s), r=0, oft_block_size=s.block_size,
-                      module_dropout=s.module_dropout, coft=s.coft, eps=s.eps,
-                      block_share=s.block_share)
+    return adapters.wrap(model, OFTConfig, **adapters.common(s), r=0, oft_block_size=s.block_size,
+                         module_dropout=s.module_dropout, coft=s.coft, eps=s.eps,
+                         block_share=s.block_share)
 
 
 @hookimpl
 def plugtune_fit_variants(recipe):
     """``plan --fit``: oft on a 16/32-bit, an 8-bit and a 4-bit base, when the recipe uses it."""
-    return _peft.fit_variants("oft", recipe)
+    return adapters.fit_variants("oft", recipe)

@@ -5,8 +5,7 @@ there is no ``metrics.jsonl``."""
 import io
 import json
 
-from plugtune import hookimpl
-from plugtune.rundir import atomic_write
+from plugtune import atomic_write, hookimpl
 
 
 NOT_SCORES = {"step", "eval_loss", "perplexity"}

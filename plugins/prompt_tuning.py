@@ -13,10 +13,11 @@ from typing import Literal
 
 from pydantic import Field
 
-from plugtune import hookimpl
-from plugtune.plugins import _peft
-from plugtune.plugins._peft import plugtune_save_model  # noqa: F401  (shared hook)
-from plugtune.recipe import Section
+from plugtune import Section, active_roles, hookimpl
+from plugtune.plugins import peft_family as adapters
+from plugtune.plugins.peft_family import plugtune_save_model  # noqa: F401  (shared hook)
+
+PLUGTUNE_ROLES = {"adapter"}
 
 INIT = {"random": "RANDOM", "sample_vocab": "SAMPLE_VOCAB", "text": "RANDOM"}
 
@@ -39,17 +40,15 @@ def plugtune_recipe_sections(register):
 
 @hookimpl
 def plugtune_check_recipe(recipe):
-    problems = _peft.check(recipe, "prompt_tuning", "virtual token embeddings")
+    problems = adapters.check(recipe, "prompt_tuning", "virtual token embeddings")
     s = recipe["prompt_tuning"]
     if (s.init == "text") != bool(s.init_text):
         problems.append("prompt_tuning.init_text: give it exactly when prompt_tuning.init is "
                         "text (the words the virtual tokens start as)")
-    for task, what in (("token_classification", "tag"),
-                       ("question_answering", "leave out of its answer positions")):
-        if task in recipe.plugins:
-            problems.append(f"plugins: `prompt_tuning` adds virtual tokens to the input, which "
-                            f"{task} would have to {what}: use lora or another adapter method "
-                            f"with {task}")
+    for task in active_roles(recipe).get("position-targets", []):
+        problems.append(f"plugins: `prompt_tuning` adds virtual tokens to the input, which "
+                        f"{task} would have to tag or leave out of its target positions: use "
+                        f"lora or another adapter method with {task}")
     if recipe.train.packing:
         problems.append("train.packing: prompt tuning puts its virtual tokens before each row, "
                         "which packed examples would share; set train.packing: false (or use "
@@ -62,9 +61,9 @@ def plugtune_wrap_model(model, recipe):
     from peft import PromptTuningConfig
 
     s = recipe["prompt_tuning"]
-    return _peft.wrap(model, PromptTuningConfig, num_virtual_tokens=s.num_virtual_tokens,
-                      prompt_tuning_init=INIT[s.init],
-                      modules_to_save=s.modules_to_save or None)
+    return adapters.wrap(model, PromptTuningConfig, num_virtual_tokens=s.num_virtual_tokens,
+                         prompt_tuning_init=INIT[s.init],
+                         modules_to_save=s.modules_to_save or None)
 
 
 @hookimpl
@@ -88,4 +87,4 @@ def plugtune_train_start(run):
 @hookimpl
 def plugtune_fit_variants(recipe):
     """``plan --fit``: prompt_tuning on a 16/32-bit, an 8-bit and a 4-bit base, when the recipe uses it."""
-    return _peft.fit_variants("prompt_tuning", recipe)
+    return adapters.fit_variants("prompt_tuning", recipe)

@@ -24,16 +24,21 @@ import string
 import torch
 from pydantic import Field
 
-from plugtune import hookimpl
+from plugtune import Section, hookimpl
 from plugtune.data import Tokenized
 from plugtune.errors import DataError
 from plugtune.loss import Loss, cross_entropy
-from plugtune.plugins import _heads as heads
-from plugtune.plugins._heads import (  # noqa: F401  (hooks every head shares)
-    plugtune_model_class, plugtune_select_trainable)
-from plugtune.recipe import Section
+from plugtune.plugins import head_family as heads
 
 NAME = "question_answering"
+#: ``position-targets``: its targets are token positions of the input (the answer's start and
+#: end), so a method that puts tokens before the input (prompt_tuning) refuses.
+PLUGTUNE_ROLES = {"task", "position-targets"}
+
+# the hook implementations every head shares, as this plugin's own
+HEAD = heads.Head(NAME, "AutoModelForQuestionAnswering")
+plugtune_model_class = HEAD.plugtune_model_class
+plugtune_select_trainable = HEAD.plugtune_select_trainable
 POSITIONS = ("start_positions", "end_positions")
 
 
@@ -55,11 +60,11 @@ def plugtune_recipe_sections(register):
 
 @hookimpl
 def plugtune_check_recipe(recipe):
-    """One task plugin; records with a context, a question and answers found in the context
-    (read as ``validate`` reads them, for files the ``data`` plugin can read)."""
+    """Records with a context, a question and answers found in the context (read as
+    ``validate`` reads them, for files the ``data`` plugin can read)."""
     from plugtune.plugins.data import readable
 
-    problems = list(heads.plugtune_check_recipe(recipe))  # one task plugin
+    problems = heads.check(recipe, NAME)
     if recipe[NAME].stride >= recipe.train.max_length:
         problems.append(f"{NAME}.stride: {recipe[NAME].stride} tokens shared between windows "
                         f"must be fewer than train.max_length ({recipe.train.max_length})")

@@ -17,12 +17,18 @@ from pydantic import Field, field_validator
 from plugtune import hookimpl
 from plugtune.data import Tokenized
 from plugtune.errors import DataError, RecipeError
-from plugtune.plugins import _heads as heads
-from plugtune.plugins._heads import (  # noqa: F401  (hooks every head shares)
-    plugtune_check_recipe, plugtune_model_class, plugtune_model_kwargs,
-    plugtune_select_trainable, plugtune_train_start)
+from plugtune.plugins import head_family as heads
 
 NAME = "sequence_classification"
+PLUGTUNE_ROLES = {"task"}
+
+# the hook implementations every head shares, as this plugin's own
+HEAD = heads.Head(NAME, "AutoModelForSequenceClassification")
+plugtune_check_recipe = HEAD.plugtune_check_recipe
+plugtune_model_class = HEAD.plugtune_model_class
+plugtune_model_kwargs = HEAD.plugtune_model_kwargs
+plugtune_select_trainable = HEAD.plugtune_select_trainable
+plugtune_train_start = HEAD.plugtune_train_start
 
 
 class SequenceClassificationSection(heads.HeadSection):

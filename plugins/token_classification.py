@@ -16,12 +16,20 @@ from pydantic import Field
 from plugtune import hookimpl
 from plugtune.data import Tokenized
 from plugtune.errors import DataError
-from plugtune.plugins import _heads as heads
-from plugtune.plugins._heads import (  # noqa: F401  (hooks every head shares)
-    plugtune_check_recipe, plugtune_model_class, plugtune_model_kwargs,
-    plugtune_select_trainable, plugtune_train_start)
+from plugtune.plugins import head_family as heads
 
 NAME = "token_classification"
+#: ``position-targets``: its targets sit at the input's token positions (one tag per token), so
+#: a method that puts tokens before the input (prompt_tuning) asks for this role and refuses.
+PLUGTUNE_ROLES = {"task", "position-targets"}
+
+# the hook implementations every head shares, as this plugin's own
+HEAD = heads.Head(NAME, "AutoModelForTokenClassification")
+plugtune_check_recipe = HEAD.plugtune_check_recipe
+plugtune_model_class = HEAD.plugtune_model_class
+plugtune_model_kwargs = HEAD.plugtune_model_kwargs
+plugtune_select_trainable = HEAD.plugtune_select_trainable
+plugtune_train_start = HEAD.plugtune_train_start
 
 
 class TokenClassificationSection(heads.HeadSection):

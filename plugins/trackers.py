@@ -16,8 +16,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from plugtune import hookimpl
-from plugtune.recipe import Section
+from plugtune import Section, hookimpl
 
 #: tracker -> the package it needs
 PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}

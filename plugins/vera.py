@@ -10,11 +10,13 @@ base. Composes with ``int8``/``nf4`` and ``gradient_checkpointing``; conflicts w
 from pydantic import Field
 
 from plugtune import hookimpl
-from plugtune.plugins import _peft
-from plugtune.plugins._peft import plugtune_save_model  # noqa: F401  (shared hook)
+from plugtune.plugins import peft_family as adapters
+from plugtune.plugins.peft_family import plugtune_save_model  # noqa: F401  (shared hook)
+
+PLUGTUNE_ROLES = {"adapter"}
 
 
-class VeraSection(_peft.AdapterSection):
+class VeraSection(adapters.AdapterSection):
     r: int = Field(256, gt=0, description="rank of the shared random matrices (VeRA uses a "
                    "far higher rank than LoRA: only the scaling vectors train)")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input")
@@ -31,7 +33,7 @@ def plugtune_recipe_sections(register):
 
 @hookimpl
 def plugtune_check_recipe(recipe):
-    return _peft.check(recipe, "vera", "VeRA scaling vectors")
+    return adapters.check(recipe, "vera", "VeRA scaling vectors")
 
 
 @hookimpl
@@ -39,12 +41,12 @@ def plugtune_wrap_model(model, recipe):
     from peft import VeraConfig
 
     s = recipe["vera"]
-    return _peft.wrap(model, VeraConfig, **_peft.common(s), r=s.r, vera_dropout=s.dropout,
-                      d_initial=s.d_initial, projection_prng_key=s.projection_prng_key,
-                      save_projection=s.save_projection)
+    return adapters.wrap(model, VeraConfig, **adapters.common(s), r=s.r, vera_dropout=s.dropout,
+                         d_initial=s.d_initial, projection_prng_key=s.projection_prng_key,
+                         save_projection=s.save_projection)
 
 
 @hookimpl
 def plugtune_fit_variants(recipe):
     """``plan --fit``: vera on a 16/32-bit, an 8-bit and a 4-bit base, when the recipe uses it."""
-    return _peft.fit_variants("vera", recipe)
+    return adapters.fit_variants("vera", recipe)

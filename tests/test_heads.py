@@ -318,5 +318,5 @@ def test_one_task_plugin_per_recipe(tmp_path, tiny_llama, capsys):
     recipe = head_recipe(tmp_path, tiny_llama, "sequence_classification", toy_texts(),
                          plugins=["sequence_classification", "causal_lm", "full"])
     assert cli.main(["validate", str(recipe)]) == 2
-    assert "`sequence_classification` and `causal_lm` are both task plugins" in \
+    assert "`sequence_classification` and `causal_lm` both fill the role `task`" in \
         capsys.readouterr().err

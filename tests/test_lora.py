@@ -85,11 +85,11 @@ def test_lora_with_gradient_checkpointing_still_trains_adapters(make_recipe):
 
 
 @pytest.mark.parametrize("plugins, sections, says", [
-    (["lora", "full"], {}, "plugins: `lora` trains adapters on a frozen base and `full` trains "
-                           "every weight: use one"),
+    (["lora", "full"], {}, "plugins: `lora` and `full` both fill the role `trainable`"),
     (["lora", "freeze"], {"freeze": {"last_n_blocks": 1}},
-     "plugins: `lora` already freezes every base weight, so `freeze` has nothing to add; drop "
-     "freeze and choose where adapters go with lora.target_modules"),
+     "plugins: `lora` and `freeze` both fill the role `trainable` (the plugin that decides which "
+     "of the base model's weights train), which one plugin fills in a run: keep one of them (an "
+     "adapter method already freezes the base"),
     (["lora"], {"lora": {"init": "orthogonal", "r": 5}},
      "lora.init: orthogonal needs an even lora.r, got r=5"),
     (["lora"], {"lora": {"target_modules": "q_proj("}}, "lora.target_modules: "),

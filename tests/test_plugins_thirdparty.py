@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from plugtune import hookimpl, testing
+from plugtune import API_VERSION, hookimpl, testing
 from plugtune.errors import PluginError
 
 PACKAGES = Path(__file__).parent / "plugins"
@@ -151,8 +151,9 @@ def test_a_plugin_for_another_api_is_refused_in_one_line(future_site, make_recip
     first, hint = result.stderr.splitlines()
     assert first == ("plugtune: error: plugin 'future' (distribution plugtune-future 2.0.0) "
                      "needs plugtune plugin API <3,>=2.0, and this plugtune "
-                     f"{plugtune_version()} provides API 1.0")
-    assert hint.strip().startswith("hint: install a version of plugtune-future made for API 1.0")
+                     f"{plugtune_version()} provides API {API_VERSION}")
+    assert hint.strip().startswith("hint: install a version of plugtune-future made for API "
+                                   f"{API_VERSION}")
     assert plugtune("validate", make_recipe(), sites=[future_site], skip="future").returncode == 0
 
 
@@ -241,11 +242,11 @@ class NotARange(ForApiOne):
 def test_a_plugin_declares_the_api_range_it_needs(make_recipe):
     import plugtune
 
-    assert plugtune.API_VERSION == "1.0"
+    assert plugtune.API_VERSION == "1.1"  # 1.1 added names only: a 1.0 plugin still loads
     testing.load_recipe(make_recipe(), extra_plugins=[ForApiOne])  # accepted
     with pytest.raises(PluginError, match=r"plugin 'ForApiTwo' \(distribution plugtune.testing "
                                           r"test\) needs plugtune plugin API >=2, and this "
-                                          r"plugtune .* provides API 1.0"):
+                                          r"plugtune .* provides API 1.1"):
         testing.load_recipe(make_recipe(), extra_plugins=[ForApiTwo])
     with pytest.raises(PluginError, match="PLUGTUNE_API = 'version one' is not a version range"):
         testing.load_recipe(make_recipe(), extra_plugins=[NotARange])

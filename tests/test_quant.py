@@ -86,7 +86,7 @@ def test_adamw_8bit_keeps_8bit_state(make_recipe, paged):
                                "be trained by `full`; use lora instead of full"),
     (["nf4", "full"], "`nf4` loads the base quantized, and quantized weights cannot be trained "
                       "by `full`; use lora instead of full"),
-    (["int8", "nf4", "lora"], "`int8` and `nf4` both quantize the base; pick one"),
+    (["int8", "nf4", "lora"], "`int8` and `nf4` both fill the role `quantizer`"),
     (["nf4"], "`nf4` freezes the quantized base, so nothing would train; add lora"),
 ])
 def test_rejected_quantization_combinations(make_recipe, capsys, plugins, says):

@@ -47,14 +47,19 @@ def test_long_contexts_are_windows_whose_answer_maps_back_to_the_text(tmp_path, 
     run = loop.setup(recipe, pm, echo=lambda *a: None)
     examples = run.data["train"].examples
     assert len(examples) > 24  # long contexts gave several windows
-    for record in range(24):
+    for record, source in enumerate(toy_qa()):
         windows = [e for e in examples if e["record"] == record]
         assert all(len(e["input_ids"]) <= 32 for e in windows)
-        holding = [e for e in windows if e["start_positions"] != 0]
+        first = source["answers"]["answer_start"][0]
+        last = first + len(source["answers"]["text"][0])
+        # which windows hold the answer, read off their offsets, not off the labels under test
+        holding = [e for e in windows if min(o[0] for o in e["offsets"] if o) <= first
+                   and max(o[1] for o in e["offsets"] if o) >= last]
         assert holding, f"record {record}: no window holds the answer"
         for e in holding:
             start = e["offsets"][e["start_positions"]][0]
             end = e["offsets"][e["end_positions"]][1]
+            assert e["start_positions"] > 0
             assert e["context"][start:end].strip() == e["answers"][0]
         for e in windows:  # a window without the answer points at its first token
             if e not in holding:
@@ -132,7 +137,8 @@ def test_bad_records_are_one_line_naming_the_record(tmp_path, tiny_llama, capsys
 def test_one_task_plugin(tmp_path, tiny_llama, capsys):
     recipe = qa_recipe(tmp_path, tiny_llama, plugins=("full", "causal_lm"))
     assert cli.main(["validate", str(recipe)]) == 2
-    assert "`question_answering` and `causal_lm` are both task plugins" in capsys.readouterr().err
+    assert "`question_answering` and `causal_lm` both fill the role `task`" in \
+        capsys.readouterr().err
 
 
 def test_the_planner_counts_the_head(tmp_path, tiny_llama):
@@ -166,4 +172,4 @@ def test_prompt_tuning_is_refused(tmp_path, tiny_llama, capsys):
     recipe = qa_recipe(tmp_path, tiny_llama, plugins=("prompt_tuning",))
     assert cli.main(["validate", str(recipe)]) == 2
     assert "`prompt_tuning` adds virtual tokens to the input, which question_answering would " \
-        "have to leave out of its answer positions" in capsys.readouterr().err
+        "have to tag or leave out of its target positions" in capsys.readouterr().err

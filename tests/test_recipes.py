@@ -33,7 +33,7 @@ BAD = {
     "missing model": ({"model": "./no-such-model"}, ["model.name:", "does not exist"]),
     "conflicting plugins": ({"plugins": ["causal_lm", "full", "freeze"],
                              "freeze": {"last_n_blocks": 1}},
-                            ["plugins: `full` trains every parameter and `freeze`"]),
+                            ["plugins: `full` and `freeze` both fill the role `trainable`"]),
     "unknown plugin": ({"plugins": ["causal_lm", "freez"]},
                        ["plugins: unknown plugin 'freez' (did you mean 'freeze'?)"]),
     "section of an inactive plugin": ({"freeze": {"last_n_blocks": 1}},
@@ -88,7 +88,7 @@ def test_conflicts_are_listed_beside_other_problems(make_recipe, capsys):
     problems = [line for line in err.splitlines() if line.startswith("  - ")]
     assert code == 2 and len(problems) == 3, err
     for key in ("freeze.last_n_blocks:", "train.batch_size:",
-                "plugins: `full` trains every parameter and `freeze`"):
+                "plugins: `full` and `freeze` both fill the role `trainable`"):
         assert sum(key in p for p in problems) == 1, key
 
 

@@ -1,0 +1,159 @@
+"""What peft adapter plugins share (plugin API 1.1): the built-in ``lora``, ``ia3``,
+``adalora``, ``loha``, ``lokr``, ``oft``, ``vera`` and ``prompt_tuning`` use it, and a stranger's
+peft method can too. Not a plugin itself.
+
+Each method is a plugin of its own, named as a recipe names it, with its own section (peft's
+options in the recipe's words), declaring ``PLUGTUNE_ROLES = {"adapter"}``: the core then
+refuses a second adapter method, ``full`` or ``freeze`` beside it (they fill the role
+``trainable`` an adapter implies), and ``int8``/``nf4`` find it by its role. The methods share
+the fields every method has (where the adapters go, modules trained in full beside them),
+wrapping with ``peft.get_peft_model``, and saving the adapter in PEFT format, which
+``peft.PeftModel.from_pretrained`` loads.
+
+A method module imports the hook implementations at the end (``plugtune_save_model``), so they
+are registered as its own.
+"""
+import re
+import warnings
+
+from pydantic import Field, field_validator
+
+from plugtune import Section, active_roles, hookimpl
+
+TASK_TYPES = {"SequenceClassification": "SEQ_CLS", "TokenClassification": "TOKEN_CLS",
+              "QuestionAnswering": "QUESTION_ANS"}
+HEADS = ("score", "classifier", "qa_outputs")  # the layers transformers' head classes add
+
+
+def target_modules_field(default, what="adapters"):
+    return Field(default, description=f"where the {what} go: module names (a list, matched at "
+                 "the end of the name), a regular expression (a string, matched against the "
+                 "full name), all-linear (every linear layer but the output layer)"
+                 + (", or null for peft's default for the architecture" if default is None
+                    else ""))
+
+
+class AdapterSection(Section):
+    """Fields every weight-adapting method has (prompt tuning has only ``modules_to_save``)."""
+
+    target_modules: list[str] | str | None = target_modules_field("all-linear")
+    modules_to_save: list[str] = Field([], description="modules trained in full and saved "
+                                       "with the adapter, e.g. [lm_head]")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _regex_compiles(cls, value):
+        if isinstance(value, str) and value != "all-linear":
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"{value!r} is not a regular expression: {exc}") from exc
+        return value
+
+
+class LycorisSection(AdapterSection):
+    """LoHa's and LoKr's fields (both come from LyCORIS)."""
+
+    r: int = Field(8, gt=0, description="rank of the factors")
+    alpha: float = Field(8, gt=0, description="scale: the update is multiplied by alpha / r")
+    rank_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on each rank of the "
+                                "update during training")
+    module_dropout: float = Field(0.0, ge=0, lt=1, description="probability of leaving a "
+                                  "whole adapted layer out of a training step")
+
+
+def lycoris_options(s):
+    return {**common(s), "r": s.r, "alpha": s.alpha, "rank_dropout": s.rank_dropout,
+            "module_dropout": s.module_dropout}
+
+
+def common(section):
+    """The peft config arguments of :class:`AdapterSection`'s fields."""
+    return {"target_modules": section.target_modules,
+            "modules_to_save": section.modules_to_save or None}
+
+
+def adapter_of(recipe):
+    """The active adapter method of ``recipe`` (the plugin filling the role ``adapter``), or
+    None."""
+    return next(iter(active_roles(recipe).get("adapter", [])), None)
+
+
+def check(recipe, name, what):
+    """Combination problems every adapter method has: none the method checks itself, now that
+    the core refuses two plugins in the roles ``adapter`` or ``trainable`` (``full``,
+    ``freeze``, a second method). Kept for methods written for plugin API 1.0."""
+    return []
+
+
+def fit_variants(name, recipe, without_adapter=False):
+    """``plan --fit`` variants of adapter method ``name``: on the 16/32-bit base, an 8-bit and
+    a 4-bit one (a combination the plugins refuse, such as loha on nf4, or one whose quantizer
+    is not installed, is skipped by the search). Offered when the recipe uses the method, or,
+    with ``without_adapter``, when it uses none (lora: the method ``--fit`` reaches for)."""
+    from plugtune import Variant
+
+    own = adapter_of(recipe)
+    if own != name and not (own is None and without_adapter):
+        return []
+    return [Variant(name, 20, [name], {name: {}}),
+            Variant(f"int8 + {name}", 30, ["int8", name], {name: {}}),
+            Variant(f"nf4 + {name}", 40, ["nf4", name], {name: {}})]
+
+
+def no_4bit_base(recipe, name):
+    """The problem of a LyCORIS method (LoHa, LoKr) asked to adapt a 4-bit base: it computes
+    its update in the shape of the layer's weight, which bitsandbytes packs into another shape
+    for 4-bit (the first forward fails); an int8 weight keeps its shape. The quantizer says
+    so by the descriptive role ``packed-weights``."""
+    packed = active_roles(recipe).get("packed-weights", [])
+    if not packed:
+        return []
+    return [f"plugins: `{name}` cannot adapt the `{packed[0]}` base: peft's {name} builds its "
+            "update in the shape of the layer's weight, which a 4-bit base packs into another "
+            f"shape; use int8 with {name}, or lora, ia3, adalora, oft, vera or prompt_tuning on "
+            f"{packed[0]}"]
+
+
+def task_type(model):
+    """peft's task type for the model class (a classifier's new head is then saved too)."""
+    name = type(model).__name__
+    return next((t for k, t in TASK_TYPES.items() if k in name), "CAUSAL_LM")
+
+
+def linear_layers(model, but=()):
+    """Names of the model's linear layers (``nn.Linear``, GPT-2's ``Conv1D``), except those
+    whose last name part is in ``but``."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    return [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))
+            and n.rsplit(".", 1)[-1] not in but]
+
+
+def wrap(model, config_class, **options):
+    """``peft.get_peft_model(model, config_class(task_type=..., **options))``."""
+    from peft import get_peft_model
+
+    task = task_type(model)
+    if task != "CAUSAL_LM" and options.get("target_modules") == "all-linear":
+        # the new head trains in full (modules_to_save), so no adapter on it; peft's all-linear
+        # keeps a token classifier's head, and then refuses to save it in full
+        options["target_modules"] = linear_layers(model, but=HEADS)
+    config = config_class(task_type=task, **options)
+    with warnings.catch_warnings():  # peft 0.21 asks transformers 5 a deprecated question
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
+        return get_peft_model(model, config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hook implementations every adapter method shares.
+# ---------------------------------------------------------------------------------------------
+
+
+@hookimpl
+def plugtune_save_model(model, tokenizer, path):
+    """Save only the adapter (and ``modules_to_save``), in PEFT format, with the tokenizer."""
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return "adapter"

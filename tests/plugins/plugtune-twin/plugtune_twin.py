@@ -1,0 +1,1 @@
+"""A plugin whose name, ``twin``, plugtune-stranger registers too."""
