@@ -321,14 +321,14 @@ def chunk_tokens(recipe, model):
     setting = recipe["causal_lm"].loss_chunk_tokens if recipe is not None else "auto"
     config = getattr(extract_model_from_parallel(model), "config", None)
     head = output_layer(model)
-    if setting is None or head is None or config is None or logit_transform(model) == "other":
+    if setting is None or head is None or config is None:
         return None
-    if setting != "auto":
-        return setting
-    vocab = getattr(head, "out_features", None) or getattr(config, "vocab_size", 0)
-    if vocab < CHUNK_VOCAB:
-        return None
-    return max(64, 2 ** int(math.log2(CHUNK_BYTES / (4 * vocab))))
+    if setting == "auto":
+        vocab = getattr(head, "out_features", None) or getattr(config, "vocab_size", 0)
+        if vocab < CHUNK_VOCAB:
+            return None
+        setting = max(64, 2 ** int(math.log2(CHUNK_BYTES / (4 * vocab))))
+    return None if logit_transform(model) == "other" else setting
 
 
 def logit_transform(model):
