@@ -9,7 +9,8 @@ constant lr, no clipping, the weights of every variant starting from the same bf
   optimizer holds: with Kahan summation the bf16 weight plus its compensation buffer);
 - ``after N``: the fraction of the model's weights (what its forward pass uses) that differ
   from the start after ``--steps`` steps, and how far the update is from the float32 run's,
-  ``|update - float32 update| / |float32 update|``, over all weights.
+  ``|update - float32 update| / |float32 update|``, over all weights; and the training loss of
+  the last step (the same batch in every variant).
 
     OMP_NUM_THREADS=1 python benchmarks/bf16_updates.py                 # adamw, 10 steps
     OMP_NUM_THREADS=1 python benchmarks/bf16_updates.py --optimizer adamw_8bit
@@ -30,10 +31,11 @@ VARIANTS = (("float32", "float32", False), ("bf16 plain", "bfloat16", False),
 
 
 class Recorder:
-    """Starts every variant from bf16 values; keeps the held values after step 1."""
+    """Starts every variant from bf16 values; keeps the held values after step 1 and the
+    training loss of every step."""
 
     def __init__(self):
-        self.start, self.step1 = None, None
+        self.start, self.step1, self.losses = None, None, []
 
     @hookimpl
     def plugtune_train_start(self, run):
@@ -43,7 +45,8 @@ class Recorder:
         self.start = {n: p.detach().float().clone() for n, p in run.model.named_parameters()}
 
     @hookimpl
-    def plugtune_step_end(self, run, step):
+    def plugtune_step_end(self, run, step, metrics):
+        self.losses.append(metrics["loss"])
         if step == 1:
             self.step1 = held(run)
 
@@ -85,7 +88,8 @@ def main():
     reference = None
     with tempfile.TemporaryDirectory() as out:
         print(f"{args.optimizer}, lr {args.lr}: | variant | step 1: weights changed | "
-              f"after {args.steps}: weights changed | after {args.steps}: update error |")
+              f"after {args.steps}: weights changed | after {args.steps}: update error | "
+              f"loss of step {args.steps} |")
         for name, dtype, kahan in VARIANTS:
             recorder, final, weights = measure(args, dtype, kahan, out)
             update = {n: final[n] - recorder.start[n] for n in final}
@@ -93,7 +97,8 @@ def main():
             error = (sum((update[n] - reference[n]).square().sum() for n in update).sqrt()
                      / sum(reference[n].square().sum() for n in update).sqrt()).item()
             print(f"| {name} | {fraction(recorder.step1, recorder.start):.1%} | "
-                  f"{fraction(weights, recorder.start):.1%} | {error:.3f} |", flush=True)
+                  f"{fraction(weights, recorder.start):.1%} | {error:.3f} | "
+                  f"{recorder.losses[-1]:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

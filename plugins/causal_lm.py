@@ -345,8 +345,9 @@ def logit_transform(model):
     config, head = base.config, output_layer(model)
     weight = next(head.parameters(), None)
     if weight is None or weight.device.type == "meta":
-        return "other" if any(getattr(config, k, None) not in (None, 1, 1.0)
-                              for k in CHANGES_LOGITS) else "none"
+        if any(getattr(config, k, None) not in (None, 1, 1.0) for k in CHANGES_LOGITS):
+            return "other"
+        return "softcap" if getattr(config, "final_logit_softcapping", None) else "none"
     made = []
     handle = head.register_forward_hook(lambda module, args, out: made.append(out))
     training = base.training
