@@ -80,7 +80,6 @@ def chunked_cross_entropy(hidden, head, labels, chunk_tokens, shift=False, softc
     else:  # selecting would wait for the device (a host sync per micro-batch): chunk every
         # position and let the loss ignore the unlabelled ones (the planner's meta tensors too)
         states, targets = hidden.flatten(0, -2), labels.flatten()
-    total = hidden.new_zeros((), dtype=torch.float32)
 
     def piece(h, t):
         logits = head(h).float()
@@ -89,6 +88,9 @@ def chunked_cross_entropy(hidden, head, labels, chunk_tokens, shift=False, softc
         return torch.nn.functional.cross_entropy(logits, t, ignore_index=IGNORE,
                                                  reduction="sum")
 
+    # starts as the loss of no target: a zero on the graph through the output layer and the
+    # hidden states, so a micro-batch without targets backpropagates too (zero gradients)
+    total = piece(states[:0], targets[:0])
     for i in range(0, len(targets), chunk_tokens):
         h, t = states[i:i + chunk_tokens], targets[i:i + chunk_tokens]
         if torch.is_grad_enabled():

@@ -1,26 +1,45 @@
 """The default optimizer and schedule: torch AdamW (no weight decay on biases and norms, as in
-nanoGPT) with linear warm-up, then a constant, linear or cosine learning rate."""
+nanoGPT) with linear warm-up, then a constant, linear or cosine learning rate. bfloat16 weights
+are stepped with Kahan summation (``adamw.kahan_summation``, see ``_kahan``)."""
+import math
+
 import torch
 
 from plugtune import hookimpl
+from plugtune.plugins import _kahan
+from plugtune.recipe import Section
 
 PLUGTUNE_DEFAULT = True
 PLUGTUNE_ROLES = {"optimizer", "scheduler"}  # yields each to a plugin a recipe names
 
-import math
+
+class AdamWSection(Section):
+    kahan_summation: _kahan.Setting = _kahan.setting_field()
+
+
+@hookimpl
+def plugtune_recipe_sections(register):
+    register("adamw", AdamWSection)
+
+
+def is_vector(p):
+    """A vector whatever its shape: fewer than two dimensions longer than 1 (biases and norm
+    scales, and IA3's scaling vectors, stored as ``(out, 1)`` or ``(1, in)`` matrices)."""
+    return sum(size > 1 for size in p.shape) < 2
 
 
 def param_groups(params, weight_decay):
-    """Matrices decay; vectors (biases, norm scales) do not."""
-    decay = [p for p in params if p.ndim >= 2]
-    rest = [p for p in params if p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": rest, "weight_decay": 0.0}]
+    """Matrices decay; vectors (biases, norm scales, IA3 scaling vectors) do not."""
+    params = list(params)
+    return [{"params": [p for p in params if not is_vector(p)], "weight_decay": weight_decay},
+            {"params": [p for p in params if is_vector(p)], "weight_decay": 0.0}]
 
 
 @hookimpl(trylast=True)
 def plugtune_build_optimizer(params, recipe):
-    return torch.optim.AdamW(param_groups(params, recipe.train.weight_decay), lr=recipe.train.lr)
+    return _kahan.build(lambda groups: torch.optim.AdamW(groups, lr=recipe.train.lr),
+                        param_groups(params, recipe.train.weight_decay),
+                        recipe["adamw"].kahan_summation)
 
 
 def multiplier(schedule, warmup, total):
@@ -51,16 +70,24 @@ def plugtune_build_scheduler(optimizer, recipe, total_steps):
 
 
 @hookimpl(trylast=True)
-def plugtune_estimate_memory(plan):
-    """Two moment estimates per trainable parameter in its dtype (8 bytes per float32 weight).
-    The step's temporaries: torch's foreach implementation (CUDA) makes one copy of the second
-    moments; the per-tensor loop (CPU) two of the largest tensor. Only when no other optimizer
-    plugin reported its own."""
+def plugtune_estimate_memory(plan, recipe):
+    """Two moment estimates per trainable parameter in its dtype (8 bytes per float32 weight);
+    with Kahan summation a bfloat16 weight's are float32, beside its 2-byte compensation
+    buffer. The step's temporaries: torch's foreach implementation (CUDA) makes one copy of
+    the second moments; the per-tensor loop (CPU, and Kahan's steps one tensor at a time) two
+    of the largest tensor. Only when no other optimizer plugin reported its own."""
     from plugtune.plan import Optimizer
 
     if plan.optimizer is not None:
         return
-    sizes = [p.numel * p.dtype.itemsize for p in plan.trainable()]
-    step = sum(sizes) if plan.device == "cuda" else 2 * max(sizes, default=0)
-    plan.optimizer = Optimizer("AdamW (torch): 2 states in the parameter dtype",
-                               2 * sum(sizes), step)
+    trainable = plan.trainable()
+    kahan = _kahan.wanted(recipe["adamw"].kahan_summation, trainable)
+    sizes = [p.numel * (4 if kahan and p.dtype == _kahan.COMPENSATED else p.dtype.itemsize)
+             for p in trainable]
+    one_at_a_time = plan.device != "cuda" or kahan
+    step = 2 * max(sizes, default=0) if one_at_a_time else sum(sizes)
+    name = "AdamW (torch): 2 states in the parameter dtype"
+    if kahan:
+        name = "AdamW (torch) with Kahan summation: 2 float32 states + a bf16 buffer"
+        _kahan.plan_buffers(plan, trainable)
+    plan.optimizer = Optimizer(name, 2 * sum(sizes), step)

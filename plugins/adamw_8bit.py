@@ -14,6 +14,7 @@ import math
 from pydantic import Field
 
 from plugtune import hookimpl
+from plugtune.plugins import _kahan
 from plugtune.plugins.adamw import param_groups
 from plugtune.recipe import Section
 
@@ -26,6 +27,7 @@ class AdamW8bitSection(Section):
     betas: tuple[float, float] = Field((0.9, 0.999), description="Adam's beta1, beta2")
     eps: float = Field(1e-8, gt=0)
     min_8bit_size: int = Field(4096, gt=0, description="smaller tensors keep 32-bit state")
+    kahan_summation: _kahan.Setting = _kahan.setting_field()
 
 
 @hookimpl
@@ -39,8 +41,9 @@ def plugtune_build_optimizer(params, recipe):
 
     s = recipe["adamw_8bit"]
     optimizer = bnb.optim.PagedAdamW8bit if s.paged else bnb.optim.AdamW8bit
-    return optimizer(param_groups(params, recipe.train.weight_decay), lr=recipe.train.lr,
-                     betas=s.betas, eps=s.eps, min_8bit_size=s.min_8bit_size)
+    return _kahan.build(lambda groups: optimizer(groups, lr=recipe.train.lr, betas=s.betas,
+                                                 eps=s.eps, min_8bit_size=s.min_8bit_size),
+                        param_groups(params, recipe.train.weight_decay), s.kahan_summation)
 
 
 def state_bytes(numel, min_8bit_size):
@@ -56,6 +59,11 @@ def plugtune_estimate_memory(plan, recipe):
     from plugtune.plan import Optimizer
 
     s = recipe["adamw_8bit"]
-    state = sum(state_bytes(p.numel, s.min_8bit_size) for p in plan.trainable())
+    trainable = plan.trainable()
+    state = sum(state_bytes(p.numel, s.min_8bit_size) for p in trainable)
     name = f"{'PagedAdamW8bit' if s.paged else 'AdamW8bit'} (bitsandbytes): 2 B/param + block scales"
-    plan.optimizer = Optimizer(name, state, paged=s.paged and plan.device == "cuda")
+    step = 0
+    if _kahan.wanted(s.kahan_summation, trainable):
+        _kahan.plan_buffers(plan, trainable)
+        step = 2 * 4 * max((p.numel for p in trainable), default=0)
+    plan.optimizer = Optimizer(name, state, step, paged=s.paged and plan.device == "cuda")

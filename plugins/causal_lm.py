@@ -56,14 +56,49 @@ def plugtune_recipe_sections(register):
     register("causal_lm", CausalLMSection)
 
 
+#: Model types whose attention keeps packed examples apart by their restarting
+#: ``position_ids`` alone (transformers builds a block-diagonal mask from them), each verified
+#: with a tiny model by tests/test_packing.py. Others are refused with ``train.packing``:
+#: OPT, BLOOM, MPT, XGLM and BioGPT build their masks without ``position_ids``, and the
+#: state-space and hybrid models (Mamba, Bamba, Jamba, RecurrentGemma, Falcon-H1) carry a
+#: recurrent state from one example into the next.
+PACKABLE = frozenset({
+    "cohere", "falcon", "gemma", "gemma2", "gemma3_text", "gpt2", "gpt_bigcode", "gpt_neox",
+    "granite", "llama", "mistral", "mixtral", "olmo", "olmo2", "phi", "phi3", "qwen2",
+    "qwen2_moe", "qwen3", "smollm3", "stablelm", "starcoder2"})
+
+
+def packing_problems(recipe):
+    """``train.packing`` on a model type not known to keep packed examples apart, read from the
+    model's config (a directory's config.json, a GGUF header, the catalog or the hub) before
+    any weight loads. A config that cannot be read is the loader's to report."""
+    from plugtune.models import read_config
+    from plugtune.plugins.hf import resolve_source
+
+    if not recipe.train.packing:
+        return []
+    try:
+        kind = read_config(resolve_source(recipe.model.name),
+                           trust_remote_code=recipe.model.trust_remote_code).model_type
+    except Exception:  # noqa: BLE001 - model.name's own check says what is wrong with it
+        return []
+    if kind in PACKABLE:
+        return []
+    return [f"train.packing: {kind} models would let packed examples attend to each other "
+            "(their attention ignores the restarting positions, or they carry a recurrent "
+            "state from one example into the next); set train.packing: false "
+            "(train.group_by_length cuts padding instead)"]
+
+
 @hookimpl
 def plugtune_check_recipe(recipe):
     """What ``validate`` can tell of the records without a tokenizer: text fields are strings,
-    conversations use known roles, string contents and have an assistant turn. (Files the
-    ``data`` plugin cannot read are its to report.)"""
+    conversations use known roles, string contents and have an assistant turn; and whether
+    the model can be trained on packed rows. (Files the ``data`` plugin cannot read are its
+    to report.)"""
     from plugtune.plugins.data import readable
 
-    roles, problems = recipe["causal_lm"].roles, []
+    roles, problems = recipe["causal_lm"].roles, packing_problems(recipe)
     for key, records in readable(recipe):
         try:
             for record in records:
@@ -260,9 +295,22 @@ def plugtune_tokenize(records, tokenizer, recipe):
         examples.append({"input_ids": ids, "labels": labels, "prompt_ids": prompt,
                          "reference": reference, "reference_tokens": None if reference is None
                          else len(_ids(tokenizer, reference))})
+    check_targets(examples, records)
     collate = (packed_collator(tokenizer.pad_token_id, max_len) if recipe.train.packing
                else collator(tokenizer.pad_token_id))
     return Tokenized(examples, collate, truncated, records)
+
+
+def check_targets(examples, records):
+    """A DataError naming the files when no example has a token to predict (a label after
+    its first token: ``{"text": ""}`` records with a tokenizer that adds no BOS token are a
+    lone end-of-sequence token each). Such data would train nothing, step after step. A few
+    such records among others are harmless: their micro-batches add nothing to a step."""
+    if examples and not any(label != IGNORE for e in examples for label in e["labels"][1:]):
+        files = ", ".join(sorted({r.file for r in records}))
+        raise DataError(f"{files}: no record has a token to learn (empty texts or completions "
+                        "are a lone end-of-sequence token with nothing before it); give the "
+                        "records text to learn")
 
 
 def output_layer(model):
@@ -270,25 +318,77 @@ def output_layer(model):
     return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
 
 
-#: config keys of architectures that rescale logits after the output layer in their own way
-#: (Cohere's logit_scale, Granite's logits_scaling): their loss is not chunked.
-RESCALED = ("logit_scale", "logits_scaling")
+#: config keys of architectures that change their logits after the output layer (Cohere's
+#: logit_scale, Granite's logits_scaling, Falcon-H1's lm_head_multiplier, Gemma 2's
+#: final_logit_softcapping): what the planner, on a model without weights, goes by. A model
+#: with weights is asked instead (:func:`logit_transform`).
+CHANGES_LOGITS = ("logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier")
 
 
 def chunk_tokens(recipe, model):
-    """Labelled tokens per loss chunk for ``model``, or None for the plain loss."""
+    """Labelled tokens per loss chunk for ``model``, or None for the plain loss: also where the
+    model changes its output layer's result in a way the chunked loss does not repeat."""
     setting = recipe["causal_lm"].loss_chunk_tokens if recipe is not None else "auto"
     config = getattr(extract_model_from_parallel(model), "config", None)
     head = output_layer(model)
-    if setting is None or head is None or config is None or any(
-            getattr(config, k, None) not in (None, 1, 1.0) for k in RESCALED):
+    if setting is None or head is None or config is None:
         return None
-    if setting != "auto":
-        return setting
-    vocab = getattr(head, "out_features", None) or getattr(config, "vocab_size", 0)
-    if vocab < CHUNK_VOCAB:
-        return None
-    return max(64, 2 ** int(math.log2(CHUNK_BYTES / (4 * vocab))))
+    if setting == "auto":
+        vocab = getattr(head, "out_features", None) or getattr(config, "vocab_size", 0)
+        if vocab < CHUNK_VOCAB:
+            return None
+        setting = max(64, 2 ** int(math.log2(CHUNK_BYTES / (4 * vocab))))
+    return None if logit_transform(model) == "other" else setting
+
+
+def logit_transform(model):
+    """What ``model`` does to its output layer's result to make its logits: ``"none"``,
+    ``"softcap"`` (Gemma 2's ``tanh(x / c) * c``, which the chunked loss repeats) or
+    ``"other"`` (a rescaling, or anything else: the loss is then not chunked). Found once per
+    model by a two-token forward pass in eval mode (no dropout, so no random number is drawn)
+    that compares the two, so an architecture nobody listed is caught too; a model without
+    weights (the planner's) is judged by its config."""
+    base = extract_model_from_parallel(model)
+    known = getattr(base, "_plugtune_logit_transform", None)
+    if known is not None:
+        return known
+    config, head = base.config, output_layer(model)
+    weight = next(head.parameters(), None)
+    if weight is None or weight.device.type == "meta":
+        if any(getattr(config, k, None) not in (None, 1, 1.0) for k in CHANGES_LOGITS):
+            return "other"
+        return "softcap" if getattr(config, "final_logit_softcapping", None) else "none"
+    made = []
+    handle = head.register_forward_hook(lambda module, args, out: made.append(out))
+    training = base.training
+    base.eval()
+    try:
+        with torch.no_grad():
+            logits = base(input_ids=torch.tensor([[0, 1]], device=weight.device),
+                          use_cache=False).logits.float()
+        known = _compare(made[-1].float(), logits,
+                         getattr(config, "final_logit_softcapping", None),
+                         torch.finfo(made[-1].dtype).eps)
+    except Exception:  # noqa: BLE001 - a model that cannot be probed alone: the plain loss
+        known = "other"
+    finally:
+        handle.remove()
+        base.train(training)
+    base._plugtune_logit_transform = known
+    return known
+
+
+def _compare(out, logits, softcap, eps):
+    """``"none"``, ``"softcap"`` or ``"other"``: how ``logits`` follow from the output layer's
+    ``out`` (to the rounding of the layer's dtype, ``eps``)."""
+    def close(a, b):
+        return a.shape == b.shape and torch.allclose(a, b, rtol=4 * eps, atol=4 * eps)
+
+    if close(out, logits):
+        return "none"
+    if softcap and close(torch.tanh(out / softcap) * softcap, logits):
+        return "softcap"
+    return "other"
 
 
 @contextlib.contextmanager
@@ -335,10 +435,10 @@ def plugtune_compute_loss(model, batch, recipe):
         return cross_entropy(logits, labels, shift=True)
     with final_hidden_states(model) as hidden:
         model(**inputs)
+    softcap = (extract_model_from_parallel(model).config.final_logit_softcapping
+               if logit_transform(model) == "softcap" else None)
     return chunked_cross_entropy(hidden[0][:, -labels.shape[1]:], output_layer(model), labels,
-                                 chunk, shift=True,
-                                 softcap=getattr(extract_model_from_parallel(model).config,
-                                                 "final_logit_softcapping", None))
+                                 chunk, shift=True, softcap=softcap)
 
 
 def _flash(model):

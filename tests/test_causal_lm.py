@@ -106,6 +106,18 @@ def test_truncation_is_counted_and_reported(make_recipe, tmp_path):
         "3 truncated at 8 tokens") for line in lines)
 
 
+def test_data_with_nothing_to_learn_is_refused_naming_its_file(tokenize):
+    """Empty texts with a tokenizer that adds no BOS token are a lone end-of-sequence token:
+    nothing predicts it. All of them: one line naming the file, not a run that trains nothing
+    and blames the learning rate. One among others: kept (its micro-batch adds nothing)."""
+    with pytest.raises(DataError) as refused:
+        tokenize({"text": ""}, {"text": ""}, {"completion": "", "prompt": ""})
+    assert str(refused.value).startswith("data.jsonl: no record has a token to learn")
+    assert "\n" not in str(refused.value)
+    data, _ = tokenize({"text": ""}, {"text": "Echo: apple APPLE"})
+    assert len(data.examples) == 2
+
+
 def test_truncation_that_cuts_off_the_whole_answer_is_an_error(tokenize):
     with pytest.raises(DataError, match="data.jsonl:1: nothing left to learn after truncation "
                                         "at train.max_length=4"):

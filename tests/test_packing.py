@@ -243,3 +243,61 @@ def test_two_processes_pack_and_chunk_to_the_same_step_as_one(mixed, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     one, two = weights("single"), weights("double")
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+
+
+def tiny_config(model_type, **extra):
+    """A 2-layer, 64-wide config of ``model_type`` (its own defaults for everything else)."""
+    from transformers import AutoConfig
+
+    small = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 128,
+             "max_position_embeddings": 256, "pad_token_id": 0, **extra}
+    config = AutoConfig.for_model(model_type, **small)
+    for key, value in (("n_embd", 64), ("n_layer", 2), ("n_head", 4), ("ffn_dim", 128),
+                       ("word_embed_proj_dim", 64), ("ffn_hidden_size", 128)):
+        if hasattr(config, key):  # the architectures that name them their own way
+            setattr(config, key, value)
+    return config
+
+
+def leak(model_type):
+    """How far an example's logits move when another example is packed before it in its row
+    (positions restarting at it), against the example alone: float32, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type)).eval()
+    first, second = torch.randint(3, 100, (1, 7)), torch.randint(3, 100, (1, 9))
+    positions = torch.cat([torch.arange(7), torch.arange(9)])[None]
+    with torch.no_grad():
+        packed = model(input_ids=torch.cat([first, second], 1), position_ids=positions,
+                       use_cache=False).logits[0, 7:]
+        alone = model(input_ids=second, use_cache=False).logits[0]
+    return (packed - alone).abs().max().item()
+
+
+@pytest.mark.parametrize("model_type", sorted(causal_lm.PACKABLE) + ["opt", "bloom", "mamba"])
+def test_packing_is_allowed_exactly_for_architectures_that_keep_examples_apart(model_type):
+    """The allow-list is the truth for the installed transformers: every listed type keeps a
+    packed example's logits what they are alone; OPT, BLOOM and Mamba (refused) do not."""
+    if model_type in causal_lm.PACKABLE:
+        assert leak(model_type) < 1e-5
+    else:
+        assert leak(model_type) > 1e-3
+
+
+@pytest.mark.parametrize("model_type", ["opt", "bloom", "falcon_h1"])
+def test_packing_is_refused_before_loading_a_model_that_would_mix_examples(
+        make_recipe, tmp_path, model_type):
+    """One line naming train.packing and the model type, from the config alone: the model
+    directory holds no weights to load."""
+    model = tmp_path / model_type
+    tiny_config(model_type).save_pretrained(model)
+    recipe = make_recipe(model=str(model), train={"packing": True})
+    with pytest.raises(RecipeError) as refused:
+        testing.load_recipe(recipe)
+    lines = str(refused.value).splitlines()
+    assert [line for line in lines if "train.packing" in line] == [
+        line for line in lines if model_type in line]
+    assert sum("train.packing" in line for line in lines) == 1
+    testing.load_recipe(make_recipe(model=str(model), train={"packing": False}))
