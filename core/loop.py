@@ -500,7 +500,10 @@ def train(run, echo=print, resume=None, stop_after=None):
     finally:
         h.plugtune_teardown(run=run, error=error)
         if run.dir is not None:
-            rundir.update_manifest(run.dir, status=_status(run, error), steps=run.step)
+            try:
+                rundir.update_manifest(run.dir, status=_status(run, error), steps=run.step)
+            finally:
+                rundir.release(run.dir)  # the run directory's lock (rundir.lock)
 
 
 def _finite(x):

@@ -153,7 +153,7 @@ def test_resume_refuses_changed_data_unless_forced(make_recipe, tmp_path, capsys
     (run.dir / "manifest.json").write_text(json.dumps({**manifest, "status": "interrupted"}))
     with open(echo_data[0], "a") as f:
         f.write(json.dumps({"text": "a new record"}) + "\n")
-    assert cli.main(["resume", str(run.dir)]) == 1
+    assert cli.main(["resume", str(run.dir)]) == 2
     err = capsys.readouterr().err
     assert f"data file {echo_data[0]} changed" in err and "--force" in err
     assert cli.main(["resume", str(run.dir), "--force"]) == 0
