@@ -104,8 +104,9 @@ def save(path, *, model, optimizer, scheduler, scaler, state, plugin_hook, rng=N
             remove(final)
         os.replace(tmp, final)
     except BaseException as exc:
+        full = rundir.is_disk_full(exc, final.parent)  # asked before the space is freed
         shutil.rmtree(tmp, ignore_errors=True)
-        if rundir.is_disk_full(exc):
+        if full:
             raise rundir.DiskFull(final) from exc
         raise
     return final
@@ -216,19 +217,26 @@ def latest(run_dir):
 
 
 def _keep_recipe_lrs(optimizer, scheduler, recipe_lrs):
-    """The learning rates the recipe gives now, where a resume forced past an edited
-    ``train.lr``: the saved scheduler state holds the old base rates, which would silently win.
-    Each group's rate is rescaled by new base / old base (exact for schedules that multiply the
-    base rate by a factor of the step, as linear, cosine and constant do)."""
+    """The learning rates the recipe gives now, where a resume was forced past an edited
+    ``train.lr``, ``max_steps`` or schedule: the saved optimizer and scheduler state hold the
+    old rates, which would silently win. A ``LambdaLR`` (the default schedule; its factor
+    function is the recipe's, not saved) gives each group ``base * factor(step)`` -- the very
+    value it set at the last step when nothing changed; another schedule's rates are scaled
+    by new base / old base."""
     saved = list(getattr(scheduler, "base_lrs", []))
-    if not recipe_lrs or saved == recipe_lrs or len(saved) != len(optimizer.param_groups):
+    groups = optimizer.param_groups
+    if not recipe_lrs or len(saved) != len(groups) or len(recipe_lrs) != len(groups):
         return
-    for group, old, new in zip(optimizer.param_groups, saved, recipe_lrs):
-        group["lr"] = group["lr"] * new / old if old else new
+    factors = getattr(scheduler, "lr_lambdas", None)
+    for i, (group, old, new) in enumerate(zip(groups, saved, recipe_lrs)):
+        if factors is not None:
+            group["lr"] = new * factors[i](scheduler.last_epoch)
+        elif old != new:
+            group["lr"] = group["lr"] * new / old if old else new
         if "initial_lr" in group:
             group["initial_lr"] = new
-    scheduler.base_lrs = recipe_lrs
-    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    scheduler.base_lrs = list(recipe_lrs)
+    scheduler._last_lr = [group["lr"] for group in groups]
 
 
 def load(path, *, model, optimizer, scheduler, scaler, plugin_hook):

@@ -158,7 +158,8 @@ def _resume(run_dir, force, echo, trust_remote_code, main):
     state = json.loads((ckpt / "state.json").read_text())
     if main:
         set_aside(damaged)
-        truncate_metrics(run_dir, state["step"], state)
+        final = state["step"] >= _total_steps(run)
+        truncate_metrics(run_dir, state["step"], state, final=final)
         resumed = manifest.get("resumed", []) + [{"from_step": state["step"],
                                                   "forced": changed}]
         rundir.update_manifest(run_dir, status="running", resumed=resumed, pid=os.getpid(),
@@ -167,21 +168,29 @@ def _resume(run_dir, force, echo, trust_remote_code, main):
     return loop.train(run, echo=echo, resume=(run_dir, ckpt)), run
 
 
-def truncate_metrics(run_dir, step, state):
+def _total_steps(run):
+    """The run's optimizer steps in all, as :func:`plugtune.loop.train` counts them."""
+    t = run.recipe.train
+    return t.max_steps or t.epochs * loop.steps_per_epoch(
+        len(run.data["train"].examples), t, run.accelerator.num_processes)
+
+
+def truncate_metrics(run_dir, step, state, final=False):
     """Drop what ``metrics.jsonl`` recorded after the checkpoint's step (the steps the resumed
-    run takes again), and the checkpoint's own evaluation when it has not run yet."""
+    run takes again), and the checkpoint's own evaluations where they run again: one still due
+    at its step, or, for a checkpoint of the last step (``final``), the final evaluation and
+    test (a run killed in its final save evaluates again)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return
+    redo = final or not state.get("evaluated", True)
     keep = []
     for line in path.read_text().splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:  # a line cut by a kill
             continue
-        is_eval = "eval_loss" in record
-        if record["step"] < step or (record["step"] == step and (
-                not is_eval or state.get("evaluated", True))):
+        if record["step"] < step or (record["step"] == step and ("loss" in record or not redo)):
             keep.append(line + "\n")
     rundir.atomic_write(path, "".join(keep))
 

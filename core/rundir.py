@@ -33,8 +33,23 @@ class DiskFull(PlugtuneError):
                          "free some space, then continue with: plugtune resume RUN_DIR")
 
 
-def is_disk_full(exc):
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+def is_disk_full(exc, folder=None):
+    """Whether ``exc`` is a full disk or quota: an ``OSError`` saying so, or (with ``folder``)
+    the ``RuntimeError`` torch.save raises for it ("unexpected pos ...", no errno) while the
+    disk holding ``folder`` has (almost) no room left."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if folder is None or not isinstance(exc, RuntimeError):
+        return False
+    try:
+        stat = os.statvfs(folder)
+    except OSError:
+        return False
+    return stat.f_bavail * stat.f_frsize < NO_ROOM
+
+
+#: Free bytes below which a failed write is put down to a full disk.
+NO_ROOM = 1 << 20
 
 
 def atomic_write(path, data):
