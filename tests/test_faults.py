@@ -182,6 +182,9 @@ def test_kills_inside_a_checkpoint_write_and_the_final_save_resume_bit_identical
     assert [p.name for p in checkpoint.checkpoints(run)] == ["step-2"]
     assert any(p.name.startswith(".step-4.") for p in (run / "checkpoints").iterdir())
     # the dead process's lock is no obstacle: the kernel dropped it with the process
+    dead = int((run / ".lock").read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(dead, 0)
     code, _, err = finish(plugtune(site, "resume", run, kill_at="save_model"))
     assert code == -signal.SIGKILL, err[-2000:]
     assert not (run / "adapter").exists()
@@ -256,6 +259,15 @@ def test_a_damaged_newest_checkpoint_is_passed_over_in_one_line(killed, referenc
     assert len(warned) == 1 and f"{run}/checkpoints/step-6" in warned[0] and why in warned[0]
     assert "resuming from step-4" in warned[0]
     assert (run / "checkpoints" / "step-6.damaged" / "state.json").is_file()  # kept to look at
+    same_as_reference(run, reference)
+
+
+def test_a_checkpoint_from_before_checksums_is_accepted(killed, reference, tmp_path, capsys):
+    run = copy_of(killed, tmp_path)
+    (run / "checkpoints" / "step-6" / checkpoint.CHECKSUMS).unlink()
+    code, out, err = resume_here(run, capsys=capsys)
+    assert code == 0, err[-2000:]
+    assert "resuming at step 6" in out and "warning: checkpoint" not in out
     same_as_reference(run, reference)
 
 
@@ -354,3 +366,45 @@ def test_a_full_disk_is_one_line_and_the_checkpoints_stay_whole(recipe, referenc
     code, _, err = resume_here(run, capsys=capsys)
     assert code == 0, err[-2000:]
     assert adapter(run) == adapter(reference)
+
+
+def validate(path, capsys):
+    capsys.readouterr()
+    code = cli.main(["validate", str(path)])
+    return code, capsys.readouterr().err
+
+
+def test_hostile_recipes_are_one_line_each_and_quick(tmp_path, capsys):
+    bomb = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    bomb += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    cases = {
+        "bomb.yaml": ("\n".join(["model: ./tiny", *bomb, "train: {lr: *a9}"]),
+                      "expand to more than 100,000 values"),
+        "deep.yaml": ("model: ./tiny\nx: " + "[" * 900 + "]" * 900 + "\n",
+                      "deep.yaml:2: nested more than 64 levels deep"),
+        "latin1.yaml": ("model: ./tiny\ndescription: caf\xe9\n".encode("latin-1"),
+                        "latin1.yaml:2: not UTF-8 text (byte 0xe9 at column 17)"),
+        "huge.yaml": ("model: ./tiny\nx: " + "a" * (2 << 20) + "\n", "a recipe is at most 1 MiB"),
+        "long.yaml": ("model: ./tiny\ntrain: {lr: [" + ", ".join(["1"] * 50000) + "]}\n",
+                      "train.lr: Input should be a valid number (got [1, 1,"),
+    }
+    for name, (text, expected) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        start = time.perf_counter()
+        code, err = validate(path, capsys)
+        assert time.perf_counter() - start < 10, name
+        assert code == 2, (name, err[-500:])
+        assert expected in err, (name, err[-500:])
+        assert "Traceback" not in err and all(len(x) < 1200 for x in err.splitlines()), name
+
+
+def test_an_adapter_too_large_to_allocate_is_one_line(recipe, capsys):
+    path = recipe("huge-r")
+    for value, code, expected in (("1e30", 2, "lora.r: Input should be a valid integer"),
+                                  ("1.0e+12", 1, "out of memory")):
+        capsys.readouterr()
+        assert cli.main(["run", str(path), f"lora.r={value}"]) == code
+        [line] = error_lines(capsys.readouterr().err)
+        assert expected in line
+    assert not run_dir(path).exists()
