@@ -86,30 +86,42 @@ def lock(run_dir):
     """Hold ``RUN/.lock`` for this process, or refuse in one line naming the process that
     holds it: one process at a time writes a run directory (two resumes at once would both
     train and log every step twice). ``fcntl.flock`` rather than a pid file: the kernel drops
-    the lock when its process dies, however it dies (SIGKILL, power cut aside), so a killed
-    run never leaves a stale lock to clean up; the pid in the file is only for the message.
-    Taking it again in the process that holds it does nothing; :func:`release` lets go."""
+    the lock when its process dies, however it dies, so a killed run never leaves a stale lock
+    to clean up; the pid in the file is only for the message. Taking it again in the process
+    that holds it does nothing; :func:`release` lets go."""
     key = Path(run_dir).resolve()
-    if key in _locks:
-        return
-    fd = os.open(key / LOCK, os.O_RDWR | os.O_CREAT, 0o666 & ~UMASK)
+    while key not in _locks:
+        fd = os.open(key / LOCK, os.O_RDWR | os.O_CREAT, 0o666 & ~UMASK)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise InputError(f"{run_dir}: another plugtune process (pid {holder}) is using this "
+                             "run directory; wait for it to end or stop it (Ctrl-C writes a "
+                             "checkpoint), then resume") from None
+        if _same_file(fd, key / LOCK):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            _locks[key] = fd
+        else:  # locked a file its holder removed on release: take the new one
+            os.close(fd)
+
+
+def _same_file(fd, path):
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise InputError(f"{run_dir}: another plugtune process (pid {holder}) is using this run "
-                         "directory; wait for it to end or stop it (Ctrl-C writes a checkpoint), "
-                         "then resume") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    _locks[key] = fd
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 def release(run_dir):
-    """Let go of the lock :func:`lock` took (if this process holds it)."""
-    fd = _locks.pop(Path(run_dir).resolve(), None) if run_dir is not None else None
+    """Let go of the lock :func:`lock` took (if this process holds it), removing the file
+    while still holding it (a process that opened it meanwhile sees it gone and starts over)."""
+    key = Path(run_dir).resolve() if run_dir is not None else None
+    fd = _locks.pop(key, None)
     if fd is not None:
+        Path(key / LOCK).unlink(missing_ok=True)
         os.close(fd)
 
 
