@@ -162,9 +162,12 @@ def _resume(run_dir, force, echo, trust_remote_code, main):
         truncate_metrics(run_dir, state["step"], state, final=final)
         resumed = manifest.get("resumed", []) + [{"from_step": state["step"],
                                                   "forced": changed}]
+        # what was forced becomes what the run records, for the next resume to compare with
+        now = {"recipe": recipe.resolved(), "model": rundir.model_record(recipe.model.name),
+               "data": rundir.data_hashes(recipe, run.sources),
+               "plugin_versions": rundir.plugin_versions(recipe)} if changed else {}
         rundir.update_manifest(run_dir, status="running", resumed=resumed, pid=os.getpid(),
-                               host=os.uname().nodename, recipe=recipe.resolved(),
-                               model=rundir.model_record(recipe.model.name))
+                               host=os.uname().nodename, **now)
     return loop.train(run, echo=echo, resume=(run_dir, ckpt)), run
 
 

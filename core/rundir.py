@@ -227,9 +227,6 @@ def manifest(recipe, sources=None):
     """The manifest of a new run. ``sources``: ``{name: sha256}`` of what the data phase read
     that is not a local path (a hub dataset's cached files); local files and directories (a
     ``save_to_disk`` dataset, named as a path or as ``dataset:``) are hashed here."""
-    files = [f if isinstance(f, str) else f.dataset
-             for key in ("train", "validation", "test") for f in getattr(recipe.data, key) or []]
-    files = [f for f in files if Path(f).is_absolute() and os.path.exists(f)]  # not hub ids
     return {
         "status": "running",
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -245,10 +242,19 @@ def manifest(recipe, sources=None):
         "recipe_file": str(recipe.path),
         "git_revision": _git_revision(recipe.path.parent),
         "command": sys.argv,
-        "data": {**{f: sha256(f) for f in files}, **(sources or {})},
+        "data": data_hashes(recipe, sources),
         "recipe": recipe.resolved(),
         "model": model_record(recipe.model.name),
     }
+
+
+def data_hashes(recipe, sources=None):
+    """``{file: sha256}`` of the recipe's local data files and directories, with ``sources``
+    (what the data phase read that is not a local path)."""
+    files = [f if isinstance(f, str) else f.dataset
+             for key in ("train", "validation", "test") for f in getattr(recipe.data, key) or []]
+    files = [f for f in files if Path(f).is_absolute() and os.path.exists(f)]  # not hub ids
+    return {**{f: sha256(f) for f in files}, **(sources or {})}
 
 
 #: Model files up to this size are hashed in full; larger ones by size and their ends.
