@@ -80,9 +80,8 @@ def _flatten(tree, prefix=""):
     return out
 
 
-def _brief(value, limit=80):
-    text = value if value is ABSENT else repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
+def _brief(value):
+    return value if value is ABSENT else recipes.brief(value, limit=80)
 
 
 def intact_checkpoint(run_dir, echo):
