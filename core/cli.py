@@ -52,7 +52,8 @@ def cmd_resume(args):
 
     echo = print if rundir.is_main_process() else (lambda *a, **k: None)
     summary, run = resume.resume(args.run_dir, force=args.force, echo=echo,
-                                 trust_remote_code=args.trust_remote_code)
+                                 trust_remote_code=args.trust_remote_code,
+                                 overrides=args.overrides)
     report(summary, run, echo)
     return 0
 
@@ -216,8 +217,10 @@ def parser():
                         "recipe.yaml, the model, a data file or an active plugin changed since "
                         "(--force goes on with the changes and records them in the manifest).")
     sp.add_argument("run_dir", help="the run directory (runs/NAME)")
-    sp.add_argument("--force", action="store_true", help="resume with an edited recipe.yaml "
-                    "(e.g. a larger train.max_steps), changed model, data or plugins")
+    sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="change recipe keys "
+                    "from here on, e.g. train.max_steps=200 (recorded in recipe.yaml)")
+    sp.add_argument("--force", action="store_true", help="resume despite a hand-edited "
+                    "recipe.yaml, a changed model, data or plugins")
     add_trust_remote_code(sp)
     sp.set_defaults(func=cmd_resume)
     sp = sub.add_parser("reproduce", help="run a run's recipe again and compare the loss",

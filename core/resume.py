@@ -5,6 +5,8 @@ import math
 import os
 from pathlib import Path
 
+import yaml
+
 from . import checkpoint, loop, recipe as recipes, rundir
 from .errors import InputError, PlugtuneError
 
@@ -51,11 +53,8 @@ def recipe_differences(manifest, recipe):
     Manifests written before plugtune recorded these give none."""
     lines = []
     if isinstance(manifest.get("recipe"), dict):
-        was, now = _flatten(manifest["recipe"]), _flatten(recipe.resolved())
-        for key in sorted(set(was) | set(now)):
-            if key not in IGNORED and was.get(key, ABSENT) != now.get(key, ABSENT):
-                lines.append(f"recipe.yaml {key}: {_brief(was.get(key, ABSENT))} -> "
-                             f"{_brief(now.get(key, ABSENT))}")
+        lines += [f"recipe.yaml {line}" for line in changes(manifest["recipe"],
+                                                           recipe.resolved())]
     model = manifest.get("model")
     if isinstance(model, dict) and model.get("fingerprint") and \
             model.get("name") == recipe.model.name:
@@ -63,6 +62,14 @@ def recipe_differences(manifest, recipe):
             lines.append(f"model {recipe.model.name}: its files changed since the run started "
                          "(another model at the same path)")
     return lines
+
+
+def changes(was, now):
+    """``KEY: OLD -> NEW`` for each key that differs between two resolved recipes."""
+    was, now = _flatten(was), _flatten(now)
+    return [f"{key}: {_brief(was.get(key, ABSENT))} -> {_brief(now.get(key, ABSENT))}"
+            for key in sorted(set(was) | set(now))
+            if key not in IGNORED and was.get(key, ABSENT) != now.get(key, ABSENT)]
 
 
 #: Recipe keys whose change does not change a run.
@@ -117,22 +124,24 @@ def set_aside(damaged):
         os.replace(path, target)
 
 
-def resume(run_dir, force=False, echo=print, trust_remote_code=False):
+def resume(run_dir, force=False, echo=print, trust_remote_code=False, overrides=()):
     """Continue the run in ``run_dir`` from its newest intact checkpoint; return the summary.
-    The main process holds the run directory's lock (:func:`plugtune.rundir.lock`) until the
-    run ends."""
+    ``overrides`` (``KEY=VALUE``, as ``plugtune run`` takes) change the recipe from here on,
+    e.g. ``train.max_steps=200`` to train longer; ``recipe.yaml`` then records them. The main
+    process holds the run directory's lock (:func:`plugtune.rundir.lock`) until the run
+    ends."""
     run_dir = Path(run_dir)
     read_manifest(run_dir)
     main = rundir.is_main_process()
     if main:
         rundir.lock(run_dir)
     try:
-        return _resume(run_dir, force, echo, trust_remote_code, main)
+        return _resume(run_dir, force, echo, trust_remote_code, main, overrides)
     finally:
         rundir.release(run_dir)
 
 
-def _resume(run_dir, force, echo, trust_remote_code, main):
+def _resume(run_dir, force, echo, trust_remote_code, main, overrides):
     manifest = read_manifest(run_dir)
     status = manifest.get("status", "")
     if status == "completed" or status.startswith("stopped early"):
@@ -153,6 +162,13 @@ def _resume(run_dir, force, echo, trust_remote_code, main):
                          "manifest)")
     for line in changed:
         echo(f"warning: resuming with a change (--force): {line}")
+    if overrides:  # asked for on the command line: no --force needed
+        asked, pm = recipes.load_recipe(run_dir / "recipe.yaml", overrides, check_files=False,
+                                        trust_remote_code=trust_remote_code)
+        for line in changes(recipe.resolved(), asked.resolved()):
+            echo(f"resuming with {line} (from the command line)")
+            changed.append(f"command line {line}")
+        recipe = asked
     run = loop.setup(recipe, pm, echo=echo)  # bad input stops here, before anything is written
     state = json.loads((ckpt / "state.json").read_text())
     if main:
@@ -165,6 +181,9 @@ def _resume(run_dir, force, echo, trust_remote_code, main):
         now = {"recipe": recipe.resolved(), "model": rundir.model_record(recipe.model.name),
                "data": rundir.data_hashes(recipe, run.sources),
                "plugin_versions": rundir.plugin_versions(recipe)} if changed else {}
+        if overrides:
+            rundir.atomic_write(run_dir / "recipe.yaml",
+                                yaml.safe_dump(recipe.resolved(), sort_keys=False))
         rundir.update_manifest(run_dir, status="running", resumed=resumed, pid=os.getpid(),
                                host=os.uname().nodename, **now)
     return loop.train(run, echo=echo, resume=(run_dir, ckpt)), run

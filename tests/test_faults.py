@@ -321,6 +321,19 @@ def test_an_edited_recipe_is_refused_naming_each_key_and_forced_uses_it(killed, 
     assert json.loads((run / "manifest.json").read_text())["recipe"]["train"]["lr"] == 2 * LR
 
 
+def test_resume_overrides_extend_a_run_from_the_command_line(killed, tmp_path, capsys):
+    run = copy_of(killed, tmp_path)
+    code, out, err = resume_here(run, "train.max_steps=10", capsys=capsys)
+    assert code == 0, err[-2000:]
+    assert "resuming with train.max_steps: 8 -> 10 (from the command line)" in out
+    lrs = {r["step"]: r["lr"] for r in records(run) if "loss" in r}
+    assert sorted(lrs) == list(range(1, 11))
+    assert lrs[7] == LR * multiplier("linear", 0, 10)(6)
+    assert yaml.safe_load((run / "recipe.yaml").read_text())["train"]["max_steps"] == 10
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["steps"] == 10 and manifest["recipe"]["train"]["max_steps"] == 10
+
+
 def test_two_resumes_at_once_the_second_is_refused_in_one_line(site, killed, reference,
                                                                tmp_path, capsys):
     run = copy_of(killed, tmp_path)
