@@ -353,7 +353,8 @@ def test_two_resumes_at_once_the_second_is_refused_in_one_line(site, killed, ref
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 600 KiB tmpfs (room for about three checkpoints) (root only; skipped where it cannot be mounted)."""
+    """A 600 KiB tmpfs, room for about three checkpoints (root only; skipped where it cannot
+    be mounted)."""
     mount = tmp_path / "disk"
     mount.mkdir()
     if os.geteuid() != 0 or shutil.which("mount") is None:
