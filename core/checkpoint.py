@@ -8,12 +8,16 @@
 - ``rng.pt``: the python, numpy, torch and every CUDA device's random states of every
   process, a list by rank (each process draws its own dropout masks),
 - ``state.json``: the step, the data position and the loop's own counters,
-- whatever plugins write through ``plugtune_save_checkpoint``.
+- whatever plugins write through ``plugtune_save_checkpoint``,
+- ``checksums.json``, written last: the size and sha256 of every other file (``state.json``
+  and plugins' files included), so that :func:`verify` finds a file that was truncated,
+  altered or replaced since (a disk error, a hand edit, a copy cut short).
 
 A checkpoint is assembled in a hidden temporary directory and renamed into place, and an old
 one is renamed away before it is deleted: a run killed at any moment leaves every
 ``step-K`` directory whole.
 """
+import hashlib
 import json
 import os
 import random
@@ -26,10 +30,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import rundir
 from .rundir import UMASK
 
 PATTERN = re.compile(r"step-(\d+)")
 WEIGHTS = "trainable.safetensors"
+CHECKSUMS = "checksums.json"
+#: The suffix a damaged checkpoint is renamed with when a resume passes it over.
+DAMAGED = ".damaged"
 
 
 def directory(run_dir):
@@ -102,14 +110,73 @@ def save(path, *, model, optimizer, scheduler, scaler, state, plugin_hook, rng=N
         torch.save(rng or [rng_state()], tmp / "rng.pt")
         plugin_hook(tmp)
         (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+        (tmp / CHECKSUMS).write_text(json.dumps(checksums(tmp), indent=2) + "\n")
         _sync(tmp)
         if final.exists():
             remove(final)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
+        full = rundir.is_disk_full(exc, final.parent)  # asked before the space is freed
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise rundir.DiskFull(final) from exc
         raise
     return final
+
+
+def _files(folder):
+    """Every file under ``folder`` except ``checksums.json``, as relative names, sorted."""
+    folder = Path(folder)
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if p.is_file() and p.name != CHECKSUMS)
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checksums(folder):
+    """``{"files": {name: {"size": bytes, "sha256": hex}}}`` of a checkpoint's files."""
+    return {"files": {name: {"size": (Path(folder) / name).stat().st_size,
+                             "sha256": _sha256(Path(folder) / name)}
+                      for name in _files(folder)}}
+
+
+def verify(path):
+    """What is wrong with the checkpoint directory ``path``, in a few words, or None when it
+    is intact: each file its ``checksums.json`` lists is there, of its size and sha256, and
+    ``state.json``'s step is the ``K`` of ``step-K``. A checkpoint written before plugtune
+    kept checksums (no ``checksums.json``) is accepted on its step alone."""
+    path = Path(path)
+    try:
+        state = json.loads((path / "state.json").read_text())
+        step = state["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "state.json is unreadable"
+    match = PATTERN.fullmatch(path.name)
+    if match and step != int(match.group(1)):
+        return f"state.json says step {step!r}, not {match.group(1)}"
+    if not (path / CHECKSUMS).is_file():
+        return None
+    try:
+        recorded = json.loads((path / CHECKSUMS).read_text())["files"]
+        assert isinstance(recorded, dict)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        return f"{CHECKSUMS} is unreadable"
+    for name, want in recorded.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        size = file.stat().st_size
+        if size != want.get("size"):
+            return f"{name} is {size} bytes, not the {want.get('size')} written"
+        if _sha256(file) != want.get("sha256"):
+            return f"{name} differs from what was written (sha256)"
+    return None
 
 
 def prune(run_dir, keep):
@@ -161,6 +228,29 @@ def latest(run_dir):
     return found[-1] if found else None
 
 
+def _keep_recipe_lrs(optimizer, scheduler, recipe_lrs):
+    """The learning rates the recipe gives now, where a resume was forced past an edited
+    ``train.lr``, ``max_steps`` or schedule: the saved optimizer and scheduler state hold the
+    old rates, which would silently win. A ``LambdaLR`` (the default schedule; its factor
+    function is the recipe's, not saved) gives each group ``base * factor(step)`` -- the very
+    value it set at the last step when nothing changed; another schedule's rates are scaled
+    by new base / old base."""
+    saved = list(getattr(scheduler, "base_lrs", []))
+    groups = optimizer.param_groups
+    if not recipe_lrs or len(saved) != len(groups) or len(recipe_lrs) != len(groups):
+        return
+    factors = getattr(scheduler, "lr_lambdas", None)
+    for i, (group, old, new) in enumerate(zip(groups, saved, recipe_lrs)):
+        if factors is not None:
+            group["lr"] = new * factors[i](scheduler.last_epoch)
+        elif old != new:
+            group["lr"] = group["lr"] * new / old if old else new
+        if "initial_lr" in group:
+            group["initial_lr"] = new
+    scheduler.base_lrs = list(recipe_lrs)
+    scheduler._last_lr = [group["lr"] for group in groups]
+
+
 def load(path, *, model, optimizer, scheduler, scaler, plugin_hook):
     """Restore a checkpoint written by :func:`save` into the set-up objects; return its
     ``state.json``. The random states are restored last, just before training goes on."""
@@ -168,7 +258,9 @@ def load(path, *, model, optimizer, scheduler, scaler, plugin_hook):
     load_trainable(model, path / WEIGHTS)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu",
                                          weights_only=True))
+    recipe_lrs = list(getattr(scheduler, "base_lrs", []))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    _keep_recipe_lrs(optimizer, scheduler, recipe_lrs)
     if scaler is not None and (path / "scaler.pt").is_file():
         scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
     plugin_hook(path)

@@ -52,7 +52,8 @@ def cmd_resume(args):
 
     echo = print if rundir.is_main_process() else (lambda *a, **k: None)
     summary, run = resume.resume(args.run_dir, force=args.force, echo=echo,
-                                 trust_remote_code=args.trust_remote_code)
+                                 trust_remote_code=args.trust_remote_code,
+                                 overrides=args.overrides)
     report(summary, run, echo)
     return 0
 
@@ -222,12 +223,16 @@ def parser():
     add_trust_remote_code(sp)
     sp.set_defaults(func=cmd_plan)
     sp = sub.add_parser("resume", help="continue an interrupted run from its last checkpoint",
-                        description="Continue the run in RUN_DIR from its latest checkpoint "
-                        "with its own recipe.yaml, appending to its metrics.jsonl. Refuses when "
-                        "a data file or an active plugin changed since (--force goes on and "
-                        "records it in the manifest).")
+                        description="Continue the run in RUN_DIR from its newest intact "
+                        "checkpoint (checksums verified) with its own recipe.yaml, appending to "
+                        "its metrics.jsonl. Refuses while another process uses RUN_DIR, and when "
+                        "recipe.yaml, the model, a data file or an active plugin changed since "
+                        "(--force goes on with the changes and records them in the manifest).")
     sp.add_argument("run_dir", help="the run directory (runs/NAME)")
-    sp.add_argument("--force", action="store_true", help="resume despite changed data/plugins")
+    sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="change recipe keys "
+                    "from here on, e.g. train.max_steps=200 (recorded in recipe.yaml)")
+    sp.add_argument("--force", action="store_true", help="resume despite a hand-edited "
+                    "recipe.yaml, a changed model, data or plugins")
     add_trust_remote_code(sp)
     sp.set_defaults(func=cmd_resume)
     sp = sub.add_parser("reproduce", help="run a run's recipe again and compare the loss",
@@ -301,6 +306,7 @@ def main(argv=None):
     except PlugtuneError as exc:
         if args.verbose or os.environ.get(TRACEBACK_ENV):
             traceback.print_exception(exc)
+        exc = _disk_full(exc) or exc
         print(f"plugtune: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except Terminated:
@@ -315,6 +321,10 @@ def main(argv=None):
     except Exception as exc:  # a bug (ours or a plugin's): one line, the traceback on request
         if args.verbose or os.environ.get(TRACEBACK_ENV):
             traceback.print_exc()
+        known = _disk_full(exc) or _out_of_memory(exc)
+        if known is not None:
+            print(f"plugtune: error: {known}", file=sys.stderr)
+            return known.exit_code
         print(f"plugtune: internal error: {type(exc).__name__}: {_first_line(exc)} (a bug in "
               f"plugtune or a plugin; {TRACEBACK_ENV}=1 shows the traceback for a report)",
               file=sys.stderr)
@@ -323,6 +333,30 @@ def main(argv=None):
 
 #: Exit status of an unexpected exception (EX_SOFTWARE); bad input exits 2.
 INTERNAL_ERROR = 70
+
+
+def _disk_full(exc):
+    """A :class:`~plugtune.rundir.DiskFull` for an error that a full disk caused (however a
+    plugin or the loop wrapped it), else None."""
+    while exc is not None:
+        if isinstance(exc, rundir.DiskFull):
+            return exc
+        if rundir.is_disk_full(exc):
+            return rundir.DiskFull(exc.filename or "the run directory")
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _out_of_memory(exc):
+    """A :class:`PlugtuneError` for an allocation that failed (a recipe asking for far too
+    much, such as ``lora.r=1e12``), else None."""
+    text = _first_line(exc)
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or \
+            "can't allocate memory" in text:
+        return PlugtuneError(f"out of memory: {text}; a recipe setting may ask for far too much "
+                             "(an adapter's r, train.batch_size, train.max_length); `plugtune "
+                             "plan RECIPE` estimates what a recipe needs")
+    return None
 
 
 def _first_line(exc):

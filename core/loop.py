@@ -557,7 +557,11 @@ def train(run, echo=print, resume=None, stop_after=None, on_resume=None):
     finally:
         h.plugtune_teardown(run=run, error=error)
         if run.dir is not None:
-            rundir.update_manifest(run.dir, status=_status(run, error, early), steps=run.step)
+            try:
+                rundir.update_manifest(run.dir, status=_status(run, error, early),
+                                       steps=run.step)
+            finally:
+                rundir.release(run.dir)  # the run directory's lock (rundir.lock)
 
 
 def optimization(run):

@@ -243,13 +243,115 @@ def find_recipe(arg):
                        "; give a path, or a shipped recipe name from `plugtune recipes`"])
 
 
+#: Bounds on a recipe, which is a page of settings: a hostile or broken file (a YAML alias
+#: "bomb", a 900-deep nesting, a data file given as a recipe) is refused in one line instead of
+#: taking minutes and gigabytes, or overflowing PyYAML's recursion.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_DEPTH = 64
+MAX_VALUES = 100_000
+#: The longest a value or key is quoted in a message, and the longest a problem line gets.
+QUOTE_CHARS = 200
+LINE_CHARS = 1000
+
+
+class _Bound(yaml.MarkedYAMLError):
+    """A recipe over one of the bounds (at ``problem_mark`` where known)."""
+
+
+class BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader within the bounds: the nesting depth is checked while composing,
+    and the values the document holds once aliases are expanded are counted before anything
+    is built (an alias is one node here, but validation and messages would expand it copy by
+    copy: 9 levels of 9 aliases are 387 million values)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.depth = 0
+
+    def compose_node(self, parent, index):
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise _Bound(None, None, f"nested more than {MAX_DEPTH} levels deep; a recipe's "
+                             "sections are a few levels deep", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None and _expanded(node, {}) > MAX_VALUES:
+            raise _Bound(None, None, f"its aliases (*NAME) expand to more than {MAX_VALUES:,} "
+                         "values (or refer to themselves); a recipe holds settings, not data",
+                         None)
+        return node
+
+
+def _expanded(node, memo):
+    """How many values ``node`` stands for with every alias expanded (a cycle: unbounded)."""
+    if id(node) in memo:
+        return memo[id(node)] if memo[id(node)] is not None else MAX_VALUES + 1
+    memo[id(node)] = None  # being counted: meeting it again is a cycle
+    children = ([c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode)
+                else node.value if isinstance(node, yaml.SequenceNode) else [])
+    total = 1
+    for child in children:
+        total += _expanded(child, memo)
+        if total > MAX_VALUES:
+            break
+    memo[id(node)] = total
+    return total
+
+
+def load_yaml(text):
+    """``yaml.safe_load`` within the recipe bounds (:class:`BoundedLoader`)."""
+    loader = BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def brief(value, limit=QUOTE_CHARS):
+    """``repr(value)``, cut to ``limit`` characters with an ellipsis: a message quotes what is
+    at fault, never a megabyte of it."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def _cap(line):
+    return line if len(line) <= LINE_CHARS else f"{line[:LINE_CHARS]}... (cut)"
+
+
+def _read_text(path):
+    """A recipe file's text: refused in one line when it is over the size bound or not
+    UTF-8 (naming the line and column of the first bad byte)."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise RecipeError([f"{path}: {size:,} bytes; a recipe is at most "
+                               f"{MAX_RECIPE_BYTES >> 20} MiB of settings (data belongs in "
+                               "data files)"])
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RecipeError([f"{path}: cannot read it ({exc.strerror})"]) from exc
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise RecipeError([f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at "
+                           f"column {column}); save the file as UTF-8"]) from None
+
+
 def _read_yaml(path):
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(_read_text(path)) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise RecipeError([f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}"]) from exc
+        what = "" if isinstance(exc, _Bound) else "not valid YAML: "
+        raise RecipeError([_cap(f"{where}: {what}{getattr(exc, 'problem', exc)}")]) from None
     if not isinstance(data, dict):
         raise RecipeError([f"{path}: a recipe is a mapping of keys (model:, data:, ...), "
                            f"got {type(data).__name__}"])
@@ -316,7 +418,8 @@ def load_tree(path, _chain=()):
     if parent is None:
         return tree
     if not isinstance(parent, str):
-        raise RecipeError([f"{path}: extends: expects one recipe file name, got {parent!r}"])
+        raise RecipeError([f"{path}: extends: expects one recipe file name, got "
+                           f"{brief(parent)}"])
     parent_path = path.parent / parent
     if not is_file(parent_path):
         try:
@@ -335,18 +438,20 @@ def apply_overrides(tree, overrides):
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
-            raise RecipeError([f"override {item!r}: expected KEY=VALUE, e.g. train.lr=1e-4"])
+            raise RecipeError([f"override {brief(item)}: expected KEY=VALUE, e.g. "
+                               "train.lr=1e-4"])
         try:
-            value = yaml.safe_load(text)
+            value = load_yaml(text)
         except yaml.YAMLError as exc:
-            raise RecipeError([f"override {item!r}: value is not valid YAML: {exc}"]) from exc
+            raise RecipeError([_cap(f"override {brief(item)}: value is not valid YAML: "
+                                    f"{exc}")]) from None
         *parents, leaf = key.split(".")
         node, existing = over, tree
         for i, part in enumerate(parents):
             existing = existing.get(part, {}) if isinstance(existing, dict) else None
             if existing is not None and not isinstance(existing, dict):
-                raise RecipeError([f"override {item!r}: {'.'.join(parents[:i + 1])} is not a "
-                                   "section, so it has no sub-keys"])
+                raise RecipeError([_cap(f"override {brief(item)}: {'.'.join(parents[:i + 1])} "
+                                        "is not a section, so it has no sub-keys")])
             node = node.setdefault(part, {})
         node[leaf] = value
     _absolute_paths(over, Path.cwd())
@@ -359,12 +464,17 @@ def _unknown_keys(data, schema, prefix):
     fields = schema.model_fields
     for key, value in data.items():
         if key not in fields:
-            problems.append(f"{prefix}{key}: unknown key{did_you_mean(key, fields)}")
+            problems.append(f"{prefix}{_key(key)}: unknown key{did_you_mean(key, fields)}")
             continue
         sub = fields[key].annotation
         if isinstance(value, dict) and isinstance(sub, type) and issubclass(sub, BaseModel):
             problems += _unknown_keys(value, sub, f"{prefix}{key}.")
     return problems
+
+
+def _key(key):
+    """A key as a message names it: itself, or cut short (a key can be any YAML value)."""
+    return key if isinstance(key, str) and len(key) <= QUOTE_CHARS else brief(key)
 
 
 def did_you_mean(key, fields):
@@ -392,7 +502,7 @@ def _top_level_hint(key, names):
 def _validate(schema, data, prefix):
     """``(instance or None, problems)`` for one section."""
     if data is not None and not isinstance(data, dict):
-        return None, [f"{prefix.rstrip('.')}: expected a mapping of keys, got {data!r}"]
+        return None, [f"{prefix.rstrip('.')}: expected a mapping of keys, got {brief(data)}"]
     data = data or {}
     problems = _unknown_keys(data, schema, prefix)
     try:
@@ -402,7 +512,7 @@ def _validate(schema, data, prefix):
             if err["type"] == "extra_forbidden":
                 continue
             loc = prefix + ".".join(str(p) for p in err["loc"])
-            got = f" (got {err['input']!r})" if err["type"] != "missing" else ""
+            got = f" (got {brief(err['input'])})" if err["type"] != "missing" else ""
             hint = "; add it to the recipe" if err["type"] == "missing" else ""
             msg = err["msg"].removeprefix("Value error, ")
             problems.append(f"{loc}: {msg}{got}{hint}")
@@ -447,7 +557,8 @@ def load_recipe(arg, overrides=(), discovered=None, check_files=True, trust_remo
     discovered = manager.discover() if discovered is None else discovered
     requested = tree.get("plugins") or []
     if not (isinstance(requested, list) and all(isinstance(p, str) for p in requested)):
-        raise RecipeError([f"plugins: expected a list of plugin names, got {requested!r}"], path)
+        raise RecipeError([f"plugins: expected a list of plugin names, got {brief(requested)}"],
+                          path)
     active, problems = manager.resolve_active(requested, discovered)
     pm = manager.make_manager(active, discovered)
 
@@ -469,7 +580,8 @@ def load_recipe(arg, overrides=(), discovered=None, check_files=True, trust_remo
                             f"active; add {key} to plugins:, or drop the section ({key}: null "
                             "where it is inherited)")
         else:
-            problems.append(f"{key}: unknown key{_top_level_hint(key, CORE_KEYS | set(schemas))}")
+            problems.append(f"{_key(key)}: unknown key"
+                            f"{_top_level_hint(key, CORE_KEYS | set(schemas))}")
     core_tree = {k: v for k, v in tree.items() if k in CoreRecipe.model_fields}
     core, core_problems = _validate(CoreRecipe, core_tree, "")
     problems += core_problems
@@ -509,7 +621,7 @@ def load_recipe(arg, overrides=(), discovered=None, check_files=True, trust_remo
             problems += [p for p in result or [] if p not in problems
                          and section_of(p) not in faulty]
     if problems:
-        raise RecipeError(problems, path)
+        raise RecipeError([_cap(p) for p in problems], path)
     return recipe, pm
 
 

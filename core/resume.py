@@ -5,6 +5,8 @@ import math
 import os
 from pathlib import Path
 
+import yaml
+
 from . import checkpoint, loop, recipe as recipes, rundir
 from .errors import InputError, PlugtuneError
 
@@ -16,8 +18,8 @@ HUB_SOURCE = "dataset:"
 def read_manifest(run_dir):
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.yaml").is_file() or not (run_dir / "manifest.json").is_file():
-        raise InputError(f"{run_dir}: not a run directory (no recipe.yaml and manifest.json);"
-                         " give the directory a run printed")
+        raise PlugtuneError(f"{run_dir}: not a run directory (no recipe.yaml and manifest.json);"
+                            " give the directory a run printed")
     return json.loads((run_dir / "manifest.json").read_text())
 
 
@@ -44,53 +46,148 @@ def differences(manifest, recipe):
     return data + plugins, versions
 
 
-def _alive(manifest):
-    pid = manifest.get("pid")
-    if not pid or manifest.get("host") != os.uname().nodename or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def recipe_differences(manifest, recipe):
+    """How the run's ``recipe.yaml`` (as now on disk, perhaps edited) and its model differ
+    from what the run recorded when it started (or was last resumed): one line per key, and
+    one for a local model whose files changed (:func:`plugtune.rundir.model_fingerprint`).
+    Manifests written before plugtune recorded these give none."""
+    lines = []
+    if isinstance(manifest.get("recipe"), dict):
+        lines += [f"recipe.yaml {line}" for line in changes(manifest["recipe"],
+                                                           recipe.resolved())]
+    model = manifest.get("model")
+    if isinstance(model, dict) and model.get("fingerprint") and \
+            model.get("name") == recipe.model.name:
+        if rundir.model_fingerprint(recipe.model.name) != model["fingerprint"]:
+            lines.append(f"model {recipe.model.name}: its files changed since the run started "
+                         "(another model at the same path)")
+    return lines
 
 
-def resume(run_dir, force=False, echo=print, trust_remote_code=False):
-    """Continue the run in ``run_dir`` from its latest checkpoint; return the summary."""
+def changes(was, now):
+    """``KEY: OLD -> NEW`` for each key that differs between two resolved recipes."""
+    was, now = _flatten(was), _flatten(now)
+    return [f"{key}: {_brief(was.get(key, ABSENT))} -> {_brief(now.get(key, ABSENT))}"
+            for key in sorted(set(was) | set(now))
+            if key not in IGNORED and was.get(key, ABSENT) != now.get(key, ABSENT)]
+
+
+#: Recipe keys whose change does not change a run.
+IGNORED = ("description",)
+ABSENT = "(absent)"
+
+
+def _flatten(tree, prefix=""):
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _brief(value):
+    return value if value is ABSENT else recipes.brief(value, limit=80)
+
+
+def intact_checkpoint(run_dir, echo):
+    """The newest checkpoint of the run that :func:`plugtune.checkpoint.verify` passes, and
+    the damaged ones newer than it (``[(path, what is wrong)]``), each said in one line."""
+    found = checkpoint.checkpoints(run_dir)
+    if not found:
+        raise PlugtuneError(f"{run_dir}: no checkpoint to resume from (it stopped before its "
+                            "first; set train.save_every to write them); start it again with "
+                            "plugtune run")
+    damaged = []
+    for ckpt in reversed(found):
+        problem = checkpoint.verify(ckpt)
+        if problem is None:
+            for bad, why in damaged:
+                echo(f"warning: checkpoint {bad} is damaged ({why}); resuming from {ckpt.name}, "
+                     "the newest intact one")
+            return ckpt, damaged
+        damaged.append((ckpt, problem))
+    raise InputError(f"{run_dir}: no intact checkpoint to resume from: " +
+                     "; ".join(f"{p.name}: {why}" for p, why in damaged) +
+                     "; start the run again with plugtune run")
+
+
+def set_aside(damaged):
+    """Rename damaged checkpoints ``step-K.damaged`` (kept to look at): the resumed run then
+    neither counts them among the newest it keeps nor finds them again."""
+    for path, _ in damaged:
+        target, n = path.with_name(path.name + checkpoint.DAMAGED), 1
+        while target.exists():
+            n += 1
+            target = path.with_name(f"{path.name}{checkpoint.DAMAGED}-{n}")
+        os.replace(path, target)
+
+
+def resume(run_dir, force=False, echo=print, trust_remote_code=False, overrides=()):
+    """Continue the run in ``run_dir`` from its newest intact checkpoint; return the summary.
+    ``overrides`` (``KEY=VALUE``, as ``plugtune run`` takes) change the recipe from here on,
+    e.g. ``train.max_steps=200`` to train longer; ``recipe.yaml`` then records them. The main
+    process holds the run directory's lock (:func:`plugtune.rundir.lock`) until the run
+    ends."""
     run_dir = Path(run_dir)
+    read_manifest(run_dir)
+    main = rundir.is_main_process()
+    if main:
+        rundir.lock(run_dir)
+    try:
+        return _resume(run_dir, force, echo, trust_remote_code, main, overrides)
+    finally:
+        rundir.release(run_dir)
+
+
+def _resume(run_dir, force, echo, trust_remote_code, main, overrides):
     manifest = read_manifest(run_dir)
     status = manifest.get("status", "")
     if status == "completed" or status.startswith("stopped early"):
         raise PlugtuneError(f"{run_dir}: the run has finished ({status}); nothing to resume")
-    if status == "running" and _alive(manifest):
-        raise PlugtuneError(f"{run_dir}: process {manifest['pid']} is still running this run; "
-                            "stop it first (Ctrl-C writes a checkpoint)")
-    checkpoint.clean(run_dir)
-    ckpt = checkpoint.latest(run_dir)
-    if ckpt is None:
-        raise PlugtuneError(f"{run_dir}: no checkpoint to resume from (it stopped before its "
-                            "first; set train.save_every to write them); start it again with "
-                            "plugtune run")
+    if main:
+        checkpoint.clean(run_dir)
+    ckpt, damaged = intact_checkpoint(run_dir, echo)
     recipe, pm = recipes.load_recipe(run_dir / "recipe.yaml", check_files=False,
                                      trust_remote_code=trust_remote_code)
     changed, versions = differences(manifest, recipe)
+    changed += recipe_differences(manifest, recipe)
     for line in versions:
         echo(f"warning: {line}")
     if changed and not force:
-        raise PlugtuneError(f"{run_dir}: cannot resume exactly: " + "; ".join(changed) +
-                            "; pass --force to resume anyway (recorded in the manifest)")
+        raise InputError(f"{run_dir}: cannot resume exactly; since the run was recorded:\n" +
+                         "".join(f"  - {line}\n" for line in changed) +
+                         "undo them, or pass --force to resume with them (recorded in the "
+                         "manifest)")
+    for line in changed:
+        echo(f"warning: resuming with a change (--force): {line}")
+    if overrides:  # asked for on the command line: no --force needed
+        asked, pm = recipes.load_recipe(run_dir / "recipe.yaml", overrides, check_files=False,
+                                        trust_remote_code=trust_remote_code)
+        for line in changes(recipe.resolved(), asked.resolved()):
+            echo(f"resuming with {line} (from the command line)")
+            changed.append(f"command line {line}")
+        recipe = asked
+    run = loop.setup(recipe, pm, echo=echo)  # bad input stops here, before anything is written
     step = json.loads((ckpt / "state.json").read_text())["step"]
 
     def started():  # the checkpoint loaded: only now is this a resume to record
-        if rundir.is_main_process():
-            truncate_metrics(run_dir, step, json.loads((ckpt / "state.json").read_text()))
-            resumed = manifest.get("resumed", []) + [{"from_step": step, "forced": changed}]
-            rundir.update_manifest(run_dir, status="running", resumed=resumed, pid=os.getpid(),
-                                   host=os.uname().nodename)
+        if not main:
+            return
+        set_aside(damaged)
+        truncate_metrics(run_dir, step, json.loads((ckpt / "state.json").read_text()))
+        resumed = manifest.get("resumed", []) + [{"from_step": step, "forced": changed}]
+        # what was forced becomes what the run records, for the next resume to compare with
+        now = {"recipe": recipe.resolved(), "model": rundir.model_record(recipe.model.name),
+               "data": rundir.data_hashes(recipe, run.sources),
+               "plugin_versions": rundir.plugin_versions(recipe)} if changed else {}
+        if overrides:
+            rundir.atomic_write(run_dir / "recipe.yaml",
+                                yaml.safe_dump(recipe.resolved(), sort_keys=False))
+        rundir.update_manifest(run_dir, status="running", resumed=resumed, pid=os.getpid(),
+                               host=os.uname().nodename, **now)
 
-    run = loop.setup(recipe, pm, echo=echo)
     return loop.train(run, echo=echo, resume=(run_dir, ckpt), on_resume=started), run
 
 

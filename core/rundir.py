@@ -1,5 +1,8 @@
 """The run directory: atomic writes, the resolved recipe and the manifest."""
+import errno
+import fcntl
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -14,11 +17,39 @@ from pathlib import Path
 
 import yaml
 
-from .errors import InputError
+from .errors import InputError, PlugtuneError
 
 UMASK = os.umask(0o022)
 os.umask(UMASK)
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "pluggy", "plugtune")
+
+
+class DiskFull(PlugtuneError):
+    """The disk (or the user's quota) filled up while plugtune wrote ``path``."""
+
+    def __init__(self, path):
+        super().__init__(f"{path}: no space left on the device (disk full or over quota); "
+                         "nothing was left half-written and the previous checkpoints are whole; "
+                         "free some space, then continue with: plugtune resume RUN_DIR")
+
+
+def is_disk_full(exc, folder=None):
+    """Whether ``exc`` is a full disk or quota: an ``OSError`` saying so, or (with ``folder``)
+    the ``RuntimeError`` torch.save raises for it ("unexpected pos ...", no errno) while the
+    disk holding ``folder`` has (almost) no room left."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if folder is None or not isinstance(exc, RuntimeError):
+        return False
+    try:
+        stat = os.statvfs(folder)
+    except OSError:
+        return False
+    return stat.f_bavail * stat.f_frsize < NO_ROOM
+
+
+#: Free bytes below which a failed write is put down to a full disk.
+NO_ROOM = 1 << 20
 
 
 def atomic_write(path, data):
@@ -26,7 +57,12 @@ def atomic_write(path, data):
     reader sees the old file or the new one, never half of one."""
     path = Path(path)
     mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise DiskFull(path) from exc
+        raise
     os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600; give the usual permissions
     try:
         with os.fdopen(fd, mode) as f:
@@ -34,9 +70,59 @@ def atomic_write(path, data):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if is_disk_full(exc):
+            raise DiskFull(path) from exc
         raise
+
+
+#: The lock file of a run directory (see :func:`lock`).
+LOCK = ".lock"
+_locks = {}  # run directory (resolved) -> the open lock file this process holds
+
+
+def lock(run_dir):
+    """Hold ``RUN/.lock`` for this process, or refuse in one line naming the process that
+    holds it: one process at a time writes a run directory (two resumes at once would both
+    train and log every step twice). ``fcntl.flock`` rather than a pid file: the kernel drops
+    the lock when its process dies, however it dies, so a killed run never leaves a stale lock
+    to clean up; the pid in the file is only for the message. Taking it again in the process
+    that holds it does nothing; :func:`release` lets go."""
+    key = Path(run_dir).resolve()
+    while key not in _locks:
+        fd = os.open(key / LOCK, os.O_RDWR | os.O_CREAT, 0o666 & ~UMASK)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise InputError(f"{run_dir}: another plugtune process (pid {holder}) is using this "
+                             "run directory; wait for it to end or stop it (Ctrl-C writes a "
+                             "checkpoint), then resume") from None
+        if _same_file(fd, key / LOCK):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            _locks[key] = fd
+        else:  # locked a file its holder removed on release: take the new one
+            os.close(fd)
+
+
+def _same_file(fd, path):
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def release(run_dir):
+    """Let go of the lock :func:`lock` took (if this process holds it), removing the file
+    while still holding it (a process that opened it meanwhile sees it gone and starts over)."""
+    key = Path(run_dir).resolve() if run_dir is not None else None
+    fd = _locks.pop(key, None)
+    if fd is not None:
+        Path(key / LOCK).unlink(missing_ok=True)
+        os.close(fd)
 
 
 def is_main_process():
@@ -103,10 +189,12 @@ def create(recipe, sources=None):
                          "folder (output.dir=...)") from exc
     final = _claim(parent, run_name(recipe), numbered=not recipe.output.name)
     try:
+        lock(final)
         remove_stale(parent, final.name)
         atomic_write(final / "recipe.yaml", yaml.safe_dump(recipe.resolved(), sort_keys=False))
         write_manifest(final, manifest(recipe, sources))
     except BaseException:
+        release(final)
         shutil.rmtree(final, ignore_errors=True)
         raise
     return final
@@ -139,9 +227,6 @@ def manifest(recipe, sources=None):
     """The manifest of a new run. ``sources``: ``{name: sha256}`` of what the data phase read
     that is not a local path (a hub dataset's cached files); local files and directories (a
     ``save_to_disk`` dataset, named as a path or as ``dataset:``) are hashed here."""
-    files = [f if isinstance(f, str) else f.dataset
-             for key in ("train", "validation", "test") for f in getattr(recipe.data, key) or []]
-    files = [f for f in files if Path(f).is_absolute() and os.path.exists(f)]  # not hub ids
     return {
         "status": "running",
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -157,8 +242,71 @@ def manifest(recipe, sources=None):
         "recipe_file": str(recipe.path),
         "git_revision": _git_revision(recipe.path.parent),
         "command": sys.argv,
-        "data": {**{f: sha256(f) for f in files}, **(sources or {})},
+        "data": data_hashes(recipe, sources),
+        "recipe": recipe.resolved(),
+        "model": model_record(recipe.model.name),
     }
+
+
+def data_hashes(recipe, sources=None):
+    """``{file: sha256}`` of the recipe's local data files and directories, with ``sources``
+    (what the data phase read that is not a local path)."""
+    files = [f if isinstance(f, str) else f.dataset
+             for key in ("train", "validation", "test") for f in getattr(recipe.data, key) or []]
+    files = [f for f in files if Path(f).is_absolute() and os.path.exists(f)]  # not hub ids
+    return {**{f: sha256(f) for f in files}, **(sources or {})}
+
+
+#: Model files up to this size are hashed in full; larger ones by size and their ends.
+HASHED_IN_FULL = 64 << 20
+ENDS = 4 << 20
+
+
+def model_record(name):
+    """What a manifest records of the model: its name and :func:`model_fingerprint`."""
+    return {"name": name, "fingerprint": model_fingerprint(name)}
+
+
+def model_fingerprint(name):
+    """A cheap fingerprint of a local model (a folder, a ``.gguf`` or ``pkg:`` file), for
+    resume to notice the base changed: every file's name and size, the sha256 of each file up
+    to 64 MiB (config, tokenizer, small weights) and of the first and last 4 MiB of a larger
+    one (a weight file's header and its first and last tensors) -- a few MiB read per shard,
+    not a 16 GB hash at every resume. None for a hub id (compared by name)."""
+    path = _model_path(name)
+    if path is None:
+        return None
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for file in files:
+        size = file.stat().st_size
+        h.update(f"{file.relative_to(path).as_posix() if path.is_dir() else file.name} "
+                 f"{size}\n".encode())
+        with open(file, "rb") as f:
+            if size <= HASHED_IN_FULL:
+                h.update(f.read())
+            else:
+                h.update(f.read(ENDS))
+                f.seek(size - ENDS)
+                h.update(f.read(ENDS))
+    return h.hexdigest()
+
+
+def _model_path(name):
+    if name.startswith("pkg:"):  # as plugins/hf.py resolves it: a file in a package
+        package, _, inner = name[4:].partition("/")
+        try:
+            spec = importlib.util.find_spec(package)
+        except (ImportError, ValueError):
+            return None
+        locations = list(spec.submodule_search_locations or []) if spec else []
+        path = Path(locations[0]) / inner if locations else None
+    else:
+        path = Path(name).expanduser()
+    try:
+        return path if path is not None and path.exists() else None
+    except (OSError, ValueError):
+        return None
 
 
 def versions():

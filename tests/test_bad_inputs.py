@@ -329,8 +329,8 @@ def test_racing_runs_the_loser_is_told_it_exists(make_recipe, tmp_path):
     assert all("output.name:" in o and "already exists" in o
                for o in outs if o.startswith("refused:")), outs
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["run"]
-    assert {p.name for p in (tmp_path / "runs" / "run").iterdir()} == {"recipe.yaml",
-                                                                       "manifest.json"}
+    made = {p.name for p in (tmp_path / "runs" / "run").iterdir()}
+    assert made - {rundir.LOCK} == {"recipe.yaml", "manifest.json"}  # the winner's lock stays
 
 
 def test_stale_temporary_run_folders_are_cleaned(make_recipe, tmp_path):

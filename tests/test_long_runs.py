@@ -333,7 +333,8 @@ def test_checkpoints_hold_what_trains_and_keep_the_newest(make_recipe):
     assert kept == ["step-2", "step-4"]  # keep_checkpoints: 2 by default; nothing half-written
     ckpt = run.dir / "checkpoints" / "step-4"
     assert {p.name for p in ckpt.iterdir()} == {"trainable.safetensors", "optimizer.pt",
-                                                "scheduler.pt", "rng.pt", "state.json"}
+                                                "scheduler.pt", "rng.pt", "state.json",
+                                                "checksums.json"}
     saved = load_file(ckpt / "trainable.safetensors")
     assert saved and all("lora_" in k for k in saved)  # the adapter only, not the base
     assert json.loads((ckpt / "state.json").read_text())["step"] == 4

@@ -3,6 +3,7 @@ SIGKILL after some checkpoints, then `plugtune resume`: the final weights are bi
 to an uninterrupted run's, and so is the loss at every step."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from plugtune import cli, testing
+from plugtune import cli, rundir, testing
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 STEPS = 40
@@ -139,24 +140,54 @@ def test_sigterm_alone_exits_143(long_recipe, tmp_path):
     assert "SIGTERM: interrupted at step" in err
 
 
-def test_resume_refuses_changed_data_unless_forced(make_recipe, tmp_path, capsys, echo_data):
-    recipe = make_recipe(train={"max_steps": 6, "save_every": 2})
-    summary, run = testing.run(recipe, ["train.max_steps=6"])
-    # pretend it was interrupted after step 4
+def interrupted(recipe, steps=6, at=4):
+    """Run ``recipe`` in-process with a checkpoint every 2 steps, then make it look
+    interrupted after step ``at``: later checkpoints and the saved model removed, the manifest
+    saying so."""
+    summary, run = testing.run(recipe, [f"train.max_steps={steps}"])
     for p in (run.dir / "checkpoints").iterdir():
-        if p.name != "step-4":
-            import shutil
+        if p.name != f"step-{at}":
             shutil.rmtree(p)
-    import shutil
     shutil.rmtree(run.dir / "model")
     manifest = json.loads((run.dir / "manifest.json").read_text())
     (run.dir / "manifest.json").write_text(json.dumps({**manifest, "status": "interrupted"}))
+    return run.dir
+
+
+def test_resume_refuses_changed_data_unless_forced(make_recipe, tmp_path, capsys, echo_data):
+    run_dir = interrupted(make_recipe(train={"max_steps": 6, "save_every": 2}))
     with open(echo_data[0], "a") as f:
         f.write(json.dumps({"text": "a new record"}) + "\n")
-    assert cli.main(["resume", str(run.dir)]) == 1
+    assert cli.main(["resume", str(run_dir)]) == 2
     err = capsys.readouterr().err
     assert f"data file {echo_data[0]} changed" in err and "--force" in err
-    assert cli.main(["resume", str(run.dir), "--force"]) == 0
-    manifest = json.loads((run.dir / "manifest.json").read_text())
+    assert cli.main(["resume", str(run_dir), "--force"]) == 0
+    manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "completed"
     assert "changed" in manifest["resumed"][0]["forced"][0]
+
+
+def test_resume_refuses_a_model_changed_in_place(make_recipe, tiny_llama, tmp_path, capsys):
+    model = shutil.copytree(tiny_llama, tmp_path / "model")
+    run_dir = interrupted(make_recipe(model=str(model), train={"save_every": 2}))
+    testing.tiny_model(model, "llama", ["other words"], seed=1)  # another model, same path
+    assert cli.main(["resume", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert f"model {model}: its files changed since the run started" in err
+    assert json.loads((run_dir / "manifest.json").read_text())["status"] == "interrupted"
+
+
+def test_model_fingerprint_reads_only_the_ends_of_large_files(tmp_path, monkeypatch):
+    monkeypatch.setattr(rundir, "HASHED_IN_FULL", 1000)
+    monkeypatch.setattr(rundir, "ENDS", 100)
+    (tmp_path / "config.json").write_text("{}")
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(bytes(5000))
+    before = rundir.model_fingerprint(str(tmp_path))
+    weights.write_bytes(bytes(2000) + b"x" + bytes(2999))  # the middle of a large file: unread
+    assert rundir.model_fingerprint(str(tmp_path)) == before
+    weights.write_bytes(bytes(4999) + b"x")
+    assert rundir.model_fingerprint(str(tmp_path)) != before
+    (tmp_path / "config.json").write_text('{"a": 1}')  # small files in full
+    assert rundir.model_fingerprint(str(tmp_path)) not in (before, None)
+    assert rundir.model_fingerprint("HuggingFaceTB/SmolLM2-135M") is None  # a hub id
