@@ -52,9 +52,10 @@ def plugtune_save_checkpoint(run, path):
     _maybe("save_checkpoint", run.step)
 
 
-@hookimpl(tryfirst=True)  # before the plugin that answers (this one returns None)
+@hookimpl(wrapper=True)  # watches the plugin that answers (a wrapper answers nothing)
 def plugtune_save_model(run):
     _maybe("save_model", run.step)
+    return (yield)
 '''
 
 
