@@ -306,7 +306,7 @@ def main(argv=None):
     except PlugtuneError as exc:
         if args.verbose or os.environ.get(TRACEBACK_ENV):
             traceback.print_exception(exc)
-        exc = _disk_full(exc) or exc
+        exc = _disk_full(exc) or _out_of_memory(exc) or exc  # also where a plugin was blamed
         print(f"plugtune: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except Terminated:
@@ -349,14 +349,20 @@ def _disk_full(exc):
 
 def _out_of_memory(exc):
     """A :class:`PlugtuneError` for an allocation that failed (a recipe asking for far too
-    much, such as ``lora.r=1e12``), else None."""
-    text = _first_line(exc)
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or \
-            "can't allocate memory" in text:
+    much, such as ``lora.r=1e12``; a plugin's hook may have been blamed for it), else None."""
+    while exc is not None and not _allocation_failed(exc):
+        exc = exc.__cause__
+    if exc is not None:
+        text = _first_line(exc)
         return PlugtuneError(f"out of memory: {text}; a recipe setting may ask for far too much "
                              "(an adapter's r, train.batch_size, train.max_length); `plugtune "
                              "plan RECIPE` estimates what a recipe needs")
     return None
+
+
+def _allocation_failed(exc):
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or \
+        "can't allocate memory" in _first_line(exc)
 
 
 def _first_line(exc):

@@ -18,8 +18,8 @@ HUB_SOURCE = "dataset:"
 def read_manifest(run_dir):
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.yaml").is_file() or not (run_dir / "manifest.json").is_file():
-        raise PlugtuneError(f"{run_dir}: not a run directory (no recipe.yaml and manifest.json);"
-                            " give the directory a run printed")
+        raise InputError(f"{run_dir}: not a run directory (no recipe.yaml and manifest.json);"
+                         " give the directory a run printed")
     return json.loads((run_dir / "manifest.json").read_text())
 
 

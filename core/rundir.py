@@ -8,6 +8,7 @@ import os
 import platform
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -153,13 +154,14 @@ def unusable_parent(parent):
             return (f"{parent} is in {root}, a kernel file system that cannot hold run "
                     "directories; give a folder on disk (output.dir=runs)")
     for ancestor in (path, *path.parents):
-        try:
-            is_dir = ancestor.is_dir()
-            exists = is_dir or os.path.lexists(ancestor)
+        try:  # one stat: another run may create the folder between two questions
+            is_dir = stat.S_ISDIR(os.stat(ancestor).st_mode)
+        except FileNotFoundError:
+            if not os.path.islink(ancestor):  # a dangling link is in the way, not missing
+                continue
+            is_dir = False
         except OSError as exc:
             return f"{parent} is not a usable path ({exc.strerror}); give a shorter folder name"
-        if not exists:
-            continue
         if not is_dir:
             return (f"{parent} lies under {ancestor}, which is a file, not a directory; give "
                     "another folder (output.dir=...)")
