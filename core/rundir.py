@@ -156,7 +156,7 @@ def unusable_parent(parent):
     for ancestor in (path, *path.parents):
         try:  # one stat: another run may create the folder between two questions
             is_dir = stat.S_ISDIR(os.stat(ancestor).st_mode)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # missing, or under a file: look up
             if not os.path.islink(ancestor):  # a dangling link is in the way, not missing
                 continue
             is_dir = False
