@@ -10,7 +10,7 @@ import io
 import json
 from pathlib import Path
 
-from plugtune import hookimpl, is_file
+from plugtune import active_roles, hookimpl, is_file
 from plugtune.data import Record, map_columns, read_splits
 from plugtune.errors import DataError
 from plugtune.sources import hub_offline
@@ -249,7 +249,11 @@ def _skipped(source):
 def plugtune_check_recipe(recipe):
     """Every data source is of a known type and reads: UTF-8, well-formed, records that are
     objects, the mapped columns present (a missing file is the core's to report; a hub
-    dataset is checked only while the hub is offline, from the datasets cache)."""
+    dataset is checked only while the hub is offline, from the datasets cache). Nothing when
+    this plugin yielded the ``data`` role to a reader the recipe names: the files are that
+    reader's."""
+    if "data" not in active_roles(recipe).get("data", ["data"]):
+        return []
     problems = []
     for key in ("train", "validation", "test"):
         for source in getattr(recipe.data, key) or []:
