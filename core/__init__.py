@@ -24,7 +24,9 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 #: when a name is removed or its contract changes. A plugin's ``PLUGTUNE_API`` range is checked
 #: against it. 1.1 added roles (``PLUGTUNE_ROLES``, ``PLUGTUNE_REPLACES``, :func:`active_roles`),
 #: the names built-in plugins used from private modules, and the modules plugin families share
-#: (``plugtune.plugins.peft_family``, ``head_family``, ``kbit_family``, ``generation_metrics``).
+#: (``plugtune.plugins.peft_family``, ``head_family``, ``kbit_family``, ``generation_metrics``,
+#: ``optimizer_family``), the ``plugtune_check_records`` hook and the batch's
+#: ``num_real_tokens`` (``plugtune.data.REAL_TOKENS``).
 API_VERSION = "1.1"
 
 #: Decorator for hook implementations: ``@hookimpl def plugtune_check_recipe(recipe): ...``
@@ -57,7 +59,8 @@ PUBLIC_MODULES = ("plugtune.hookspecs", "plugtune.testing", "plugtune.errors", "
                   # what a family of plugins shares (1.1), so a stranger's method or head can
                   # be written as the built-in ones are
                   "plugtune.plugins.peft_family", "plugtune.plugins.head_family",
-                  "plugtune.plugins.kbit_family", "plugtune.plugins.generation_metrics")
+                  "plugtune.plugins.kbit_family", "plugtune.plugins.generation_metrics",
+                  "plugtune.plugins.optimizer_family")
 
 __all__ = ["__version__", "API_VERSION", "hookimpl", "Loss", *_LAZY]
 

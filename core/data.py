@@ -1,6 +1,16 @@
-"""The data types that pass between the data phase's hooks."""
+"""The data types that pass between the data phase's hooks, and the one check of records: the
+data plugin reads them, the task plugins check them (``plugtune_check_records``)."""
+import random
 from dataclasses import dataclass, field
 from typing import Callable
+
+from .errors import DataError
+
+#: The batch entry (a 0-dim tensor) by which a collator tells the loop how many of a batch's
+#: tokens are real, where padding or filler is not marked by an ``attention_mask`` (packed
+#: rows): ``tokens_per_s`` counts it. The loop does not pass it to the model. (``_tokens``, its
+#: name before plugin API 1.1, is still read.)
+REAL_TOKENS = "num_real_tokens"
 
 
 @dataclass
@@ -45,3 +55,102 @@ class Tokenized:
 
     def tokens(self):
         return sum(len(e["input_ids"]) for e in self.examples)
+
+
+def read_splits(recipe, read, sources=None):
+    """The :class:`Splits` of the recipe's ``data.train``, ``data.validation`` and
+    ``data.test``, each source (a path, or a ``{dataset: ...}`` entry) read by ``read(source,
+    key)`` into :class:`Record` objects, ``data.columns`` mapped; without ``data.validation``
+    a seeded ``data.val_fraction`` of the training records is held out. What a data reader's
+    ``plugtune_read_data`` returns, so that it reads its format and nothing else."""
+    def records(key):
+        return [r for s in getattr(recipe.data, key) or []
+                for r in map_columns(read(s, key), recipe.data.columns)]
+
+    train = records("train")
+    test = records("test") if recipe.data.test else None
+    if recipe.data.validation:
+        return Splits(train, records("validation"), test, sources)
+    shuffled = train[:]
+    random.Random(recipe.train.seed).shuffle(shuffled)
+    n_val = max(1, round(len(shuffled) * recipe.data.val_fraction))
+    if n_val >= len(shuffled):
+        raise DataError(f"data.train: {len(train)} record(s) cannot be split for validation; "
+                        "add records or give data.validation")
+    return Splits(shuffled[n_val:], shuffled[:n_val], test, sources)
+
+
+def map_columns(records, columns):
+    """Rename each record's columns to the fields the task reads (``{field: column}``, the
+    recipe's ``data.columns``)."""
+    if not columns:
+        return records
+    for r in records:
+        for target, column in columns.items():
+            if column not in r.data:
+                raise DataError(f"{r.where}: no {column!r} column (data.columns reads "
+                                f"{target!r} from it); this record has {sorted(r.data)}")
+        mapped = {target: r.data[column] for target, column in columns.items()}
+        r.data = {**{k: v for k, v in r.data.items() if k not in columns.values()}, **mapped}
+    return records
+
+
+def check_each(records, check):
+    """``record.where: problem`` of the first bad record of each file: ``check(record)`` raises
+    :class:`~plugtune.errors.DataError` (naming ``record.where``) for a bad record. What a
+    ``plugtune_check_records`` implementation returns: one line per file, not one per line of a
+    file that is wrong throughout."""
+    problems, bad = [], set()
+    for record in records:
+        if record.file in bad:
+            continue
+        try:
+            check(record)
+        except DataError as exc:
+            bad.add(record.file)
+            problems.append(str(exc))
+    return problems
+
+
+def key_of(recipe, split):
+    """The recipe key ``split``'s records came from: held-out validation records come from
+    ``data.train`` unless ``data.validation`` is given."""
+    return "train" if split == "validation" and not recipe.data.validation else split
+
+
+def check_records(hook, recipe, splits):
+    """Every task plugin's problems with the records of ``splits`` (a :class:`Splits`), each
+    prefixed with the recipe key the records came from."""
+    problems = []
+    for split in ("train", "validation", "test"):
+        records = getattr(splits, split, None)
+        if not records:
+            continue
+        for result in hook.plugtune_check_records(recipe=recipe, split=split, records=records):
+            problems += [f"data.{key_of(recipe, split)}: {p}" for p in result or []]
+    return problems
+
+
+def validate_records(pm, recipe, problems):
+    """What ``validate`` says of the records, once the data reads: the data plugin reads them
+    (``plugtune_read_data``) and the task plugins check them. Not while a data problem is
+    already reported (the data plugin's own check names a file it cannot read), nor while the
+    hub is online and a split is a hub dataset (``plugtune run`` downloads it, and checks its
+    records then as it tokenizes them)."""
+    from .sources import hub_offline
+
+    if any(p.startswith(("data", "plugins")) for p in problems) or (
+            not hub_offline() and _hub_sources(recipe)):
+        return []
+    try:
+        splits = pm.hook.plugtune_read_data(recipe=recipe)
+    except DataError as exc:
+        return [str(exc)]
+    return check_records(pm.hook, recipe, splits) if splits is not None else []
+
+
+def _hub_sources(recipe):
+    from pathlib import Path
+
+    return [s for key in ("train", "validation", "test") for s in getattr(recipe.data, key) or []
+            if not isinstance(s, str) and not Path(s.dataset).is_absolute()]

@@ -69,6 +69,22 @@ def plugtune_read_data(recipe):
     """
 
 
+@hookspec
+def plugtune_check_records(recipe, split, records):
+    """Return problems with the records the data plugin read, before any model loads: what a
+    task needs of a record (its fields, their types) checked on the records themselves, so a
+    task never opens a data file and a replacement data reader's records are checked too.
+    Called by ``validate`` (and so before ``plugtune run`` reads anything else) once the data
+    reads, with each split of ``plugtune_read_data``'s :class:`plugtune.data.Splits`.
+
+    :param split: ``"train"``, ``"validation"`` or ``"test"``.
+    :param records: a list of :class:`plugtune.data.Record`.
+    :return: an iterable of messages, each starting with the ``record.where`` at fault
+        (:func:`plugtune.data.check_each` reports the first bad record of each file); the
+        core prefixes the recipe key the records came from (``data.train: ``).
+    """
+
+
 @hookspec(firstresult=True)
 def plugtune_tokenize(records, tokenizer, recipe, split):
     """Turn records into model inputs. Stops at first non-None result (the task plugin).

@@ -25,6 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from . import checkpoint, manager, rundir
+from .data import REAL_TOKENS
 from .errors import PluginError, PlugtuneError
 from .loss import as_loss
 from .recipe import float16_training_problem
@@ -221,18 +222,21 @@ def to_device(batch, device):
 
 
 def loss_of(run, model, batch):
-    """The task plugin's :class:`~plugtune.loss.Loss` of ``model`` on ``batch``. Keys that
-    start with ``_`` are the loop's bookkeeping (``_tokens``), not model inputs: left out."""
-    batch = {k: v for k, v in batch.items() if not k.startswith("_")}
+    """The task plugin's :class:`~plugtune.loss.Loss` of ``model`` on ``batch``. The collator's
+    count of real tokens (``plugtune.data.REAL_TOKENS``; ``_``-keys before API 1.1) is the
+    loop's, not a model input: left out."""
+    batch = {k: v for k, v in batch.items() if k != REAL_TOKENS and not k.startswith("_")}
     return as_loss(first(run.pm.hook.plugtune_compute_loss, "compute the loss", model=model,
                          batch=batch, recipe=run.recipe))
 
 
 def real_tokens(batch):
-    """The tokens of ``batch`` that are not padding: its ``_tokens`` where the collator counted
-    them (packed rows), else the attention mask's sum, else every position."""
-    if "_tokens" in batch:
-        return batch["_tokens"].float()
+    """The tokens of ``batch`` that are not padding: the collator's ``REAL_TOKENS`` count
+    where it gives one (packed rows; ``_tokens`` before API 1.1), else the attention mask's
+    sum, else every position."""
+    count = batch.get(REAL_TOKENS, batch.get("_tokens"))
+    if count is not None:
+        return count.float()
     mask = batch.get("attention_mask")
     return (mask.sum() if mask is not None else
             torch.tensor(batch["input_ids"].numel(), device=batch["input_ids"].device)).float()

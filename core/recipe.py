@@ -14,6 +14,7 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloa
                       ValidationError, field_validator)
 
 from . import manager, rundir
+from .data import validate_records
 from .errors import PluginError, RecipeError
 
 
@@ -620,6 +621,9 @@ def load_recipe(arg, overrides=(), discovered=None, check_files=True, trust_remo
         for result in results:
             problems += [p for p in result or [] if p not in problems
                          and section_of(p) not in faulty]
+        if check_files:  # the records, as the data plugin reads them (plugtune_check_records)
+            with manager.blamed(pm):
+                problems += validate_records(pm, recipe, problems)
     if problems:
         raise RecipeError([_cap(p) for p in problems], path)
     return recipe, pm

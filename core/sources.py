@@ -8,6 +8,7 @@ with the GGUF magic bytes; a model or tokenizer whose config names custom code (
 refused unless the command line says ``--trust-remote-code``. A hub id that is neither in the
 hub cache nor in plugtune's catalog is refused while the hub is offline (``HF_HUB_OFFLINE``).
 """
+import importlib.util
 import json
 import os
 import pickle
@@ -22,6 +23,19 @@ from .errors import InputError
 HUB_ID = re.compile(r"(?!.*(--|\.\.))[A-Za-z0-9_][\w.-]{0,95}(/[A-Za-z0-9_][\w.-]{0,95})?")
 GGUF_MAGIC = b"GGUF"
 TRUST_HINT = "add --trust-remote-code to the command after reading that code"
+
+
+def resolve_source(name):
+    """A local path for ``pkg:PACKAGE/FILE`` (a file inside an installed Python package) and
+    file sources; the name itself for hub ids. What :func:`plugtune.models.read_config` and a
+    loader take."""
+    if name.startswith("pkg:"):
+        package, _, inner = name[4:].partition("/")
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"Python package {package!r} is not installed")
+        return Path(list(spec.submodule_search_locations)[0]) / inner
+    return Path(name) if Path(name).exists() or name.endswith(".gguf") else name
 
 
 def looks_local(name):

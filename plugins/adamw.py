@@ -1,20 +1,21 @@
 """The default optimizer and schedule: torch AdamW (no weight decay on biases and norms, as in
 nanoGPT) with linear warm-up, then a constant, linear or cosine learning rate. bfloat16 weights
-are stepped with Kahan summation (``adamw.kahan_summation``, see ``_kahan``)."""
+are stepped with Kahan summation (``adamw.kahan_summation``, see
+``plugtune.plugins.optimizer_family``)."""
 import math
 
 import torch
 
-from plugtune import hookimpl
-from plugtune.plugins import _kahan
-from plugtune.recipe import Section
+from plugtune import Optimizer, Section, hookimpl
+from plugtune.plugins import optimizer_family as family
+from plugtune.plugins.optimizer_family import param_groups
 
 PLUGTUNE_DEFAULT = True
 PLUGTUNE_ROLES = {"optimizer", "scheduler"}  # yields each to a plugin a recipe names
 
 
 class AdamWSection(Section):
-    kahan_summation: _kahan.Setting = _kahan.setting_field()
+    kahan_summation: family.Setting = family.setting_field()
 
 
 @hookimpl
@@ -22,22 +23,9 @@ def plugtune_recipe_sections(register):
     register("adamw", AdamWSection)
 
 
-def is_vector(p):
-    """A vector whatever its shape: fewer than two dimensions longer than 1 (biases and norm
-    scales, and IA3's scaling vectors, stored as ``(out, 1)`` or ``(1, in)`` matrices)."""
-    return sum(size > 1 for size in p.shape) < 2
-
-
-def param_groups(params, weight_decay):
-    """Matrices decay; vectors (biases, norm scales, IA3 scaling vectors) do not."""
-    params = list(params)
-    return [{"params": [p for p in params if not is_vector(p)], "weight_decay": weight_decay},
-            {"params": [p for p in params if is_vector(p)], "weight_decay": 0.0}]
-
-
 @hookimpl(trylast=True)
 def plugtune_build_optimizer(params, recipe):
-    return _kahan.build(lambda groups: torch.optim.AdamW(groups, lr=recipe.train.lr),
+    return family.build(lambda groups: torch.optim.AdamW(groups, lr=recipe.train.lr),
                         param_groups(params, recipe.train.weight_decay),
                         recipe["adamw"].kahan_summation)
 
@@ -76,18 +64,16 @@ def plugtune_estimate_memory(plan, recipe):
     buffer. The step's temporaries: torch's foreach implementation (CUDA) makes one copy of
     the second moments; the per-tensor loop (CPU, and Kahan's steps one tensor at a time) two
     of the largest tensor. Only when no other optimizer plugin reported its own."""
-    from plugtune.plan import Optimizer
-
     if plan.optimizer is not None:
         return
     trainable = plan.trainable()
-    kahan = _kahan.wanted(recipe["adamw"].kahan_summation, trainable)
-    sizes = [p.numel * (4 if kahan and p.dtype == _kahan.COMPENSATED else p.dtype.itemsize)
+    kahan = family.wanted(recipe["adamw"].kahan_summation, trainable)
+    sizes = [p.numel * (4 if kahan and p.dtype == family.COMPENSATED else p.dtype.itemsize)
              for p in trainable]
     one_at_a_time = plan.device != "cuda" or kahan
     step = 2 * max(sizes, default=0) if one_at_a_time else sum(sizes)
     name = "AdamW (torch): 2 states in the parameter dtype"
     if kahan:
         name = "AdamW (torch) with Kahan summation: 2 float32 states + a bf16 buffer"
-        _kahan.plan_buffers(plan, trainable)
+        family.plan_buffers(plan, trainable)
     plan.optimizer = Optimizer(name, 2 * sum(sizes), step)

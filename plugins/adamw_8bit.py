@@ -13,10 +13,9 @@ import math
 
 from pydantic import Field
 
-from plugtune import hookimpl
-from plugtune.plugins import _kahan
-from plugtune.plugins.adamw import param_groups
-from plugtune.recipe import Section
+from plugtune import Optimizer, Section, hookimpl
+from plugtune.plugins import optimizer_family as family
+from plugtune.plugins.optimizer_family import param_groups
 
 PLUGTUNE_ROLES = {"optimizer"}
 
@@ -27,7 +26,7 @@ class AdamW8bitSection(Section):
     betas: tuple[float, float] = Field((0.9, 0.999), description="Adam's beta1, beta2")
     eps: float = Field(1e-8, gt=0)
     min_8bit_size: int = Field(4096, gt=0, description="smaller tensors keep 32-bit state")
-    kahan_summation: _kahan.Setting = _kahan.setting_field()
+    kahan_summation: family.Setting = family.setting_field()
 
 
 @hookimpl
@@ -41,7 +40,7 @@ def plugtune_build_optimizer(params, recipe):
 
     s = recipe["adamw_8bit"]
     optimizer = bnb.optim.PagedAdamW8bit if s.paged else bnb.optim.AdamW8bit
-    return _kahan.build(lambda groups: optimizer(groups, lr=recipe.train.lr, betas=s.betas,
+    return family.build(lambda groups: optimizer(groups, lr=recipe.train.lr, betas=s.betas,
                                                  eps=s.eps, min_8bit_size=s.min_8bit_size),
                         param_groups(params, recipe.train.weight_decay), s.kahan_summation)
 
@@ -56,14 +55,12 @@ def state_bytes(numel, min_8bit_size):
 
 @hookimpl
 def plugtune_estimate_memory(plan, recipe):
-    from plugtune.plan import Optimizer
-
     s = recipe["adamw_8bit"]
     trainable = plan.trainable()
     state = sum(state_bytes(p.numel, s.min_8bit_size) for p in trainable)
     name = f"{'PagedAdamW8bit' if s.paged else 'AdamW8bit'} (bitsandbytes): 2 B/param + block scales"
     step = 0
-    if _kahan.wanted(s.kahan_summation, trainable):
-        _kahan.plan_buffers(plan, trainable)
+    if family.wanted(s.kahan_summation, trainable):
+        family.plan_buffers(plan, trainable)
         step = 2 * 4 * max((p.numel for p in trainable), default=0)
     plan.optimizer = Optimizer(name, state, step, paged=s.paged and plan.device == "cuda")

@@ -13,13 +13,13 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 from pydantic import Field, PositiveInt
 
-from plugtune import hookimpl
-from plugtune.data import Tokenized
+from plugtune import Section, hookimpl
+from plugtune.data import REAL_TOKENS, Tokenized, check_each
 from plugtune.errors import DataError
 from plugtune.loss import chunked_cross_entropy, cross_entropy
-from plugtune.plugins import _generation_metrics as generation_metrics
-from plugtune.plugins._generation_metrics import normalize  # noqa: F401  (its old home)
-from plugtune.recipe import Section
+from plugtune.models import read_config
+from plugtune.plugins import generation_metrics
+from plugtune.plugins.generation_metrics import normalize  # noqa: F401  (its old home)
 
 PLUGTUNE_ROLES = {"task"}
 
@@ -72,8 +72,7 @@ def packing_problems(recipe):
     """``train.packing`` on a model type not known to keep packed examples apart, read from the
     model's config (a directory's config.json, a GGUF header, the catalog or the hub) before
     any weight loads. A config that cannot be read is the loader's to report."""
-    from plugtune.models import read_config
-    from plugtune.plugins.hf import resolve_source
+    from plugtune.sources import resolve_source
 
     if not recipe.train.packing:
         return []
@@ -92,23 +91,23 @@ def packing_problems(recipe):
 
 @hookimpl
 def plugtune_check_recipe(recipe):
-    """What ``validate`` can tell of the records without a tokenizer: text fields are strings,
-    conversations use known roles, string contents and have an assistant turn; and whether
-    the model can be trained on packed rows. (Files the ``data`` plugin cannot read are its
-    to report.)"""
-    from plugtune.plugins.data import readable
+    """Whether the model can be trained on packed rows."""
+    return packing_problems(recipe)
 
-    roles, problems = recipe["causal_lm"].roles, packing_problems(recipe)
-    for key, records in readable(recipe):
-        try:
-            for record in records:
-                check_fields(record.data, record.where)
-                check_strings(record.data, record.where)
-                if "messages" in record.data:
-                    check_messages(record.data["messages"], record.where, roles)
-        except DataError as exc:  # the first bad record of each file
-            problems.append(f"data.{key}: {exc}")
-    return problems
+
+@hookimpl
+def plugtune_check_records(recipe, records):
+    """What ``validate`` can tell of the records without a tokenizer: text fields are strings,
+    conversations use known roles, string contents and have an assistant turn."""
+    roles = recipe["causal_lm"].roles
+
+    def check(record):
+        check_fields(record.data, record.where)
+        check_strings(record.data, record.where)
+        if "messages" in record.data:
+            check_messages(record.data["messages"], record.where, roles)
+
+    return check_each(records, check)
 
 
 def _ids(tokenizer, text):
@@ -257,7 +256,8 @@ def packed_collator(pad_id, width):
     block-diagonal causal mask, flash attention its variable-length kernel). The first label
     of every example is ignored, so no token learns to predict its neighbour's start. Rows
     shorter than the longest end in one filler segment (its own positions from 0, ignored
-    labels), which attends only to itself; ``_tokens`` counts the real tokens."""
+    labels), which attends only to itself; ``num_real_tokens`` (``plugtune.data.REAL_TOKENS``)
+    counts the real tokens."""
     def collate(examples):
         lengths = [len(e["input_ids"]) for e in examples]
         layout = rows(lengths, width)
@@ -275,7 +275,7 @@ def packed_collator(pad_id, width):
             positions.append(r_pos + list(range(filler)))
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
                 "position_ids": torch.tensor(positions),
-                "_tokens": torch.tensor(sum(lengths))}
+                REAL_TOKENS: torch.tensor(sum(lengths))}
     return collate
 
 

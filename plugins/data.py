@@ -8,11 +8,10 @@ and row (``file:row 12``), for error messages. Without ``data.validation`` a see
 import csv
 import io
 import json
-import random
 from pathlib import Path
 
-from plugtune import hookimpl, is_file
-from plugtune.data import Record, Splits
+from plugtune import active_roles, hookimpl, is_file
+from plugtune.data import Record, map_columns, read_splits
 from plugtune.errors import DataError
 from plugtune.sources import hub_offline
 
@@ -226,20 +225,6 @@ def read_source(source, key, columns=None, sources=None):
     return map_columns(records, columns or {})
 
 
-def map_columns(records, columns):
-    """Rename each record's columns to the fields the task reads (``{field: column}``)."""
-    if not columns:
-        return records
-    for r in records:
-        for target, column in columns.items():
-            if column not in r.data:
-                raise DataError(f"{r.where}: no {column!r} column (data.columns reads "
-                                f"{target!r} from it); this record has {sorted(r.data)}")
-        mapped = {target: r.data[column] for target, column in columns.items()}
-        r.data = {**{k: v for k, v in r.data.items() if k not in columns.values()}, **mapped}
-    return records
-
-
 def _cache_digest(dataset):
     import hashlib
 
@@ -248,20 +233,6 @@ def _cache_digest(dataset):
     lines = "".join(f"{Path(f['filename']).name} {sha256(f['filename'])}\n"
                     for f in dataset.cache_files)
     return hashlib.sha256(lines.encode()).hexdigest()
-
-
-def readable(recipe):
-    """``(key, records)`` of every source of the recipe that reads (columns mapped), for the
-    checks of ``validate``; a hub dataset is read only from its cache while the hub is offline,
-    and not at all while it is online (``plugtune run`` downloads it)."""
-    for key in ("train", "validation", "test"):
-        for source in getattr(recipe.data, key) or []:
-            if _skipped(source):
-                continue
-            try:
-                yield key, read_source(source, key, recipe.data.columns)
-            except DataError:
-                continue
 
 
 def _skipped(source):
@@ -278,7 +249,11 @@ def _skipped(source):
 def plugtune_check_recipe(recipe):
     """Every data source is of a known type and reads: UTF-8, well-formed, records that are
     objects, the mapped columns present (a missing file is the core's to report; a hub
-    dataset is checked only while the hub is offline, from the datasets cache)."""
+    dataset is checked only while the hub is offline, from the datasets cache). Nothing when
+    this plugin yielded the ``data`` role to a reader the recipe names: the files are that
+    reader's."""
+    if "data" not in active_roles(recipe).get("data", ["data"]):
+        return []
     problems = []
     for key in ("train", "validation", "test"):
         for source in getattr(recipe.data, key) or []:
@@ -298,20 +273,6 @@ def plugtune_check_recipe(recipe):
 
 @hookimpl(trylast=True)
 def plugtune_read_data(recipe):
-    sources, columns = {}, recipe.data.columns
-
-    def read(key):
-        return [r for s in getattr(recipe.data, key) for r in read_source(s, key, columns,
-                                                                          sources)]
-
-    train = read("train")
-    test = read("test") if recipe.data.test else None
-    if recipe.data.validation:
-        return Splits(train, read("validation"), test, sources)
-    shuffled = train[:]
-    random.Random(recipe.train.seed).shuffle(shuffled)
-    n_val = max(1, round(len(shuffled) * recipe.data.val_fraction))
-    if n_val >= len(shuffled):
-        raise DataError(f"data.train: {len(train)} record(s) cannot be split for validation; "
-                        "add records or give data.validation")
-    return Splits(shuffled[n_val:], shuffled[:n_val], test, sources)
+    sources = {}
+    return read_splits(recipe, lambda source, key: read_source(source, key, sources=sources),
+                       sources)

@@ -7,7 +7,6 @@ safetensors directory under ``$PLUGTUNE_CACHE`` (default ``~/.cache/plugtune``),
 model loaded from GGUF is marked quantized and refuses training.
 """
 import hashlib
-import importlib.util
 import os
 import shutil
 import tempfile
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 from plugtune import hookimpl, sources, terminate_raises
+from plugtune.sources import resolve_source
 
 PLUGTUNE_DEFAULT = True
 PLUGTUNE_ROLES = {"loader"}  # yields it to a loader a recipe names
@@ -23,17 +23,6 @@ PLUGTUNE_ROLES = {"loader"}  # yields it to a loader a recipe names
 
 def cache_dir():
     return Path(os.environ.get("PLUGTUNE_CACHE", Path.home() / ".cache" / "plugtune"))
-
-
-def resolve_source(name):
-    """A local path for ``pkg:`` and file sources; the name itself for hub ids."""
-    if name.startswith("pkg:"):
-        package, _, inner = name[4:].partition("/")
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(f"Python package {package!r} is not installed")
-        return Path(list(spec.submodule_search_locations)[0]) / inner
-    return Path(name) if Path(name).exists() or name.endswith(".gguf") else name
 
 
 def is_local(name):

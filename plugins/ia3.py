@@ -11,14 +11,14 @@ ones (``ia3.feedforward_modules``). Saves a PEFT adapter (``adapter/``); ``plugt
 from pydantic import Field
 
 from plugtune import hookimpl
-from plugtune.plugins import _peft
-from plugtune.plugins._peft import plugtune_save_model  # noqa: F401  (shared hook)
+from plugtune.plugins import peft_family as adapters
+from plugtune.plugins.peft_family import plugtune_save_model  # noqa: F401  (shared hook)
 
 PLUGTUNE_ROLES = {"adapter"}
 
 
-class Ia3Section(_peft.AdapterSection):
-    target_modules: list[str] | str | None = _peft.target_modules_field(None, "scaling vectors")
+class Ia3Section(adapters.AdapterSection):
+    target_modules: list[str] | str | None = adapters.target_modules_field(None, "scaling vectors")
     feedforward_modules: list[str] | str | None = Field(
         None, description="which of target_modules are feed-forward layers (their input is "
         "scaled, not their output): names or a regex; null for peft's default for the "
@@ -32,7 +32,7 @@ def plugtune_recipe_sections(register):
 
 @hookimpl
 def plugtune_check_recipe(recipe):
-    problems = _peft.check(recipe, "ia3", "IA3 scaling vectors")
+    problems = adapters.check(recipe, "ia3", "IA3 scaling vectors")
     s = recipe["ia3"]
     if s.target_modules is not None and s.feedforward_modules is None:
         problems.append("ia3.feedforward_modules: give it with ia3.target_modules (the "
@@ -51,11 +51,11 @@ def plugtune_wrap_model(model, recipe):
     from peft import IA3Config
 
     s = recipe["ia3"]
-    return _peft.wrap(model, IA3Config, **_peft.common(s),
-                      feedforward_modules=s.feedforward_modules)
+    return adapters.wrap(model, IA3Config, **adapters.common(s),
+                        feedforward_modules=s.feedforward_modules)
 
 
 @hookimpl
 def plugtune_fit_variants(recipe):
     """``plan --fit``: ia3 on a 16/32-bit, an 8-bit and a 4-bit base, when the recipe uses it."""
-    return _peft.fit_variants("ia3", recipe)
+    return adapters.fit_variants("ia3", recipe)

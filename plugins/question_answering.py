@@ -25,7 +25,7 @@ import torch
 from pydantic import Field
 
 from plugtune import Section, hookimpl
-from plugtune.data import Tokenized
+from plugtune.data import Tokenized, check_each
 from plugtune.errors import DataError
 from plugtune.loss import Loss, cross_entropy
 from plugtune.plugins import head_family as heads
@@ -60,21 +60,18 @@ def plugtune_recipe_sections(register):
 
 @hookimpl
 def plugtune_check_recipe(recipe):
-    """Records with a context, a question and answers found in the context (read as
-    ``validate`` reads them, for files the ``data`` plugin can read)."""
-    from plugtune.plugins.data import readable
-
     problems = heads.check(recipe, NAME)
     if recipe[NAME].stride >= recipe.train.max_length:
         problems.append(f"{NAME}.stride: {recipe[NAME].stride} tokens shared between windows "
                         f"must be fewer than train.max_length ({recipe.train.max_length})")
-    for key, records in readable(recipe):
-        try:
-            for record in records:
-                parse(record, recipe[NAME], need_answer=key == "train")
-        except DataError as exc:  # the first bad record of each source
-            problems.append(f"data.{key}: {exc}")
     return problems
+
+
+@hookimpl
+def plugtune_check_records(recipe, split, records):
+    """Records with a context, a question and answers found in the context (a training
+    record needs an answer)."""
+    return check_each(records, lambda r: parse(r, recipe[NAME], need_answer=split == "train"))
 
 
 def parse(record, s, need_answer=True):

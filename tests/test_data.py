@@ -6,7 +6,7 @@ import json
 import pytest
 
 from plugtune import cli, testing
-from plugtune.errors import DataError, RecipeError
+from plugtune.errors import RecipeError
 
 
 def read(make_recipe, **data):
@@ -122,5 +122,6 @@ def test_val_fraction_holds_out_a_seeded_share(make_recipe, tmp_path):
 
 def test_too_few_records_to_split(make_recipe, tmp_path):
     path = testing.write_jsonl(tmp_path / "one.jsonl", [{"text": "alone"}])
-    with pytest.raises(DataError, match="data.train: 1 record.s. cannot be split"):
+    # said by validate, which has the data plugin read the records
+    with pytest.raises(RecipeError, match="data.train: 1 record.s. cannot be split"):
         read(make_recipe, train=str(path), validation=None)

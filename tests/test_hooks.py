@@ -61,9 +61,12 @@ def trainable_line(lines):
 # The lifecycle
 # ---------------------------------------------------------------------------------------------
 
-SETUP = ["recipe_sections", "check_recipe", "load_tokenizer", "read_data", "tokenize",
-         "tokenize", "model_kwargs", "model_class", "load_model", "prepare_base", "prepare_model",
-         "wrap_model", "select_trainable", "build_optimizer", "build_scheduler", "train_start"]
+RECIPE = ["recipe_sections", "check_recipe"]
+RECORDS = ["read_data", "check_records", "check_records"]  # validate checks train, validation
+SETUP = RECIPE + RECORDS + [
+    "load_tokenizer", "read_data", "tokenize", "tokenize", "model_kwargs", "model_class",
+    "load_model", "prepare_base", "prepare_model", "wrap_model", "select_trainable",
+    "build_optimizer", "build_scheduler", "train_start"]
 EVAL = ["compute_loss", "evaluate", "log", "eval_end"]  # one validation batch
 STEP = ["compute_loss", "step_end", "log"]  # one micro-batch per step, logged every step
 END = ["steps_done", *EVAL, "save_model", "train_end", "teardown"]
@@ -99,7 +102,9 @@ def test_golden_hook_order_of_a_resumed_run(quick):
                                      check_files=False)
     resumed = loop.train(loop.setup(recipe, pm, echo=lambda *a: None), echo=lambda *a: None,
                          resume=(run.dir, run.dir / "checkpoints" / "step-1"))
-    expected = SETUP[:-1] + ["load_checkpoint", "train_start"] + STEP + ["save_checkpoint"] + END
+    # the run's own recipe.yaml is reloaded without checking its files (nor reading records)
+    expected = (RECIPE + SETUP[len(RECIPE + RECORDS):-1] + ["load_checkpoint", "train_start"]
+                + STEP + ["save_checkpoint"] + END)
     assert recorder.calls == ["plugtune_" + name for name in expected]
     assert resumed["steps"] == 2
 
@@ -204,6 +209,27 @@ def test_read_data_supplies_the_records(quick):
     run, lines = set_up(quick(), Generated)
     assert [r.data["text"] for r in run.data["train"].records] == [f"zebra {i}" for i in range(4)]
     assert any(line.startswith("data: validation 2 records") for line in lines)
+
+
+class NoZebras:
+    """A task's record check: refuses records that mention zebras."""
+
+    @hookimpl
+    def plugtune_check_records(self, split, records):
+        return [f"{r.where}: {split} record mentions a zebra" for r in records
+                if "zebra" in r.data.get("text", "")]
+
+
+@covers("plugtune_check_records")
+def test_check_records_sees_the_records_the_data_plugin_read(quick, tmp_path):
+    path = testing.write_jsonl(tmp_path / "zoo.jsonl", [{"text": "a cat"}, {"text": "a zebra"}])
+    recipe = quick(data={"train": str(path), "validation": str(path)})
+    with pytest.raises(RecipeError) as caught:
+        testing.load_recipe(recipe, extra_plugins=[NoZebras])
+    assert caught.value.problems == [f"data.train: {path}:2: train record mentions a zebra",
+                                     f"data.validation: {path}:2: validation record mentions "
+                                     "a zebra"]
+    testing.load_recipe(recipe, extra_plugins=[NoZebras], check_files=False)  # not read then
 
 
 class FirstThree:

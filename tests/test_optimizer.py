@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from plugtune import cli, loop, testing
-from plugtune.plugins import _kahan
+from plugtune.plugins import optimizer_family
 
 OPTIMIZERS = {"adamw": ["causal_lm", "full"], "adamw_8bit": ["causal_lm", "full", "adamw_8bit"]}
 
@@ -57,7 +57,7 @@ def changed_in_one_step(make_recipe, model, optimizer, dtype, kahan):
             p.copy_(p.bfloat16())
     before = {n: p.detach().float().clone() for n, p in run.model.named_parameters()}
     loop.train(run, echo=lambda *a: None)
-    changed = sum((_kahan.held(run.optimizer, p) != before[n]).sum().item()
+    changed = sum((optimizer_family.held(run.optimizer, p) != before[n]).sum().item()
                   for n, p in run.model.named_parameters())
     return changed / sum(p.numel() for p in run.model.parameters())
 

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from plugtune import hookimpl, loop, testing
+from plugtune.data import REAL_TOKENS
 from plugtune.errors import RecipeError
 from plugtune.plugins import causal_lm
 
@@ -86,7 +87,7 @@ def test_packed_rows_hold_every_token_once_within_max_length(mixed):
     batch = run.data["train"].collate(examples)
     assert "attention_mask" not in batch and batch["input_ids"].shape[1] <= 64
     lengths = [len(e["input_ids"]) for e in examples]
-    assert batch["_tokens"].item() == sum(lengths)
+    assert batch[REAL_TOKENS].item() == sum(lengths)
     assert batch["input_ids"].shape[0] < len(examples)  # examples share rows
     layout = causal_lm.rows(lengths, 64)
     assert sorted(i for row in layout for i in row) == list(range(len(examples)))

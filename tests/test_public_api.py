@@ -15,21 +15,6 @@ ROOT = Path(__file__).parent.parent
 PLUGINS = ROOT / "plugins"
 DOC = (ROOT / "docs" / "plugins.md").read_text()
 
-#: Imports of files another branch edits at the same time (issue 19: the optimizer hook's
-#: new argument, causal_lm's loss, the data path): their public form is
-#: ``from plugtune import Optimizer, Section``, ``from plugtune.plugins import generation_metrics``
-#: and ``from plugtune.plugins import peft_family``; ``plugtune.plugins.data`` goes with the data
-#: path's rework. ``test_pending_imports_are_still_there`` fails once one is gone: then delete it.
-PENDING = {
-    "adamw.py": {"plugtune.plan"},
-    "adamw_8bit.py": {"plugtune.plan", "plugtune.plugins.adamw", "plugtune.recipe"},
-    "causal_lm.py": {"plugtune.plugins._generation_metrics", "plugtune.plugins.data",
-                     "plugtune.recipe"},
-    "ia3.py": {"plugtune.plugins._peft"},
-    "question_answering.py": {"plugtune.plugins.data"},
-}
-
-
 def imports(path):
     """``(module, name or None, line)`` of every import of plugtune in a file; ``from plugtune
     import x`` gives ``("plugtune", "x")``, ``from plugtune.plugins import m`` gives
@@ -69,13 +54,7 @@ def found(path):
 
 @pytest.mark.parametrize("path", sorted(PLUGINS.glob("*.py")), ids=lambda p: p.name)
 def test_plugins_import_only_the_public_api(path):
-    pending = PENDING.get(path.name, set())
-    assert sorted(why for module, why in found(path) if module not in pending) == []
-
-
-def test_pending_imports_are_still_there():
-    for name, modules in PENDING.items():
-        assert {m for m, _ in found(PLUGINS / name)} >= modules, name
+    assert sorted(why for _, why in found(path)) == []
 
 
 def test_the_check_catches_private_imports(tmp_path):

@@ -1,5 +1,8 @@
-"""Kahan-compensated steps for bfloat16 weights, around a per-parameter optimizer (``adamw``,
-``adamw_8bit``); not a plugin itself.
+"""What optimizer plugins share (plugin API 1.1; not a plugin itself): the weight-decay
+groups (:func:`param_groups`) and Kahan-compensated steps for bfloat16 weights around a
+per-parameter optimizer (:func:`build`), as ``adamw`` and ``adamw_8bit`` use them.
+
+Kahan summation:
 
 A bfloat16 weight has 8 significant bits: an update smaller than half its last place rounds
 away. At full fine-tuning learning rates (1e-5) most of a step's updates do, so a pure bf16
@@ -23,6 +26,19 @@ import torch
 from pydantic import Field
 
 COMPENSATED = torch.bfloat16
+
+
+def is_vector(p):
+    """A vector whatever its shape: fewer than two dimensions longer than 1 (biases and norm
+    scales, and IA3's scaling vectors, stored as ``(out, 1)`` or ``(1, in)`` matrices)."""
+    return sum(size > 1 for size in p.shape) < 2
+
+
+def param_groups(params, weight_decay):
+    """Matrices decay; vectors (biases, norm scales, IA3 scaling vectors) do not."""
+    params = list(params)
+    return [{"params": [p for p in params if not is_vector(p)], "weight_decay": weight_decay},
+            {"params": [p for p in params if is_vector(p)], "weight_decay": 0.0}]
 
 
 def setting_field():
