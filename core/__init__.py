@@ -10,6 +10,7 @@ range excludes :data:`API_VERSION`, naming it.
 """
 from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 import pluggy
 
@@ -62,7 +63,7 @@ PUBLIC_MODULES = ("plugtune.hookspecs", "plugtune.testing", "plugtune.errors", "
 __all__ = ["__version__", "API_VERSION", "hookimpl", "Loss", *_LAZY]
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> Any:
     if name in _LAZY:
         value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
         globals()[name] = value
@@ -70,5 +71,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'plugtune' has no attribute {name!r}")
 
 
-def __dir__():
+def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
