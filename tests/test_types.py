@@ -47,3 +47,20 @@ def test_package_type_checks():
     report = (done.stdout + done.stderr).replace("plugtune/plugins/", "plugins/") \
         .replace("plugtune/", "core/")
     assert done.returncode == 0, f"mypy found problems:\n{report}"
+
+
+def test_lazy_names_are_typed_from_their_modules():
+    """``plugtune/__init__``'s ``TYPE_CHECKING`` imports name each lazy name's own module, so
+    what mypy sees is what ``import plugtune`` gives."""
+    import ast
+
+    import plugtune
+
+    tree = ast.parse((ROOT / "core" / "__init__.py").read_text())
+    block = next(node for node in tree.body if isinstance(node, ast.If)
+                 and getattr(node.test, "id", None) == "TYPE_CHECKING")
+    typed = {alias.name: node.module for node in block.body if isinstance(node, ast.ImportFrom)
+             for alias in node.names}
+    assert typed, "no TYPE_CHECKING imports in core/__init__.py"
+    wrong = {name: module for name, module in typed.items() if plugtune._LAZY.get(name) != module}
+    assert not wrong, f"TYPE_CHECKING imports that are not the lazy names' modules: {wrong}"
