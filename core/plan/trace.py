@@ -93,7 +93,8 @@ def trace(plan: Plan, pm: pluggy.PluginManager) -> Activations:
     # index, -1 before, L after
     inputs, state = [0] * L, {"region": -1}
 
-    alive: list[torch.Tensor] = []  # a freed storage's address could be reused and then miscounted as kept
+    # a freed storage's address could be reused and then miscounted as kept
+    alive: list[torch.Tensor] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         k = _key(t)
@@ -124,8 +125,8 @@ def trace(plan: Plan, pm: pluggy.PluginManager) -> Activations:
 
     logits: dict[str, float] = {}
 
-    def output_layer(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:  # per token of its largest call (a chunked
-        # loss calls it a chunk at a time)
+    # per token of its largest call (a chunked loss calls it a chunk at a time)
+    def output_layer(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if isinstance(output, torch.Tensor) and output.numel() > logits.get("numel", 0):
             tokens = output.shape[:-1].numel()
             logits.update(numel=output.numel(), bytes=output.untyped_storage().nbytes() / tokens,
