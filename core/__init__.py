@@ -10,10 +10,24 @@ range excludes :data:`API_VERSION`, naming it.
 """
 from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from .loss import Loss
+
+# What the lazy names below are, for type checkers (tests/test_types.py keeps the two in step).
+# The loop's names are left out (Any to mypy) until Run's fields are annotated.
+if TYPE_CHECKING:
+    from .data import Record, Splits, Tokenized
+    from .errors import DataError, InputError, PluginError, PlugtuneError, RecipeError
+    from .loss import cross_entropy
+    from .manager import EXCLUSIVE_ROLES, active_roles
+    from .models import read_config, transformer_blocks
+    from .plan import Optimizer, Param, Plan, Variant
+    from .recipe import Recipe, Section, float16_training_problem, is_file
+    from .rundir import atomic_write, sha256
+    from .signals import Terminated, terminate_raises
 
 try:
     __version__ = version("plugtune")
@@ -65,7 +79,7 @@ PUBLIC_MODULES = ("plugtune.hookspecs", "plugtune.testing", "plugtune.errors", "
 __all__ = ["__version__", "API_VERSION", "hookimpl", "Loss", *_LAZY]
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> Any:
     if name in _LAZY:
         value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
         globals()[name] = value
@@ -73,5 +87,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'plugtune' has no attribute {name!r}")
 
 
-def __dir__():
+def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))

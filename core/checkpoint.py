@@ -24,7 +24,9 @@ import random
 import re
 import shutil
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -39,21 +41,26 @@ CHECKSUMS = "checksums.json"
 #: The suffix a damaged checkpoint is renamed with when a resume passes it over.
 DAMAGED = ".damaged"
 
+#: ``plugin_hook(folder)``: plugins add their files to, or read them from, a checkpoint folder
+PluginHook = Callable[[Path], object]
 
-def directory(run_dir):
+
+def directory(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def rng_state():
+def rng_state() -> dict[str, Any]:
     """This process's random states."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    # legacy=True (the default) gives the tuple form
+    kind, keys, pos, has_gauss, gauss = cast(tuple[str, np.ndarray, int, int, float],
+                                             np.random.get_state())
     return {"python": random.getstate(),
             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def set_rng_state(state):
+def set_rng_state(state: dict[str, Any] | list[dict[str, Any]]) -> None:
     """Restore this process's random states from :func:`rng_state`'s answer, or from a list of
     them by rank (``rng.pt``; older checkpoints hold one state, restored on every process)."""
     if isinstance(state, list):
@@ -66,18 +73,18 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _rank():
+def _rank() -> int:
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     return torch.distributed.get_rank() if distributed else 0
 
 
-def trainable_state(model):
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """``{name: tensor}`` of the parameters that train (copied, contiguous, on the CPU)."""
     return {n: p.detach().to("cpu", copy=True).contiguous()
             for n, p in model.named_parameters() if p.requires_grad}
 
 
-def load_trainable(model, path):
+def load_trainable(model: torch.nn.Module, path: str | Path) -> None:
     """Copy saved trainable parameters into ``model`` in place; every name must match."""
     saved = load_file(path)
     params = dict(model.named_parameters())
@@ -89,7 +96,9 @@ def load_trainable(model, path):
             params[name].copy_(tensor)
 
 
-def save(path, *, model, optimizer, scheduler, scaler, state, plugin_hook, rng=None):
+def save(path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+         scheduler: Any, scaler: Any, state: dict[str, Any], plugin_hook: PluginHook,
+         rng: list[dict[str, Any]] | None = None) -> Path:
     """Write a checkpoint into the directory ``path`` atomically (replacing one there).
 
     :param state: the loop's counters (``step`` first), written as ``state.json``.
@@ -124,14 +133,14 @@ def save(path, *, model, optimizer, scheduler, scaler, state, plugin_hook, rng=N
     return final
 
 
-def _files(folder):
+def _files(folder: str | Path) -> list[str]:
     """Every file under ``folder`` except ``checksums.json``, as relative names, sorted."""
     folder = Path(folder)
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
                   if p.is_file() and p.name != CHECKSUMS)
 
 
-def _sha256(path):
+def _sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -139,14 +148,14 @@ def _sha256(path):
     return h.hexdigest()
 
 
-def checksums(folder):
+def checksums(folder: str | Path) -> dict[str, dict[str, dict[str, Any]]]:
     """``{"files": {name: {"size": bytes, "sha256": hex}}}`` of a checkpoint's files."""
     return {"files": {name: {"size": (Path(folder) / name).stat().st_size,
                              "sha256": _sha256(Path(folder) / name)}
                       for name in _files(folder)}}
 
 
-def verify(path):
+def verify(path: str | Path) -> str | None:
     """What is wrong with the checkpoint directory ``path``, in a few words, or None when it
     is intact: each file its ``checksums.json`` lists is there, of its size and sha256, and
     ``state.json``'s step is the ``K`` of ``step-K``. A checkpoint written before plugtune
@@ -179,13 +188,13 @@ def verify(path):
     return None
 
 
-def prune(run_dir, keep):
+def prune(run_dir: str | Path, keep: int | None) -> None:
     """Delete all but the ``keep`` newest checkpoints of a run (None: keep all)."""
     for old in checkpoints(run_dir)[:-keep] if keep else []:
         remove(old)
 
 
-def _sync(folder):
+def _sync(folder: Path) -> None:
     """fsync every file and the folder, so a power cut after the rename finds the data."""
     for f in folder.iterdir():
         if f.is_file():
@@ -198,7 +207,7 @@ def _sync(folder):
         os.close(fd)
 
 
-def remove(path):
+def remove(path: Path) -> None:
     """Delete a directory (a checkpoint): renamed away first, so no half-deleted ``step-K`` is
     ever seen."""
     doomed = path.with_name(f".deleting-{path.name}-{os.getpid()}")
@@ -206,7 +215,7 @@ def remove(path):
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def checkpoints(run_dir):
+def checkpoints(run_dir: str | Path) -> list[Path]:
     """The complete checkpoints of a run, oldest first."""
     parent = directory(run_dir)
     found = [(int(m.group(1)), p) for p in parent.iterdir()
@@ -215,7 +224,7 @@ def checkpoints(run_dir):
     return [p for _, p in sorted(found)]
 
 
-def clean(run_dir):
+def clean(run_dir: str | Path) -> None:
     """Remove what a killed run left half-done: temporary and half-deleted checkpoints."""
     parent = directory(run_dir)
     for p in parent.iterdir() if parent.is_dir() else []:
@@ -223,12 +232,13 @@ def clean(run_dir):
             shutil.rmtree(p, ignore_errors=True)
 
 
-def latest(run_dir):
+def latest(run_dir: str | Path) -> Path | None:
     found = checkpoints(run_dir)
     return found[-1] if found else None
 
 
-def _keep_recipe_lrs(optimizer, scheduler, recipe_lrs):
+def _keep_recipe_lrs(optimizer: torch.optim.Optimizer, scheduler: Any,
+                     recipe_lrs: Sequence[float]) -> None:
     """The learning rates the recipe gives now, where a resume was forced past an edited
     ``train.lr``, ``max_steps`` or schedule: the saved optimizer and scheduler state hold the
     old rates, which would silently win. A ``LambdaLR`` (the default schedule; its factor
@@ -251,7 +261,8 @@ def _keep_recipe_lrs(optimizer, scheduler, recipe_lrs):
     scheduler._last_lr = [group["lr"] for group in groups]
 
 
-def load(path, *, model, optimizer, scheduler, scaler, plugin_hook):
+def load(path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+         scheduler: Any, scaler: Any, plugin_hook: PluginHook) -> dict[str, Any]:
     """Restore a checkpoint written by :func:`save` into the set-up objects; return its
     ``state.json``. The random states are restored last, just before training goes on."""
     path = Path(path)

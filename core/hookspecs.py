@@ -20,7 +20,19 @@ The ``recipe`` argument is a :class:`plugtune.recipe.Recipe`: ``recipe.train.lr`
 validated section a plugin registered. The ``run`` argument is a :class:`plugtune.loop.Run`:
 the recipe, the run directory, the accelerator, the model and tokenizer, and the step.
 """
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
 import pluggy
+import torch
+
+if TYPE_CHECKING:
+    from .data import Record, Splits, Tokenized
+    from .loop import Run
+    from .loss import Loss
+    from .plan import Plan, Variant
+    from .recipe import Recipe
 
 hookspec = pluggy.HookspecMarker("plugtune")
 
@@ -30,7 +42,7 @@ hookspec = pluggy.HookspecMarker("plugtune")
 
 
 @hookspec
-def plugtune_recipe_sections(register):
+def plugtune_recipe_sections(register: Callable[[str, type], None]) -> None:
     """Claim a top-level recipe section and give its schema.
 
     :param register: call ``register(name, schema)`` where ``schema`` is a pydantic model
@@ -41,7 +53,7 @@ def plugtune_recipe_sections(register):
 
 
 @hookspec
-def plugtune_check_recipe(recipe):
+def plugtune_check_recipe(recipe: "Recipe") -> Iterable[str] | None:
     """Return problems with the recipe as a whole, e.g. plugins that conflict.
 
     :param recipe: the validated :class:`~plugtune.recipe.Recipe`.
@@ -56,12 +68,12 @@ def plugtune_check_recipe(recipe):
 
 
 @hookspec(firstresult=True)
-def plugtune_load_tokenizer(recipe):
+def plugtune_load_tokenizer(recipe: "Recipe") -> Any:
     """Load and return the tokenizer for ``recipe.model``. Stops at first non-None result."""
 
 
 @hookspec(firstresult=True)
-def plugtune_read_data(recipe):
+def plugtune_read_data(recipe: "Recipe") -> "Splits | None":
     """Read the recipe's data files. Stops at first non-None result.
 
     :return: a :class:`plugtune.data.Splits` of :class:`plugtune.data.Record` lists (each
@@ -86,7 +98,8 @@ def plugtune_check_records(recipe, split, records):
 
 
 @hookspec(firstresult=True)
-def plugtune_tokenize(records, tokenizer, recipe, split):
+def plugtune_tokenize(records: "list[Record]", tokenizer: Any, recipe: "Recipe",
+                      split: str) -> "Tokenized | None":
     """Turn records into model inputs. Stops at first non-None result (the task plugin).
 
     :param records: a list of :class:`plugtune.data.Record`.
@@ -107,7 +120,7 @@ def plugtune_tokenize(records, tokenizer, recipe, split):
 
 
 @hookspec
-def plugtune_model_kwargs(recipe, tokenizer):
+def plugtune_model_kwargs(recipe: "Recipe", tokenizer: Any) -> dict[str, Any] | None:
     """Return keyword arguments for ``from_pretrained`` (e.g. ``quantization_config``, or a task
     head's ``num_labels``/``id2label``/``label2id`` and the tokenizer's ``pad_token_id``).
 
@@ -118,14 +131,15 @@ def plugtune_model_kwargs(recipe, tokenizer):
 
 
 @hookspec(firstresult=True)
-def plugtune_model_class(recipe):
+def plugtune_model_class(recipe: "Recipe") -> type | None:
     """Return the transformers class to load the model as, e.g.
     ``AutoModelForSequenceClassification`` for a task head. Stops at first non-None result;
     None (no task head) means the loader's default, a causal LM."""
 
 
 @hookspec(firstresult=True)
-def plugtune_load_model(recipe, model_kwargs, model_class):
+def plugtune_load_model(recipe: "Recipe", model_kwargs: dict[str, Any],
+                        model_class: type | None) -> torch.nn.Module | None:
     """Load and return the model for ``recipe.model``. Stops at first non-None result.
 
     :param model_kwargs: the merged result of :func:`plugtune_model_kwargs`.
@@ -134,7 +148,7 @@ def plugtune_load_model(recipe, model_kwargs, model_class):
 
 
 @hookspec
-def plugtune_prepare_base(model, recipe):
+def plugtune_prepare_base(model: torch.nn.Module, recipe: "Recipe") -> None:
     """Prepare a freshly loaded (possibly quantized) base model for training, in place.
 
     Runs before any head, gradient checkpointing or adapter: the phase for k-bit preparation.
@@ -142,13 +156,13 @@ def plugtune_prepare_base(model, recipe):
 
 
 @hookspec
-def plugtune_prepare_model(model, recipe):
+def plugtune_prepare_model(model: torch.nn.Module, recipe: "Recipe") -> None:
     """Change the base model in place before adapters wrap it: task heads, gradient
     checkpointing (enabled here it keeps the inputs of trainable layers requiring grad)."""
 
 
 @hookspec(firstresult=True)
-def plugtune_wrap_model(model, recipe):
+def plugtune_wrap_model(model: torch.nn.Module, recipe: "Recipe") -> torch.nn.Module | None:
     """Return a new model that wraps ``model`` (e.g. a PEFT adapter model), or None: the
     plugin in the role ``adapter``.
 
@@ -157,7 +171,7 @@ def plugtune_wrap_model(model, recipe):
 
 
 @hookspec
-def plugtune_select_trainable(model, recipe):
+def plugtune_select_trainable(model: torch.nn.Module, recipe: "Recipe") -> None:
     """Set ``requires_grad`` on the parameters that should (or should not) train, in place.
 
     Afterwards the core checks that at least one parameter trains and logs trainable vs total
@@ -171,7 +185,9 @@ def plugtune_select_trainable(model, recipe):
 
 
 @hookspec(firstresult=True)
-def plugtune_build_optimizer(params, recipe, named_params):
+def plugtune_build_optimizer(
+        params: list[torch.nn.Parameter], recipe: "Recipe",
+        named_params: list[tuple[str, torch.nn.Parameter]]) -> torch.optim.Optimizer | None:
     """Return the optimizer for ``params`` (the trainable parameters). Stops at first
     non-None result; the built-in ``adamw`` plugin is the default.
 
@@ -185,7 +201,8 @@ def plugtune_build_optimizer(params, recipe, named_params):
 
 
 @hookspec(firstresult=True)
-def plugtune_build_scheduler(optimizer, recipe, total_steps):
+def plugtune_build_scheduler(optimizer: torch.optim.Optimizer, recipe: "Recipe",
+                             total_steps: int) -> Any:
     """Return the learning-rate scheduler. Stops at first non-None result.
 
     :param total_steps: the number of optimizer steps the run will take.
@@ -203,19 +220,20 @@ def plugtune_build_scheduler(optimizer, recipe, total_steps):
 
 
 @hookspec
-def plugtune_load_checkpoint(run, path):
+def plugtune_load_checkpoint(run: "Run", path: Path) -> None:
     """Restore this plugin's state from the checkpoint directory ``path`` (what
     :func:`plugtune_save_checkpoint` wrote; absent files mean a checkpoint from before the
     plugin was active). Called by ``plugtune resume`` before :func:`plugtune_train_start`."""
 
 
 @hookspec
-def plugtune_train_start(run):
+def plugtune_train_start(run: "Run") -> None:
     """Called once the run directory exists and before the first step (open files, bars)."""
 
 
 @hookspec(firstresult=True)
-def plugtune_compute_loss(model, batch, recipe):
+def plugtune_compute_loss(model: torch.nn.Module, batch: dict[str, Any],
+                          recipe: "Recipe") -> "Loss | None":
     """Return the loss of ``model`` on ``batch`` as a :class:`plugtune.Loss`: the *sum* of the
     per-target losses and the *count* of targets summed (tokens with a label, labelled
     sequences, or the summed class weights). Stops at first non-None result (the task plugin).
@@ -234,7 +252,7 @@ def plugtune_compute_loss(model, batch, recipe):
 
 
 @hookspec
-def plugtune_step_end(run, step, metrics):
+def plugtune_step_end(run: "Run", step: int, metrics: dict[str, Any]) -> None:
     """Called after every optimizer step.
 
     :param step: the number of optimizer steps taken so far (1-based).
@@ -246,7 +264,8 @@ def plugtune_step_end(run, step, metrics):
 
 
 @hookspec
-def plugtune_evaluate(run, model, step, eval_loss, split):
+def plugtune_evaluate(run: "Run", model: torch.nn.Module, step: int, eval_loss: float,
+                      split: str) -> dict[str, Any] | None:
     """Return extra evaluation metrics as a dict (e.g. exact match of generations); the core
     adds ``eval_loss`` itself. Called on the validation split before training (step 0), every
     ``train.eval_every`` steps, and after the last step; on the test split (``data.test``) once,
@@ -260,7 +279,7 @@ def plugtune_evaluate(run, model, step, eval_loss, split):
 
 
 @hookspec
-def plugtune_eval_end(run, step, metrics):
+def plugtune_eval_end(run: "Run", step: int, metrics: dict[str, Any]) -> None:
     """Called after each evaluation of the validation split (not the test split's, which is
     reported and never acted on), with every metric of it (``eval_loss`` and what
     :func:`plugtune_evaluate` added): the place to act on a score (``early_stopping`` calls
@@ -268,13 +287,13 @@ def plugtune_eval_end(run, step, metrics):
 
 
 @hookspec
-def plugtune_log(run, record):
+def plugtune_log(run: "Run", record: dict[str, Any]) -> None:
     """Record a logged entry: a train record every ``train.log_every`` steps (``step``,
     ``loss``, ``lr``, ``tokens_per_s``, ...) or an eval record (``step``, ``eval_loss``, ...)."""
 
 
 @hookspec
-def plugtune_save_checkpoint(run, path):
+def plugtune_save_checkpoint(run: "Run", path: Path) -> None:
     """Add this plugin's state to a checkpoint being written: write files into the directory
     ``path`` (a temporary directory, renamed into place when complete). Called every
     ``train.save_every`` steps, on an interrupt, and wherever ``run.save_checkpoint`` is
@@ -282,14 +301,15 @@ def plugtune_save_checkpoint(run, path):
 
 
 @hookspec
-def plugtune_steps_done(run):
+def plugtune_steps_done(run: "Run") -> None:
     """Called once after the last optimizer step (or an early stop), before the final
     evaluation and the save: the place to change the model that is evaluated and saved
     (``early_stopping`` loads the best weights here)."""
 
 
 @hookspec(firstresult=True)
-def plugtune_save_model(run, model, tokenizer, path):
+def plugtune_save_model(run: "Run", model: torch.nn.Module, tokenizer: Any,
+                        path: Path) -> str | None:
     """Save the final model into the empty directory ``path``. Stops at first non-None result.
 
     The core writes into a temporary directory and renames it, so a killed run never leaves a
@@ -301,7 +321,7 @@ def plugtune_save_model(run, model, tokenizer, path):
 
 
 @hookspec
-def plugtune_train_end(run, summary):
+def plugtune_train_end(run: "Run", summary: dict[str, Any]) -> None:
     """Called after the model is saved.
 
     :param summary: ``steps``, ``seconds``, ``eval_before``, ``eval_after``, ``test`` (the
@@ -311,7 +331,7 @@ def plugtune_train_end(run, summary):
 
 
 @hookspec
-def plugtune_teardown(run, error):
+def plugtune_teardown(run: "Run", error: BaseException | None) -> None:
     """Called last, whether training succeeded or not (close files and progress bars).
 
     Paired with :func:`plugtune_train_start`: a run that stops earlier (bad data, a model that
@@ -333,14 +353,14 @@ def plugtune_teardown(run, error):
 
 
 @hookspec(firstresult=True)
-def plugtune_model_config(recipe):
+def plugtune_model_config(recipe: "Recipe") -> Any:
     """Return the transformers config of ``recipe.model`` without loading weights (a local
     directory's config.json, a GGUF header, the shipped catalog by hub id, or the hub). Stops at
     first non-None result; the ``hf`` loader answers by default."""
 
 
 @hookspec
-def plugtune_estimate_memory(plan, recipe):
+def plugtune_estimate_memory(plan: "Plan", recipe: "Recipe") -> None:
     """Report this plugin's memory by adjusting ``plan``, a :class:`plugtune.plan.Plan`.
 
     Every active plugin is called, in no particular order, after the model phases ran on the
@@ -377,7 +397,7 @@ def plugtune_estimate_memory(plan, recipe):
 
 
 @hookspec
-def plugtune_fit_variants(recipe, blocks):
+def plugtune_fit_variants(recipe: "Recipe", blocks: int) -> "Sequence[Variant] | None":
     """Offer the ways this plugin can make a recipe need less memory, for ``plugtune plan
     --fit``: return a list of :class:`plugtune.plan.Variant` (or ``None``).
 

@@ -11,7 +11,9 @@ so it does not move with ``eval_batch_size``. (HF Trainer reaches the same with
 core does the latter, see ``plugtune.loop``.)
 """
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.utils.checkpoint
@@ -33,12 +35,13 @@ class Loss:
     count: torch.Tensor | int
 
     @property
-    def mean(self):
+    def mean(self) -> torch.Tensor:
         """The micro-batch's own mean loss (what a plain ``reduction="mean"`` gives)."""
         return self.sum / self.count
 
 
-def cross_entropy(logits, labels, weight=None, shift=False):
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
+                  weight: torch.Tensor | None = None, shift: bool = False) -> Loss:
     """:class:`Loss` of ``logits`` against ``labels`` (``-100`` ignored), in float32.
 
     :param weight: per-class weights; the count is then the summed weight of the labelled
@@ -58,7 +61,9 @@ def cross_entropy(logits, labels, weight=None, shift=False):
     return Loss(total, count)
 
 
-def chunked_cross_entropy(hidden, head, labels, chunk_tokens, shift=False, softcap=None):
+def chunked_cross_entropy(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
+                          labels: torch.Tensor, chunk_tokens: int, shift: bool = False,
+                          softcap: float | None = None) -> Loss:
     """:class:`Loss` of ``head(hidden)`` against ``labels``, equal to :func:`cross_entropy` of
     the full logits, without ever holding them: only labelled positions go through ``head``
     (the output layer, on a CPU; a GPU runs every position rather than wait to select them),
@@ -81,7 +86,7 @@ def chunked_cross_entropy(hidden, head, labels, chunk_tokens, shift=False, softc
         # position and let the loss ignore the unlabelled ones (the planner's meta tensors too)
         states, targets = hidden.flatten(0, -2), labels.flatten()
 
-    def piece(h, t):
+    def piece(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         logits = head(h).float()
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
@@ -100,7 +105,7 @@ def chunked_cross_entropy(hidden, head, labels, chunk_tokens, shift=False, softc
     return Loss(total, valid.sum())
 
 
-def as_loss(result):
+def as_loss(result: Any) -> Loss:
     """A :class:`Loss` from a compute-loss result. A bare scalar tensor is the contract before
     plugtune 0.2: it is taken as the micro-batch's mean with weight 1 (every micro-batch then
     counts the same, whatever its number of targets) and a warning says how to migrate."""

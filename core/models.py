@@ -4,20 +4,24 @@
 import json
 from importlib.resources import files
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .errors import RecipeError
 
+if TYPE_CHECKING:
+    from importlib.abc import Traversable
 
-def catalog():
+
+def catalog() -> "dict[str, Traversable]":
     """``{hub id: config.json path}`` of the configs that ship with plugtune."""
     root = files("plugtune.catalog")
     index = json.loads((root / "index.json").read_text())
     return {hub_id: root / name for hub_id, name in index.items()}
 
 
-def read_config(source, trust_remote_code=False):
+def read_config(source: str | Path, trust_remote_code: bool = False) -> Any:
     """The transformers config of ``source`` without loading weights: a ``save_pretrained``
     directory, a ``.gguf`` file (its header only), a hub id of the catalog (offline), or any hub
     id when the hub is reachable."""
@@ -40,10 +44,16 @@ def read_config(source, trust_remote_code=False):
                            "offline catalog has: " + ", ".join(sorted(known))]) from exc
 
 
-def transformer_blocks(model):
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The model's repeated blocks: the largest ``nn.ModuleList`` (``model.layers``,
     ``transformer.h``, ...), or an empty list."""
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    lists: list[torch.nn.ModuleList] = [m for m in model.modules()
+                                        if isinstance(m, torch.nn.ModuleList)]
     if not lists:
         return []
-    return list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters())))
+    sizes = [_size(m) for m in lists]
+    return list(lists[sizes.index(max(sizes))])  # the first largest, as max(key=) picks
+
+
+def _size(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -3,7 +3,9 @@ or run its recorded recipe again and compare the loss step by step."""
 import json
 import math
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -14,8 +16,11 @@ from .errors import InputError, PlugtuneError
 #: How the manifest names a hub dataset's split (``dataset:NAME[/CONFIG]:SPLIT``).
 HUB_SOURCE = "dataset:"
 
+#: Where resume and reproduce say what they do (``print``, or the CLI's echo).
+Echo = Callable[[str], object]
 
-def read_manifest(run_dir):
+
+def read_manifest(run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.yaml").is_file() or not (run_dir / "manifest.json").is_file():
         raise InputError(f"{run_dir}: not a run directory (no recipe.yaml and manifest.json);"
@@ -23,7 +28,8 @@ def read_manifest(run_dir):
     return json.loads((run_dir / "manifest.json").read_text())
 
 
-def differences(manifest, recipe):
+def differences(manifest: dict[str, Any],
+                recipe: recipes.Recipe) -> tuple[list[str], list[str]]:
     """What changed since the run was recorded: data file hashes, active plugins (name,
     distribution, version) and package versions; each a line. The first two decide whether a
     resume may go on; versions are only worth a warning."""
@@ -34,11 +40,12 @@ def differences(manifest, recipe):
         now = rundir.sha256(path) if Path(path).exists() else "missing"
         if now != digest:
             data.append(f"data file {path} changed (sha256 {digest[:12]} -> {now[:12]})")
-    now = rundir.plugin_versions(recipe)
-    for name in sorted(set(now) | set(manifest.get("plugin_versions", {}))):
+    active = rundir.plugin_versions(recipe)
+    for name in sorted(set(active) | set(manifest.get("plugin_versions", {}))):
         was = manifest.get("plugin_versions", {}).get(name)
-        if was != now.get(name):
-            plugins.append(f"plugin {name}: {was or 'not active'} -> {now.get(name) or 'gone'}")
+        if was != active.get(name):
+            plugins.append(f"plugin {name}: {was or 'not active'} -> "
+                           f"{active.get(name) or 'gone'}")
     current = rundir.versions()
     for package, was in manifest.get("versions", {}).items():
         if current.get(package) != was:
@@ -46,7 +53,7 @@ def differences(manifest, recipe):
     return data + plugins, versions
 
 
-def recipe_differences(manifest, recipe):
+def recipe_differences(manifest: dict[str, Any], recipe: recipes.Recipe) -> list[str]:
     """How the run's ``recipe.yaml`` (as now on disk, perhaps edited) and its model differ
     from what the run recorded when it started (or was last resumed): one line per key, and
     one for a local model whose files changed (:func:`plugtune.rundir.model_fingerprint`).
@@ -64,7 +71,7 @@ def recipe_differences(manifest, recipe):
     return lines
 
 
-def changes(was, now):
+def changes(was: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """``KEY: OLD -> NEW`` for each key that differs between two resolved recipes."""
     was, now = _flatten(was), _flatten(now)
     return [f"{key}: {_brief(was.get(key, ABSENT))} -> {_brief(now.get(key, ABSENT))}"
@@ -77,8 +84,8 @@ IGNORED = ("description",)
 ABSENT = "(absent)"
 
 
-def _flatten(tree, prefix=""):
-    out = {}
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict) and value:
             out.update(_flatten(value, f"{prefix}{key}."))
@@ -87,11 +94,12 @@ def _flatten(tree, prefix=""):
     return out
 
 
-def _brief(value):
+def _brief(value: object) -> object:
     return value if value is ABSENT else recipes.brief(value, limit=80)
 
 
-def intact_checkpoint(run_dir, echo):
+def intact_checkpoint(run_dir: str | Path,
+                      echo: Echo) -> tuple[Path, list[tuple[Path, str]]]:
     """The newest checkpoint of the run that :func:`plugtune.checkpoint.verify` passes, and
     the damaged ones newer than it (``[(path, what is wrong)]``), each said in one line."""
     found = checkpoint.checkpoints(run_dir)
@@ -99,7 +107,7 @@ def intact_checkpoint(run_dir, echo):
         raise PlugtuneError(f"{run_dir}: no checkpoint to resume from (it stopped before its "
                             "first; set train.save_every to write them); start it again with "
                             "plugtune run")
-    damaged = []
+    damaged: list[tuple[Path, str]] = []
     for ckpt in reversed(found):
         problem = checkpoint.verify(ckpt)
         if problem is None:
@@ -113,7 +121,7 @@ def intact_checkpoint(run_dir, echo):
                      "; start the run again with plugtune run")
 
 
-def set_aside(damaged):
+def set_aside(damaged: list[tuple[Path, str]]) -> None:
     """Rename damaged checkpoints ``step-K.damaged`` (kept to look at): the resumed run then
     neither counts them among the newest it keeps nor finds them again."""
     for path, _ in damaged:
@@ -124,7 +132,9 @@ def set_aside(damaged):
         os.replace(path, target)
 
 
-def resume(run_dir, force=False, echo=print, trust_remote_code=False, overrides=()):
+def resume(run_dir: str | Path, force: bool = False, echo: Echo = print,
+           trust_remote_code: bool = False,
+           overrides: Sequence[str] = ()) -> tuple[dict[str, Any], "loop.Run"]:
     """Continue the run in ``run_dir`` from its newest intact checkpoint; return the summary.
     ``overrides`` (``KEY=VALUE``, as ``plugtune run`` takes) change the recipe from here on,
     e.g. ``train.max_steps=200`` to train longer; ``recipe.yaml`` then records them. The main
@@ -141,7 +151,8 @@ def resume(run_dir, force=False, echo=print, trust_remote_code=False, overrides=
         rundir.release(run_dir)
 
 
-def _resume(run_dir, force, echo, trust_remote_code, main, overrides):
+def _resume(run_dir: Path, force: bool, echo: Echo, trust_remote_code: bool, main: bool,
+            overrides: Sequence[str]) -> tuple[dict[str, Any], "loop.Run"]:
     manifest = read_manifest(run_dir)
     status = manifest.get("status", "")
     if status == "completed" or status.startswith("stopped early"):
@@ -172,7 +183,7 @@ def _resume(run_dir, force, echo, trust_remote_code, main, overrides):
     run = loop.setup(recipe, pm, echo=echo)  # bad input stops here, before anything is written
     step = json.loads((ckpt / "state.json").read_text())["step"]
 
-    def started():  # the checkpoint loaded: only now is this a resume to record
+    def started() -> None:  # the checkpoint loaded: only now is this a resume to record
         if not main:
             return
         set_aside(damaged)
@@ -191,7 +202,7 @@ def _resume(run_dir, force, echo, trust_remote_code, main, overrides):
     return loop.train(run, echo=echo, resume=(run_dir, ckpt), on_resume=started), run
 
 
-def truncate_metrics(run_dir, step, state):
+def truncate_metrics(run_dir: str | Path, step: int, state: dict[str, Any]) -> None:
     """Drop what ``metrics.jsonl`` recorded after the checkpoint's step (the steps the resumed
     run takes again), and what was logged at its step after it was written: an evaluation it
     does not hold (the final one), the test split's."""
@@ -211,7 +222,7 @@ def truncate_metrics(run_dir, step, state):
     rundir.atomic_write(path, "".join(keep))
 
 
-def _evaluated_at(state, step):
+def _evaluated_at(state: dict[str, Any], step: int) -> bool:
     """Whether the checkpoint holds an evaluation of its own step (the final evaluation,
     logged after the checkpoint, is not: resume runs it again)."""
     if "last_eval" in state:
@@ -219,7 +230,7 @@ def _evaluated_at(state, step):
     return state.get("evaluated", True)  # a checkpoint from before last_eval was kept
 
 
-def losses(run_dir):
+def losses(run_dir: str | Path) -> dict[int, float | None]:
     """``{step: loss}`` of the train records of a run's ``metrics.jsonl``."""
     path = Path(run_dir) / "metrics.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines()] \
@@ -227,7 +238,8 @@ def losses(run_dir):
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
-def reproduce(run_dir, steps=None, echo=print, trust_remote_code=False):
+def reproduce(run_dir: str | Path, steps: int | None = None, echo: Echo = print,
+              trust_remote_code: bool = False) -> tuple[bool, str, Path]:
     """Run ``run_dir``'s recorded recipe again into a new run directory beside it and compare
     the loss at every step. Returns ``(identical, message, new_run_dir)``."""
     run_dir = Path(run_dir)

@@ -15,10 +15,14 @@ import tempfile
 import time
 from importlib.metadata import PackageNotFoundError, entry_points, version
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from .errors import InputError, PlugtuneError
+
+if TYPE_CHECKING:
+    from .recipe import Recipe
 
 UMASK = os.umask(0o022)
 os.umask(UMASK)
@@ -28,13 +32,13 @@ PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "plug
 class DiskFull(PlugtuneError):
     """The disk (or the user's quota) filled up while plugtune wrote ``path``."""
 
-    def __init__(self, path):
+    def __init__(self, path: str | Path) -> None:
         super().__init__(f"{path}: no space left on the device (disk full or over quota); "
                          "nothing was left half-written and the previous checkpoints are whole; "
                          "free some space, then continue with: plugtune resume RUN_DIR")
 
 
-def is_disk_full(exc, folder=None):
+def is_disk_full(exc: BaseException, folder: str | Path | None = None) -> bool:
     """Whether ``exc`` is a full disk or quota: an ``OSError`` saying so, or (with ``folder``)
     the ``RuntimeError`` torch.save raises for it ("unexpected pos ...", no errno) while the
     disk holding ``folder`` has (almost) no room left."""
@@ -53,7 +57,7 @@ def is_disk_full(exc, folder=None):
 NO_ROOM = 1 << 20
 
 
-def atomic_write(path, data):
+def atomic_write(path: str | Path, data: str | bytes) -> None:
     """Write ``data`` (str or bytes) to ``path`` through a temporary file and a rename, so a
     reader sees the old file or the new one, never half of one."""
     path = Path(path)
@@ -80,10 +84,10 @@ def atomic_write(path, data):
 
 #: The lock file of a run directory (see :func:`lock`).
 LOCK = ".lock"
-_locks = {}  # run directory (resolved) -> the open lock file this process holds
+_locks: dict[Path, int] = {}  # run directory (resolved) -> the open lock file this process holds
 
 
-def lock(run_dir):
+def lock(run_dir: str | Path) -> None:
     """Hold ``RUN/.lock`` for this process, or refuse in one line naming the process that
     holds it: one process at a time writes a run directory (two resumes at once would both
     train and log every step twice). ``fcntl.flock`` rather than a pid file: the kernel drops
@@ -109,31 +113,33 @@ def lock(run_dir):
             os.close(fd)
 
 
-def _same_file(fd, path):
+def _same_file(fd: int, path: Path) -> bool:
     try:
         return os.path.samestat(os.fstat(fd), os.stat(path))
     except FileNotFoundError:
         return False
 
 
-def release(run_dir):
+def release(run_dir: str | Path | None) -> None:
     """Let go of the lock :func:`lock` took (if this process holds it), removing the file
     while still holding it (a process that opened it meanwhile sees it gone and starts over)."""
-    key = Path(run_dir).resolve() if run_dir is not None else None
+    if run_dir is None:
+        return
+    key = Path(run_dir).resolve()
     fd = _locks.pop(key, None)
     if fd is not None:
         Path(key / LOCK).unlink(missing_ok=True)
         os.close(fd)
 
 
-def is_main_process():
+def is_main_process() -> bool:
     """Whether this process writes the run directory and speaks: always, except under
     torchrun / accelerate launch, where only rank 0 does. Read from the environment, so that
     it can be asked before the Accelerator (and its process group) exists."""
     return os.environ.get("RANK", "0") == "0"
 
 
-def run_name(recipe):
+def run_name(recipe: "Recipe") -> str:
     return recipe.output.name or f"{recipe.path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -141,7 +147,7 @@ def run_name(recipe):
 VIRTUAL = ("/proc", "/sys", "/dev")
 
 
-def unusable_parent(parent):
+def unusable_parent(parent: str | Path) -> str | None:
     """Why run directories cannot be made in ``parent`` (``output.dir``), or None: it has a
     NUL byte, lies in /proc, /sys or /dev, is (or lies under) a file, or is not writable.
     Asks the file system only; creates nothing."""
@@ -172,7 +178,7 @@ def unusable_parent(parent):
     return None
 
 
-def create(recipe, sources=None):
+def create(recipe: "Recipe", sources: dict[str, str] | None = None) -> Path:
     """Create ``output.dir/<name>/`` holding ``recipe.yaml`` and ``manifest.json``.
 
     The name is claimed with one ``mkdir``, which is atomic: of two runs racing for a name one
@@ -202,7 +208,7 @@ def create(recipe, sources=None):
     return final
 
 
-def _claim(parent, name, numbered):
+def _claim(parent: Path, name: str, numbered: bool) -> Path:
     """``parent/name`` made with ``os.mkdir`` (or ``name-N`` when ``numbered``)."""
     for n in range(1, 1000 if numbered else 2):
         final = parent / (name if n == 1 else f"{name}-{n}")
@@ -217,7 +223,7 @@ def _claim(parent, name, numbered):
                      "the name); pick another name (output.name=...) or delete it")
 
 
-def remove_stale(parent, name):
+def remove_stale(parent: str | Path, name: str) -> None:
     """Remove the hidden ``.NAME.XXXXXXXX`` temporary folders of ``name`` in ``parent``."""
     pattern = re.compile(rf"\.{re.escape(name)}\.[a-z0-9_]{{8}}")
     for entry in Path(parent).iterdir():
@@ -225,7 +231,7 @@ def remove_stale(parent, name):
             shutil.rmtree(entry, ignore_errors=True)
 
 
-def manifest(recipe, sources=None):
+def manifest(recipe: "Recipe", sources: dict[str, str] | None = None) -> dict[str, Any]:
     """The manifest of a new run. ``sources``: ``{name: sha256}`` of what the data phase read
     that is not a local path (a hub dataset's cached files); local files and directories (a
     ``save_to_disk`` dataset, named as a path or as ``dataset:``) are hashed here."""
@@ -250,7 +256,7 @@ def manifest(recipe, sources=None):
     }
 
 
-def data_hashes(recipe, sources=None):
+def data_hashes(recipe: "Recipe", sources: dict[str, str] | None = None) -> dict[str, str]:
     """``{file: sha256}`` of the recipe's local data files and directories, with ``sources``
     (what the data phase read that is not a local path)."""
     files = [f if isinstance(f, str) else f.dataset
@@ -264,12 +270,12 @@ HASHED_IN_FULL = 64 << 20
 ENDS = 4 << 20
 
 
-def model_record(name):
+def model_record(name: str) -> dict[str, Any]:
     """What a manifest records of the model: its name and :func:`model_fingerprint`."""
     return {"name": name, "fingerprint": model_fingerprint(name)}
 
 
-def model_fingerprint(name):
+def model_fingerprint(name: str) -> str | None:
     """A cheap fingerprint of a local model (a folder, a ``.gguf`` or ``pkg:`` file), for
     resume to notice the base changed: every file's name and size, the sha256 of each file up
     to 64 MiB (config, tokenizer, small weights) and of the first and last 4 MiB of a larger
@@ -294,7 +300,7 @@ def model_fingerprint(name):
     return h.hexdigest()
 
 
-def _model_path(name):
+def _model_path(name: str) -> Path | None:
     if name.startswith("pkg:"):  # as plugins/hf.py resolves it: a file in a package
         package, _, inner = name[4:].partition("/")
         try:
@@ -311,27 +317,27 @@ def _model_path(name):
         return None
 
 
-def versions():
+def versions() -> dict[str, str | None]:
     return {p: _version(p) for p in PACKAGES}
 
 
-def plugin_versions(recipe):
+def plugin_versions(recipe: "Recipe") -> dict[str, str]:
     """``{plugin: "distribution version"}`` of the recipe's active plugins."""
     return {ep.name: f"{ep.dist.name} {ep.dist.version}" if ep.dist else "?"
             for ep in entry_points(group="plugtune") if ep.name in recipe.plugins}
 
 
-def write_manifest(run_dir, data):
+def write_manifest(run_dir: str | Path, data: dict[str, Any]) -> None:
     atomic_write(Path(run_dir) / "manifest.json", json.dumps(data, indent=2) + "\n")
 
 
-def update_manifest(run_dir, **changes):
+def update_manifest(run_dir: str | Path, **changes: Any) -> None:
     data = json.loads((Path(run_dir) / "manifest.json").read_text())
     data.update(changes)
     write_manifest(run_dir, data)
 
 
-def sha256(path):
+def sha256(path: str | Path) -> str:
     """The sha256 of a file; of a directory, the sha256 of its files' relative names and
     hashes, in name order."""
     if Path(path).is_dir():
@@ -345,7 +351,7 @@ def sha256(path):
     return h.hexdigest()
 
 
-def _version(package):
+def _version(package: str) -> str | None:
     try:
         return version(package)
     except PackageNotFoundError:
@@ -359,7 +365,7 @@ GIT = ["git", "-c", "core.fsmonitor=false", "-c", "core.hooksPath=/dev/null",
        "--no-optional-locks"]
 
 
-def _git_revision(folder):
+def _git_revision(folder: str | Path) -> str | None:
     try:
         rev = subprocess.run([*GIT, "-C", str(folder), "rev-parse", "HEAD"],
                              capture_output=True, text=True, timeout=5)

@@ -15,7 +15,7 @@ TEMPLATES = {"pyproject.toml": "pyproject.toml.tmpl", "{module}.py": "module.py.
              "test_{name}.py": "test.py.tmpl", "README.md": "README.md.tmpl"}
 
 
-def new_plugin(name, where="."):
+def new_plugin(name: str, where: str | Path = ".") -> Path:
     """Write the skeleton of plugin ``name`` into ``where/plugtune-NAME/``; return that path."""
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name or "") or keyword.iskeyword(name):
         raise InputError(f"new-plugin {name}: a plugin name is lower-case letters, digits and "

@@ -14,6 +14,7 @@ import os
 import pickle
 import re
 import warnings
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,7 +26,7 @@ GGUF_MAGIC = b"GGUF"
 TRUST_HINT = "add --trust-remote-code to the command after reading that code"
 
 
-def resolve_source(name):
+def resolve_source(name: str) -> Path | str:
     """A local path for ``pkg:PACKAGE/FILE`` (a file inside an installed Python package) and
     file sources; the name itself for hub ids. What :func:`plugtune.models.read_config` and a
     loader take."""
@@ -38,7 +39,7 @@ def resolve_source(name):
     return Path(name) if Path(name).exists() or name.endswith(".gguf") else name
 
 
-def looks_local(name):
+def looks_local(name: str) -> bool:
     """Whether ``name`` is meant as a path on this machine rather than a hub id."""
     if name.startswith(("pkg:", "/", "./", "../", "~", ".")) or name.endswith(".gguf"):
         return True
@@ -48,18 +49,18 @@ def looks_local(name):
     return "/" in name and _exists(first)
 
 
-def _exists(path):
+def _exists(path: str) -> bool:
     try:
         return os.path.lexists(path)
     except (OSError, ValueError):
         return False
 
 
-def hub_offline():
+def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
 
 
-def _hub_cache():
+def _hub_cache() -> Path:
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"])
     home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME",
@@ -67,7 +68,7 @@ def _hub_cache():
     return Path(home) / "hub"
 
 
-def in_hub_cache(hub_id):
+def in_hub_cache(hub_id: str) -> bool:
     """Whether the hub cache holds a snapshot of ``hub_id`` (any revision)."""
     folder = _hub_cache() / f"models--{hub_id.replace('/', '--')}" / "snapshots"
     try:
@@ -76,7 +77,7 @@ def in_hub_cache(hub_id):
         return False
 
 
-def check_hub_id(name, key, known=()):
+def check_hub_id(name: str, key: str, known: Collection[str] = ()) -> list[str]:
     """Problems of a name that is not local: not a valid hub id, or one that cannot be
     fetched because the hub is offline and it is not cached (``known``: ids whose config ships
     with plugtune, so that ``validate`` and ``plan`` work offline)."""
@@ -91,7 +92,8 @@ def check_hub_id(name, key, known=()):
     return []
 
 
-def check_local(path, key, trust_remote_code=False, tokenizer=False):
+def check_local(path: str | Path, key: str, trust_remote_code: bool = False,
+                tokenizer: bool = False) -> list[str]:
     """Problems of a local source ``path``, read from its first bytes and its JSON configs."""
     path = Path(path)
     try:
@@ -111,7 +113,7 @@ def check_local(path, key, trust_remote_code=False, tokenizer=False):
         return [f"{key}: {path}: cannot read it ({exc.strerror})"]
 
 
-def _check_gguf(path, key):
+def _check_gguf(path: Path, key: str) -> list[str]:
     if path.suffix != ".gguf":
         return [f"{key}: {path} is a file, not a model directory; give a save_pretrained "
                 "directory or a .gguf file"]
@@ -123,7 +125,7 @@ def _check_gguf(path, key):
     return []
 
 
-def _check_config(config, key, trust_remote_code):
+def _check_config(config: Path, key: str, trust_remote_code: bool) -> list[str]:
     if not config.is_file():
         return []
     try:
@@ -143,7 +145,7 @@ def _check_config(config, key, trust_remote_code):
 
 
 @contextmanager
-def loading(key, name):
+def loading(key: str, name: object) -> Iterator[None]:
     """Turn what transformers and torch raise for an unusable source — not found, offline,
     misspelt, custom code, a refused pickle, a damaged file — into one :class:`InputError`
     line naming ``key`` and ``name``."""
@@ -162,7 +164,7 @@ def loading(key, name):
                          f"({_first_line(exc)}); copy it again") from exc
 
 
-def _describe(key, name, exc):
+def _describe(key: str, name: object, exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     if "Weights only load failed" in text:
         return _refused_pickle(key, name, exc)
@@ -178,7 +180,7 @@ def _describe(key, name, exc):
             "./PATH for a local folder")
 
 
-def _refused_pickle(key, name, exc):
+def _refused_pickle(key: str, name: object, exc: BaseException) -> str:
     """A pickled ``.bin`` that holds more than tensors: name the file and what it asked for."""
     path = Path(str(name))
     files = sorted(p.name for p in path.glob("*.bin")) if path.is_dir() else []
@@ -190,6 +192,6 @@ def _refused_pickle(key, name, exc):
             "of the model from a source you trust")
 
 
-def _first_line(exc):
+def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

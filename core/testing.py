@@ -8,18 +8,25 @@
 - :func:`write_recipe` writes a recipe for a tiny model, and :func:`run` runs one in-process.
 """
 import json
+from collections.abc import Callable, Generator, Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from . import hookimpl, hookspecs, loop, manager, recipe as recipes
+
+if TYPE_CHECKING:
+    import pluggy
+    import torch
+    from transformers import PreTrainedTokenizerFast
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def tiny_tokenizer(corpus, vocab_size=400):
+def tiny_tokenizer(corpus: Iterable[str], vocab_size: int = 400) -> "PreTrainedTokenizerFast":
     """A byte-level BPE tokenizer trained on ``corpus`` (strings), with a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -35,15 +42,17 @@ def tiny_tokenizer(corpus, vocab_size=400):
                                    chat_template=CHATML)
 
 
-def tiny_model(path, arch="llama", corpus=("hello world",), layers=2, hidden=64, seed=0):
+def tiny_model(path: str | Path, arch: str = "llama", corpus: Iterable[str] = ("hello world",),
+               layers: int = 2, hidden: int = 64, seed: int = 0) -> Path:
     """Write a tiny random-weight model and its tokenizer to ``path`` (save_pretrained)."""
     import torch
-    from transformers import (AutoModelForCausalLM, GPT2Config, LlamaConfig)
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig
 
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer(list(corpus))
     common = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
               "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    config: PretrainedConfig
     if arch == "llama":
         config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden,
                              num_hidden_layers=layers, num_attention_heads=4,
@@ -58,7 +67,8 @@ def tiny_model(path, arch="llama", corpus=("hello world",), layers=2, hidden=64,
     return Path(path)
 
 
-def tiny_encoder(path, corpus=("hello world",), layers=2, hidden=64, seed=0):
+def tiny_encoder(path: str | Path, corpus: Iterable[str] = ("hello world",), layers: int = 2,
+                 hidden: int = 64, seed: int = 0) -> Path:
     """Write a tiny random-weight BERT-style encoder (``save_pretrained``, loadable by every
     ``AutoModelFor...`` head class) and its WordPiece tokenizer, trained on ``corpus``, to
     ``path``: what a task-head plugin's tests load (``model: {name: PATH}``)."""
@@ -88,13 +98,13 @@ def tiny_encoder(path, corpus=("hello world",), layers=2, hidden=64, seed=0):
     return Path(path)
 
 
-def write_recipe(path, **sections):
+def write_recipe(path: str | Path, **sections: Any) -> Path:
     """Write a recipe YAML file from keyword sections (``model=..., train={...}``)."""
     Path(path).write_text(yaml.safe_dump(sections, sort_keys=False))
     return Path(path)
 
 
-def write_jsonl(path, records):
+def write_jsonl(path: str | Path, records: Iterable[Any]) -> Path:
     Path(path).write_text("".join(json.dumps(r) + "\n" for r in records))
     return Path(path)
 
@@ -103,7 +113,8 @@ def write_jsonl(path, records):
 TESTING_DIST = "plugtune.testing"
 
 
-def run(recipe_path, overrides=(), extra_plugins=(), echo=lambda *a: None):
+def run(recipe_path: str | Path, overrides: Sequence[str] = (), extra_plugins: Iterable[Any] = (),
+        echo: Callable[..., object] = lambda *a: None) -> tuple[dict[str, Any], "loop.Run"]:
     """Validate and run a recipe in-process, with ``extra_plugins`` active as in
     :func:`load_recipe`. Returns ``(summary, run)``."""
     recipe, pm = load_recipe(recipe_path, overrides, extra_plugins)
@@ -111,7 +122,9 @@ def run(recipe_path, overrides=(), extra_plugins=(), echo=lambda *a: None):
     return loop.train(run_, echo=echo), run_
 
 
-def load_recipe(recipe_path, overrides=(), extra_plugins=(), check_files=True):
+def load_recipe(recipe_path: str | Path, overrides: Sequence[str] = (),
+                extra_plugins: Iterable[Any] = (),
+                check_files: bool = True) -> tuple[recipes.Recipe, "pluggy.PluginManager"]:
     """``plugtune.recipe.load_recipe`` with ``extra_plugins`` (modules, classes or instances
     implementing hooks) installed and appended to the recipe's ``plugins:``, so they see the
     recipe phase too and answer firstresult hooks instead of the recipe's plugins, as if each
@@ -129,7 +142,8 @@ def load_recipe(recipe_path, overrides=(), extra_plugins=(), check_files=True):
     return recipes.load_recipe(recipe_path, overrides, found, check_files=check_files)
 
 
-def with_plugins(plugins, discovered=None):
+def with_plugins(plugins: Iterable[Any],
+                 discovered: "dict[str, manager.PluginInfo] | None" = None) -> "manager.Discovered":
     """The discovered plugins (``manager.discover()`` by default) plus ``plugins`` as if
     installed, each named after its ``__name__`` (or its class's), answering before the others
     (``PluginInfo.overrides``)."""
@@ -150,22 +164,24 @@ class WeightSnapshot:
     """A plugin that copies the model's state dict when training starts; :meth:`changed` then
     names the tensors that differ, bit for bit (quantized weights compared as stored)."""
 
-    def __init__(self):
-        self.before = None
+    def __init__(self) -> None:
+        self.before: "dict[str, torch.Tensor] | None" = None
 
     @hookimpl
-    def plugtune_train_start(self, run):
-        self.before = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+    def plugtune_train_start(self, run: "loop.Run") -> None:
+        model: Any = run.model  # a torch module by now (train_start)
+        self.before = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    def changed(self, model):
+    def changed(self, model: "torch.nn.Module") -> list[str]:
         import torch
 
+        assert self.before is not None, "changed() before the run's train_start"
         after = model.state_dict()
         return sorted(k for k, v in self.before.items()
                       if v.dtype != after[k].dtype or not torch.equal(v, after[k]))
 
 
-def hook_names():
+def hook_names() -> list[str]:
     """Every hook name in the spec module, in the order the module defines them."""
     return [n for n in vars(hookspecs) if n.startswith("plugtune_")]
 
@@ -176,15 +192,15 @@ class HookRecorder:
     Its implementations are wrappers that run first (``tryfirst``) and change nothing, so it
     sees every call and answers no firstresult hook (the real plugins do)."""
 
-    def __init__(self):
-        self.calls = []
+    def __init__(self) -> None:
+        self.calls: list[str] = []
         for name in hook_names():
             setattr(self, name, self._recorder(name))
 
-    def _recorder(self, name):
+    def _recorder(self, name: str) -> Callable[[], Generator[None, Any, Any]]:
         import pluggy
 
-        def record():
+        def record() -> Generator[None, Any, Any]:
             self.calls.append(name)
             return (yield)
 

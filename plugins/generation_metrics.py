@@ -10,31 +10,34 @@ plugin itself): exact match, BLEU and chrF (sacrebleu) and ROUGE-1/2/L (rouge-sc
   original ROUGE script's ``-m``.
 """
 
+from collections.abc import Iterable, Sequence
+
 #: The metric names a recipe may list in ``causal_lm.metrics``.
 METRICS = ("exact_match", "bleu", "chrf", "rouge")
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
 
-def normalize(text):
+def normalize(text: str) -> str:
     """Exact match ignores case, surrounding and repeated white space, and a final period."""
     return " ".join(text.split()).casefold().rstrip(".")
 
 
-def chosen(metrics, exact_match=True):
+def chosen(metrics: Iterable[str] | None, exact_match: bool = True) -> list[str]:
     """The metrics to compute: ``metrics`` (default ``[exact_match]``), without exact match
     when the older ``causal_lm.exact_match: false`` switches it off."""
     names = ["exact_match"] if metrics is None else list(metrics)
     return [m for m in names if exact_match or m != "exact_match"]
 
 
-def score(names, predictions, references):
+def score(names: Iterable[str], predictions: Sequence[str],
+          references: Sequence[str]) -> dict[str, float]:
     """``{metric: value}`` of ``predictions`` against ``references`` (strings, one each) for
     each metric of ``names`` (see :data:`METRICS`; ``rouge`` gives three keys)."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     if not predictions:
         return {}
-    out = {}
+    out: dict[str, float] = {}
     for name in names:
         if name == "exact_match":
             hits = sum(normalize(p) == normalize(r) for p, r in zip(predictions, references))
@@ -51,7 +54,7 @@ def score(names, predictions, references):
     return out
 
 
-def rouge(predictions, references):
+def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     """Mean ROUGE-1/2/L F-measure over the pairs."""
     from rouge_score import rouge_scorer
 

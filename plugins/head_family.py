@@ -20,13 +20,18 @@ HEAD.plugtune_model_class``); it declares ``PLUGTUNE_ROLES = {"task"}``, so the 
 second task plugin beside it.
 """
 import json
+from collections.abc import Callable, Generator, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import field_validator
 
 from plugtune import Section, atomic_write, hookimpl
 from plugtune.errors import DataError, PluginError
-from plugtune.loss import cross_entropy
+from plugtune.loss import Loss, cross_entropy
+
+if TYPE_CHECKING:
+    from plugtune import Recipe, Record, Run
 
 IGNORE = -100
 
@@ -38,24 +43,24 @@ class HeadSection(Section):
 
     @field_validator("labels", mode="before")
     @classmethod
-    def _labels_as_text(cls, value):
+    def _labels_as_text(cls, value: Any) -> Any:
         if isinstance(value, list):
             return [label_name(v) if is_label(v) else v for v in value]
         return value
 
 
-def is_label(value):
+def is_label(value: object) -> bool:
     return isinstance(value, (str, int, float)) and not isinstance(value, bool)
 
 
-def label_name(value):
+def label_name(value: Any) -> str:
     """The text a label is known by (``1`` and ``"1"`` are one label)."""
     if not is_label(value):
         raise TypeError(f"a label is a string or a number, got {value!r}")
     return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
-def sorted_labels(names):
+def sorted_labels(names: Iterable[str]) -> list[str]:
     """Labels in id order: numerically when every one is a number, else alphabetically."""
     names = set(names)
     try:
@@ -64,7 +69,7 @@ def sorted_labels(names):
         return sorted(names)
 
 
-def field(record, key, section_name, needs):
+def field(record: "Record", key: str, section_name: str, needs: str) -> Any:
     """``record.data[key]``, or a DataError naming the line and the section key to change."""
     if key not in record.data:
         raise DataError(f"{record.where}: no {key!r} field; a {section_name} record needs "
@@ -73,16 +78,17 @@ def field(record, key, section_name, needs):
     return record.data[key]
 
 
-def labels_of(recipe, section_name):
+def labels_of(recipe: "Recipe", section_name: str) -> list[str] | None:
     """The run's label set in id order: the recipe's ``labels:``, or the training split's
     (decided when it was tokenized); None before that."""
     return recipe.setting(section_name, "labels")
 
 
-def label_ids(recipe, section_name, records, values, split):
+def label_ids(recipe: "Recipe", section_name: str, records: "Sequence[Record]",
+              values: Sequence[Any], split: str) -> list[int | list[int]]:
     """Label ids of ``values`` (one label, or a list per record). The training split decides
     the label set where the recipe gives none; a label outside the set is a DataError."""
-    def names(value, record):
+    def names(value: Any, record: "Record") -> str | list[str]:
         try:
             return [label_name(v) for v in value] if isinstance(value, list) else label_name(value)
         except TypeError as exc:
@@ -99,7 +105,7 @@ def label_ids(recipe, section_name, records, values, split):
         recipe.decide(section_name, "labels", labels)
     label2id = {name: i for i, name in enumerate(labels)}
 
-    def to_id(text, record):
+    def to_id(text: str, record: "Record") -> int:
         if text in label2id:
             return label2id[text]
         if split == "train":
@@ -113,7 +119,7 @@ def label_ids(recipe, section_name, records, values, split):
             for ts, r in zip(texts, records)]
 
 
-def encode(tokenizer, text, max_length, **kwargs):
+def encode(tokenizer: Any, text: Any, max_length: int, **kwargs: Any) -> tuple[Any, bool]:
     """``(encoding, truncated)``: ``text`` tokenized with the tokenizer's special tokens, cut
     at ``max_length`` tokens."""
     enc = tokenizer(text, **kwargs)
@@ -122,14 +128,15 @@ def encode(tokenizer, text, max_length, **kwargs):
     return tokenizer(text, truncation=True, max_length=max_length, **kwargs), True
 
 
-def collator(tokenizer, per_token):
+def collator(tokenizer: Any,
+             per_token: bool) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
     """Pads a batch on the tokenizer's padding side (labels with -100 for token labels); with
     left padding it adds the positions, so absolute position embeddings see unshifted tokens."""
     from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
 
     pad = (DataCollatorForTokenClassification if per_token else DataCollatorWithPadding)(tokenizer)
 
-    def collate(examples):
+    def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = dict(pad([{"input_ids": e["input_ids"], "labels": e["labels"]}
                           for e in examples]))
         if tokenizer.padding_side == "left":
@@ -139,7 +146,7 @@ def collator(tokenizer, per_token):
     return collate
 
 
-def model_kwargs(labels, tokenizer):
+def model_kwargs(labels: Sequence[str] | None, tokenizer: Any) -> dict[str, Any]:
     """``from_pretrained`` arguments for a head with the section's labels. The model learns the
     tokenizer's padding token: a decoder's classifier pools the last token that is not padding
     (transformers finds it by ``pad_token_id``, on either padding side)."""
@@ -147,27 +154,30 @@ def model_kwargs(labels, tokenizer):
         # Only the memory planner loads a model (on the meta device) before the training split
         # is read; the number of labels hardly changes its figures.
         return {}
-    kwargs = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+    kwargs: dict[str, Any] = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
               "label2id": {name: i for i, name in enumerate(labels)}}
     if tokenizer is not None and tokenizer.pad_token_id is not None:
         kwargs["pad_token_id"] = tokenizer.pad_token_id
     return kwargs
 
 
-def loss(model, batch, weight=None):
+def loss(model: torch.nn.Module, batch: dict[str, Any],
+         weight: torch.Tensor | None = None) -> Loss:
     """Cross-entropy of the head's logits (``-100`` labels ignored), optionally class-weighted:
     a :class:`plugtune.Loss` whose count is the labelled items (or their summed weight)."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     return cross_entropy(model(**inputs).logits, batch["labels"], weight=weight)
 
 
-def predict(run, model, split="validation"):
+def predict(run: "Run", model: torch.nn.Module,
+            split: str = "validation") -> tuple[list[Any], list[Any]]:
     """``(labels, predictions)`` per example of a held-out split: one id each for a sequence
     label, or the ids at the labelled (first sub-word) positions for token labels. Each process
     predicts its share of the batches; every process gets them all."""
     data = run.data[split]
     size = run.recipe.train.eval_batch_size or run.recipe.train.batch_size
-    labels, predictions = [], []
+    labels: list[Any] = []
+    predictions: list[Any] = []
     with torch.no_grad():
         for i in run.share(range(0, len(data.examples), size)):
             batch = data.collate(data.examples[i:i + size])
@@ -185,17 +195,17 @@ def predict(run, model, split="validation"):
     return [g for g, _ in pairs], [b for _, b in pairs]
 
 
-def meta_batch(*per_sequence):
+def meta_batch(*per_sequence: str) -> Callable[[int, int], dict[str, torch.Tensor]]:
     """The planner's batch maker for a head whose targets are one id per sequence under each
     name of ``per_sequence`` (a class label; a start and an end position), not one per token."""
-    def batch(batch_size, seq_len):
+    def batch(batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
         ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
         return {"input_ids": ids, **{k: torch.zeros(batch_size, dtype=torch.long, device="meta")
                                      for k in per_sequence}}
     return batch
 
 
-def head_parameters(model):
+def head_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """Parameters of the layers a task class adds on top of the pretrained model."""
     backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
     return [p for child in model.children() if child is not backbone for p in child.parameters()]
@@ -206,7 +216,7 @@ def head_parameters(model):
 # ---------------------------------------------------------------------------------------------
 
 
-def check(recipe, name):
+def check(recipe: "Recipe", name: str) -> list[str]:
     """The problems every head has with a recipe (a second task plugin is the core's: the role
     ``task``)."""
     if recipe.train.packing:
@@ -222,25 +232,25 @@ class Head:
     ``"AutoModelForSequenceClassification"``). A head plugin module takes the ones it needs as
     its own: ``plugtune_check_recipe = HEAD.plugtune_check_recipe``."""
 
-    def __init__(self, name, model_class):
+    def __init__(self, name: str, model_class: str) -> None:
         self.name, self.model_class = name, model_class
 
     @hookimpl
-    def plugtune_check_recipe(self, recipe):
+    def plugtune_check_recipe(self, recipe: "Recipe") -> list[str]:
         return check(recipe, self.name)
 
     @hookimpl
-    def plugtune_model_class(self):
+    def plugtune_model_class(self) -> type:
         import transformers
 
         return getattr(transformers, self.model_class)
 
     @hookimpl
-    def plugtune_model_kwargs(self, recipe, tokenizer):
+    def plugtune_model_kwargs(self, recipe: "Recipe", tokenizer: Any) -> dict[str, Any]:
         return model_kwargs(labels_of(recipe, self.name), tokenizer)
 
     @hookimpl(wrapper=True)
-    def plugtune_select_trainable(self, model):
+    def plugtune_select_trainable(self, model: torch.nn.Module) -> Generator[None, Any, Any]:
         """Make the head train. A wrapper runs after every plugin has chosen what trains
         (``freeze.last_n_blocks`` turns off all but the last blocks, the head too). Under peft,
         ``modules_to_save`` already trains it."""
@@ -251,7 +261,7 @@ class Head:
         return result
 
     @hookimpl
-    def plugtune_train_start(self, run):
+    def plugtune_train_start(self, run: "Run") -> None:
         """``labels.json`` in the run directory: the task and its labels in id order."""
         if run.dir is not None:
             atomic_write(run.dir / "labels.json", json.dumps(

@@ -11,10 +11,17 @@ each norm, which the 16-bit output layer then refuses without autocast. The prep
 once, in ``plugtune_prepare_base``, before gradient checkpointing and before LoRA wraps the
 model (re-applying it to a PeftModel would freeze the adapters too).
 """
+from typing import TYPE_CHECKING
+
 from plugtune import active_roles
 
+if TYPE_CHECKING:
+    import torch
 
-def check(recipe, name):
+    from plugtune import Recipe
+
+
+def check(recipe: "Recipe", name: str) -> list[str]:
     """Combination problems of the quantizing plugin ``name``: something must train, and
     only an adapter (a plugin filling the role ``adapter``, whoever wrote it) can train on a
     quantized base."""
@@ -33,7 +40,7 @@ def check(recipe, name):
             "plugins` lists those with the role adapter)"]
 
 
-def prepare(model):
+def prepare(model: "torch.nn.Module") -> None:
     """Prepare a k-bit base for training, exactly once."""
     if getattr(model, "_plugtune_kbit_prepared", False):
         return
@@ -41,4 +48,4 @@ def prepare(model):
     # gradient_checkpointing plugin's, in the next phase.
     for param in model.parameters():
         param.requires_grad = False
-    model._plugtune_kbit_prepared = True
+    model._plugtune_kbit_prepared = True  # type: ignore[assignment]  # torch: tensors/modules

@@ -15,17 +15,25 @@ are registered as its own.
 """
 import re
 import warnings
+from collections.abc import Collection
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, field_validator
 
 from plugtune import Section, active_roles, hookimpl
+
+if TYPE_CHECKING:
+    import torch
+
+    from plugtune import Recipe, Variant
 
 TASK_TYPES = {"SequenceClassification": "SEQ_CLS", "TokenClassification": "TOKEN_CLS",
               "QuestionAnswering": "QUESTION_ANS"}
 HEADS = ("score", "classifier", "qa_outputs")  # the layers transformers' head classes add
 
 
-def target_modules_field(default, what="adapters"):
+def target_modules_field(default: str | None, what: str = "adapters") -> Any:
     return Field(default, description=f"where the {what} go: module names (a list, matched at "
                  "the end of the name), a regular expression (a string, matched against the "
                  "full name), all-linear (every linear layer but the output layer)"
@@ -42,7 +50,7 @@ class AdapterSection(Section):
 
     @field_validator("target_modules")
     @classmethod
-    def _regex_compiles(cls, value):
+    def _regex_compiles(cls, value: list[str] | str | None) -> list[str] | str | None:
         if isinstance(value, str) and value != "all-linear":
             try:
                 re.compile(value)
@@ -62,31 +70,31 @@ class LycorisSection(AdapterSection):
                                   "whole adapted layer out of a training step")
 
 
-def lycoris_options(s):
+def lycoris_options(s: LycorisSection) -> dict[str, Any]:
     return {**common(s), "r": s.r, "alpha": s.alpha, "rank_dropout": s.rank_dropout,
             "module_dropout": s.module_dropout}
 
 
-def common(section):
+def common(section: AdapterSection) -> dict[str, Any]:
     """The peft config arguments of :class:`AdapterSection`'s fields."""
     return {"target_modules": section.target_modules,
             "modules_to_save": section.modules_to_save or None}
 
 
-def adapter_of(recipe):
+def adapter_of(recipe: "Recipe") -> str | None:
     """The active adapter method of ``recipe`` (the plugin filling the role ``adapter``), or
     None."""
     return next(iter(active_roles(recipe).get("adapter", [])), None)
 
 
-def check(recipe, name, what):
+def check(recipe: "Recipe", name: str, what: str) -> list[str]:
     """Combination problems every adapter method has: none the method checks itself, now that
     the core refuses two plugins in the roles ``adapter`` or ``trainable`` (``full``,
     ``freeze``, a second method). Kept for methods written for plugin API 1.0."""
     return []
 
 
-def fit_variants(name, recipe, without_adapter=False):
+def fit_variants(name: str, recipe: "Recipe", without_adapter: bool = False) -> "list[Variant]":
     """``plan --fit`` variants of adapter method ``name``: on the 16/32-bit base, an 8-bit and
     a 4-bit one (a combination the plugins refuse, such as loha on nf4, or one whose quantizer
     is not installed, is skipped by the search). Offered when the recipe uses the method, or,
@@ -101,7 +109,7 @@ def fit_variants(name, recipe, without_adapter=False):
             Variant(f"nf4 + {name}", 40, ["nf4", name], {name: {}})]
 
 
-def no_4bit_base(recipe, name):
+def no_4bit_base(recipe: "Recipe", name: str) -> list[str]:
     """The problem of a LyCORIS method (LoHa, LoKr) asked to adapt a 4-bit base: it computes
     its update in the shape of the layer's weight, which bitsandbytes packs into another shape
     for 4-bit (the first forward fails); an int8 weight keeps its shape. The quantizer says
@@ -115,13 +123,13 @@ def no_4bit_base(recipe, name):
             f"{packed[0]}"]
 
 
-def task_type(model):
+def task_type(model: "torch.nn.Module") -> str:
     """peft's task type for the model class (a classifier's new head is then saved too)."""
     name = type(model).__name__
     return next((t for k, t in TASK_TYPES.items() if k in name), "CAUSAL_LM")
 
 
-def linear_layers(model, but=()):
+def linear_layers(model: "torch.nn.Module", but: Collection[str] = ()) -> list[str]:
     """Names of the model's linear layers (``nn.Linear``, GPT-2's ``Conv1D``), except those
     whose last name part is in ``but``."""
     import torch
@@ -131,7 +139,7 @@ def linear_layers(model, but=()):
             and n.rsplit(".", 1)[-1] not in but]
 
 
-def wrap(model, config_class, **options):
+def wrap(model: "torch.nn.Module", config_class: type, **options: Any) -> Any:
     """``peft.get_peft_model(model, config_class(task_type=..., **options))``."""
     from peft import get_peft_model
 
@@ -152,7 +160,7 @@ def wrap(model, config_class, **options):
 
 
 @hookimpl
-def plugtune_save_model(model, tokenizer, path):
+def plugtune_save_model(model: Any, tokenizer: Any, path: Path) -> str:
     """Save only the adapter (and ``modules_to_save``), in PEFT format, with the tokenizer."""
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

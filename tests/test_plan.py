@@ -344,3 +344,24 @@ def test_fit_says_what_the_minimum_is_when_nothing_fits(small, capsys, tmp_path)
     assert "does NOT fit" in text
     least = text[text.index("the least it needs is"):]
     assert "nf4 + lora + gradient checkpointing, micro-batch 1 x 8" in least
+
+
+def test_fit_says_so_when_no_combination_can_be_tried(small, make_recipe, tmp_path, capsys):
+    """No installed plugin offers a variant (none of full, lora, freeze, ...): --fit has
+    nothing to try and says so in a line (it used to end in a traceback)."""
+    import argparse
+
+    from plugtune import manager
+
+    # `small` wrote the config-only model tmp_path/small; this recipe names no trainer
+    path = make_recipe("bare.yaml", model=str(tmp_path / "small"), plugins=["causal_lm"],
+                       train={"batch_size": 8, "max_length": 256})
+    bare = manager.Discovered({name: info for name, info in manager.discover().items()
+                               if not hasattr(info.obj, "plugtune_fit_variants")})
+    assert "causal_lm" in bare and "lora" not in bare and "full" not in bare
+    said = []
+    args = argparse.Namespace(recipe=str(path), overrides=[], gpu="1MiB", device="cuda",
+                              fit=True, out=str(tmp_path / "out.yaml"))
+    code = plan.command(args, echo=said.append, discovered=bare)
+    assert code == 1 and not (tmp_path / "out.yaml").exists()
+    assert "offer no combination that could be tried" in said[-1]

@@ -2,9 +2,14 @@
 adjusts (:class:`Plan` of :class:`Param` entries, :class:`Optimizer`, :class:`Memory`) and the
 ``--fit`` :class:`Variant` a plugin offers. Part of the plugin API."""
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from ..recipe import Recipe
 
 
 @dataclass
@@ -12,7 +17,7 @@ class Param:
     """One parameter tensor as the planner counts it."""
 
     name: str  # its name in the model as loaded (adapters: their name after wrapping)
-    shape: tuple
+    shape: tuple[int, ...]
     dtype: torch.dtype  # after the model phases (k-bit preparation casts 16-bit weights to fp32)
     trainable: bool
     block: int | None  # index of the transformer block that holds it; None outside the blocks
@@ -22,18 +27,18 @@ class Param:
     storage: str = ""  # how it is stored when not as a dense tensor of `dtype` ("int8", "nf4")
     nbytes: int | None = None  # its bytes when `storage` is set
     keeps_input: bool = False  # its kernel keeps the layer input for backward although frozen
-    tensor: object = field(default=None, repr=False, compare=False)  # the meta parameter
+    tensor: Any = field(default=None, repr=False, compare=False)  # the meta parameter
 
     @property
-    def numel(self):
+    def numel(self) -> int:
         return math.prod(self.shape)
 
     @property
-    def bytes(self):
+    def bytes(self) -> int:
         return self.nbytes if self.nbytes is not None else self.numel * self.dtype.itemsize
 
     @property
-    def kind(self):
+    def kind(self) -> str:
         return self.storage or str(self.dtype).removeprefix("torch.")
 
 
@@ -60,35 +65,37 @@ class Memory:
 class Plan:
     """What plugins see and adjust in ``plugtune_estimate_memory``."""
 
-    recipe: object
-    model: object  # the model on the meta device, after the run's model phases
-    params: list  # of Param
+    recipe: "Recipe"
+    model: Any  # the model on the meta device, after the run's model phases
+    params: list[Param]
     device: str  # "cuda" or "cpu"
     batch_size: int
     seq_len: int
     grad_accum: int
     mixed_precision: str = "no"
-    checkpointed: set = field(default_factory=set)  # blocks that keep only their input and
+    checkpointed: set[int] = field(default_factory=set)  # blocks that keep only their input and
     # recompute the rest in backward (read off the model after the phases)
     offloaded: bool = False  # checkpointed blocks keep their input in host memory instead
     optimizer: Optimizer | None = None
-    extra: list = field(default_factory=list)  # of Memory
-    notes: list = field(default_factory=list)  # shown under the table
-    make_batch: object = None  # (batch_size, seq_len) -> dict of meta tensors for the loss hook
-    keep_unquantized: list = field(default_factory=list)  # modules quantizers skip by default
+    extra: list[Memory] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # shown under the table
+    #: (batch_size, seq_len) -> dict of meta tensors for the loss hook
+    make_batch: Callable[[int, int], dict[str, Any]] | None = None
+    keep_unquantized: list[str] = field(default_factory=list)  # modules quantizers skip by default
     architecture: str = ""  # the loaded model's class, before adapters wrap it
     loss_chunk_tokens: int | None = None  # the task's loss runs the output layer this many
     # tokens at a time (chunked cross-entropy): logits buffers stop growing with the batch
     packed: bool = False  # train.packing: sequences laid end to end, attention masked per example
 
-    def trainable(self):
+    def trainable(self) -> list[Param]:
         return [p for p in self.params if p.trainable]
 
-    def add(self, name, nbytes, detail=""):
+    def add(self, name: str, nbytes: float, detail: str = "") -> None:
         """Count memory this plugin holds for the whole run."""
         self.extra.append(Memory(name, int(nbytes), detail))
 
-    def quantize(self, params, storage, nbytes, keeps_input=False):
+    def quantize(self, params: Iterable[Param], storage: str, nbytes: Callable[[Param], int],
+                 keeps_input: bool = False) -> None:
         """Count ``params`` as stored quantized, ``nbytes(param)`` bytes each (the quantizing
         plugins' helper). On a CPU the checkpoint file stays memory-mapped after loading, and
         the pages read to quantize these weights stay resident (clean pages the system may
@@ -101,16 +108,16 @@ class Plan:
             self.add("checkpoint pages read to quantize", read, "CPU only: the safetensors "
                      "file stays mapped; clean pages the system can drop")
 
-    def base_linear_weights(self, skip=()):
+    def base_linear_weights(self, skip: Iterable[str] = ()) -> list[Param]:
         """Weights of the loaded model's ``nn.Linear`` layers (the ones bitsandbytes quantizes),
         except modules whose name or last name part is in ``skip``."""
-        skip = set(skip)
+        skipped = set(skip)
         return [p for p in self.params if p.module == "Linear" and not p.added
-                and p.name.endswith("weight") and p.module_name not in skip
-                and p.module_name.rsplit(".", 1)[-1] not in skip]
+                and p.name.endswith("weight") and p.module_name not in skipped
+                and p.module_name.rsplit(".", 1)[-1] not in skipped]
 
 
-def causal_batch(batch_size, seq_len):
+def causal_batch(batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
     """A causal-LM batch on the meta device: every sequence ``seq_len`` tokens, no padding."""
     ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
     return {"input_ids": ids, "labels": ids}
@@ -134,7 +141,7 @@ class Variant:
 
     label: str
     rank: float
-    plugins: list
-    sections: dict = field(default_factory=dict)
+    plugins: list[str]
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)
     override: bool = False
     saver: bool = False

@@ -30,7 +30,7 @@ UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 1
          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": KiB, "mib": MiB, "gib": GiB, "tib": 2**40}
 
 
-def parse_budget(text):
+def parse_budget(text: str) -> tuple[int, str]:
     """``(bytes, label)`` for ``24GiB``, ``24GB`` (decimal), ``16000MiB`` or a GPU name."""
     key = text.strip().lower().replace("_", "-")
     if key in GPUS:
@@ -43,7 +43,7 @@ def parse_budget(text):
     return int(float(match.group(1)) * UNITS[match.group(2)]), text.strip()
 
 
-def size(n):
+def size(n: float) -> str:
     """Bytes for people: ``1.5 GiB``."""
     for unit, scale in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
         if abs(n) >= scale:
@@ -51,20 +51,22 @@ def size(n):
     return f"{n:.0f} B"
 
 
-def count(n):
+def count(n: float) -> str:
     for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= scale:
             return f"{n / scale:.2f}{unit}"
     return str(n)
 
 
-def default_budget(device):
+def default_budget(device: str) -> tuple[int, str] | tuple[None, None]:
     """``(bytes, label)`` of the memory this machine has, or ``(None, None)``."""
     if device == "cuda" and torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info()
         return total, f"this GPU ({torch.cuda.get_device_name()})"
     meminfo = Path("/proc/meminfo")
     if device == "cpu" and meminfo.exists():
-        kib = int(re.search(r"MemAvailable:\s+(\d+)", meminfo.read_text()).group(1))
+        found = re.search(r"MemAvailable:\s+(\d+)", meminfo.read_text())
+        assert found, "/proc/meminfo without MemAvailable"  # every Linux since 3.14
+        kib = int(found.group(1))
         return kib * KiB, "this machine's available RAM"
     return None, None

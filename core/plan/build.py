@@ -1,13 +1,19 @@
 """The plan of a recipe before plugins adjust it: its model built on the meta device from the
 config alone, the run's own model phases run on it, and its parameters as :class:`Param` entries."""
+from typing import TYPE_CHECKING, Any
+
+import pluggy
 import torch
 
 from ..errors import PluginError
 from ..models import transformer_blocks
 from .api import Param, Plan, causal_batch
 
+if TYPE_CHECKING:
+    from ..recipe import Recipe
 
-def meta_model(h, recipe):
+
+def meta_model(h: pluggy.HookRelay, recipe: "Recipe") -> Any:
     """The recipe's model on the meta device, as the loader would load it (class, dtype,
     config-level loading arguments such as a head's ``num_labels``)."""
     from transformers import AutoModelForCausalLM
@@ -29,7 +35,7 @@ def meta_model(h, recipe):
     return model
 
 
-def build(recipe, pm, device="cuda"):
+def build(recipe: "Recipe", pm: pluggy.PluginManager, device: str = "cuda") -> Plan:
     """The plan of ``recipe`` before plugins adjust it: the meta model through the model phases
     and its parameters."""
     from ..loop import adapt, prepare
@@ -39,7 +45,7 @@ def build(recipe, pm, device="cuda"):
     loaded = {id(p): n for n, p in model.named_parameters()}
     architecture = type(model).__name__
     keep = _not_quantized_by_default(model)
-    owners = {}
+    owners: dict[int, tuple[str, str]] = {}
     for module_name, module in model.named_modules():
         for p in module.parameters(recurse=False):
             owners.setdefault(id(p), (module_name, type(module).__name__))
@@ -68,7 +74,7 @@ def build(recipe, pm, device="cuda"):
                 keep_unquantized=keep, architecture=architecture)
 
 
-def _not_quantized_by_default(model):
+def _not_quantized_by_default(model: torch.nn.Module) -> list[str]:
     """The modules transformers' quantizers leave in full precision unless told otherwise (the
     output layer, tied weights)."""
     try:

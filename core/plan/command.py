@@ -1,7 +1,10 @@
 """``plugtune plan``: print the plan of a recipe, check it against a budget, and with ``--fit``
 write a recipe that fits."""
+import argparse
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import RecipeError
 from .budget import default_budget, parse_budget, size
@@ -9,8 +12,12 @@ from .fit import changes, search, yaml_dump
 from .moments import estimate
 from .render import describe
 
+if TYPE_CHECKING:
+    from ..manager import PluginInfo
 
-def command(args, echo=print, discovered=None):
+
+def command(args: argparse.Namespace, echo: Callable[[str], object] = print,
+            discovered: "dict[str, PluginInfo] | None" = None) -> int:
     """``plugtune plan``: 0 when the recipe fits (or no budget is known), 1 when it does not.
     ``discovered``: the installed plugins (``manager.discover()`` by default)."""
     from .. import manager, recipe as recipes
@@ -38,6 +45,10 @@ def command(args, echo=print, discovered=None):
     echo("")
     echo(f"searching for a combination that fits {size(budget)}:")
     chosen, least = search(recipe, len(est.acts.blocks), budget, args.device, discovered, echo)
+    if least is None:  # every combination refused (said above), or none offered
+        echo(f"does NOT fit {size(budget)}, and the installed plugins offer no combination "
+             "that could be tried; `plugtune plugins` lists them")
+        return 1
     if chosen is None:
         weights = least.estimate.weights
         echo(f"does NOT fit {size(budget)} with any combination: the least it needs is "

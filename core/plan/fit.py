@@ -1,31 +1,38 @@
 """``--fit``: the first combination that fits a budget, trying the variants every installed
 plugin offers (``plugtune_fit_variants``) in order of their quality rank, each as is, with the
 memory savers, then with smaller micro-batches. The core names no method."""
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ..errors import RecipeError
 from .api import Variant
 from .budget import size
 from .moments import Estimate, estimate
 
+if TYPE_CHECKING:
+    from ..manager import PluginInfo
+    from ..recipe import Recipe
+
 
 @dataclass
 class Candidate:
     label: str
-    tree: dict
+    tree: dict[str, Any]
     estimate: Estimate
     batch_size: int
     grad_accum: int
-    involved: set = field(default_factory=set)  # the plugins any variant names
+    involved: set[str] = field(default_factory=set)  # the plugins any variant names
 
     @property
-    def total(self):
+    def total(self) -> float:
         return self.estimate.total()
 
 
-def offered(recipe, blocks, discovered):
+def offered(recipe: "Recipe", blocks: int,
+            discovered: "dict[str, PluginInfo]") -> tuple[list[Variant], list[Variant]]:
     """``(methods, savers)``: every installed plugin's :class:`Variant` s, methods by rank (a
     variant whose plugins are not all installed is left out)."""
     from .. import manager
@@ -38,7 +45,7 @@ def offered(recipe, blocks, discovered):
     return methods, [v for v in variants if v.saver]
 
 
-def ladder(recipe, methods):
+def ladder(recipe: "Recipe", methods: list[Variant]) -> list[Variant]:
     """The methods to try, from the recipe's own one on (it is never 'upgraded' past it); where
     the recipe uses a method whose variants set sections of their own (``override``), the
     recipe's own settings of it come first."""
@@ -55,7 +62,8 @@ def ladder(recipe, methods):
     return methods
 
 
-def variant(tree, method, savers, involved):
+def variant(tree: dict[str, Any], method: Variant, savers: Sequence[Variant],
+            involved: set[str]) -> dict[str, Any]:
     """``tree`` with the plugins any variant names replaced by ``method``'s (and ``savers``'),
     and their sections."""
     import copy
@@ -72,13 +80,15 @@ def variant(tree, method, savers, involved):
     return out
 
 
-def micro_batches(batch, accum):
+def micro_batches(batch: int, accum: int) -> list[tuple[int, int]]:
     """``(micro-batch, grad_accum)`` pairs with the same effective batch, largest first."""
     effective = batch * accum
     return [(b, effective // b) for b in range(batch, 0, -1) if effective % b == 0]
 
 
-def search(recipe, blocks, budget, device, discovered, echo=print):
+def search(recipe: "Recipe", blocks: int, budget: float, device: str,
+           discovered: "dict[str, PluginInfo]", echo: Callable[[str], object] = print
+           ) -> tuple[Candidate | None, Candidate | None]:
     """``(the first Candidate that fits budget or None, the least demanding one tried)``;
     ``echo`` reports each combination tried."""
     from .. import recipe as recipes
@@ -87,13 +97,14 @@ def search(recipe, blocks, budget, device, discovered, echo=print):
     involved = {p for v in methods + savers for p in v.plugins}
     tree = recipe.raw
     own_savers = all(p in recipe.plugins for s in savers for p in s.plugins)
-    smallest = None
+    smallest: Candidate | None = None
     with tempfile_dir() as tmp:
         for method in ladder(recipe, methods):
             # the recipe's micro-batch as it is, then with the savers (gradient checkpointing),
             # then the savers with smaller micro-batches (the effective batch kept)
             batches = micro_batches(recipe.train.batch_size, recipe.train.grad_accum)
-            steps = [((), batches[:1])] if not (savers and own_savers) else []
+            steps: list[tuple[Sequence[Variant], list[tuple[int, int]]]] = \
+                [((), batches[:1])] if not (savers and own_savers) else []
             if savers:
                 steps.append((savers, batches))
             for extra, sizes in steps:
@@ -102,9 +113,10 @@ def search(recipe, blocks, budget, device, discovered, echo=print):
                 path.write_text(yaml_dump(t))
                 name = " + ".join([method.label, *(s.label for s in extra)])
                 try:
-                    est = estimate(*recipes.load_recipe(
+                    loaded, pm = recipes.load_recipe(
                         path, discovered=discovered,
-                        trust_remote_code=recipe.model.trust_remote_code), device)
+                        trust_remote_code=recipe.model.trust_remote_code)
+                    est = estimate(loaded, pm, device)
                 except RecipeError as exc:  # a combination the plugins refuse (loha + nf4)
                     echo(f"  {name}: not allowed: {'; '.join(exc.problems)}")
                     continue
@@ -123,20 +135,20 @@ def search(recipe, blocks, budget, device, discovered, echo=print):
 
 
 @contextmanager
-def tempfile_dir():
+def tempfile_dir() -> Iterator[str]:
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="plugtune-plan-") as tmp:
         yield tmp
 
 
-def yaml_dump(tree, header=""):
+def yaml_dump(tree: dict[str, Any], header: str = "") -> str:
     import yaml
 
     return header + yaml.safe_dump(tree, sort_keys=False)
 
 
-def changes(recipe, chosen):
+def changes(recipe: "Recipe", chosen: Candidate) -> list[str]:
     """What --fit changed, in words."""
     out = []
     t, old, involved = chosen.tree, recipe.raw, chosen.involved

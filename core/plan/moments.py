@@ -1,11 +1,17 @@
 """The estimate: the moments a training step passes through (end of forward, start of backward,
 each block's backward, the optimizer step), the peak, and the framework overhead."""
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import pluggy
 
 from .api import Optimizer, Plan
 from .budget import MiB
 from .build import build
 from .trace import Activations, trace
+
+if TYPE_CHECKING:
+    from ..recipe import Recipe
 
 
 OVERHEAD = {"cuda": (512 * MiB, 0.05), "cpu": (48 * MiB, 0.03)}
@@ -14,10 +20,10 @@ OVERHEAD = {"cuda": (512 * MiB, 0.05), "cpu": (48 * MiB, 0.03)}
 @dataclass
 class Moment:
     name: str
-    parts: dict  # component -> bytes at this moment
+    parts: dict[str, float]  # component -> bytes at this moment
 
     @property
-    def total(self):
+    def total(self) -> float:
         return sum(self.parts.values())
 
 
@@ -29,10 +35,10 @@ class Estimate:
     acts: Activations
 
     @property
-    def weights(self):
+    def weights(self) -> int:
         return sum(p.bytes for p in self.plan.params)
 
-    def grads(self):
+    def grads(self) -> tuple[int, int, list[int]]:
         """``(all, outside the blocks, per block)`` gradient bytes."""
         blocks = [0] * len(self.acts.blocks)
         outside = 0
@@ -44,19 +50,19 @@ class Estimate:
                 blocks[p.block] += nbytes
         return outside + sum(blocks), outside, blocks
 
-    def with_batch(self, batch_size, grad_accum):
+    def with_batch(self, batch_size: int, grad_accum: int) -> "Estimate":
         """The same plan at another micro-batch size and accumulation (activations scale with
         the tokens of a micro-batch; gradients stay between micro-batches when accumulating)."""
         plan = replace(self.plan, batch_size=batch_size, grad_accum=grad_accum)
         return Estimate(plan, self.acts)
 
-    def moments(self):
+    def moments(self) -> list[Moment]:
         """The moments of a training step, each with the bytes of every component."""
         plan, a = self.plan, self.acts
         n = plan.batch_size * plan.seq_len
         ckpt = plan.checkpointed
         opt = plan.optimizer or Optimizer("none", 0)
-        resident = {"weights": self.weights,
+        resident: dict[str, float] = {"weights": self.weights,
                     "optimizer state": 0 if opt.paged and plan.device == "cuda" else opt.state}
         for m in plan.extra:
             resident[m.name] = m.bytes
@@ -69,7 +75,8 @@ class Estimate:
         upcast = l32 if logits != l32 else 0
         held = g_all if plan.grad_accum > 1 else 0  # gradients kept between micro-batches
 
-        def moment(name, grads, acts, buffers, step=0):
+        def moment(name: str, grads: float, acts: float, buffers: float,
+                   step: float = 0) -> Moment:
             parts = dict(resident, gradients=grads, activations=acts)
             parts["logits and loss buffers"] = buffers
             parts["optimizer step"] = step
@@ -93,20 +100,20 @@ class Estimate:
         out.append(moment("optimizer step", g_all, 0, 0, opt.step))
         return out
 
-    def peak(self):
+    def peak(self) -> Moment:
         return max(self.moments(), key=lambda m: m.total)
 
-    def overhead(self, tensors):
+    def overhead(self, tensors: float) -> int:
         fixed, share = OVERHEAD[self.plan.device]
         return int(fixed + share * tensors)
 
-    def total(self):
+    def total(self) -> float:
         """Bytes the run needs at its peak, the framework overhead included."""
         tensors = self.peak().total
         return tensors + self.overhead(tensors)
 
 
-def estimate(recipe, pm, device="cuda"):
+def estimate(recipe: "Recipe", pm: pluggy.PluginManager, device: str = "cuda") -> Estimate:
     """The :class:`Estimate` of a validated recipe (``plugtune plan`` and ``plugtune run``)."""
     plan = build(recipe, pm, device)
     pm.hook.plugtune_estimate_memory(plan=plan, recipe=recipe)

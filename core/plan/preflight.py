@@ -1,12 +1,20 @@
 """The check before ``plugtune run`` loads anything: the plan's peak, and a warning when it will
 not fit the GPU this process sees. It never stops a run."""
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import pluggy
 import torch
 
 from .budget import size
-from .moments import estimate
+from .moments import Estimate, estimate
+
+if TYPE_CHECKING:
+    from ..recipe import Recipe
 
 
-def preflight(recipe, pm, echo=print):
+def preflight(recipe: "Recipe", pm: pluggy.PluginManager,
+              echo: Callable[[str], object] = print) -> Estimate | None:
     """Before ``plugtune run`` loads anything: print the plan's peak, and warn when it will not
     fit the GPU this process sees. Never stops a run: a planner failure is only reported."""
     device = "cuda" if torch.cuda.is_available() else "cpu"

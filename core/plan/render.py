@@ -1,9 +1,9 @@
 """The plan as a table: component by component, the peak and the verdict against a budget."""
 from .budget import count, size
-from .moments import OVERHEAD
+from .moments import OVERHEAD, Estimate
 
 
-def describe(est, budget=None, label=None):
+def describe(est: Estimate, budget: int | None = None, label: str | None = None) -> list[str]:
     """The plan as a table of components, the peak and the verdict (lines of text)."""
     plan, a = est.plan, est.acts
     peak = est.peak()
@@ -16,13 +16,13 @@ def describe(est, budget=None, label=None):
              f"plugins: {', '.join(r.plugins)}; micro-batch {plan.batch_size} x {plan.seq_len} "
              f"tokens, grad_accum {plan.grad_accum}, mixed_precision {plan.mixed_precision}; "
              f"device {plan.device}", ""]
-    rows = []
+    rows: list[tuple[str, str, str]] = []
 
-    def row(name, nbytes, detail=""):
+    def row(name: str, nbytes: float | None, detail: str = "") -> None:
         rows.append((name, "" if nbytes is None else size(nbytes), detail))
 
     row("weights", est.weights)
-    kinds = {}
+    kinds: dict[tuple[str, bool], tuple[int, int]] = {}
     for p in plan.params:
         key = (p.kind, p.added)
         c, b = kinds.get(key, (0, 0))

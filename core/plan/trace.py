@@ -1,21 +1,25 @@
 """Activations: one forward pass on meta tensors records every tensor autograd keeps for
 backward, per transformer block and per token (attention counted as the fused kernels keep it)."""
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
+import pluggy
 import torch
 
 from ..errors import PluginError
 from ..models import transformer_blocks
+from .api import Plan
 
 
 @dataclass
 class Activations:
     """Bytes per token of the micro-batch that one forward pass keeps for backward."""
 
-    blocks: list  # kept by each transformer block (without checkpointing)
-    inputs: list  # each block's input (what a checkpointed block keeps)
-    largest: list  # the largest single kept tensor of each block
+    blocks: list[float]  # kept by each transformer block (without checkpointing)
+    inputs: list[float]  # each block's input (what a checkpointed block keeps)
+    largest: list[float]  # the largest single kept tensor of each block
     before: float  # kept before the first block (embeddings)
     after: float  # kept after the last block (final norm, output layer, loss)
     logits: float  # the output layer's result, per token it covers
@@ -26,7 +30,7 @@ class _FusedAttention(torch.autograd.Function):
     """Stands in for scaled_dot_product_attention: keeps what the fused kernels keep."""
 
     @staticmethod
-    def forward(ctx, q, k, v):
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if q.dim() == 4:  # the kernels write (batch, seq, heads, dim): transposing back is free
             b, h, s, _ = q.shape
             out = q.new_empty(b, s, h, v.shape[-1]).transpose(1, 2)
@@ -37,16 +41,17 @@ class _FusedAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad):  # pragma: no cover - never runs on meta tensors
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:  # pragma: no cover - never on meta
         raise NotImplementedError
 
 
 class _AttentionAsFused(torch.overrides.TorchFunctionMode):
-    def __init__(self, device):
+    def __init__(self, device: str) -> None:
         super().__init__()
         self.device = device
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(self, func: Callable[..., Any], types: Any, args: Any = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
         if func is torch.nn.functional.scaled_dot_product_attention:
             # With dropout on a CPU torch falls back to the math kernel, which the meta pass counts
@@ -56,24 +61,25 @@ class _AttentionAsFused(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _key(t):
+def _key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
 
 @contextmanager
-def _checkpointing_off(model):
+def _checkpointing_off(model: torch.nn.Module) -> Iterator[None]:
     """Trace blocks without checkpointing (the planner counts checkpointing itself)."""
     switched = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
     for m in switched:
-        m.gradient_checkpointing = False
+        m.gradient_checkpointing = False  # type: ignore[assignment]  # torch types module
+        # attributes as tensors or modules only
     try:
         yield
     finally:
         for m in switched:
-            m.gradient_checkpointing = True
+            m.gradient_checkpointing = True  # type: ignore[assignment]  # (see above)
 
 
-def trace(plan, pm):
+def trace(plan: Plan, pm: pluggy.PluginManager) -> Activations:
     """Run one forward pass of the planned model on meta tensors and return its
     :class:`Activations` per token."""
     model, n = plan.model, plan.seq_len
@@ -83,20 +89,22 @@ def trace(plan, pm):
     params = {_key(p) for p in model.parameters()}
     blocks = transformer_blocks(model)
     L = len(blocks)
-    kept = {}  # storage -> (region, bytes); region: block index, -1 before, L after
+    kept: dict[int, tuple[int, int]] = {}  # storage -> (region, bytes); region: block
+    # index, -1 before, L after
     inputs, state = [0] * L, {"region": -1}
 
-    alive = []  # a freed storage's address could be reused and then miscounted as kept
+    # a freed storage's address could be reused and then miscounted as kept
+    alive: list[torch.Tensor] = []
 
-    def pack(t):
+    def pack(t: torch.Tensor) -> torch.Tensor:
         k = _key(t)
         if k not in params and k not in kept:
             kept[k] = (state["region"], t.untyped_storage().nbytes())
             alive.append(t)
         return t
 
-    def enter(i):
-        def hook(module, args, kwargs):
+    def enter(i: int) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             state["region"] = i
             seen = set()
             for t in list(args) + list(kwargs.values()):
@@ -105,20 +113,20 @@ def trace(plan, pm):
                     inputs[i] += t.untyped_storage().nbytes()
         return hook
 
-    def leave(i):
-        def hook(module, args, output):
+    def leave(i: int) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
             state["region"] = L if i == L - 1 else i
         return hook
 
-    def keep_input(module, args):
+    def keep_input(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0] if args else None
         if isinstance(x, torch.Tensor) and x.requires_grad:
             pack(x)
 
-    logits = {}
+    logits: dict[str, float] = {}
 
-    def output_layer(module, args, output):  # per token of its largest call (a chunked
-        # loss calls it a chunk at a time)
+    # per token of its largest call (a chunked loss calls it a chunk at a time)
+    def output_layer(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if isinstance(output, torch.Tensor) and output.numel() > logits.get("numel", 0):
             tokens = output.shape[:-1].numel()
             logits.update(numel=output.numel(), bytes=output.untyped_storage().nbytes() / tokens,
@@ -134,6 +142,7 @@ def trace(plan, pm):
     if out is not None:
         handles.append(out.register_forward_hook(output_layer))
     try:
+        assert plan.make_batch is not None, "Plan.make_batch unset"  # build() sets it
         batch = plan.make_batch(1, n)
         with _checkpointing_off(model), _AttentionAsFused(plan.device), \
                 torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
