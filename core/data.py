@@ -2,9 +2,12 @@
 data plugin reads them, the task plugins check them (``plugtune_check_records``)."""
 import random
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from .errors import DataError
+
+if TYPE_CHECKING:
+    from .recipe import Recipe
 
 #: The batch entry (a 0-dim tensor) by which a collator tells the loop how many of a batch's
 #: tokens are real, where padding or filler is not marked by an ``attention_mask`` (packed
@@ -57,13 +60,14 @@ class Tokenized:
         return sum(len(e["input_ids"]) for e in self.examples)
 
 
-def read_splits(recipe, read, sources=None):
+def read_splits(recipe: "Recipe", read: Callable[[Any, str], list["Record"]],
+                sources: dict[str, str] | None = None) -> "Splits":
     """The :class:`Splits` of the recipe's ``data.train``, ``data.validation`` and
     ``data.test``, each source (a path, or a ``{dataset: ...}`` entry) read by ``read(source,
     key)`` into :class:`Record` objects, ``data.columns`` mapped; without ``data.validation``
     a seeded ``data.val_fraction`` of the training records is held out. What a data reader's
     ``plugtune_read_data`` returns, so that it reads its format and nothing else."""
-    def records(key):
+    def records(key: str) -> list[Record]:
         return [r for s in getattr(recipe.data, key) or []
                 for r in map_columns(read(s, key), recipe.data.columns)]
 
@@ -80,7 +84,7 @@ def read_splits(recipe, read, sources=None):
     return Splits(shuffled[n_val:], shuffled[:n_val], test, sources)
 
 
-def map_columns(records, columns):
+def map_columns(records: list[Record], columns: dict[str, str] | None) -> list[Record]:
     """Rename each record's columns to the fields the task reads (``{field: column}``, the
     recipe's ``data.columns``)."""
     if not columns:
@@ -95,12 +99,13 @@ def map_columns(records, columns):
     return records
 
 
-def check_each(records, check):
+def check_each(records: Iterable[Record], check: Callable[[Record], object]) -> list[str]:
     """``record.where: problem`` of the first bad record of each file: ``check(record)`` raises
     :class:`~plugtune.errors.DataError` (naming ``record.where``) for a bad record. What a
     ``plugtune_check_records`` implementation returns: one line per file, not one per line of a
     file that is wrong throughout."""
-    problems, bad = [], set()
+    problems: list[str] = []
+    bad: set[str] = set()
     for record in records:
         if record.file in bad:
             continue
@@ -112,16 +117,16 @@ def check_each(records, check):
     return problems
 
 
-def key_of(recipe, split):
+def key_of(recipe: "Recipe", split: str) -> str:
     """The recipe key ``split``'s records came from: held-out validation records come from
     ``data.train`` unless ``data.validation`` is given."""
     return "train" if split == "validation" and not recipe.data.validation else split
 
 
-def check_records(hook, recipe, splits):
+def check_records(hook: Any, recipe: "Recipe", splits: Splits) -> list[str]:
     """Every task plugin's problems with the records of ``splits`` (a :class:`Splits`), each
     prefixed with the recipe key the records came from."""
-    problems = []
+    problems: list[str] = []
     for split in ("train", "validation", "test"):
         records = getattr(splits, split, None)
         if not records:
@@ -131,7 +136,7 @@ def check_records(hook, recipe, splits):
     return problems
 
 
-def validate_records(pm, recipe, problems):
+def validate_records(pm: Any, recipe: "Recipe", problems: list[str]) -> list[str]:
     """What ``validate`` says of the records, once the data reads: the data plugin reads them
     (``plugtune_read_data``) and the task plugins check them. Not while a data problem is
     already reported (the data plugin's own check names a file it cannot read), nor while the
@@ -149,7 +154,7 @@ def validate_records(pm, recipe, problems):
     return check_records(pm.hook, recipe, splits) if splits is not None else []
 
 
-def _hub_sources(recipe):
+def _hub_sources(recipe: "Recipe") -> list[Any]:
     from pathlib import Path
 
     return [s for key in ("train", "validation", "test") for s in getattr(recipe.data, key) or []

@@ -82,7 +82,8 @@ def plugtune_read_data(recipe: "Recipe") -> "Splits | None":
 
 
 @hookspec
-def plugtune_check_records(recipe, split, records):
+def plugtune_check_records(recipe: "Recipe", split: str,
+                           records: "list[Record]") -> "Iterable[str] | None":
     """Return problems with the records the data plugin read, before any model loads: what a
     task needs of a record (its fields, their types) checked on the records themselves, so a
     task never opens a data file and a replacement data reader's records are checked too.
