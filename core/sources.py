@@ -8,15 +8,18 @@ with the GGUF magic bytes; a model or tokenizer whose config names custom code (
 refused unless the command line says ``--trust-remote-code``. A hub id that is neither in the
 hub cache nor in plugtune's catalog is refused while the hub is offline (``HF_HUB_OFFLINE``).
 """
+from __future__ import annotations
+
 import json
 import os
 import pickle
 import re
 import warnings
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import InputError
+from .errors import InputError, first_line
 
 #: What the hub accepts as ``name`` or ``namespace/name`` (huggingface_hub's rule).
 HUB_ID = re.compile(r"(?!.*(--|\.\.))[A-Za-z0-9_][\w.-]{0,95}(/[A-Za-z0-9_][\w.-]{0,95})?")
@@ -24,7 +27,7 @@ GGUF_MAGIC = b"GGUF"
 TRUST_HINT = "add --trust-remote-code to the command after reading that code"
 
 
-def looks_local(name):
+def looks_local(name: str) -> bool:
     """Whether ``name`` is meant as a path on this machine rather than a hub id."""
     if name.startswith(("pkg:", "/", "./", "../", "~", ".")) or name.endswith(".gguf"):
         return True
@@ -34,18 +37,18 @@ def looks_local(name):
     return "/" in name and _exists(first)
 
 
-def _exists(path):
+def _exists(path: str | os.PathLike[str]) -> bool:
     try:
         return os.path.lexists(path)
     except (OSError, ValueError):
         return False
 
 
-def hub_offline():
+def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
 
 
-def _hub_cache():
+def _hub_cache() -> Path:
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"])
     home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME",
@@ -53,7 +56,7 @@ def _hub_cache():
     return Path(home) / "hub"
 
 
-def in_hub_cache(hub_id):
+def in_hub_cache(hub_id: str) -> bool:
     """Whether the hub cache holds a snapshot of ``hub_id`` (any revision)."""
     folder = _hub_cache() / f"models--{hub_id.replace('/', '--')}" / "snapshots"
     try:
@@ -62,7 +65,7 @@ def in_hub_cache(hub_id):
         return False
 
 
-def check_hub_id(name, key, known=()):
+def check_hub_id(name: str, key: str, known: Collection[str] = ()) -> list[str]:
     """Problems of a name that is not local: not a valid hub id, or one that cannot be
     fetched because the hub is offline and it is not cached (``known``: ids whose config ships
     with plugtune, so that ``validate`` and ``plan`` work offline)."""
@@ -77,7 +80,8 @@ def check_hub_id(name, key, known=()):
     return []
 
 
-def check_local(path, key, trust_remote_code=False, tokenizer=False):
+def check_local(path: str | os.PathLike[str], key: str, trust_remote_code: bool = False,
+                tokenizer: bool = False) -> list[str]:
     """Problems of a local source ``path``, read from its first bytes and its JSON configs."""
     path = Path(path)
     try:
@@ -97,7 +101,7 @@ def check_local(path, key, trust_remote_code=False, tokenizer=False):
         return [f"{key}: {path}: cannot read it ({exc.strerror})"]
 
 
-def _check_gguf(path, key):
+def _check_gguf(path: Path, key: str) -> list[str]:
     if path.suffix != ".gguf":
         return [f"{key}: {path} is a file, not a model directory; give a save_pretrained "
                 "directory or a .gguf file"]
@@ -109,7 +113,7 @@ def _check_gguf(path, key):
     return []
 
 
-def _check_config(config, key, trust_remote_code):
+def _check_config(config: Path, key: str, trust_remote_code: bool) -> list[str]:
     if not config.is_file():
         return []
     try:
@@ -129,7 +133,7 @@ def _check_config(config, key, trust_remote_code):
 
 
 @contextmanager
-def loading(key, name):
+def loading(key: str, name: str) -> Iterator[None]:
     """Turn what transformers and torch raise for an unusable source — not found, offline,
     misspelt, custom code, a refused pickle, a damaged file — into one :class:`InputError`
     line naming ``key`` and ``name``."""
@@ -145,26 +149,26 @@ def loading(key, name):
         if type(exc).__name__ != "SafetensorError":
             raise
         raise InputError(f"{key}: {name}: a .safetensors file is damaged "
-                         f"({_first_line(exc)}); copy it again") from exc
+                         f"({first_line(exc)}); copy it again") from exc
 
 
-def _describe(key, name, exc):
+def _describe(key: str, name: str, exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     if "Weights only load failed" in text:
         return _refused_pickle(key, name, exc)
     if "trust_remote_code" in text:
         return f"{key}: {name} needs its own Python code to load; {TRUST_HINT}"
     if looks_local(str(name)):
-        return f"{key}: cannot load {name}: {_first_line(exc)}"
+        return f"{key}: cannot load {name}: {first_line(exc)}"
     if hub_offline() or "couldn't connect" in text or "outgoing traffic" in text:
         return (f"{key}: cannot load {name!r}: the hub is offline or unreachable and it is not "
                 "in the hub cache; write ./PATH for a local folder, or download it online first")
-    return (f"{key}: cannot load {name!r} from the hub ({_first_line(exc)[:200]}); check the "
+    return (f"{key}: cannot load {name!r} from the hub ({first_line(exc)[:200]}); check the "
             "hub id's spelling (a private or gated model needs `hf auth login`), or write "
             "./PATH for a local folder")
 
 
-def _refused_pickle(key, name, exc):
+def _refused_pickle(key: str, name: str, exc: BaseException) -> str:
     """A pickled ``.bin`` that holds more than tensors: name the file and what it asked for."""
     path = Path(str(name))
     files = sorted(p.name for p in path.glob("*.bin")) if path.is_dir() else []
@@ -174,8 +178,3 @@ def _refused_pickle(key, name, exc):
     return (f"{key}: {where}: torch's safe unpickler refused this pickled weights file{what}: it "
             "holds more than tensors and could run code when loaded; use a safetensors copy "
             "of the model from a source you trust")
-
-
-def _first_line(exc):
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -21,8 +21,8 @@ from .discovery import (SKIP_ENV, BrokenPlugin, Discovered, PluginInfo, check_ap
                         duplicate_message, load)
 from .registry import Manager, hooks_of, inspect_all, make_manager, near_miss, register
 from .roles import (EXCLUSIVE_ROLES, GROUP, IMPLIED_ROLES, ROLE_HINTS, active_roles,
-                    answer_problems, answers, arbitrate, check_declarations, firstresult_hooks, resolve_active,
-                    role_map, role_problems)
+                    answer_problems, answers, arbitrate, check_declarations, firstresult_hooks,
+                    resolve_active, role_map, role_problems)
 
 __all__ = ["did_you_mean", "PluginFault", "blame", "blamed", "SKIP_ENV", "BrokenPlugin",
            "Discovered", "PluginInfo", "check_api", "discover", "duplicate_message", "load",

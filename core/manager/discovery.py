@@ -95,13 +95,13 @@ def discover(broken: dict[str, BrokenPlugin] | None = None) -> Discovered:
                 broken[name] = BrokenPlugin(name, " and ".join(d for d, _ in dists), "",
                                             found.disabled[name])
             continue
-        (dist, ver), ep = next(iter(dists.items()))
+        (dist_name, ver), ep = next(iter(dists.items()))
         try:
-            info = load(ep, dist, ver)
+            info = load(ep, dist_name, ver)
         except PluginError as exc:
             if broken is None:
                 raise
-            broken[name] = BrokenPlugin(name, dist, ver, str(exc))
+            broken[name] = BrokenPlugin(name, dist_name, ver, str(exc))
             continue
         found[name] = info
     return found

@@ -4,6 +4,7 @@ stops the reading at once (the file cannot be read further); validation comes af
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Iterable
 from importlib.resources import files
 from pathlib import Path
@@ -81,7 +82,8 @@ class BoundedLoader(yaml.SafeLoader):
 def _expanded(node: yaml.Node, memo: dict[int, int | None]) -> int:
     """How many values ``node`` stands for with every alias expanded (a cycle: unbounded)."""
     if id(node) in memo:
-        return memo[id(node)] if memo[id(node)] is not None else MAX_VALUES + 1
+        counted = memo[id(node)]
+        return counted if counted is not None else MAX_VALUES + 1
     memo[id(node)] = None  # being counted: meeting it again is a cycle
     children = ([c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode)
                 else node.value if isinstance(node, yaml.SequenceNode) else [])
@@ -250,7 +252,7 @@ def apply_overrides(tree: dict[Any, Any], overrides: Iterable[str]) -> dict[Any,
     return merge(tree, over)
 
 
-def is_file(path: object) -> bool:
+def is_file(path: str | os.PathLike[str]) -> bool:
     """``Path.is_file`` that says False, not raises, for a name with a NUL byte or too long."""
     try:
         return Path(path).is_file()
@@ -258,7 +260,7 @@ def is_file(path: object) -> bool:
         return False
 
 
-def _is_dir(path: object) -> bool:
+def _is_dir(path: str | os.PathLike[str]) -> bool:
     try:
         return Path(path).is_dir()
     except (OSError, ValueError):

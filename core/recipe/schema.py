@@ -25,7 +25,8 @@ class ModelSection(Section):
     name: str = Field(description="hub id, local save_pretrained directory, path to a .gguf "
                       "file, or pkg:PACKAGE/FILE for a file inside an installed Python package")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    tokenizer: str | None = Field(None, description="tokenizer source when not the model's")
+    tokenizer: str | None = Field(default=None,
+                                  description="tokenizer source when not the model's")
     trust_remote_code: bool = False
 
 
@@ -33,10 +34,11 @@ class DatasetSource(Section):
     """A split of a ``datasets`` dataset: ``{dataset: NAME, config: ..., split: train}``."""
 
     dataset: str = Field(description="hub dataset id, or a directory written by save_to_disk")
-    config: str | None = Field(None, description="the dataset's configuration (subset) name")
-    split: str | None = Field(None, description="the split to read; default the key's own "
-                              "(train, validation or test)")
-    revision: str | None = Field(None, description="a hub dataset's git revision")
+    config: str | None = Field(default=None,
+                               description="the dataset's configuration (subset) name")
+    split: str | None = Field(default=None, description="the split to read; default the key's "
+                              "own (train, validation or test)")
+    revision: str | None = Field(default=None, description="a hub dataset's git revision")
 
 
 class DataSection(Section):
@@ -45,14 +47,15 @@ class DataSection(Section):
 
     train: list[str | DatasetSource] = Field(description="one source or a list; file paths are "
                                              "relative to the recipe's folder")
-    validation: list[str | DatasetSource] | None = Field(None, description="held-out source(s); "
-                                                         "else a split")
+    validation: list[str | DatasetSource] | None = Field(
+        default=None, description="held-out source(s); else a split")
     test: list[str | DatasetSource] | None = Field(
-        None, description="test source(s), evaluated once at the end with the final (or early "
-        "stopping's best) model")
-    val_fraction: float = Field(0.1, gt=0, lt=1, description="held-out share without validation")
-    columns: dict[str, str] = Field({}, description="record field -> the column it is read from "
-                                    "({text: body}), for every source")
+        default=None, description="test source(s), evaluated once at the end with the final (or "
+        "early stopping's best) model")
+    val_fraction: float = Field(default=0.1, gt=0, lt=1,
+                                description="held-out share without validation")
+    columns: dict[str, str] = Field(default={}, description="record field -> the column it is "
+                                    "read from ({text: body}), for every source")
 
     @field_validator("train", "validation", "test", mode="before")
     @classmethod
@@ -82,41 +85,44 @@ class TrainSection(Section):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    seed: int = Field(0, ge=0, lt=2 ** 32, description="0 to 2**32 - 1 (numpy's range)")
+    seed: int = Field(default=0, ge=0, lt=2 ** 32, description="0 to 2**32 - 1 (numpy's range)")
     epochs: PositiveInt = 1
-    max_steps: PositiveInt | None = Field(None, description="optimizer steps; overrides epochs")
-    batch_size: PositiveInt = Field(4, description="micro-batch size per device")
+    max_steps: PositiveInt | None = Field(default=None,
+                                          description="optimizer steps; overrides epochs")
+    batch_size: PositiveInt = Field(default=4, description="micro-batch size per device")
     eval_batch_size: PositiveInt | None = None
-    grad_accum: PositiveInt = Field(1, description="micro-batches per optimizer step")
-    group_by_length: bool = Field(False, description="micro-batches of examples of similar "
-                                  "length (less padding), in shuffled order")
-    packing: bool = Field(False, description="padding-free batches (language modelling); each "
-                          "micro-batch's examples packed into rows of at most max_length "
-                          "tokens, attention kept inside each example")
+    grad_accum: PositiveInt = Field(default=1, description="micro-batches per optimizer step")
+    group_by_length: bool = Field(default=False, description="micro-batches of examples of "
+                                  "similar length (less padding), in shuffled order")
+    packing: bool = Field(default=False, description="padding-free batches (language "
+                          "modelling); each micro-batch's examples packed into rows of at most "
+                          "max_length tokens, attention kept inside each example")
     lr: PositiveFloat = 2e-5
     warmup_steps: NonNegativeInt = 0
     schedule: Literal["constant", "linear", "cosine"] = "linear"
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0)
     max_grad_norm: PositiveFloat | None = 1.0
     eval_every: PositiveInt | Literal["end"] | None = Field(
-        "end", description="evaluate before training, every N steps and after the last; "
+        default="end", description="evaluate before training, every N steps and after the last; "
         "end (the default): before and after only; null: never")
     log_every: PositiveInt = 1
-    max_length: PositiveInt = Field(512, description="tokens; longer sequences are truncated")
+    max_length: PositiveInt = Field(default=512,
+                                    description="tokens; longer sequences are truncated")
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    save_every: PositiveInt | None = Field(None, description="write a checkpoint every N "
-                                           "optimizer steps (RUN/checkpoints/step-N)")
-    keep_checkpoints: PositiveInt | None = Field(2, description="newest checkpoints kept; "
-                                                 "null keeps all")
-    max_bad_steps: PositiveInt = Field(3, description="stop after this many optimizer steps "
-                                       "in a row with a non-finite loss or gradient (each is "
-                                       "skipped, never applied), with no target token, or with "
-                                       "a gradient of exactly 0")
+    save_every: PositiveInt | None = Field(default=None, description="write a checkpoint every "
+                                           "N optimizer steps (RUN/checkpoints/step-N)")
+    keep_checkpoints: PositiveInt | None = Field(default=2, description="newest checkpoints "
+                                                 "kept; null keeps all")
+    max_bad_steps: PositiveInt = Field(default=3, description="stop after this many optimizer "
+                                       "steps in a row with a non-finite loss or gradient (each "
+                                       "is skipped, never applied), with no target token, or "
+                                       "with a gradient of exactly 0")
 
 
 class OutputSection(Section):
-    dir: str = Field("runs", description="parent folder of run directories")
-    name: str | None = Field(None, description="run directory name; default RECIPE-TIMESTAMP")
+    dir: str = Field(default="runs", description="parent folder of run directories")
+    name: str | None = Field(default=None,
+                             description="run directory name; default RECIPE-TIMESTAMP")
     save_model: bool = True
 
     @field_validator("name")
@@ -210,6 +216,7 @@ class Recipe:
     def resolved(self) -> dict[str, Any]:
         """The fully resolved recipe as plain data (defaults filled in, and what plugins
         decided from the data), for ``recipe.yaml``."""
+        assert self.core is not None, "only a valid recipe is resolved"
         out = self.core.model_dump(mode="json")
         out.update({k: {**s.model_dump(mode="json"), **self.decided.get(k, {})}
                     for k, s in self.sections.items()})

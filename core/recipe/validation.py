@@ -136,14 +136,16 @@ def missing_files(tree: dict[Any, Any]) -> list[Problem]:
     """Data files that do not exist and a run directory that does (read from the raw tree, so
     that they are reported even when other keys are invalid)."""
     problems = []
-    data = tree.get("data") if isinstance(tree.get("data"), dict) else {}
+    data = tree.get("data")
+    data = data if isinstance(data, dict) else {}
     for key in DATA_PATH_KEYS:
         for file in _listed(data.get(key) or []):
             if isinstance(file, str) and not is_file(file) and not _is_dir(file):
                 problems.append(Problem(f"data.{key}", f"file not found: {file}; paths in a "
                                         "recipe are relative to the recipe file, on the command "
                                         "line to the cwd"))
-    output = tree.get("output") if isinstance(tree.get("output"), dict) else {}
+    output = tree.get("output")
+    output = output if isinstance(output, dict) else {}
     name, parent = output.get("name"), output.get("dir", OutputSection().dir)
     if not rundir.is_main_process() or not isinstance(parent, str):
         return problems
