@@ -1,6 +1,13 @@
-"""The data types that pass between the data phase's hooks."""
+"""The data types that pass between the data phase's hooks, and the batching every task
+shares: padding rows of token ids, and a held-out split in evaluation batches."""
+from __future__ import annotations
+
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -15,7 +22,7 @@ class Record:
     row: bool = False  #: ``line`` is a table's row number (Parquet, Arrow, datasets), not a line
 
     @property
-    def where(self):
+    def where(self) -> str:
         return f"{self.file}:row {self.line}" if self.row else f"{self.file}:{self.line}"
 
 
@@ -43,5 +50,32 @@ class Tokenized:
     truncated: int = 0
     records: list = field(default_factory=list)
 
-    def tokens(self):
+    def tokens(self) -> int:
         return sum(len(e["input_ids"]) for e in self.examples)
+
+
+def pad(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+    """``rows`` of token ids (or labels, or mask bits) as one tensor, each row filled with
+    ``value`` up to the longest: on the right, or on the left (``left``, for generation)."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    return torch.tensor([[value] * (width - len(r)) + r if left else r + [value] * (width - len(r))
+                         for r in rows])
+
+
+def eval_batch_size(recipe: Any) -> int:
+    """The micro-batch size of evaluation and of generation for metrics:
+    ``train.eval_batch_size``, else ``train.batch_size``."""
+    return int(recipe.train.eval_batch_size or recipe.train.batch_size)
+
+
+def eval_batches(run: Any, split: str = "validation"
+                 ) -> Iterator[tuple[list[dict[str, Any]], dict[str, torch.Tensor]]]:
+    """``(examples, batch on the run's device)`` of this process's share of a held-out split,
+    :func:`eval_batch_size` examples at a time (every process gets its share of the batches
+    through ``run.share``; gather what they find with ``run.gather``)."""
+    data, size = run.data[split], eval_batch_size(run.recipe)
+    for i in run.share(range(0, len(data.examples), size)):
+        chunk = data.examples[i:i + size]
+        yield chunk, {k: v.to(run.accelerator.device) for k, v in data.collate(chunk).items()}

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.utils.checkpoint
 
+#: The label the loss ignores (prompt tokens, padding, sub-words after the first): the one
+#: definition every task plugin imports, equal to torch's ``cross_entropy`` default.
 IGNORE = -100
 
 

@@ -2,7 +2,9 @@
 adjusts (:class:`Plan` of :class:`Param` entries, :class:`Optimizer`, :class:`Memory`) and the
 ``--fit`` :class:`Variant` a plugin offers. Part of the plugin API."""
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 
@@ -25,15 +27,15 @@ class Param:
     tensor: object = field(default=None, repr=False, compare=False)  # the meta parameter
 
     @property
-    def numel(self):
+    def numel(self) -> int:
         return math.prod(self.shape)
 
     @property
-    def bytes(self):
+    def bytes(self) -> int:
         return self.nbytes if self.nbytes is not None else self.numel * self.dtype.itemsize
 
     @property
-    def kind(self):
+    def kind(self) -> str:
         return self.storage or str(self.dtype).removeprefix("torch.")
 
 
@@ -60,7 +62,7 @@ class Memory:
 class Plan:
     """What plugins see and adjust in ``plugtune_estimate_memory``."""
 
-    recipe: object
+    recipe: Any  # the validated Recipe
     model: object  # the model on the meta device, after the run's model phases
     params: list  # of Param
     device: str  # "cuda" or "cpu"
@@ -81,14 +83,15 @@ class Plan:
     # tokens at a time (chunked cross-entropy): logits buffers stop growing with the batch
     packed: bool = False  # train.packing: sequences laid end to end, attention masked per example
 
-    def trainable(self):
+    def trainable(self) -> list[Param]:
         return [p for p in self.params if p.trainable]
 
-    def add(self, name, nbytes, detail=""):
+    def add(self, name: str, nbytes: float, detail: str = "") -> None:
         """Count memory this plugin holds for the whole run."""
         self.extra.append(Memory(name, int(nbytes), detail))
 
-    def quantize(self, params, storage, nbytes, keeps_input=False):
+    def quantize(self, params: Iterable[Param], storage: str, nbytes: Callable[[Param], int],
+                 keeps_input: bool = False) -> None:
         """Count ``params`` as stored quantized, ``nbytes(param)`` bytes each (the quantizing
         plugins' helper). On a CPU the checkpoint file stays memory-mapped after loading, and
         the pages read to quantize these weights stay resident (clean pages the system may
@@ -101,16 +104,16 @@ class Plan:
             self.add("checkpoint pages read to quantize", read, "CPU only: the safetensors "
                      "file stays mapped; clean pages the system can drop")
 
-    def base_linear_weights(self, skip=()):
+    def base_linear_weights(self, skip: Iterable[str] = ()) -> list[Param]:
         """Weights of the loaded model's ``nn.Linear`` layers (the ones bitsandbytes quantizes),
         except modules whose name or last name part is in ``skip``."""
-        skip = set(skip)
+        skipped = set(skip)
         return [p for p in self.params if p.module == "Linear" and not p.added
-                and p.name.endswith("weight") and p.module_name not in skip
-                and p.module_name.rsplit(".", 1)[-1] not in skip]
+                and p.name.endswith("weight") and p.module_name not in skipped
+                and p.module_name.rsplit(".", 1)[-1] not in skipped]
 
 
-def causal_batch(batch_size, seq_len):
+def causal_batch(batch_size: int, seq_len: int) -> dict[str, Any]:
     """A causal-LM batch on the meta device: every sequence ``seq_len`` tokens, no padding."""
     ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
     return {"input_ids": ids, "labels": ids}
@@ -122,7 +125,9 @@ class Variant:
 
     :param label: what ``--fit`` prints, e.g. ``"int8 + lora"``.
     :param rank: quality cost: 0 when every weight trains as in full fine-tuning; the larger,
-        the more the result may differ. ``--fit`` tries variants from the lowest rank up.
+        the more the result may differ. ``--fit`` tries variants from the lowest rank up. The
+        built-in variants use the named ranks below; a stranger's method places itself
+        between them (an adapter on a 6-bit base: ``Variant.ADAPTER_8BIT + 5``).
     :param plugins: the plugins that make this variant; the core removes from the recipe every
         plugin any variant names and adds these.
     :param sections: recipe sections the variant sets, ``{name: {key: value}}``; the recipe's
@@ -131,6 +136,23 @@ class Variant:
     :param saver: a memory saver tried on top of every other variant (gradient checkpointing),
         not a variant of its own.
     """
+
+    #: The rank scale, by how far the trained model may drift from full fine-tuning. Steps of
+    #: 10 leave room between the built-ins for others. Every weight trains (``full``):
+    FULL: ClassVar[float] = 0
+    #: The last blocks train in full, the rest frozen (``freeze``): 10 for half the blocks,
+    #: one more per halving (fewer weights train, so the result is further off):
+    FREEZE: ClassVar[float] = 10
+    #: Adapters on the 16/32-bit base (``lora``, ``ia3``, ...): only the adapters train:
+    ADAPTER: ClassVar[float] = 20
+    #: Adapters on a base quantized to 8 bits (``int8``): the forward pass itself is
+    #: approximated too:
+    ADAPTER_8BIT: ClassVar[float] = 30
+    #: Adapters on a 4-bit base (``nf4``, QLoRA): the coarsest approximation of the base:
+    ADAPTER_4BIT: ClassVar[float] = 40
+    #: A saver's rank, which nothing reads: a saver is tried on top of each method, never
+    #: ranked among them (gradient checkpointing changes memory and speed, not the result).
+    SAVER: ClassVar[float] = 0
 
     label: str
     rank: float
