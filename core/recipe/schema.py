@@ -90,7 +90,9 @@ class TrainSection(Section):
     max_steps: PositiveInt | None = Field(default=None,
                                           description="optimizer steps; overrides epochs")
     batch_size: PositiveInt = Field(default=4, description="micro-batch size per device")
-    eval_batch_size: PositiveInt | None = None
+    eval_batch_size: PositiveInt | None = Field(
+        default=None, description="micro-batch of evaluation and of generation for metrics; "
+        "default batch_size")
     grad_accum: PositiveInt = Field(default=1, description="micro-batches per optimizer step")
     group_by_length: bool = Field(default=False, description="micro-batches of examples of "
                                   "similar length (less padding), in shuffled order")
