@@ -1,5 +1,7 @@
 """The ``plugtune`` command: run, resume, reproduce, validate, plan, plugins, recipes, export,
 generate, eval, new-plugin."""
+from __future__ import annotations
+
 import argparse
 import math
 import os
@@ -7,16 +9,17 @@ import re
 import signal
 import sys
 import traceback
+from typing import Any, Callable
 
 from . import __version__, loop, manager, recipe as recipes, rundir
-from .errors import PluginError, PlugtuneError
+from .errors import PluginError, PlugtuneError, first_line
 from .signals import Terminated, terminate_raises
 
 #: Set to show the traceback behind an error (as ``-v`` does).
 TRACEBACK_ENV = "PLUGTUNE_TRACEBACK"
 
 
-def cmd_run(args):
+def cmd_run(args: argparse.Namespace) -> int:
     echo = print if rundir.is_main_process() else (lambda *a, **k: None)
     recipe, pm = recipes.load_recipe(args.recipe, args.overrides,
                                      trust_remote_code=args.trust_remote_code)
@@ -29,7 +32,7 @@ def cmd_run(args):
     return 0
 
 
-def report(summary, run, echo):
+def report(summary: dict[str, Any], run: Any, echo: Callable[..., object]) -> None:
     """The lines a finished run ends with: where it is, and held-out before -> after."""
     before, after = summary["eval_before"] or {}, summary["eval_after"] or {}
     stopped = f" (stopped early: {summary['stopped_early']})" if summary["stopped_early"] else ""
@@ -47,7 +50,7 @@ def report(summary, run, echo):
             echo(f"  {key}: {value:.4f}")
 
 
-def cmd_resume(args):
+def cmd_resume(args: argparse.Namespace) -> int:
     from . import resume
 
     echo = print if rundir.is_main_process() else (lambda *a, **k: None)
@@ -58,7 +61,7 @@ def cmd_resume(args):
     return 0
 
 
-def cmd_reproduce(args):
+def cmd_reproduce(args: argparse.Namespace) -> int:
     from . import resume
 
     identical, message, new = resume.reproduce(args.run_dir, steps=args.steps,
@@ -67,19 +70,19 @@ def cmd_reproduce(args):
     return 0 if identical else 1
 
 
-def cmd_validate(args):
+def cmd_validate(args: argparse.Namespace) -> int:
     recipe, _ = recipes.load_recipe(args.recipe, args.overrides,
                                     trust_remote_code=args.trust_remote_code)
     print(f"{recipe.path}: ok (plugins: {', '.join(recipe.plugins)})")
     return 0
 
 
-def cmd_plugins(args):
+def cmd_plugins(args: argparse.Namespace) -> int:
     """Every installed plugin with its hooks, roles and plugin API range; a broken one (it
     fails to import, breaks the hook contract, needs another plugin API, or shares its name
     with another distribution's) is listed with its error, every healthy one still is, and the
     exit status is 3."""
-    broken = {}
+    broken: dict[str, manager.BrokenPlugin] = {}
     discovered = manager.discover(broken=broken)
     pm, invalid = manager.inspect_all(discovered)
     broken.update(invalid)
@@ -98,7 +101,7 @@ def cmd_plugins(args):
     return PluginError.exit_code if broken else 0
 
 
-def contract(info):
+def contract(info: manager.PluginInfo) -> str:
     """``roles: adapter, trainable  replaces: -  API: >=1.0,<2`` of one plugin (``any``: no
     ``PLUGTUNE_API``)."""
     roles = ", ".join(sorted(info.roles)) or "-"
@@ -108,7 +111,7 @@ def contract(info):
             + f"  API: {info.api or 'any'}")
 
 
-def cmd_recipes(args):
+def cmd_recipes(args: argparse.Namespace) -> int:
     shipped = sorted(recipes.shipped_recipes().items())
     width = max((len(name) for name, _ in shipped), default=0) + 2
     for name, path in shipped:
@@ -120,7 +123,7 @@ def cmd_recipes(args):
     return 0
 
 
-def cmd_export(args):
+def cmd_export(args: argparse.Namespace) -> int:
     from . import artifacts
 
     notes = artifacts.export(args.run_dir, args.out, merge=args.merge,
@@ -132,7 +135,7 @@ def cmd_export(args):
     return 0
 
 
-def cmd_generate(args):
+def cmd_generate(args: argparse.Namespace) -> int:
     from transformers import set_seed
 
     from . import artifacts
@@ -148,7 +151,7 @@ def cmd_generate(args):
     return 0
 
 
-def cmd_eval(args):
+def cmd_eval(args: argparse.Namespace) -> int:
     from . import evaluation
 
     record, path = evaluation.evaluate(args.run_dir, args.data, args.baseline,
@@ -166,7 +169,7 @@ def cmd_eval(args):
     return 0
 
 
-def cmd_new_plugin(args):
+def cmd_new_plugin(args: argparse.Namespace) -> int:
     from . import scaffold
 
     root = scaffold.new_plugin(args.name, args.dir)
@@ -176,13 +179,13 @@ def cmd_new_plugin(args):
     return 0
 
 
-def cmd_plan(args):
+def cmd_plan(args: argparse.Namespace) -> int:
     from . import plan
 
     return plan.command(args)
 
 
-def add_trust_remote_code(sp):
+def add_trust_remote_code(sp: argparse.ArgumentParser) -> None:
     """The one way to let a model's own Python code run (``auto_map`` models): a flag on each
     command that loads (or checks) a model. ``recipe.model.trust_remote_code`` is set from it
     alone; a recipe that says ``trust_remote_code: true`` without it is refused."""
@@ -191,7 +194,7 @@ def add_trust_remote_code(sp):
                     "this flag a model that needs it, or a recipe asking for it, is refused")
 
 
-def parser():
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="plugtune", description=__doc__)
     p.add_argument("--version", action="version", version=f"plugtune {__version__}")
     p.add_argument("-v", "--verbose", action="store_true",
@@ -291,7 +294,7 @@ def parser():
     return p
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     p = parser()
     args, extra = p.parse_known_args(argv)
     # KEY=VALUE overrides may also come after options (`plan R --gpu 24GiB train.batch_size=1`)
@@ -325,9 +328,9 @@ def main(argv=None):
         if known is not None:
             print(f"plugtune: error: {known}", file=sys.stderr)
             return known.exit_code
-        print(f"plugtune: internal error: {type(exc).__name__}: {_first_line(exc)} (a bug in "
-              f"plugtune or a plugin; {TRACEBACK_ENV}=1 shows the traceback for a report)",
-              file=sys.stderr)
+        what = first_line(exc, empty="(no message)")
+        print(f"plugtune: internal error: {type(exc).__name__}: {what} (a bug in plugtune or a "
+              f"plugin; {TRACEBACK_ENV}=1 shows the traceback for a report)", file=sys.stderr)
         return INTERNAL_ERROR
 
 
@@ -335,39 +338,35 @@ def main(argv=None):
 INTERNAL_ERROR = 70
 
 
-def _disk_full(exc):
+def _disk_full(exc: BaseException | None) -> PlugtuneError | None:
     """A :class:`~plugtune.rundir.DiskFull` for an error that a full disk caused (however a
     plugin or the loop wrapped it), else None."""
     while exc is not None:
         if isinstance(exc, rundir.DiskFull):
             return exc
         if rundir.is_disk_full(exc):
-            return rundir.DiskFull(exc.filename or "the run directory")
+            return rundir.DiskFull(getattr(exc, "filename", None) or "the run directory")
         exc = exc.__cause__ or exc.__context__
     return None
 
 
-def _out_of_memory(exc):
+def _out_of_memory(exc: BaseException) -> PlugtuneError | None:
     """A :class:`PlugtuneError` for an allocation that failed (a recipe asking for far too
     much, such as ``lora.r=1e12``; a plugin's hook may have been blamed for it), else None."""
-    while exc is not None and not _allocation_failed(exc):
-        exc = exc.__cause__
-    if exc is not None:
-        text = _first_line(exc)
+    cause: BaseException | None = exc
+    while cause is not None and not _allocation_failed(cause):
+        cause = cause.__cause__
+    if cause is not None:
+        text = first_line(cause, empty="(no message)")
         return PlugtuneError(f"out of memory: {text}; a recipe setting may ask for far too much "
                              "(an adapter's r, train.batch_size, train.max_length); `plugtune "
                              "plan RECIPE` estimates what a recipe needs")
     return None
 
 
-def _allocation_failed(exc):
+def _allocation_failed(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or \
-        "can't allocate memory" in _first_line(exc)
-
-
-def _first_line(exc):
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else "(no message)"
+        "can't allocate memory" in first_line(exc, empty="(no message)")
 
 
 if __name__ == "__main__":

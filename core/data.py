@@ -1,12 +1,18 @@
-"""The data types that pass between the data phase's hooks, and the one check of records: the
-data plugin reads them, the task plugins check them (``plugtune_check_records``)."""
+"""The data types that pass between the data phase's hooks, the one check of records (the data
+plugin reads them, the task plugins check them: ``plugtune_check_records``), and the batching
+every task shares: padding rows of token ids, and a held-out split in evaluation batches."""
+from __future__ import annotations
+
 import random
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import DataError
 
 if TYPE_CHECKING:
+    import torch
+
     from .recipe import Recipe
 
 #: The batch entry (a 0-dim tensor) by which a collator tells the loop how many of a batch's
@@ -159,3 +165,30 @@ def _hub_sources(recipe: "Recipe") -> list[Any]:
 
     return [s for key in ("train", "validation", "test") for s in getattr(recipe.data, key) or []
             if not isinstance(s, str) and not Path(s.dataset).is_absolute()]
+
+
+def pad(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+    """``rows`` of token ids (or labels, or mask bits) as one tensor, each row filled with
+    ``value`` up to the longest: on the right, or on the left (``left``, for generation)."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    return torch.tensor([[value] * (width - len(r)) + r if left else r + [value] * (width - len(r))
+                         for r in rows])
+
+
+def eval_batch_size(recipe: Any) -> int:
+    """The micro-batch size of evaluation and of generation for metrics:
+    ``train.eval_batch_size``, else ``train.batch_size``."""
+    return int(recipe.train.eval_batch_size or recipe.train.batch_size)
+
+
+def eval_batches(run: Any, split: str = "validation"
+                 ) -> Iterator[tuple[list[dict[str, Any]], dict[str, torch.Tensor]]]:
+    """``(examples, batch on the run's device)`` of this process's share of a held-out split,
+    :func:`eval_batch_size` examples at a time (every process gets its share of the batches
+    through ``run.share``; gather what they find with ``run.gather``)."""
+    data, size = run.data[split], eval_batch_size(run.recipe)
+    for i in run.share(range(0, len(data.examples), size)):
+        chunk = data.examples[i:i + size]
+        yield chunk, {k: v.to(run.accelerator.device) for k, v in data.collate(chunk).items()}

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.utils.checkpoint
 
+#: The label the loss ignores (prompt tokens, padding, sub-words after the first): the one
+#: definition every task plugin imports, equal to torch's ``cross_entropy`` default.
 IGNORE = -100
 
 

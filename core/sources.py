@@ -8,6 +8,8 @@ with the GGUF magic bytes; a model or tokenizer whose config names custom code (
 refused unless the command line says ``--trust-remote-code``. A hub id that is neither in the
 hub cache nor in plugtune's catalog is refused while the hub is offline (``HF_HUB_OFFLINE``).
 """
+from __future__ import annotations
+
 import importlib.util
 import json
 import os
@@ -18,7 +20,7 @@ from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import InputError
+from .errors import InputError, first_line
 
 #: What the hub accepts as ``name`` or ``namespace/name`` (huggingface_hub's rule).
 HUB_ID = re.compile(r"(?!.*(--|\.\.))[A-Za-z0-9_][\w.-]{0,95}(/[A-Za-z0-9_][\w.-]{0,95})?")
@@ -49,7 +51,7 @@ def looks_local(name: str) -> bool:
     return "/" in name and _exists(first)
 
 
-def _exists(path: str) -> bool:
+def _exists(path: str | os.PathLike[str]) -> bool:
     try:
         return os.path.lexists(path)
     except (OSError, ValueError):
@@ -92,7 +94,7 @@ def check_hub_id(name: str, key: str, known: Collection[str] = ()) -> list[str]:
     return []
 
 
-def check_local(path: str | Path, key: str, trust_remote_code: bool = False,
+def check_local(path: str | os.PathLike[str], key: str, trust_remote_code: bool = False,
                 tokenizer: bool = False) -> list[str]:
     """Problems of a local source ``path``, read from its first bytes and its JSON configs."""
     path = Path(path)
@@ -161,7 +163,7 @@ def loading(key: str, name: object) -> Iterator[None]:
         if type(exc).__name__ != "SafetensorError":
             raise
         raise InputError(f"{key}: {name}: a .safetensors file is damaged "
-                         f"({_first_line(exc)}); copy it again") from exc
+                         f"({first_line(exc)}); copy it again") from exc
 
 
 def _describe(key: str, name: object, exc: BaseException) -> str:
@@ -171,11 +173,11 @@ def _describe(key: str, name: object, exc: BaseException) -> str:
     if "trust_remote_code" in text:
         return f"{key}: {name} needs its own Python code to load; {TRUST_HINT}"
     if looks_local(str(name)):
-        return f"{key}: cannot load {name}: {_first_line(exc)}"
+        return f"{key}: cannot load {name}: {first_line(exc)}"
     if hub_offline() or "couldn't connect" in text or "outgoing traffic" in text:
         return (f"{key}: cannot load {name!r}: the hub is offline or unreachable and it is not "
                 "in the hub cache; write ./PATH for a local folder, or download it online first")
-    return (f"{key}: cannot load {name!r} from the hub ({_first_line(exc)[:200]}); check the "
+    return (f"{key}: cannot load {name!r} from the hub ({first_line(exc)[:200]}); check the "
             "hub id's spelling (a private or gated model needs `hf auth login`), or write "
             "./PATH for a local folder")
 
@@ -190,8 +192,3 @@ def _refused_pickle(key: str, name: object, exc: BaseException) -> str:
     return (f"{key}: {where}: torch's safe unpickler refused this pickled weights file{what}: it "
             "holds more than tensors and could run code when loaded; use a safetensors copy "
             "of the model from a source you trust")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

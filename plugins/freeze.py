@@ -78,6 +78,6 @@ def plugtune_fit_variants(blocks):
     from plugtune import Variant  # the planner loads only when asked
 
     counts = dict.fromkeys(max(1, blocks // d) for d in (2, 4, 8))
-    return [Variant(f"freeze (train the last {n} of {blocks} blocks)", 10 + i, ["freeze"],
-                    {"freeze": {"last_n_blocks": n}}, override=True)
+    return [Variant(f"freeze (train the last {n} of {blocks} blocks)", Variant.FREEZE + i,
+                    ["freeze"], {"freeze": {"last_n_blocks": n}}, override=True)
             for i, n in enumerate(counts)]

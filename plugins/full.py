@@ -23,4 +23,4 @@ def plugtune_fit_variants():
     """``plan --fit``'s first choice: every weight trains (quality cost 0)."""
     from plugtune import Variant  # the planner loads only when asked
 
-    return [Variant("full", 0, ["full"])]
+    return [Variant("full", Variant.FULL, ["full"])]

@@ -64,4 +64,5 @@ def plugtune_fit_variants():
     """``plan --fit``: recompute activations in backward, tried on top of every method."""
     from plugtune import Variant
 
-    return [Variant("gradient checkpointing", 0, ["gradient_checkpointing"], saver=True)]
+    return [Variant("gradient checkpointing", Variant.SAVER, ["gradient_checkpointing"],
+                    saver=True)]

@@ -28,12 +28,11 @@ from pydantic import field_validator
 
 from plugtune import Section, atomic_write, hookimpl
 from plugtune.errors import DataError, PluginError
-from plugtune.loss import Loss, cross_entropy
+from plugtune.data import eval_batches
+from plugtune.loss import IGNORE, Loss, cross_entropy  # IGNORE: heads.IGNORE for token heads
 
 if TYPE_CHECKING:
     from plugtune import Recipe, Record, Run
-
-IGNORE = -100
 
 
 class HeadSection(Section):
@@ -174,14 +173,10 @@ def predict(run: "Run", model: torch.nn.Module,
     """``(labels, predictions)`` per example of a held-out split: one id each for a sequence
     label, or the ids at the labelled (first sub-word) positions for token labels. Each process
     predicts its share of the batches; every process gets them all."""
-    data = run.data[split]
-    size = run.recipe.train.eval_batch_size or run.recipe.train.batch_size
     labels: list[Any] = []
     predictions: list[Any] = []
     with torch.no_grad():
-        for i in run.share(range(0, len(data.examples), size)):
-            batch = data.collate(data.examples[i:i + size])
-            batch = {k: v.to(run.accelerator.device) for k, v in batch.items()}
+        for _, batch in eval_batches(run, split):
             gold = batch.pop("labels")
             with run.accelerator.autocast():
                 best = model(**batch).logits.argmax(-1)

@@ -104,9 +104,9 @@ def fit_variants(name: str, recipe: "Recipe", without_adapter: bool = False) -> 
     own = adapter_of(recipe)
     if own != name and not (own is None and without_adapter):
         return []
-    return [Variant(name, 20, [name], {name: {}}),
-            Variant(f"int8 + {name}", 30, ["int8", name], {name: {}}),
-            Variant(f"nf4 + {name}", 40, ["nf4", name], {name: {}})]
+    return [Variant(name, Variant.ADAPTER, [name], {name: {}}),
+            Variant(f"int8 + {name}", Variant.ADAPTER_8BIT, ["int8", name], {name: {}}),
+            Variant(f"nf4 + {name}", Variant.ADAPTER_4BIT, ["nf4", name], {name: {}})]
 
 
 def no_4bit_base(recipe: "Recipe", name: str) -> list[str]:

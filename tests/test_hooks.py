@@ -15,7 +15,7 @@ import torch
 import yaml
 from pydantic import BaseModel
 
-from plugtune import Loss, hookimpl, hookspecs, loop, manager, testing
+from plugtune import Loss, hookdoc, hookimpl, hookspecs, loop, manager, testing
 from plugtune.data import Record, Splits
 from plugtune.errors import PluginError, RecipeError
 from plugtune.plugins import causal_lm
@@ -112,6 +112,13 @@ def test_golden_hook_order_of_a_resumed_run(quick):
 @pytest.mark.parametrize("hook", testing.hook_names())
 def test_every_hook_has_a_test(hook):
     assert hook in HOOK_TESTS, f"{hook} has no test: add one marked @covers({hook!r})"
+
+
+def test_the_hook_table_in_the_docs_is_generated_from_the_specs():
+    text = DOCS.read_text()
+    assert hookdoc.rewrite(text) == text, ("docs/hooks.md's hook table differs from "
+                                           "core/hookspecs.py: python -m plugtune.hookdoc "
+                                           "docs/hooks.md")
 
 
 @pytest.mark.parametrize("hook", testing.hook_names())

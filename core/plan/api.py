@@ -4,7 +4,7 @@ adjusts (:class:`Plan` of :class:`Param` entries, :class:`Optimizer`, :class:`Me
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -129,7 +129,9 @@ class Variant:
 
     :param label: what ``--fit`` prints, e.g. ``"int8 + lora"``.
     :param rank: quality cost: 0 when every weight trains as in full fine-tuning; the larger,
-        the more the result may differ. ``--fit`` tries variants from the lowest rank up.
+        the more the result may differ. ``--fit`` tries variants from the lowest rank up. The
+        built-in variants use the named ranks below; a stranger's method places itself
+        between them (an adapter on a 6-bit base: ``Variant.ADAPTER_8BIT + 5``).
     :param plugins: the plugins that make this variant; the core removes from the recipe every
         plugin any variant names and adds these.
     :param sections: recipe sections the variant sets, ``{name: {key: value}}``; the recipe's
@@ -138,6 +140,23 @@ class Variant:
     :param saver: a memory saver tried on top of every other variant (gradient checkpointing),
         not a variant of its own.
     """
+
+    #: The rank scale, by how far the trained model may drift from full fine-tuning. Steps of
+    #: 10 leave room between the built-ins for others. Every weight trains (``full``):
+    FULL: ClassVar[float] = 0
+    #: The last blocks train in full, the rest frozen (``freeze``): 10 for half the blocks,
+    #: one more per halving (fewer weights train, so the result is further off):
+    FREEZE: ClassVar[float] = 10
+    #: Adapters on the 16/32-bit base (``lora``, ``ia3``, ...): only the adapters train:
+    ADAPTER: ClassVar[float] = 20
+    #: Adapters on a base quantized to 8 bits (``int8``): the forward pass itself is
+    #: approximated too:
+    ADAPTER_8BIT: ClassVar[float] = 30
+    #: Adapters on a 4-bit base (``nf4``, QLoRA): the coarsest approximation of the base:
+    ADAPTER_4BIT: ClassVar[float] = 40
+    #: A saver's rank, which nothing reads: a saver is tried on top of each method, never
+    #: ranked among them (gradient checkpointing changes memory and speed, not the result).
+    SAVER: ClassVar[float] = 0
 
     label: str
     rank: float
