@@ -14,16 +14,15 @@ from accelerate.utils import extract_model_from_parallel
 from pydantic import Field, PositiveInt
 
 from plugtune import Section, hookimpl
-from plugtune.data import REAL_TOKENS, Tokenized, check_each
+from plugtune.data import REAL_TOKENS, Tokenized, check_each, eval_batch_size, pad
 from plugtune.errors import DataError
-from plugtune.loss import chunked_cross_entropy, cross_entropy
+from plugtune.loss import IGNORE, chunked_cross_entropy, cross_entropy
 from plugtune.models import read_config
 from plugtune.plugins import generation_metrics
 from plugtune.plugins.generation_metrics import normalize  # noqa: F401  (its old home)
 
 PLUGTUNE_ROLES = {"task"}
 
-IGNORE = -100
 #: The roles chat templates render (Llama 3, Qwen 2.5, Mistral, SmolLM2, ChatML).
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -217,12 +216,6 @@ def encode(record, tokenizer, prefix=(), roles=ROLES):
     if "text" in data:
         ids = _ids(tokenizer, str(data["text"])) + eos
         return prefix + ids, [IGNORE] * len(prefix) + ids, None, None
-
-
-def pad(rows, value, left=False):
-    width = max(len(r) for r in rows)
-    return torch.tensor([[value] * (width - len(r)) + r if left else r + [value] * (width - len(r))
-                         for r in rows])
 
 
 def collator(pad_id):
@@ -489,7 +482,7 @@ def plugtune_evaluate(run, model, step, eval_loss, split):
         answers = generate(run.accelerator.unwrap_model(model), tokenizer,
                            [e["prompt_ids"] for e in run.share(checkable)],
                            min(section.max_new_tokens, longest + 4),
-                           run.recipe.train.eval_batch_size or 16, run.accelerator.device)
+                           eval_batch_size(run.recipe), run.accelerator.device)
     answers = run.gather(answers)
     return {**metrics, **generation_metrics.score(names, answers,
                                                   [e["reference"] for e in checkable])}

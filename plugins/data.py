@@ -12,7 +12,7 @@ from pathlib import Path
 
 from plugtune import active_roles, hookimpl, is_file
 from plugtune.data import Record, map_columns, read_splits
-from plugtune.errors import DataError
+from plugtune.errors import DataError, first_line
 from plugtune.sources import hub_offline
 
 PLUGTUNE_DEFAULT = True
@@ -103,7 +103,7 @@ def read_parquet(path):
     try:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow's ArrowInvalid and OSError for a damaged file
-        raise DataError(f"{path}: not a readable Parquet file ({_first_line(exc)})") from exc
+        raise DataError(f"{path}: not a readable Parquet file ({first_line(exc, 200)})") from exc
     return rows(table.to_pylist(), str(path))
 
 
@@ -119,17 +119,12 @@ def read_arrow(path):
             except pa.ArrowInvalid:
                 table = pa.ipc.open_file(source).read_all()
     except Exception as exc:
-        raise DataError(f"{path}: not a readable Arrow IPC file ({_first_line(exc)})") from exc
+        raise DataError(f"{path}: not a readable Arrow IPC file ({first_line(exc, 200)})") from exc
     return rows(table.to_pylist(), str(path))
 
 
 def rows(table_rows, name):
     return [Record(r, name, i, row=True) for i, r in enumerate(table_rows, 1)]
-
-
-def _first_line(exc):
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 READERS = {".jsonl": read_jsonl, ".json": read_json, ".csv": read_csv, ".txt": read_text,
@@ -145,7 +140,7 @@ def read_saved(path, split, key):
         loaded = datasets.load_from_disk(str(path))
     except (FileNotFoundError, ValueError) as exc:
         raise DataError(f"{path}: a directory, but not a dataset written by save_to_disk "
-                        f"({_first_line(exc)}); give a data file or a saved dataset") from exc
+                        f"({first_line(exc, 200)}); give a data file or a saved dataset") from exc
     if isinstance(loaded, datasets.DatasetDict):
         loaded = pick_split(loaded, split or key, path)
     elif split is not None:
@@ -172,7 +167,7 @@ def read_hub(source, key):
         loaded = datasets.load_dataset(source.dataset, source.config, split=split,
                                        revision=source.revision)
     except Exception as exc:  # datasets raises many kinds: offline, not found, gated, bad split
-        text = " ".join(_first_line(exc).split())
+        text = " ".join(first_line(exc, 200).split())
         if hub_offline() or "offline" in text.lower() or "connect" in text.lower():
             raise DataError(f"dataset {label}: cannot load it: the hub is offline or unreachable "
                             "(HF_HUB_OFFLINE) and it is not in the datasets cache; download it "

@@ -25,7 +25,7 @@ import torch
 from pydantic import Field
 
 from plugtune import Section, hookimpl
-from plugtune.data import Tokenized, check_each
+from plugtune.data import Tokenized, check_each, eval_batches, pad
 from plugtune.errors import DataError
 from plugtune.loss import Loss, cross_entropy
 from plugtune.plugins import head_family as heads
@@ -155,17 +155,12 @@ def collator(tokenizer):
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     left = tokenizer.padding_side == "left"
 
-    def pad(rows, value):
-        width = max(len(r) for r in rows)
-        return torch.tensor([[value] * (width - len(r)) + r if left else
-                             r + [value] * (width - len(r)) for r in rows])
-
     def collate(examples):
         ids = [e["input_ids"] for e in examples]
-        batch = {"input_ids": pad(ids, pad_id), "attention_mask": pad([[1] * len(i) for i in ids],
-                                                                      0)}
+        batch = {"input_ids": pad(ids, pad_id, left=left),
+                 "attention_mask": pad([[1] * len(i) for i in ids], 0, left=left)}
         if "token_type_ids" in examples[0]:
-            batch["token_type_ids"] = pad([e["token_type_ids"] for e in examples], 0)
+            batch["token_type_ids"] = pad([e["token_type_ids"] for e in examples], 0, left=left)
         shift = [batch["input_ids"].shape[1] - len(i) if left else 0 for i in ids]
         for key in POSITIONS:
             batch[key] = torch.tensor([e[key] + d for e, d in zip(examples, shift)])
@@ -210,12 +205,9 @@ def predict(run, model, split):
     its windows, as text of its context. Each process scores its share of the batches; the
     windows' best spans are gathered, so every process gets every record's answer."""
     data, s = run.data[split], run.recipe[NAME]
-    size = run.recipe.train.eval_batch_size or run.recipe.train.batch_size
     found = []  # (record, score, text) of each window's best span
     with torch.no_grad():
-        for i in run.share(range(0, len(data.examples), size)):
-            chunk = data.examples[i:i + size]
-            batch = {k: v.to(run.accelerator.device) for k, v in data.collate(chunk).items()}
+        for chunk, batch in eval_batches(run, split):
             with run.accelerator.autocast():
                 start, end = logits(model, batch)
             width = batch["input_ids"].shape[1]
