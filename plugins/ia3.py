@@ -12,7 +12,8 @@ from pydantic import Field
 
 from plugtune import hookimpl
 from plugtune.plugins import _peft
-from plugtune.plugins._peft import plugtune_save_model  # noqa: F401  (shared hook)
+from plugtune.plugins._peft import (  # noqa: F401  (shared hooks)
+    plugtune_load_artifact, plugtune_merge_artifact, plugtune_save_model)  # noqa: F401
 
 PLUGTUNE_ROLES = {"adapter"}
 
