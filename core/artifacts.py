@@ -6,15 +6,19 @@ adapter loads onto the base that the run's ``recipe.yaml`` names, loaded and pre
 the same hooks as in training (so ``pkg:``/GGUF sources, quantization and task heads come back
 as they were), then optionally merged into it.
 """
+from __future__ import annotations
+
 import os
 import shutil
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from . import loop, recipe as recipes, sources
+from . import recipe as recipes, sources
+from .build import load_base
 from .errors import InputError, PlugtuneError
+from .state import first
 
 ARTIFACT_DIRS = ("adapter", "model")
 
@@ -23,15 +27,15 @@ ARTIFACT_DIRS = ("adapter", "model")
 class Artifact:
     """A run's fine-tuned model, ready to use (eval mode)."""
 
-    model: object
-    tokenizer: object
+    model: Any
+    tokenizer: Any
     kind: str  # "adapter" or "model": what the run saved
     path: Path  # the saved directory
-    recipe: object  # the run's recipe
-    notes: list = field(default_factory=list)  # what a user should know about how it loaded
+    recipe: Any  # the run's recipe
+    notes: list[str] = field(default_factory=list)  # what a user should know about how it loaded
 
 
-def find(run_dir):
+def find(run_dir: str | Path) -> Path:
     """The saved artifact directory of ``run_dir`` (``adapter/`` or ``model/``)."""
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.yaml").is_file():
@@ -41,18 +45,29 @@ def find(run_dir):
         if (run_dir / name / "adapter_config.json").is_file() or (
                 run_dir / name / "config.json").is_file():
             return run_dir / name
+    adapter = run_dir / "adapter"  # an adapter method's own format (its load_artifact reads it)
+    if adapter.is_dir() and any(adapter.iterdir()):
+        return adapter
     raise PlugtuneError(f"{run_dir}: no saved model (adapter/ or model/); the run did not finish "
                         "or ran with output.save_model: false")
 
 
-def run_recipe(run_dir, trust_remote_code=False):
+def run_recipe(run_dir: str | Path, trust_remote_code: bool = False,
+               discovered: Any = None) -> tuple[Any, Any]:
     """``(recipe, plugin_manager)`` of a finished run, from its ``recipe.yaml`` (one that says
-    ``trust_remote_code: true`` loads only with ``trust_remote_code``, the command's flag)."""
-    return recipes.load_recipe(Path(run_dir) / "recipe.yaml", check_files=False,
-                               trust_remote_code=trust_remote_code)
+    ``trust_remote_code: true`` loads only with ``trust_remote_code``, the command's flag).
+    ``discovered``: the installed plugins (default: ``plugtune.manager.discover()``)."""
+    return recipes.load_recipe(Path(run_dir) / "recipe.yaml", discovered=discovered,
+                               check_files=False, trust_remote_code=trust_remote_code)
 
 
-def load(run_dir, merge=False, trust_remote_code=False):
+def is_whole_model(path: Path) -> bool:
+    """Whether ``path`` holds a ``save_pretrained`` model (which loads without its base)."""
+    return (path / "config.json").is_file() and not (path / "adapter_config.json").is_file()
+
+
+def load(run_dir: str | Path, merge: bool = False, trust_remote_code: bool = False,
+         discovered: Any = None) -> Artifact:
     """Load the fine-tuned model of ``run_dir``.
 
     :param merge: fold an adapter into its base, giving a plain transformers model. A base
@@ -60,52 +75,50 @@ def load(run_dir, merge=False, trust_remote_code=False):
         copy of the quantized weights it was trained on (the original full-precision weights
         are not used), so the merged model reproduces the trained one.
     :param trust_remote_code: the command line's ``--trust-remote-code``.
+    :param discovered: the installed plugins (default: ``plugtune.manager.discover()``).
+
+    An adapter is loaded and merged by the plugin that saved it, through
+    ``plugtune_load_artifact`` and ``plugtune_merge_artifact`` (the PEFT methods':
+    ``plugtune.plugins.peft_family``).
     """
     import torch
     from transformers import AutoTokenizer
 
     path = find(run_dir)
-    recipe, pm = run_recipe(run_dir, trust_remote_code)
+    recipe, pm = run_recipe(run_dir, trust_remote_code, discovered)
     with sources.loading("run directory", path):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     dtype = getattr(torch, recipe.model.dtype)
-    notes = []
-    if not (path / "adapter_config.json").is_file():
+    notes: list[str] = []
+    if is_whole_model(path):
         with sources.loading("run directory", path):
             model = _load_model(path, dtype, trust_remote_code)
         if merge:
             notes.append("the run saved a whole model: nothing to merge")
         return Artifact(_place(model, merge), tokenizer, "model", path, recipe, notes)
 
-    from peft import PeftModel
-
-    base = loop.load_base(pm.hook, recipe, tokenizer)
+    base = load_base(pm.hook, recipe, tokenizer)
     if merge and getattr(base, "is_quantized", False):
         method = getattr(base.config, "quantization_config", None)
         notes.append(f"the base was trained quantized ({_describe(method)}); the adapter is "
                      f"merged into a de-quantized {recipe.model.dtype} copy of those quantized "
                      "weights, not into the original full-precision ones")
         base = base.dequantize()
-    with warnings.catch_warnings():  # peft 0.21 asks transformers 5 a deprecated question
-        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
-        with sources.loading("run directory", path):
-            model = PeftModel.from_pretrained(base, path)
+    with sources.loading("run directory", path):
+        model = first(pm.hook.plugtune_load_artifact, "load the saved adapter", path=path,
+                      base=base, recipe=recipe)
     if merge:
-        if not hasattr(model.base_model, "merge_and_unload"):  # prompt learning
-            raise PlugtuneError(f"{path}: a {model.peft_config['default'].peft_type.value} "
-                                "adapter adds to the model's input, not to its weights: nothing "
-                                "to merge; export it without --merge (peft loads it onto the "
-                                "base)")
-        model = model.merge_and_unload().to(dtype)
+        model = first(pm.hook.plugtune_merge_artifact, "merge the adapter into its base",
+                      model=model, path=path, recipe=recipe).to(dtype)
     elif getattr(base, "is_quantized", False):
         notes.append(f"the base is loaded quantized as in training "
                      f"({_describe(base.config.quantization_config)})")
     return Artifact(_place(model, merge), tokenizer, "adapter", path, recipe, notes)
 
 
-def _place(model, merge):
+def _place(model: Any, merge: bool) -> Any:
     """Eval mode, on the GPU where there is one (a quantized model is already placed there);
     a model loaded only to be merged and saved stays where it is."""
     import torch
@@ -115,7 +128,7 @@ def _place(model, merge):
     return model.eval()
 
 
-def _describe(quantization_config):
+def _describe(quantization_config: Any) -> str:
     q = quantization_config
     if q is None:
         return "quantized"
@@ -124,7 +137,7 @@ def _describe(quantization_config):
     return "8-bit" if getattr(q, "load_in_8bit", False) else type(q).__name__
 
 
-def _load_model(path, dtype, trust_remote_code=False):
+def _load_model(path: Path, dtype: Any, trust_remote_code: bool = False) -> Any:
     """A ``save_pretrained`` model, as the class it was saved as (causal LM, classifier, ...)."""
     import transformers
 
@@ -134,7 +147,8 @@ def _load_model(path, dtype, trust_remote_code=False):
     return cls.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
-def export(run_dir, out, merge=False, trust_remote_code=False):
+def export(run_dir: str | Path, out: str | Path, merge: bool = False,
+           trust_remote_code: bool = False, discovered: Any = None) -> list[str]:
     """Write the run's model to the new directory ``out``, atomically: the adapter or model as
     saved, or with ``merge`` a merged ``save_pretrained`` model. Returns the loading notes."""
     out = Path(out)
@@ -148,12 +162,13 @@ def export(run_dir, out, merge=False, trust_remote_code=False):
                          "a writable folder") from exc
     try:
         if merge:
-            artifact = load(run_dir, merge=True, trust_remote_code=trust_remote_code)
+            artifact = load(run_dir, merge=True, trust_remote_code=trust_remote_code,
+                            discovered=discovered)
             artifact.model.save_pretrained(tmp)
             artifact.tokenizer.save_pretrained(tmp)
             notes = artifact.notes
         else:
-            run_recipe(run_dir, trust_remote_code)  # refuses a run that needs the flag
+            run_recipe(run_dir, trust_remote_code, discovered)  # refuses a run that needs the flag
             shutil.copytree(find(run_dir), tmp, dirs_exist_ok=True)
             notes = []
         if out.exists():
@@ -165,8 +180,8 @@ def export(run_dir, out, merge=False, trust_remote_code=False):
     return notes
 
 
-def generate(artifact, prompt, max_new_tokens=128, temperature=0.7, top_p=1.0,
-             chat_template=True):
+def generate(artifact: Artifact, prompt: str, max_new_tokens: int = 128,
+             temperature: float = 0.7, top_p: float = 1.0, chat_template: bool = True) -> str:
     """Sample a continuation of ``prompt`` (as a user turn of the chat template where the
     tokenizer has one and ``chat_template``); ``temperature`` 0 decodes greedily."""
     import torch

@@ -217,6 +217,8 @@ def plugtune_build_scheduler(optimizer: torch.optim.Optimizer, recipe: "Recipe",
 # ``train.save_every`` steps; then steps_done, the final evaluation, the test split's (with
 # ``data.test``: compute_loss per batch, evaluate, log), save_model, train_end and teardown.
 # ``plugtune resume`` calls load_checkpoint before train_start.
+# ``plugtune export``, ``generate`` and ``eval`` call load_artifact (``export --merge`` then
+# merge_artifact) on a finished run's adapter.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -318,6 +320,26 @@ def plugtune_save_model(run: "Run", model: torch.nn.Module, tokenizer: Any,
 
     :return: the name of the directory inside the run directory to rename it to, e.g.
         ``"model"`` or ``"adapter"``.
+    """
+
+
+@hookspec(firstresult=True)
+def plugtune_load_artifact(path, base, recipe):
+    """Load the saved model in the directory ``path`` (what this plugin's
+    :func:`plugtune_save_model` wrote, e.g. ``RUN/adapter``) onto ``base``, the run's base
+    model loaded and prepared through the model-phase hooks as in training, and return the
+    model to use (``plugtune export``, ``generate``, ``eval``). Stops at first non-None result
+    (the adapter method; a whole ``RUN/model`` loads without a hook).
+    """
+
+
+@hookspec(firstresult=True)
+def plugtune_merge_artifact(model, path, recipe):
+    """Fold the adapter of ``model`` (from :func:`plugtune_load_artifact`; ``path``: the
+    directory it was loaded from, for messages) into its base
+    weights and return a plain transformers model (``plugtune export --merge``); raise
+    :class:`plugtune.PlugtuneError` saying why where the method cannot be merged. Stops at
+    first non-None result.
     """
 
 

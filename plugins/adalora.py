@@ -18,7 +18,8 @@ from pydantic import Field
 from plugtune import Loss, hookimpl
 from plugtune.errors import PluginError
 from plugtune.plugins import peft_family as adapters
-from plugtune.plugins.peft_family import plugtune_save_model  # noqa: F401  (shared hook)
+from plugtune.plugins.peft_family import (  # noqa: F401  (shared hooks)
+    plugtune_load_artifact, plugtune_merge_artifact, plugtune_save_model)  # noqa: F401
 
 
 class AdaloraSection(adapters.AdapterSection):
@@ -138,6 +139,8 @@ class AdaLora:
             self.handle = None
 
     plugtune_save_model = staticmethod(plugtune_save_model)
+    plugtune_load_artifact = staticmethod(plugtune_load_artifact)
+    plugtune_merge_artifact = staticmethod(plugtune_merge_artifact)
 
 
 @hookimpl

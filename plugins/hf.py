@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from plugtune import hookimpl, sources, terminate_raises
+from plugtune.plugins import peft_family
 from plugtune.sources import resolve_source
 
 PLUGTUNE_DEFAULT = True
@@ -147,6 +148,25 @@ def plugtune_save_model(model, tokenizer, path):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return "model"
+
+
+@hookimpl(trylast=True)
+def plugtune_load_artifact(path, base):
+    """A PEFT-format adapter (``adapter_config.json``) whose plugin does not load its own (one
+    written before plugin API 1.1 had this hook, saving with ``peft_family``): peft loads it."""
+    if (Path(path) / "adapter_config.json").is_file():
+        return peft_family.plugtune_load_artifact(path=path, base=base)
+    return None
+
+
+@hookimpl(trylast=True)
+def plugtune_merge_artifact(model, path):
+    """Merge what :func:`plugtune_load_artifact` loaded with peft."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        return peft_family.plugtune_merge_artifact(model=model, path=path)
+    return None
 
 
 @hookimpl(trylast=True)

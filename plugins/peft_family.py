@@ -10,8 +10,9 @@ the fields every method has (where the adapters go, modules trained in full besi
 wrapping with ``peft.get_peft_model``, and saving the adapter in PEFT format, which
 ``peft.PeftModel.from_pretrained`` loads.
 
-A method module imports the hook implementations at the end (``plugtune_save_model``), so they
-are registered as its own.
+A method module imports the hook implementations at the end (``plugtune_save_model``,
+``plugtune_load_artifact`` and ``plugtune_merge_artifact``: ``plugtune export``, ``generate``
+and ``eval`` load and merge the adapter through them), so they are registered as its own.
 """
 import re
 import warnings
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, field_validator
 
-from plugtune import Section, active_roles, hookimpl
+from plugtune import PlugtuneError, Section, active_roles, hookimpl
 
 if TYPE_CHECKING:
     import torch
@@ -165,3 +166,24 @@ def plugtune_save_model(model: Any, tokenizer: Any, path: Path) -> str:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return "adapter"
+
+
+@hookimpl
+def plugtune_load_artifact(path, base):
+    """The saved adapter onto its base: ``peft.PeftModel.from_pretrained``."""
+    from peft import PeftModel
+
+    with warnings.catch_warnings():  # peft 0.21 asks transformers 5 a deprecated question
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
+        return PeftModel.from_pretrained(base, path)
+
+
+@hookimpl
+def plugtune_merge_artifact(model, path):
+    """``merge_and_unload``; a prompt-learning method has no weights to merge into."""
+    if not hasattr(model.base_model, "merge_and_unload"):  # prompt learning
+        raise PlugtuneError(f"{path}: a {model.peft_config['default'].peft_type.value} "
+                            "adapter adds to the model's input, not to its weights: nothing "
+                            "to merge; export it without --merge (peft loads it onto the "
+                            "base)")
+    return model.merge_and_unload()

@@ -15,7 +15,8 @@ from pydantic import Field
 
 from plugtune import Section, active_roles, hookimpl
 from plugtune.plugins import peft_family as adapters
-from plugtune.plugins.peft_family import plugtune_save_model  # noqa: F401  (shared hook)
+from plugtune.plugins.peft_family import (  # noqa: F401  (shared hooks)
+    plugtune_load_artifact, plugtune_merge_artifact, plugtune_save_model)  # noqa: F401
 
 PLUGTUNE_ROLES = {"adapter"}
 

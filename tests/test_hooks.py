@@ -14,11 +14,12 @@ import pytest
 import torch
 import yaml
 from pydantic import BaseModel
+from transformers import AutoModelForCausalLM
 
-from plugtune import Loss, hookdoc, hookimpl, hookspecs, loop, manager, testing
+from plugtune import Loss, artifacts, hookdoc, hookimpl, hookspecs, loop, manager, testing
 from plugtune.data import Record, Splits
 from plugtune.errors import PluginError, RecipeError
-from plugtune.plugins import causal_lm
+from plugtune.plugins import causal_lm, peft_family
 
 DOCS = Path(__file__).parent.parent / "docs" / "hooks.md"
 HOOK_TESTS = {}
@@ -74,6 +75,9 @@ END = ["steps_done", *EVAL, "save_model", "train_end", "teardown"]
 PLANNING = {"plugtune_model_config", "plugtune_estimate_memory", "plugtune_fit_variants"}
 #: Called by `plugtune resume` only (test_golden_hook_order_of_a_resumed_run).
 RESUME = {"plugtune_load_checkpoint"}
+#: Called by `plugtune export`/`generate`/`eval` on a finished run's adapter (test_a_strangers_
+#: adapter_exports_and_merges_through_its_own_hooks).
+ARTIFACT = {"plugtune_load_artifact", "plugtune_merge_artifact"}
 
 
 def test_golden_hook_order(quick):
@@ -85,7 +89,7 @@ def test_golden_hook_order(quick):
     expected = (SETUP + EVAL + STEP + EVAL + ["save_checkpoint"] + STEP + ["save_checkpoint"]
                 + END)
     assert recorder.calls == ["plugtune_" + name for name in expected]
-    assert set(recorder.calls) == set(testing.hook_names()) - PLANNING - RESUME
+    assert set(recorder.calls) == set(testing.hook_names()) - PLANNING - RESUME - ARTIFACT
 
 
 def test_golden_hook_order_of_a_resumed_run(quick):
@@ -546,6 +550,102 @@ def test_save_model_chooses_format_and_directory(quick):
         "checkpoint", "loss.png", "manifest.json", "metrics.jsonl", "recipe.yaml"]
     state = torch.load(run.dir / "checkpoint" / "weights.pt")
     assert set(state) == set(run.accelerator.unwrap_model(run.model).state_dict())
+
+
+class NormDelta:
+    """A stranger's adapter method: a trained offset on the final norm's weight (a
+    parametrization), saved in its own format, loaded and merged by its own hooks."""
+
+    PLUGTUNE_ROLES = {"adapter"}
+
+    @staticmethod
+    def attach(model):
+        for p in model.parameters():
+            p.requires_grad_(False)
+        norm = model.model.norm
+        delta = torch.nn.Parameter(torch.zeros_like(norm.weight))
+        torch.nn.utils.parametrize.register_parametrization(norm, "weight", Offset(delta))
+        return model
+
+    @hookimpl
+    def plugtune_wrap_model(self, model):
+        return self.attach(model)
+
+    @hookimpl
+    def plugtune_save_model(self, model, tokenizer, path):
+        torch.save(model.model.norm.parametrizations.weight[0].delta.detach(), path / "delta.pt")
+        tokenizer.save_pretrained(path)
+        return "adapter"
+
+    @hookimpl
+    def plugtune_load_artifact(self, path, base):
+        model = self.attach(base)
+        model.model.norm.parametrizations.weight[0].delta.data.copy_(
+            torch.load(path / "delta.pt"))
+        return model
+
+    @hookimpl
+    def plugtune_merge_artifact(self, model):
+        torch.nn.utils.parametrize.remove_parametrizations(model.model.norm, "weight")
+        return model
+
+
+class Offset(torch.nn.Module):
+    def __init__(self, delta):
+        super().__init__()
+        self.delta = delta
+
+    def forward(self, weight):
+        return weight + self.delta
+
+
+@covers("plugtune_load_artifact")
+@covers("plugtune_merge_artifact")
+def test_a_strangers_adapter_exports_and_merges_through_its_own_hooks(quick, tmp_path):
+    summary, run = testing.run(quick(plugins=["causal_lm"], train={"max_steps": 3, "lr": 0.05}),
+                               extra_plugins=[NormDelta()])
+    assert summary["artifact"] == str(run.dir / "adapter")
+    assert float(torch.load(run.dir / "adapter" / "delta.pt").abs().max()) > 0  # it trained
+    ids = torch.tensor([[3, 17, 42, 5, 99, 23, 7, 64]])
+    with torch.no_grad():
+        trained = run.model.eval()(input_ids=ids).logits
+    installed = testing.with_plugins([NormDelta()])
+    loaded = artifacts.load(run.dir, discovered=installed)
+    assert loaded.kind == "adapter"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(input_ids=ids).logits, trained)
+    artifacts.export(run.dir, tmp_path / "merged", merge=True, discovered=installed)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")  # plain transformers
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, trained)
+
+
+class PeftLayerNorm:
+    """A stranger's peft method written before plugin API 1.1: it saves with peft_family and
+    answers neither artifact hook."""
+
+    PLUGTUNE_ROLES = {"adapter"}
+
+    @hookimpl
+    def plugtune_wrap_model(self, model):
+        from peft import LNTuningConfig
+
+        return peft_family.wrap(model, LNTuningConfig)
+
+    plugtune_save_model = staticmethod(peft_family.plugtune_save_model)
+
+
+def test_a_peft_adapter_without_artifact_hooks_still_exports_merged(quick, tmp_path):
+    _, run = testing.run(quick(plugins=["causal_lm"], train={"max_steps": 2, "lr": 0.05}),
+                         extra_plugins=[PeftLayerNorm()])
+    ids = torch.tensor([[3, 17, 42, 5, 99, 23, 7, 64]])
+    with torch.no_grad():
+        trained = run.model.eval()(input_ids=ids).logits
+    artifacts.export(run.dir, tmp_path / "merged", merge=True,
+                     discovered=testing.with_plugins([PeftLayerNorm()]))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, trained)
 
 
 class Summary:

@@ -1,0 +1,170 @@
+"""What a run is while it trains: :class:`Run` (what the training-phase hooks see as ``run``)
+and :class:`Progress` (the loop's counters, which a checkpoint saves field by field into its
+``state.json``)."""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from accelerate import Accelerator
+
+from . import checkpoint
+from .errors import PluginError
+
+
+@dataclass
+class Progress:
+    """The loop's counters that a checkpoint keeps (``state.json`` holds them beside ``step``,
+    one key per field, as plain JSON), so a resumed run goes on as if never stopped."""
+
+    bad_steps: int = 0  # optimizer steps in a row not applied (non-finite loss or gradient)
+    empty_steps: int = 0  # ... in a row without a target token
+    dead_steps: int = 0  # ... in a row whose gradient was exactly 0 at a non-zero loss
+    skipped_steps: int = 0  # steps not applied in all
+    evaluated: bool = True  # whether the evaluation due at this step has run
+    eval_before: dict[str, Any] | None = None  # the evaluation before the first step
+    last_eval: dict[str, Any] | None = None  # the latest evaluation during training
+    stop_reason: str | None = None  # set by :meth:`Run.stop`: resume stops too
+    #: keys of ``state.json`` that no field names (a newer plugtune's): kept, written back
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields as ``state.json`` keys (the ``stop_reason`` key only once stopped, as
+        before this was a dataclass)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name != "extra"}
+        if out["stop_reason"] is None:
+            del out["stop_reason"]
+        return {**self.extra, **out}
+
+    @classmethod
+    def from_json(cls, state: dict[str, Any]) -> Progress:
+        """The progress a ``state.json`` holds (without its ``step``); a key it lacks (an older
+        checkpoint) keeps its default, a key no field names is kept in :attr:`extra`."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in state.items() if k in names}
+        return cls(**known, extra={k: v for k, v in state.items()
+                                   if k not in names and k != "step"})
+
+    def tally(self, applied: bool, count: float, norm: float, loss: float) -> None:
+        """Count an optimizer step: ``applied`` or not, its ``count`` of targets, its gradient
+        ``norm`` and ``loss``."""
+        self.bad_steps = 0 if applied else self.bad_steps + 1
+        self.empty_steps = 0 if count else self.empty_steps + 1
+        dead = applied and norm == 0 and loss > 0  # nothing can change any more
+        self.dead_steps = self.dead_steps + 1 if dead else 0
+        if not applied:
+            self.skipped_steps += 1
+
+    # Deprecated: ``run.state`` was a dict before plugin API 1.1; read the attributes instead.
+    def __getitem__(self, key: str) -> Any:
+        warnings.warn("run.state[KEY] is deprecated: read run.state.KEY", DeprecationWarning,
+                      stacklevel=2)
+        return self.to_json()[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """Deprecated, as ``run.state[KEY]``."""
+        return self.to_json().get(key, default)
+
+
+@dataclass
+class Run:
+    """What the training-phase hooks see of a run.
+
+    ``recipe``, ``pm`` (the plugin manager), ``accelerator``, ``model``, ``tokenizer``,
+    ``data`` (``"train"``/``"validation"``, and ``"test"`` when the recipe has ``data.test``
+    -> :class:`plugtune.data.Tokenized`), ``dir`` (the
+    run directory; None on processes other than the main one), ``step`` (optimizer steps
+    taken), ``total_steps``, ``optimizer`` and ``scheduler`` once training starts, ``state``
+    (the loop's :class:`Progress`).
+    """
+
+    recipe: Any
+    pm: Any
+    accelerator: Accelerator
+    model: Any = None
+    tokenizer: Any = None
+    data: dict[str, Any] = field(default_factory=dict)
+    dir: Path | None = None
+    step: int = 0
+    total_steps: int = 0
+    optimizer: Any = None
+    scheduler: Any = None
+    stop_reason: str | None = None
+    sources: dict[str, Any] = field(default_factory=dict)  # non-file data's hashes (manifest)
+    signum: int | None = None
+    state: Progress = field(default_factory=Progress)  # the loop's counters a checkpoint keeps
+
+    @property
+    def is_main(self) -> bool:
+        return bool(self.accelerator.is_main_process)
+
+    def stop(self, reason: object) -> None:
+        """End training before the next optimizer step: the final evaluation and save still
+        run, and where this cut training short the manifest says ``stopped early: REASON``.
+        Any plugin may call it."""
+        self.stop_reason = self.stop_reason or str(reason)
+        self.state.stop_reason = self.stop_reason  # a checkpoint keeps it: resume stops too
+
+    def save_checkpoint(self, path: str | Path, rng: list[Any] | None = None) -> Path | None:
+        """Write a checkpoint of the run as it is now (trainable weights, optimizer, scheduler,
+        random states, position) into the directory ``path``, atomically; main process only.
+        ``RUN/checkpoints/step-K`` are written by the loop; a plugin may keep others
+        (``early_stopping`` keeps ``RUN/best``)."""
+        if not self.is_main:
+            return None
+        return checkpoint.save(
+            path, model=self.accelerator.unwrap_model(self.model), optimizer=self.optimizer,
+            scheduler=self.scheduler, scaler=self.accelerator.scaler,
+            state={"step": self.step, **self.state.to_json()}, rng=rng,
+            plugin_hook=lambda p: self.pm.hook.plugtune_save_checkpoint(run=self, path=p))
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Load the checkpoint directory ``path`` into the run: weights, optimizer, scheduler,
+        gradient scaler, random states, ``step`` and :attr:`state`, then the plugins' own."""
+        acc = self.accelerator
+        saved = checkpoint.load(
+            path, model=acc.unwrap_model(self.model), optimizer=self.optimizer,
+            scheduler=self.scheduler, scaler=acc.scaler,
+            plugin_hook=lambda p: self.pm.hook.plugtune_load_checkpoint(run=self, path=p))
+        self.step = saved.pop("step")
+        self.state = Progress.from_json(saved)
+        self.stop_reason = self.state.stop_reason  # stopped, then interrupted in the end
+
+    def rng_states(self) -> list[Any]:
+        """Every process's random states, a list by rank, on every process (under several
+        processes a collective: each must call it)."""
+        state = checkpoint.rng_state()
+        return [state] if self.accelerator.num_processes == 1 else self.gather([state])
+
+    def share(self, items: Any) -> Any:
+        """This process's contiguous share of ``items``, so that evaluation work (batches,
+        generations) is split across processes; one process gets everything."""
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        return items[len(items) * rank // world:len(items) * (rank + 1) // world]
+
+    def gather(self, values: Any) -> list[Any]:
+        """Every process's results for its :meth:`share`, concatenated in the order of the
+        shared items, on every process (each must call it)."""
+        if self.accelerator.num_processes == 1:
+            return list(values)
+        from accelerate.utils import gather_object
+
+        return list(gather_object(list(values)))
+
+    def load_weights(self, path: str | Path) -> None:
+        """Copy the trainable weights of the checkpoint directory ``path`` into the model."""
+        checkpoint.load_trainable(self.accelerator.unwrap_model(self.model),
+                                  Path(path) / checkpoint.WEIGHTS)
+
+
+def first(hook: Callable[..., Any], what: str, **kwargs: Any) -> Any:
+    """Call a firstresult hook and insist that some plugin answered."""
+    result = hook(**kwargs)
+    if result is None:
+        raise PluginError(f"no active plugin implements {getattr(hook, 'name', hook)} "
+                          f"({what}); check plugins: in the recipe and `plugtune plugins`")
+    return result
