@@ -324,7 +324,8 @@ def plugtune_save_model(run: "Run", model: torch.nn.Module, tokenizer: Any,
 
 
 @hookspec(firstresult=True)
-def plugtune_load_artifact(path, base, recipe):
+def plugtune_load_artifact(path: Path, base: torch.nn.Module,
+                           recipe: "Recipe") -> torch.nn.Module | None:
     """Load the saved model in the directory ``path`` (what this plugin's
     :func:`plugtune_save_model` wrote, e.g. ``RUN/adapter``) onto ``base``, the run's base
     model loaded and prepared through the model-phase hooks as in training, and return the
@@ -334,7 +335,8 @@ def plugtune_load_artifact(path, base, recipe):
 
 
 @hookspec(firstresult=True)
-def plugtune_merge_artifact(model, path, recipe):
+def plugtune_merge_artifact(model: torch.nn.Module, path: Path,
+                            recipe: "Recipe") -> torch.nn.Module | None:
     """Fold the adapter of ``model`` (from :func:`plugtune_load_artifact`; ``path``: the
     directory it was loaded from, for messages) into its base
     weights and return a plain transformers model (``plugtune export --merge``); raise

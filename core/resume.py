@@ -260,6 +260,7 @@ def reproduce(run_dir: str | Path, steps: int | None = None, echo: Echo = print,
         echo(f"warning: {line}")
     run = loop.setup(recipe, pm, echo=echo)
     loop.train(run, echo=echo, stop_after=steps)
+    assert run.dir is not None  # one process: the main one, which made the run directory
     now = losses(run.dir)
     compared = sorted(set(recorded) & set(now))
     if steps is not None:

@@ -91,7 +91,7 @@ def rescue(run: Run, rng: list[Any], echo: Echo) -> None:
     """After a crash outside an optimizer update (out of memory, a plugin's error): the
     weights, optimizer and scheduler are still those of the last whole step, so checkpoint
     them with the random state that step ended with, and the run can be resumed."""
-    if not run.is_main or (checkpoint.directory(run.dir) / f"step-{run.step}").exists():
+    if run.dir is None or (checkpoint.directory(run.dir) / f"step-{run.step}").exists():
         return
     try:
         path = checkpoint_step(run, run.recipe.train, rng=rng)

@@ -169,7 +169,7 @@ def plugtune_save_model(model: Any, tokenizer: Any, path: Path) -> str:
 
 
 @hookimpl
-def plugtune_load_artifact(path, base):
+def plugtune_load_artifact(path: Path, base: Any) -> Any:
     """The saved adapter onto its base: ``peft.PeftModel.from_pretrained``."""
     from peft import PeftModel
 
@@ -179,7 +179,7 @@ def plugtune_load_artifact(path, base):
 
 
 @hookimpl
-def plugtune_merge_artifact(model, path):
+def plugtune_merge_artifact(model: Any, path: Path) -> Any:
     """``merge_and_unload``; a prompt-learning method has no weights to merge into."""
     if not hasattr(model.base_model, "merge_and_unload"):  # prompt learning
         raise PlugtuneError(f"{path}: a {model.peft_config['default'].peft_type.value} "
