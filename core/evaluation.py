@@ -1,8 +1,11 @@
 """``plugtune eval``: evaluate a finished run's model, or the untouched base model it started
 from, on a data file, through the same hooks as the evaluations during training (so every task
 reports its own metrics: accuracy and F1 for heads, perplexity and exact match for causal LM)."""
+from __future__ import annotations
+
 import json
 from pathlib import Path
+from typing import Any
 
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -11,7 +14,9 @@ from . import artifacts, loop, recipe as recipes, rundir
 from .errors import DataError
 
 
-def evaluate(run_dir, data=None, baseline=False, trust_remote_code=False, split="validation"):
+def evaluate(run_dir: str | Path, data: str | None = None, baseline: bool = False,
+             trust_remote_code: bool = False, split: str = "validation"
+             ) -> tuple[dict[str, Any], Path | None]:
     """Evaluate the run in ``run_dir`` and write the result beside it.
 
     :param data: a data file; default the run's own held-out split.
@@ -59,7 +64,7 @@ def evaluate(run_dir, data=None, baseline=False, trust_remote_code=False, split=
     return record, path
 
 
-def data_overrides(run_dir, data, split="validation"):
+def data_overrides(run_dir: str | Path, data: str | None, split: str = "validation") -> list[str]:
     """Recipe overrides that make the data phase read only what is evaluated: ``data`` (or the
     run's files of ``split``) as both splits, so no training file is needed."""
     if data is None:
@@ -74,5 +79,5 @@ def data_overrides(run_dir, data, split="validation"):
         return [f"data.train={json.dumps(files)}", "data.test=null"] if files else ["data.test=null"]
     if not Path(data).is_file():
         raise DataError(f"--data: file not found: {data}")
-    data = json.dumps(str(Path(data).resolve()))
-    return [f"data.train={data}", f"data.validation={data}", "data.test=null"]
+    quoted = json.dumps(str(Path(data).resolve()))
+    return [f"data.train={quoted}", f"data.validation={quoted}", "data.test=null"]
