@@ -65,7 +65,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
 
 def chunked_cross_entropy(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
                           labels: torch.Tensor, chunk_tokens: int, shift: bool = False,
-                          softcap: float | None = None) -> Loss:
+                          softcap: float | None = None, select: bool | None = None) -> Loss:
     """:class:`Loss` of ``head(hidden)`` against ``labels``, equal to :func:`cross_entropy` of
     the full logits, without ever holding them: only labelled positions go through ``head``
     (the output layer, on a CPU; a GPU runs every position rather than wait to select them),
@@ -77,12 +77,15 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: Callable[[torch.Tensor], t
     :param hidden: ``(..., positions, hidden size)`` final hidden states.
     :param head: the module that turns hidden states into logits.
     :param softcap: Gemma 2's final logit soft-capping, ``tanh(logits / c) * c``.
+    :param select: run only labelled positions through ``head`` (default: on a CPU).
     """
     if shift:
         hidden, labels = hidden[..., :-1, :], labels[..., 1:]
     labels = labels.to(hidden.device)
     valid = labels != IGNORE
-    if hidden.device.type == "cpu":  # only what is scored: prompts skip the output layer
+    if select is None:
+        select = hidden.device.type == "cpu"
+    if select:  # only what is scored: prompts skip the output layer
         states, targets = hidden[valid], labels[valid]
     else:  # selecting would wait for the device (a host sync per micro-batch): chunk every
         # position and let the loss ignore the unlabelled ones (the planner's meta tensors too)
