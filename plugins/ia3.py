@@ -10,10 +10,9 @@ ones (``ia3.feedforward_modules``). Saves a PEFT adapter (``adapter/``); ``plugt
 """
 from pydantic import Field
 
-from plugtune import hookimpl
 from plugtune.plugins import peft_family as adapters
 from plugtune.plugins.peft_family import (  # noqa: F401  (shared hooks)
-    plugtune_load_artifact, plugtune_merge_artifact, plugtune_save_model)
+    plugtune_load_artifact, plugtune_merge_artifact, plugtune_save_model)  # noqa: F401
 
 PLUGTUNE_ROLES = {"adapter"}
 
@@ -26,14 +25,12 @@ class Ia3Section(adapters.AdapterSection):
         "architecture (with target_modules null)")
 
 
-@hookimpl
-def plugtune_recipe_sections(register):
-    register("ia3", Ia3Section)
+def options(s: Ia3Section) -> dict:
+    return {**adapters.common(s), "feedforward_modules": s.feedforward_modules}
 
 
-@hookimpl
-def plugtune_check_recipe(recipe):
-    problems = adapters.check(recipe, "ia3", "IA3 scaling vectors")
+def check(recipe) -> list[str]:
+    problems = []
     s = recipe["ia3"]
     if s.target_modules is not None and s.feedforward_modules is None:
         problems.append("ia3.feedforward_modules: give it with ia3.target_modules (the "
@@ -47,16 +44,5 @@ def plugtune_check_recipe(recipe):
     return problems
 
 
-@hookimpl
-def plugtune_wrap_model(model, recipe):
-    from peft import IA3Config
-
-    s = recipe["ia3"]
-    return adapters.wrap(model, IA3Config, **adapters.common(s),
-                        feedforward_modules=s.feedforward_modules)
-
-
-@hookimpl
-def plugtune_fit_variants(recipe):
-    """``plan --fit``: ia3 on a 16/32-bit, an 8-bit and a 4-bit base, when the recipe uses it."""
-    return adapters.fit_variants("ia3", recipe)
+plugtune_recipe_sections, plugtune_check_recipe, plugtune_wrap_model, plugtune_fit_variants = (
+    adapters.method("ia3", Ia3Section, "IA3Config", options, check=check))

@@ -8,7 +8,6 @@ conflicts with ``full``, ``freeze`` and the other adapter methods (docs/combinat
 """
 from pydantic import Field
 
-from plugtune import hookimpl
 from plugtune.plugins import peft_family as adapters
 from plugtune.plugins.peft_family import (  # noqa: F401  (shared hooks)
     plugtune_load_artifact, plugtune_merge_artifact, plugtune_save_model)  # noqa: F401
@@ -23,31 +22,17 @@ class LokrSection(adapters.LycorisSection):
                                   "for the Kronecker split; -1 picks the most square split")
 
 
-@hookimpl
-def plugtune_recipe_sections(register):
-    register("lokr", LokrSection)
+def options(s: LokrSection) -> dict:
+    return {**adapters.lycoris_options(s), "decompose_both": s.decompose_both,
+            "decompose_factor": s.decompose_factor}
 
 
-@hookimpl
-def plugtune_check_recipe(recipe):
-    problems = (adapters.check(recipe, "lokr", "LoKr adapters")
-                + adapters.no_4bit_base(recipe, "lokr"))
+def check(recipe) -> list[str]:
     factor = recipe["lokr"].decompose_factor
     if factor == 0 or factor < -1:
-        problems.append(f"lokr.decompose_factor: give a positive factor or -1, got {factor}")
-    return problems
+        return [f"lokr.decompose_factor: give a positive factor or -1, got {factor}"]
+    return []
 
 
-@hookimpl
-def plugtune_wrap_model(model, recipe):
-    from peft import LoKrConfig
-
-    s = recipe["lokr"]
-    return adapters.wrap(model, LoKrConfig, **adapters.lycoris_options(s),
-                         decompose_both=s.decompose_both, decompose_factor=s.decompose_factor)
-
-
-@hookimpl
-def plugtune_fit_variants(recipe):
-    """``plan --fit``: lokr on a 16/32-bit, an 8-bit and a 4-bit base, when the recipe uses it."""
-    return adapters.fit_variants("lokr", recipe)
+plugtune_recipe_sections, plugtune_check_recipe, plugtune_wrap_model, plugtune_fit_variants = (
+    adapters.method("lokr", LokrSection, "LoKrConfig", options, no_4bit=True, check=check))

@@ -13,7 +13,6 @@ from typing import Literal
 
 from pydantic import Field
 
-from plugtune import hookimpl
 from plugtune.plugins import peft_family as adapters
 from plugtune.plugins.peft_family import (  # noqa: F401  (shared hooks)
     plugtune_load_artifact, plugtune_merge_artifact, plugtune_save_model)  # noqa: F401
@@ -39,13 +38,13 @@ class LoraSection(adapters.AdapterSection):
                                                       "none, all (the base's too), lora_only")
 
 
-@hookimpl
-def plugtune_recipe_sections(register):
-    register("lora", LoraSection)
+def options(s: LoraSection) -> dict:
+    return {**adapters.common(s), "r": s.r, "lora_alpha": s.alpha, "lora_dropout": s.dropout,
+            "layers_to_transform": s.layers_to_transform, "use_rslora": s.use_rslora,
+            "use_dora": s.use_dora, "init_lora_weights": INIT[s.init], "bias": s.bias}
 
 
-@hookimpl
-def plugtune_check_recipe(recipe):
+def check(recipe) -> list[str]:
     problems = []  # full, freeze and other adapter methods: the core refuses (roles)
     s = recipe["lora"]
     if s.layers_to_transform is not None and isinstance(s.target_modules, str):
@@ -57,19 +56,7 @@ def plugtune_check_recipe(recipe):
     return problems
 
 
-@hookimpl
-def plugtune_wrap_model(model, recipe):
-    from peft import LoraConfig
-
-    s = recipe["lora"]
-    return adapters.wrap(model, LoraConfig, **adapters.common(s), r=s.r, lora_alpha=s.alpha,
-                         lora_dropout=s.dropout, layers_to_transform=s.layers_to_transform,
-                         use_rslora=s.use_rslora, use_dora=s.use_dora,
-                         init_lora_weights=INIT[s.init], bias=s.bias)
-
-
-@hookimpl
-def plugtune_fit_variants(recipe):
-    """``plan --fit``: adapters on a 16/32-bit, an 8-bit and a 4-bit base (the recipe's own
-    ``lora:`` kept), when the recipe uses lora or no adapter method."""
-    return adapters.fit_variants("lora", recipe, without_adapter=True)
+# plan --fit reaches for lora when the recipe has no adapter method (without_adapter)
+plugtune_recipe_sections, plugtune_check_recipe, plugtune_wrap_model, plugtune_fit_variants = (
+    adapters.method("lora", LoraSection, "LoraConfig", options, without_adapter=True,
+                    check=check))

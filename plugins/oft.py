@@ -9,7 +9,6 @@ other adapter methods (docs/combinations.md).
 """
 from pydantic import Field
 
-from plugtune import hookimpl
 from plugtune.plugins import peft_family as adapters
 from plugtune.plugins.peft_family import (  # noqa: F401  (shared hooks)
     plugtune_load_artifact, plugtune_merge_artifact, plugtune_save_model)  # noqa: F401
@@ -28,27 +27,11 @@ class OftSection(adapters.AdapterSection):
     block_share: bool = Field(False, description="one rotation block shared by the whole layer")
 
 
-@hookimpl
-def plugtune_recipe_sections(register):
-    register("oft", OftSection)
+def options(s: OftSection) -> dict:
+    return {**adapters.common(s), "r": 0, "oft_block_size": s.block_size,
+            "module_dropout": s.module_dropout, "coft": s.coft, "eps": s.eps,
+            "block_share": s.block_share}
 
 
-@hookimpl
-def plugtune_check_recipe(recipe):
-    return adapters.check(recipe, "oft", "orthogonal rotations")
-
-
-@hookimpl
-def plugtune_wrap_model(model, recipe):
-    from peft import OFTConfig
-
-    s = recipe["oft"]
-    return adapters.wrap(model, OFTConfig, **adapters.common(s), r=0, oft_block_size=s.block_size,
-                         module_dropout=s.module_dropout, coft=s.coft, eps=s.eps,
-                         block_share=s.block_share)
-
-
-@hookimpl
-def plugtune_fit_variants(recipe):
-    """``plan --fit``: oft on a 16/32-bit, an 8-bit and a 4-bit base, when the recipe uses it."""
-    return adapters.fit_variants("oft", recipe)
+plugtune_recipe_sections, plugtune_check_recipe, plugtune_wrap_model, plugtune_fit_variants = (
+    adapters.method("oft", OftSection, "OFTConfig", options))

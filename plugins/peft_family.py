@@ -10,13 +10,23 @@ the fields every method has (where the adapters go, modules trained in full besi
 wrapping with ``peft.get_peft_model``, and saving the adapter in PEFT format, which
 ``peft.PeftModel.from_pretrained`` loads.
 
-A method module imports the hook implementations at the end (``plugtune_save_model``,
+As peft registers a method with ``register_peft_method(name=..., config_cls=...,
+model_cls=...)``, a method module here is one declaration, :func:`method`: its name, its
+section class, its peft config class, the function turning the section into the config's
+arguments, and what it refuses (a 4-bit base, its own checks). It returns the four hook
+implementations the module assigns to the hook names::
+
+    plugtune_recipe_sections, plugtune_check_recipe, plugtune_wrap_model, plugtune_fit_variants = (
+        adapters.method("loha", LohaSection, "LoHaConfig", adapters.lycoris_options, no_4bit=True))
+
+The module imports the hooks every method shares as they are (``plugtune_save_model``,
 ``plugtune_load_artifact`` and ``plugtune_merge_artifact``: ``plugtune export``, ``generate``
 and ``eval`` load and merge the adapter through them), so they are registered as its own.
 """
 import re
 import warnings
-from collections.abc import Collection
+from collections.abc import Callable, Collection
+from importlib import import_module
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -153,6 +163,68 @@ def wrap(model: "torch.nn.Module", config_class: type, **options: Any) -> Any:
     with warnings.catch_warnings():  # peft 0.21 asks transformers 5 a deprecated question
         warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
         return get_peft_model(model, config)
+
+
+# ---------------------------------------------------------------------------------------------
+# The declaration of a method: its own four hook implementations.
+# ---------------------------------------------------------------------------------------------
+
+#: What :func:`method` returns: ``plugtune_recipe_sections``, ``plugtune_check_recipe``,
+#: ``plugtune_wrap_model`` and ``plugtune_fit_variants``, in this order.
+MethodHooks = tuple[Callable[..., None], Callable[..., list[str]], Callable[..., Any],
+                    Callable[..., "list[Variant]"]]
+
+
+class Method:
+    """The hook implementations of the peft method ``name`` that :func:`method` declares (a
+    class, as :class:`plugtune.plugins.head_family.Head`: one instance per method)."""
+
+    def __init__(self, name: str, section: type[Section], config: str | type,
+                 options: Callable[[Any], dict[str, Any]], no_4bit: bool = False,
+                 without_adapter: bool = False,
+                 check: "Callable[[Recipe], list[str]] | None" = None) -> None:
+        self.name, self.section, self.config, self.options = name, section, config, options
+        self.no_4bit, self.without_adapter, self.check = no_4bit, without_adapter, check
+
+    @hookimpl
+    def plugtune_recipe_sections(self, register: Callable[[str, type[Section]], None]) -> None:
+        register(self.name, self.section)
+
+    @hookimpl
+    def plugtune_check_recipe(self, recipe: "Recipe") -> list[str]:
+        problems = no_4bit_base(recipe, self.name) if self.no_4bit else []
+        return problems + (self.check(recipe) if self.check else [])
+
+    @hookimpl
+    def plugtune_wrap_model(self, model: "torch.nn.Module", recipe: "Recipe") -> Any:
+        # a name is looked up in peft only now: importing peft takes seconds
+        config = getattr(import_module("peft"), self.config) if isinstance(self.config, str) \
+            else self.config
+        return wrap(model, config, **self.options(recipe[self.name]))
+
+    @hookimpl
+    def plugtune_fit_variants(self, recipe: "Recipe") -> "list[Variant]":
+        """``plan --fit``: the method on a 16/32-bit, an 8-bit and a 4-bit base, when the
+        recipe uses it (or, with ``without_adapter``, no adapter method)."""
+        return fit_variants(self.name, recipe, without_adapter=self.without_adapter)
+
+
+def method(name: str, section: type[Section], config: str | type,
+           options: Callable[[Any], dict[str, Any]], *, no_4bit: bool = False,
+           without_adapter: bool = False,
+           check: "Callable[[Recipe], list[str]] | None" = None) -> MethodHooks:
+    """Declare the peft adapter method ``name`` (its recipe section's name and plugin name):
+    ``section`` its recipe fields (an :class:`AdapterSection` usually), ``config`` peft's
+    config class or its name in ``peft`` (``"LoraConfig"``), ``options(section)`` the config's
+    arguments (:func:`common` gives the shared fields'). ``no_4bit``: refuse a 4-bit base
+    (:func:`no_4bit_base`); ``without_adapter``: ``plan --fit`` offers the method to a recipe
+    with no adapter method too (one method may); ``check(recipe)``: the method's own recipe
+    problems, one line each. Returns the hook implementations to assign, in the module, to
+    ``plugtune_recipe_sections, plugtune_check_recipe, plugtune_wrap_model,
+    plugtune_fit_variants``."""
+    m = Method(name, section, config, options, no_4bit, without_adapter, check)
+    return (m.plugtune_recipe_sections, m.plugtune_check_recipe, m.plugtune_wrap_model,
+            m.plugtune_fit_variants)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,14 +34,13 @@ class PromptTuningSection(Section):
                                        "with the adapter")
 
 
-@hookimpl
-def plugtune_recipe_sections(register):
-    register("prompt_tuning", PromptTuningSection)
+def options(s: PromptTuningSection) -> dict:
+    return {"num_virtual_tokens": s.num_virtual_tokens, "prompt_tuning_init": INIT[s.init],
+            "modules_to_save": s.modules_to_save or None}
 
 
-@hookimpl
-def plugtune_check_recipe(recipe):
-    problems = adapters.check(recipe, "prompt_tuning", "virtual token embeddings")
+def check(recipe) -> list[str]:
+    problems = []
     s = recipe["prompt_tuning"]
     if (s.init == "text") != bool(s.init_text):
         problems.append("prompt_tuning.init_text: give it exactly when prompt_tuning.init is "
@@ -57,14 +56,9 @@ def plugtune_check_recipe(recipe):
     return problems
 
 
-@hookimpl
-def plugtune_wrap_model(model, recipe):
-    from peft import PromptTuningConfig
-
-    s = recipe["prompt_tuning"]
-    return adapters.wrap(model, PromptTuningConfig, num_virtual_tokens=s.num_virtual_tokens,
-                         prompt_tuning_init=INIT[s.init],
-                         modules_to_save=s.modules_to_save or None)
+plugtune_recipe_sections, plugtune_check_recipe, plugtune_wrap_model, plugtune_fit_variants = (
+    adapters.method("prompt_tuning", PromptTuningSection, "PromptTuningConfig", options,
+                    check=check))
 
 
 @hookimpl
@@ -84,8 +78,3 @@ def plugtune_train_start(run):
         words = embeddings(torch.tensor(ids, device=embeddings.weight.device))
         model.prompt_encoder["default"].embedding.weight.copy_(words)
 
-
-@hookimpl
-def plugtune_fit_variants(recipe):
-    """``plan --fit``: prompt_tuning on a 16/32-bit, an 8-bit and a 4-bit base, when the recipe uses it."""
-    return adapters.fit_variants("prompt_tuning", recipe)

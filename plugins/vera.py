@@ -9,7 +9,6 @@ base. Composes with ``int8``/``nf4`` and ``gradient_checkpointing``; conflicts w
 """
 from pydantic import Field
 
-from plugtune import hookimpl
 from plugtune.plugins import peft_family as adapters
 from plugtune.plugins.peft_family import (  # noqa: F401  (shared hooks)
     plugtune_load_artifact, plugtune_merge_artifact, plugtune_save_model)  # noqa: F401
@@ -27,27 +26,10 @@ class VeraSection(adapters.AdapterSection):
                                   "(larger file; loads without regenerating them)")
 
 
-@hookimpl
-def plugtune_recipe_sections(register):
-    register("vera", VeraSection)
+def options(s: VeraSection) -> dict:
+    return {**adapters.common(s), "r": s.r, "vera_dropout": s.dropout, "d_initial": s.d_initial,
+            "projection_prng_key": s.projection_prng_key, "save_projection": s.save_projection}
 
 
-@hookimpl
-def plugtune_check_recipe(recipe):
-    return adapters.check(recipe, "vera", "VeRA scaling vectors")
-
-
-@hookimpl
-def plugtune_wrap_model(model, recipe):
-    from peft import VeraConfig
-
-    s = recipe["vera"]
-    return adapters.wrap(model, VeraConfig, **adapters.common(s), r=s.r, vera_dropout=s.dropout,
-                         d_initial=s.d_initial, projection_prng_key=s.projection_prng_key,
-                         save_projection=s.save_projection)
-
-
-@hookimpl
-def plugtune_fit_variants(recipe):
-    """``plan --fit``: vera on a 16/32-bit, an 8-bit and a 4-bit base, when the recipe uses it."""
-    return adapters.fit_variants("vera", recipe)
+plugtune_recipe_sections, plugtune_check_recipe, plugtune_wrap_model, plugtune_fit_variants = (
+    adapters.method("vera", VeraSection, "VeraConfig", options))

@@ -255,3 +255,29 @@ def test_adalora_orthogonality_penalty_is_in_the_training_loss_only(trained):
     run.model.eval()
     assert weight > 0 and penalty > 0
     assert training.mean.item() == pytest.approx(task.mean.item() + weight * penalty, rel=1e-4)
+
+
+def documented_method():
+    """The stranger's FourierFT plugin of docs/plugins.md, "A peft method in ten lines", as a
+    module named ``fourierft``."""
+    import re
+    import types
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "plugins.md").read_text()
+    section = doc.split("## A peft method in ten lines", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    module = types.ModuleType("fourierft")
+    exec(compile(code, "docs/plugins.md", "exec"), module.__dict__)
+    return module
+
+
+def test_the_documented_ten_line_method_trains_only_its_adapter_and_saves_it(make_recipe):
+    snapshot = testing.WeightSnapshot()
+    summary, run = testing.run(
+        make_recipe(plugins=["causal_lm"], train={"max_steps": 2}, fourierft={"n_frequency": 64}),
+        extra_plugins=[documented_method(), snapshot])
+    changed = snapshot.changed(run.model)
+    assert changed and all(".fourierft_spectrum" in name for name in changed), changed
+    config = (run.dir / "adapter" / "adapter_config.json").read_text()
+    assert '"peft_type": "FOURIERFT"' in config and '"n_frequency": 64' in config
