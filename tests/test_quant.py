@@ -72,7 +72,8 @@ def test_adamw_8bit_keeps_8bit_state(make_recipe, paged):
                                                  adamw_8bit={"paged": paged}))
     import torch
     weight = torch.nn.Parameter(torch.randn(128, 64))
-    optimizer = pm.hook.plugtune_build_optimizer(params=[weight], recipe=recipe)
+    optimizer = pm.hook.plugtune_build_optimizer(params=[weight], named_params=[("weight", weight)],
+                                                 recipe=recipe)
     assert isinstance(optimizer, bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit)
     before = weight.detach().clone()
     (weight ** 2).sum().backward()
