@@ -8,12 +8,8 @@ expressed as separate phases, never as ``tryfirst``/``trylast`` tricks: k-bit pr
 (:func:`plugtune_select_trainable`).
 
 Hooks are called with keyword arguments; an implementation may accept any subset of them.
-"Collect" hooks call every implementation and use all results; "firstresult" hooks stop at the
-first non-None result, and one plugin answers each: the core refuses two answerers of one
-unless one declares replacing the other's answer (``PLUGTUNE_REPLACES``), and a default plugin
-yields its answer to a plugin the recipe names. Plugins declare the roles they fill
-(``PLUGTUNE_ROLES``: ``task``, ``adapter``, ``quantizer``, ``trainable``, ``optimizer``,
-``scheduler``, ``data``, ``loader``), one plugin per role; see docs/plugins.md, "Roles".
+"Collect" hooks use every implementation's result; "firstresult" hooks stop at the first
+non-None result, and one plugin answers each (roles and ``PLUGTUNE_REPLACES``: docs/plugins.md).
 
 The ``recipe`` argument is a :class:`plugtune.recipe.Recipe`: ``recipe.train.lr``,
 ``recipe.model.name``, ``recipe.plugins`` (active plugin names) and ``recipe["freeze"]`` for the
@@ -38,7 +34,6 @@ hookspec = pluggy.HookspecMarker("plugtune")
 
 # ---------------------------------------------------------------------------------------------
 # Recipe phase: no model is loaded; `plugtune validate` runs only this phase.
-# ---------------------------------------------------------------------------------------------
 
 
 @hookspec
@@ -64,7 +59,6 @@ def plugtune_check_recipe(recipe: "Recipe") -> Iterable[str] | None:
 
 # ---------------------------------------------------------------------------------------------
 # Data phase: before the model is loaded, so that bad data fails fast.
-# ---------------------------------------------------------------------------------------------
 
 
 @hookspec(firstresult=True)
@@ -84,17 +78,14 @@ def plugtune_read_data(recipe: "Recipe") -> "Splits | None":
 @hookspec
 def plugtune_check_records(recipe: "Recipe", split: str,
                            records: "list[Record]") -> "Iterable[str] | None":
-    """Return problems with the records the data plugin read, before any model loads: what a
-    task needs of a record (its fields, their types) checked on the records themselves, so a
-    task never opens a data file and a replacement data reader's records are checked too.
-    Called by ``validate`` (and so before ``plugtune run`` reads anything else) once the data
-    reads, with each split of ``plugtune_read_data``'s :class:`plugtune.data.Splits`.
+    """Return problems with the records the data plugin read (each split of its
+    :class:`plugtune.data.Splits`), at ``validate``, before any model loads: what a task needs
+    of a record, checked on the records, so no task opens a data file.
 
     :param split: ``"train"``, ``"validation"`` or ``"test"``.
     :param records: a list of :class:`plugtune.data.Record`.
-    :return: an iterable of messages, each starting with the ``record.where`` at fault
-        (:func:`plugtune.data.check_each` reports the first bad record of each file); the
-        core prefixes the recipe key the records came from (``data.train: ``).
+    :return: messages, each starting with the ``record.where`` at fault (the core prefixes
+        the recipe key: ``data.train: ``); :func:`plugtune.data.check_each` makes them.
     """
 
 
@@ -117,7 +108,6 @@ def plugtune_tokenize(records: "list[Record]", tokenizer: Any, recipe: "Recipe",
 
 # ---------------------------------------------------------------------------------------------
 # Model phase: load the model, then change the model in a fixed order.
-# ---------------------------------------------------------------------------------------------
 
 
 @hookspec
@@ -182,7 +172,6 @@ def plugtune_select_trainable(model: torch.nn.Module, recipe: "Recipe") -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Optimization phase.
-# ---------------------------------------------------------------------------------------------
 
 
 @hookspec(firstresult=True)
@@ -219,7 +208,6 @@ def plugtune_build_scheduler(optimizer: torch.optim.Optimizer, recipe: "Recipe",
 # ``plugtune resume`` calls load_checkpoint before train_start.
 # ``plugtune export``, ``generate`` and ``eval`` call load_artifact (``export --merge`` then
 # merge_artifact) on a finished run's adapter.
-# ---------------------------------------------------------------------------------------------
 
 
 @hookspec
@@ -245,9 +233,8 @@ def plugtune_compute_loss(model: torch.nn.Module, batch: dict[str, Any],
     The core divides, never the plugin: a training step minimises the sum over all its
     micro-batches and processes divided by their total count, and the evaluation loss is the
     split's total sum over its total count, so neither depends on how batches are split.
-    ``plugtune.loss.cross_entropy(logits, labels, weight=None, shift=False)`` returns one.
-    (Before plugtune 0.2 this hook returned a mean as a bare tensor; that still works, with a
-    warning, weighing every micro-batch the same.)
+    ``plugtune.loss.cross_entropy(logits, labels, weight=None, shift=False)`` returns one (a
+    bare tensor, the mean before plugtune 0.2, still works with a warning: docs/hooks.md).
 
     :param batch: the task's collated batch, on the model's device (``input_ids``,
         ``attention_mask``, ``labels``, ...; see docs/hooks.md for each task's batch).
@@ -367,14 +354,10 @@ def plugtune_teardown(run: "Run", error: BaseException | None) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Planning: `plugtune plan`, and `plugtune run` before it loads anything. Not part of a training
-# run's sequence: the planner builds the model on the meta device from its config, runs the
-# model phases above on it (prepare_base, prepare_model, wrap_model, select_trainable: so they
-# run twice in `plugtune run` and must not read tensor values on meta parameters; the rules are
-# in docs/hooks.md, "Model-phase hooks on the meta device"), calls plugtune_estimate_memory,
-# then one plugtune_compute_loss on a meta batch to count activations (see plugtune.plan).
-# `plugtune plan --fit` asks every installed plugin for its variants (plugtune_fit_variants).
-# ---------------------------------------------------------------------------------------------
+# Planning: `plugtune plan`, and `plugtune run` before it loads anything; not part of a run's
+# sequence. The planner runs the model phases on a meta-device model (so they must not read
+# tensor values: docs/hooks.md, "Model-phase hooks on the meta device"), then estimate_memory and
+# one compute_loss on a meta batch; `plan --fit` asks every plugin for its fit_variants.
 
 
 @hookspec(firstresult=True)
@@ -395,29 +378,9 @@ def plugtune_estimate_memory(plan: "Plan", recipe: "Recipe") -> None:
     (one forward pass on meta tensors), logits and loss buffers, and the framework overhead,
     and takes the peak over the moments of a training step.
 
-    What an implementation may set:
-
-    - ``plan.quantize(params, storage, nbytes, keeps_input)`` (or ``param.storage``/
-      ``param.nbytes`` on entries of ``plan.params``, each a :class:`plugtune.plan.Param`) for
-      weights not stored as dense tensors: int8 with its per-row scales, NF4 with its block
-      constants; ``plan.base_linear_weights(skip)`` lists the loaded model's linear weights.
-      ``keeps_input`` where the layer's kernel keeps its input for backward even though its
-      weight is frozen (LLM.int8 does).
-    - ``plan.optimizer``: a :class:`plugtune.plan.Optimizer` with the bytes of state for
-      ``plan.trainable()`` and of the buffers its step allocates; ``paged=True`` for state that
-      pages out to CPU RAM. The default ``adamw`` fills it (``trylast``) only when no other
-      plugin did.
-    - ``plan.checkpointed`` (block indices; read off the model, where transformers marks
-      checkpointed layers) and ``plan.offloaded = True`` where checkpointed blocks keep their
-      input in host memory rather than on the GPU.
-    - ``plan.add(name, bytes, detail)`` for memory held the whole run (a reference model, an EMA
-      copy); ``plan.make_batch`` for a task whose batches are not causal-LM ones;
-      ``plan.loss_chunk_tokens`` where the task's loss runs the output layer that many tokens
-      at a time (its logits buffers then stop growing with the micro-batch);
-      ``plan.notes`` for what the user should know.
-
-    Read-only context: ``plan.device`` (``"cuda"``/``"cpu"``), ``plan.batch_size``,
-    ``plan.seq_len``, ``plan.grad_accum``, ``plan.mixed_precision``, ``plan.model`` (meta).
+    What an implementation may set (``plan.quantize``, ``plan.optimizer``,
+    ``plan.checkpointed``, ``plan.add``, ``plan.make_batch``, ``plan.loss_chunk_tokens``,
+    ``plan.notes``) and what it may read: docs/hooks.md, "Planning".
     """
 
 
