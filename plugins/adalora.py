@@ -36,8 +36,17 @@ class AdaloraSection(adapters.AdapterSection):
                                    "penalty added to the loss")
 
 
+def options(s):
+    """peft's ``AdaLoraConfig`` arguments. The run's total steps are known only once the data
+    is batched (``plugtune_train_start`` sets them); peft insists on a valid number here."""
+    return {**adapters.common(s), "init_r": s.init_r, "target_r": s.target_r,
+            "lora_alpha": s.alpha, "lora_dropout": s.dropout, "tinit": s.tinit,
+            "tfinal": s.tfinal, "deltaT": s.delta_t, "beta1": s.beta1, "beta2": s.beta2,
+            "orth_reg_weight": s.orth_reg_weight, "total_step": s.tinit + s.tfinal + 1}
+
+
 def _check(recipe):
-    problems = adapters.check(recipe, "adalora", "AdaLoRA adapters")
+    problems = []
     s = recipe["adalora"]
     if s.target_r > s.init_r:
         problems.append(f"adalora.target_r: {s.target_r} is above adalora.init_r={s.init_r}; "
@@ -68,6 +77,9 @@ def _model(run):
     return run.accelerator.unwrap_model(run.model)
 
 
+HOOKS = adapters.method("adalora", AdaloraSection, "AdaLoraConfig", options, check=_check)
+
+
 class AdaLora:
     """AdaLoRA adapters (peft): LoRA whose rank budget is shared out among the layers during
     training. (A class: it holds the run's optimizer-step hook.)"""
@@ -77,27 +89,9 @@ class AdaLora:
     def __init__(self):
         self.handle = None
 
-    @hookimpl
-    def plugtune_recipe_sections(self, register):
-        register("adalora", AdaloraSection)
-
-    @hookimpl
-    def plugtune_check_recipe(self, recipe):
-        return _check(recipe)
-
-    @hookimpl
-    def plugtune_wrap_model(self, model, recipe):
-        from peft import AdaLoraConfig
-
-        s = recipe["adalora"]
-        # the run's total steps are known only once the data is batched; plugtune_train_start
-        # sets them (peft insists on a valid number here)
-        total = recipe.train.max_steps or s.tinit + s.tfinal + 1
-        model = adapters.wrap(model, AdaLoraConfig, **adapters.common(s), init_r=s.init_r,
-                              target_r=s.target_r, lora_alpha=s.alpha, lora_dropout=s.dropout,
-                              tinit=s.tinit, tfinal=s.tfinal, deltaT=s.delta_t, beta1=s.beta1,
-                              beta2=s.beta2, orth_reg_weight=s.orth_reg_weight, total_step=total)
-        return model
+    # the declaration every peft method makes (peft_family.method), its hooks on the class
+    plugtune_recipe_sections, plugtune_check_recipe, plugtune_wrap_model = map(
+        staticmethod, HOOKS[:3])
 
     @hookimpl(wrapper=True)
     def plugtune_compute_loss(self, model, recipe):
@@ -143,7 +137,4 @@ class AdaLora:
     plugtune_merge_artifact = staticmethod(plugtune_merge_artifact)
 
 
-@hookimpl
-def plugtune_fit_variants(recipe):
-    """``plan --fit``: adalora on a 16/32-bit, an 8-bit and a 4-bit base, when the recipe uses it."""
-    return adapters.fit_variants("adalora", recipe)
+plugtune_fit_variants = HOOKS[3]  # ``plan --fit`` asks the module (every installed plugin's)
