@@ -181,13 +181,14 @@ def _resume(run_dir: Path, force: bool, echo: Echo, trust_remote_code: bool, mai
             changed.append(f"command line {line}")
         recipe = asked
     run = loop.setup(recipe, pm, echo=echo)  # bad input stops here, before anything is written
-    step = json.loads((ckpt / "state.json").read_text())["step"]
+    state = json.loads((ckpt / "state.json").read_text())
+    step = state["step"]
 
     def started() -> None:  # the checkpoint loaded: only now is this a resume to record
         if not main:
             return
         set_aside(damaged)
-        truncate_metrics(run_dir, step, json.loads((ckpt / "state.json").read_text()))
+        truncate_metrics(run_dir, step, state)
         resumed = manifest.get("resumed", []) + [{"from_step": step, "forced": changed}]
         # what was forced becomes what the run records, for the next resume to compare with
         now = {"recipe": recipe.resolved(), "model": rundir.model_record(recipe.model.name),

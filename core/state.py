@@ -93,7 +93,6 @@ class Run:
     total_steps: int = 0
     optimizer: Any = None
     scheduler: Any = None
-    stop_reason: str | None = None
     sources: dict[str, Any] = field(default_factory=dict)  # non-file data's hashes (manifest)
     signum: int | None = None
     state: Progress = field(default_factory=Progress)  # the loop's counters a checkpoint keeps
@@ -102,12 +101,17 @@ class Run:
     def is_main(self) -> bool:
         return bool(self.accelerator.is_main_process)
 
+    @property
+    def stop_reason(self) -> str | None:
+        """Why :meth:`stop` was called, or None; kept in :attr:`state`, so a checkpoint keeps
+        it and a resumed run stops too."""
+        return self.state.stop_reason
+
     def stop(self, reason: object) -> None:
         """End training before the next optimizer step: the final evaluation and save still
         run, and where this cut training short the manifest says ``stopped early: REASON``.
         Any plugin may call it."""
-        self.stop_reason = self.stop_reason or str(reason)
-        self.state.stop_reason = self.stop_reason  # a checkpoint keeps it: resume stops too
+        self.state.stop_reason = self.state.stop_reason or str(reason)
 
     def save_checkpoint(self, path: str | Path, rng: list[Any] | None = None) -> Path | None:
         """Write a checkpoint of the run as it is now (trainable weights, optimizer, scheduler,
@@ -131,8 +135,7 @@ class Run:
             scheduler=self.scheduler, scaler=acc.scaler,
             plugin_hook=lambda p: self.pm.hook.plugtune_load_checkpoint(run=self, path=p))
         self.step = saved.pop("step")
-        self.state = Progress.from_json(saved)
-        self.stop_reason = self.state.stop_reason  # stopped, then interrupted in the end
+        self.state = Progress.from_json(saved)  # a stop asked before is kept (stop_reason)
 
     def rng_states(self) -> list[Any]:
         """Every process's random states, a list by rank, on every process (under several
