@@ -194,11 +194,13 @@ def example(prompt: list[int], chosen: list[int], rejected: list[int]) -> dict[s
 def tokenize(records: list[Record], tokenizer: Any, recipe: "Recipe", split: str = "train",
              max_prompt_length: int | None = None,
              roles: tuple[str, ...] | list[str] = causal_lm.ROLES,
-             echo: Callable[[str], object] = print) -> Tokenized:
+             echo: Callable[[str], object] = print, keep: tuple[str, ...] = ()) -> Tokenized:
     """What a preference plugin's ``plugtune_tokenize`` returns: each record's pair
     (:func:`encode_pair`), truncated at ``train.max_length`` (:func:`truncate_pair`; counted
     in ``Tokenized.truncated``), the pairs that cannot be kept dropped and said in one line
-    through ``echo``, batched by :func:`collator`. A split left with no pair is an error."""
+    through ``echo``, batched by :func:`collator`. A split left with no pair is an error.
+    ``keep``: record fields copied into each example where the record has them (a reward
+    model's per-pair ``margin``)."""
     max_length, prefix = recipe.train.max_length, causal_lm.special_prefix(tokenizer)
     examples, truncated, dropped = [], 0, []
     for record in records:
@@ -208,7 +210,7 @@ def tokenize(records: list[Record], tokenizer: Any, recipe: "Recipe", split: str
             dropped.append(record.where)
             continue
         truncated += cut != pair
-        examples.append(example(*cut))
+        examples.append({**example(*cut), **{k: record.data[k] for k in keep if k in record.data}})
     if dropped:
         echo(f"data: {split} {len(dropped)} pair(s) dropped: their answers are the same once "
              f"cut at train.max_length={max_length} (first: {dropped[0]}); raise "

@@ -21,9 +21,10 @@ import torch
 from pydantic import Field
 
 from plugtune import Loss, Section, hookimpl
-from plugtune.data import Tokenized, check_each, eval_batches, pad
+from plugtune.data import check_each
 from plugtune.errors import DataError
 from plugtune.plugins import head_family as heads
+from plugtune.plugins import preference_family as preference
 
 NAME = "reward_model"
 PLUGTUNE_ROLES = {"task"}
@@ -70,37 +71,31 @@ def check_margin(record):
 
 @hookimpl
 def plugtune_check_records(recipe, records):
-    """Each record is a pair the loss can use: prompt, chosen and rejected of the right kinds,
-    chosen and rejected different, the margin a number."""
+    """Each record is a pair (:func:`plugtune.plugins.preference_family.check_pair`) with a
+    margin that is a number where it has one."""
     def check(record):
-        check_pair(record, recipe)
+        preference.check_pair(record.data, record.where)
         check_margin(record)
 
     return check_each(records, check)
 
 
 @hookimpl
-def plugtune_tokenize(records, tokenizer, recipe):
-    examples, truncated = [], 0
+def plugtune_tokenize(records, tokenizer, recipe, split):
+    """The preference family's pairs, with each record's margin."""
     for record in records:
         check_margin(record)
-        chosen, rejected, cut = encode_pair(record, tokenizer, recipe)
-        truncated += cut
-        examples.append({"input_ids": chosen, "rejected_ids": rejected,
-                         "margin": float(record.data.get("margin", 0.0))})
-    return Tokenized(examples, collator(tokenizer), truncated, records)
+    data = preference.tokenize(records, tokenizer, recipe, split, keep=("margin",))
+    pairs = data.collate
 
-
-def collator(tokenizer):
-    """A batch of ``n`` pairs: ``input_ids`` of ``2n`` rows, the chosen sequences first, then
-    the rejected ones, each on its own (the head reads each row's last real token), padded on
-    the right; ``margin`` of ``n``."""
     def collate(examples):
-        rows = [e["input_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
-        return {"input_ids": pad(rows, tokenizer.pad_token_id),
-                "attention_mask": pad([[1] * len(r) for r in rows], 0),
-                "margin": torch.tensor([e["margin"] for e in examples], dtype=torch.float32)}
-    return collate
+        batch = pairs(examples)
+        batch.pop("labels")  # a reward is one number per row, not a token's
+        batch["margin"] = torch.tensor([float(e.get("margin", 0.0)) for e in examples])
+        return batch
+
+    data.collate = collate
+    return data
 
 
 def rewards(model, batch):
@@ -124,40 +119,17 @@ def pair_losses(chosen, rejected, margin=None, center=None):
 
 @hookimpl
 def plugtune_compute_loss(model, batch, recipe):
-    """The pairwise loss summed over the micro-batch's pairs, and their count; the pairs the
-    chosen answer wins and the margins as metrics (the core averages them over the step)."""
+    """The pairwise loss summed over the micro-batch's pairs, and their count; with it, as
+    figures the core averages over the step's (or the evaluated split's) pairs: ``accuracy``
+    (the chosen answer's reward is the higher), ``margin`` (``r_chosen - r_rejected``) and
+    the mean reward of each side."""
     chosen, rejected = rewards(model, batch)
     losses = pair_losses(chosen, rejected, batch.get("margin"),
                          recipe[NAME].center_rewards_coefficient)
-    return Loss(losses.sum(), len(chosen))
-
-
-def scores(run, model, split):
-    """``(r_chosen, r_rejected)`` of every pair of a held-out split (each process scores its
-    share; every process gets them all)."""
-    pairs = []
-    with torch.no_grad():
-        for _, batch in eval_batches(run, split):
-            with run.accelerator.autocast():
-                chosen, rejected = rewards(model, batch)
-            pairs += list(zip(chosen.tolist(), rejected.tolist()))
-    return run.gather(pairs)
-
-
-def pair_metrics(pairs):
-    """Pairwise accuracy (ties count as wrong), mean margin and mean reward of each side."""
-    n = len(pairs)
-    if not n:
-        return {}
-    return {"accuracy": sum(c > r for c, r in pairs) / n,
-            "margin": sum(c - r for c, r in pairs) / n,
-            "rewards/chosen": sum(c for c, _ in pairs) / n,
-            "rewards/rejected": sum(r for _, r in pairs) / n}
-
-
-@hookimpl
-def plugtune_evaluate(run, model, split):
-    return pair_metrics(scores(run, model, split))
+    diff = (chosen - rejected).detach()
+    return Loss(losses.sum(), len(chosen), metrics={
+        "accuracy": (diff > 0).float().sum(), "margin": diff.sum(),
+        "rewards/chosen": chosen.detach().sum(), "rewards/rejected": rejected.detach().sum()})
 
 
 @hookimpl
@@ -169,34 +141,3 @@ def plugtune_estimate_memory(plan):
                 "margin": torch.zeros(batch_size, device="meta")}
     plan.make_batch = batch
 
-
-# --- temporary: until the preference family's pair checks and tokenization land -------------
-
-
-def check_pair(record, recipe):
-    data = record.data
-    for key in ("prompt", "chosen", "rejected"):
-        if key not in data:
-            raise DataError(f"{record.where}: no {key!r} field; a preference record needs "
-                            f"\"prompt\", \"chosen\" and \"rejected\"; this one has {sorted(data)}")
-        if not isinstance(data[key], str):
-            raise DataError(f"{record.where}: {key!r} must be a string")
-    if data["chosen"] == data["rejected"]:
-        raise DataError(f"{record.where}: \"chosen\" and \"rejected\" are the same, so the pair "
-                        "says nothing; drop the record or fix one answer")
-
-
-def encode_pair(record, tokenizer, recipe):
-    from plugtune.plugins.causal_lm import special_prefix
-
-    check_pair(record, recipe)
-    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    prompt = special_prefix(tokenizer) + ids(record.data["prompt"])
-    limit, cut = recipe.train.max_length, False
-    out = []
-    for key in ("chosen", "rejected"):
-        seq = prompt + ids(record.data[key]) + [tokenizer.eos_token_id]
-        if len(seq) > limit:
-            seq, cut = seq[:limit], True
-        out.append(seq)
-    return out[0], out[1], cut

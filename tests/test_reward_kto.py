@@ -119,7 +119,21 @@ def test_reward_model_learns_and_reports_pairwise_accuracy(reward_recipe):
     assert after["accuracy"] > before["accuracy"] and after["accuracy"] >= 0.9
     assert after["margin"] > before["margin"]
     logged = [json.loads(line) for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
-    assert any("accuracy" in r and "margin" in r for r in logged)
+    steps = [r for r in logged if "lr" in r]
+    assert steps and all(0 <= r["accuracy"] <= 1 and "margin" in r for r in steps)
+
+
+def test_reward_model_trains_on_conversations(reward_recipe, tmp_path):
+    """Message-list prompts rendered with the chat template: the pair shares the prompt's
+    tokens, and the model learns."""
+    records = [{"prompt": [{"role": "user", "content": r["prompt"]}],
+                "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                "rejected": r["rejected"]} for r in pair_records()]
+    summary, run = testing.run(reward_recipe("chat", records=records, data={
+        "validation": str(tmp_path / "chat.jsonl")}, train={"max_steps": 12, "lr": 1e-2}))
+    example = run.data["train"].examples[0]
+    assert run.tokenizer.decode(example["prompt_ids"]).startswith("<|im_start|>user")
+    assert summary["eval_after"]["accuracy"] > summary["eval_before"]["accuracy"]
 
 
 def test_reward_eval_does_not_depend_on_its_batch_size(reward_recipe):
@@ -167,8 +181,8 @@ def test_freeze_trains_the_reward_head(reward_recipe):
 
 
 @pytest.mark.parametrize("record, expected", [
-    ({"prompt": "Echo: a", "chosen": "A"}, "no 'rejected' field"),
-    ({"prompt": "Echo: a", "rejected": "B"}, "no 'chosen' field"),
+    ({"prompt": "Echo: a", "chosen": "A"}, "no 'rejected'"),
+    ({"prompt": "Echo: a", "rejected": "B"}, "no 'chosen'"),
     ({"prompt": "Echo: a", "chosen": "A", "rejected": "A"}, "the same"),
     ({"prompt": "Echo: a", "chosen": "A", "rejected": "B", "margin": "big"}, "margin"),
 ])
