@@ -195,3 +195,18 @@ def test_bad_pairs_are_refused_at_validate_with_file_and_line(reward_recipe, cap
     lines = [line for line in err.splitlines() if "bad.jsonl:4" in line]
     assert len(lines) == 1 and expected in lines[0], err
     assert "Traceback" not in err
+
+
+def test_shipped_preference_data_is_what_its_script_generates(tmp_path):
+    from importlib.resources import files
+
+    from plugtune.recipes.data import make_preference_data
+
+    make_preference_data.main(["--out-dir", str(tmp_path)])
+    shipped = files("plugtune.recipes.data")
+    for name in ("preference", "preference_text", "kto"):
+        for split in ("train", "eval"):
+            made = (tmp_path / f"{name}_{split}.jsonl").read_text()
+            assert made == (shipped / f"{name}_{split}.jsonl").read_text()
+    pairs = [json.loads(line) for line in made.splitlines()]
+    assert len(pairs) == 120 and sum(r["label"] for r in pairs) == 60

@@ -7,7 +7,7 @@ topic, or the order id with one digit changed. The base SmolLM2-135M-Instruct pr
 right answer only about half the time, so a reward model's held-out accuracy (and DPO's or
 KTO's implicit rewards) have room to move.
 
-Files written under ``recipes/data`` (deterministic: seeded, no prompt of the held-out split in
+Files written beside this script (``recipes/data``) (deterministic: seeded, no prompt of the held-out split in
 the training split, and no prompt of the quickstart's own files, so SFT -> DPO on the
 quickstart never sees a held-out question):
 
@@ -18,11 +18,11 @@ quickstart never sees a held-out question):
   strings (no chat template);
 * ``kto_train.jsonl`` (600) / ``kto_eval.jsonl`` (120): the same pairs unpaired, as TRL's
   ``unpair_preference_dataset`` does: ``{"prompt", "completion", "label"}``, the chosen answer
-  with ``label: true`` and the rejected one with ``label: false``.
+  with ``label: true`` and the rejected one with ``label: false``, shuffled.
 
 Usage::
 
-    python benchmarks/make_preference_data.py [--out-dir recipes/data]
+    python recipes/data/make_preference_data.py [--out-dir DIR]
 """
 import argparse
 import json
@@ -34,7 +34,7 @@ from plugtune.recipes.data import make_quickstart_data as quickstart, write_json
 SEED = 20
 N_TRAIN = 300
 N_EVAL = 60
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "recipes", "data")
+DATA = os.path.dirname(os.path.abspath(__file__))
 
 
 def wrong_order_id(rng, right):
@@ -89,17 +89,20 @@ def as_text(rows):
 
 
 def as_kto(rows):
-    """Each pair as two unpaired records: the chosen answer desirable, the rejected not."""
-    return [{"prompt": [{"role": "user", "content": p}], "completion": answer, "label": label}
+    """Each pair as two unpaired records, the chosen answer desirable and the rejected not,
+    shuffled (seeded), so neighbouring records do not share a prompt."""
+    rows = [{"prompt": [{"role": "user", "content": p}], "completion": answer, "label": label}
             for p, c, r in rows for answer, label in ((c, True), (r, False))]
+    random.Random(SEED).shuffle(rows)
+    return rows
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out-dir", default=os.path.normpath(DATA))
+    ap.add_argument("--out-dir", default=DATA)
     args = ap.parse_args(argv)
     rng = random.Random(SEED)
-    seen = quickstart_prompts(os.path.normpath(DATA))
+    seen = quickstart_prompts(DATA)
     held_out = pairs(N_EVAL, rng, seen)  # first, so training never sees a held-out prompt
     train = pairs(N_TRAIN, rng, seen)
     os.makedirs(args.out_dir, exist_ok=True)
