@@ -40,8 +40,9 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 #: the names built-in plugins used from private modules, and the modules plugin families share
 #: (``plugtune.plugins.peft_family``, ``head_family``, ``kbit_family``, ``generation_metrics``,
 #: ``optimizer_family``), the ``plugtune_check_records`` hook and the batch's
-#: ``num_real_tokens`` (``plugtune.data.REAL_TOKENS``).
-API_VERSION = "1.1"
+#: ``num_real_tokens`` (``plugtune.data.REAL_TOKENS``). 1.2 added ``Loss.metrics`` (figures a
+#: task reports with its loss, averaged by the core like the loss).
+API_VERSION = "1.2"
 
 #: Decorator for hook implementations: ``@hookimpl def plugtune_check_recipe(recipe): ...``
 hookimpl = pluggy.HookimplMarker("plugtune")

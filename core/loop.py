@@ -125,16 +125,16 @@ def train(run: Run, echo: Echo = print, resume: tuple[Any, Any] | None = None,
                     plan_epoch = epoch
                     plan = epoch_plan(lengths, t, epoch, rank, world)
                 tick, stepping = time.perf_counter(), True
-                loss_sum, count, tokens, signalled = train_step(run, plan[k], data.examples,
-                                                                data.collate)
+                loss_sum, count, tokens, signalled, extra = train_step(
+                    run, plan[k], data.examples, data.collate)
                 lr, lrs = rates(run.scheduler, base)  # the rates this step is taken at
                 loss = loss_sum / count if count else math.nan
                 updating = True
                 norm, applied = optimizer_step(run, t, loss)
                 run.step += 1
                 rng, updating, stepping = run.rng_states(), False, False
-                metrics = _metrics(run, loss, norm, lr, lrs, tokens / (time.perf_counter() - tick),
-                                   per_epoch)
+                metrics = {**_metrics(run, loss, norm, lr, lrs,
+                                      tokens / (time.perf_counter() - tick), per_epoch), **extra}
                 run.state.tally(applied, count, norm, loss)
                 if not applied:
                     metrics["skipped"] = True

@@ -12,8 +12,8 @@ core does the latter, see ``plugtune.loop``.)
 """
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Union
 
 import torch
 import torch.utils.checkpoint
@@ -31,15 +31,64 @@ class Loss:
     :param count: how many targets ``sum`` adds up: tokens with a label for a language model,
         labelled sequences for a classifier, or the summed class weights of a weighted loss. An
         int or a scalar tensor (a tensor avoids a host sync on a GPU).
+    :param metrics: more figures of the same micro-batch to report (API 1.2), each as a sum the
+        core adds up like the loss: a scalar tensor summed over the same targets as ``count``
+        (reported as its mean over the step's, or the evaluated split's, ``count``), or a
+        ``(sum, count)`` pair with a count of its own (a mean over some of the targets, e.g. a
+        preference objective's desirable examples only). Summed over every micro-batch and
+        process before dividing, so a reported figure, like the loss, does not depend on how
+        batches are split. Return the same keys for every batch of a run. Keys are reported as
+        given in the step's record (``plugtune_step_end``, ``plugtune_log``) and in evaluation
+        records (a test split's prefixed ``test_``).
     """
 
     sum: torch.Tensor
     count: torch.Tensor | int
+    metrics: dict[str, "Metric"] = field(default_factory=dict)
 
     @property
     def mean(self) -> torch.Tensor:
         """The micro-batch's own mean loss (what a plain ``reduction="mean"`` gives)."""
         return self.sum / self.count
+
+
+#: A :attr:`Loss.metrics` value: a sum over the loss's targets, or a ``(sum, count)`` pair.
+Metric = Union[torch.Tensor, tuple[Any, Any]]
+
+
+class Tally:
+    """The sums and counts of a :class:`Loss`'s metrics over several micro-batches (and,
+    after :meth:`flat` / :meth:`means`, processes): what a step or an evaluation reports."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def add(self, loss: Loss, weight: float = 1.0) -> None:
+        """Add ``loss``'s metrics (``weight`` 0: a micro-batch that only keeps processes in
+        step, whose figures do not count)."""
+        for key, value in loss.metrics.items():
+            total, count = value if isinstance(value, tuple) else (value, loss.count)
+            pair = torch.stack([torch.as_tensor(total).detach().double().reshape(()),
+                                torch.as_tensor(count).detach().double().reshape(()).to(
+                                    torch.as_tensor(total).device)]) * weight
+            old = self.sums.get(key)
+            self.sums[key] = (pair[0], pair[1]) if old is None else (old[0] + pair[0],
+                                                                     old[1] + pair[1])
+
+    def flat(self, device: Any) -> torch.Tensor:
+        """Every key's sum and count in one vector (sorted keys), to all-reduce with the rest."""
+        keys = sorted(self.sums)
+        if not keys:
+            return torch.zeros(0, dtype=torch.float64, device=device)
+        return torch.stack([x.to(device) for k in keys for x in self.sums[k]])
+
+    def means(self, flat: torch.Tensor | None = None) -> dict[str, float | None]:
+        """Each metric's sum over its count (None where nothing was counted), from ``flat``
+        (the all-reduced :meth:`flat`) when given."""
+        keys = sorted(self.sums)
+        values = (flat if flat is not None else self.flat("cpu")).tolist()
+        return {k: values[2 * i] / values[2 * i + 1] if values[2 * i + 1] else None
+                for i, k in enumerate(keys)}
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor,

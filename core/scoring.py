@@ -8,6 +8,7 @@ import torch
 
 from .data import eval_batches
 from .state import Run
+from .loss import Tally
 from .step import loss_of
 
 
@@ -19,17 +20,20 @@ def evaluate(run: Run, step: int, split: str = "validation") -> dict[str, Any]:
     all-reduce); plugins share their own work with :meth:`Run.share` and :meth:`Run.gather`."""
     model, acc = run.model, run.accelerator
     model.eval()
-    sums = torch.zeros(2, dtype=torch.float64, device=acc.device)
+    sums, tally = torch.zeros(2, dtype=torch.float64, device=acc.device), Tally()
     with torch.no_grad():
         for _, batch in eval_batches(run, split):
             with acc.autocast():
                 loss = loss_of(run, model, batch)
             sums += torch.stack([loss.sum.detach().double(),
                                  torch.as_tensor(loss.count, device=acc.device).double()])
+            tally.add(loss)
+        flat = torch.cat([sums, tally.flat(acc.device)])
         if acc.num_processes > 1:
-            sums = acc.reduce(sums, "sum")
-        total, count = sums.tolist()
-        result = {"step": step, "eval_loss": total / count if count else float("nan")}
+            flat = acc.reduce(flat, "sum")
+        total, count = flat[:2].tolist()
+        result = {"step": step, "eval_loss": total / count if count else float("nan"),
+                  **tally.means(flat[2:])}
         for extra in run.pm.hook.plugtune_evaluate(run=run, model=model, step=step,
                                                    eval_loss=result["eval_loss"], split=split):
             result.update(extra or {})

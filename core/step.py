@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from .data import REAL_TOKENS
-from .loss import Loss, as_loss
+from .loss import Loss, Tally, as_loss
 from .order import StepPlan
 from .state import Run, first
 
@@ -49,14 +49,15 @@ def real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def train_step(run: Run, micro: StepPlan, examples: list[Any],
                collate: Callable[[list[Any]], dict[str, torch.Tensor]]
-               ) -> tuple[float, float, float, bool]:
+               ) -> tuple[float, float, float, bool, dict[str, float | None]]:
     """Forward and backward every micro-batch of one optimizer step, then scale the gradients
     so they are those of the mean over the step's targets. Returns the step's loss sum, target
-    count and real tokens, summed over processes, and whether any process was signalled (one
-    all-reduce; the one host sync of the step)."""
+    count and real tokens, summed over processes, whether any process was signalled, and the
+    means of the task's :attr:`~plugtune.loss.Loss.metrics` over the step (one all-reduce; the
+    one host sync of the step)."""
     acc, model = run.accelerator, run.model
     world = acc.num_processes
-    sums, counts, tokens = [], [], []
+    sums, counts, tokens, tally = [], [], [], Tally()
     reference: torch.Tensor | None = None
     for i, (indices, real) in enumerate(micro):
         batch = to_device(collate([examples[j] for j in indices]), acc.device)
@@ -71,22 +72,24 @@ def train_step(run: Run, micro: StepPlan, examples: list[Any],
                 shared = acc.reduce(count, "sum") if world > 1 else count
                 reference = shared.clamp(min=1) * run.recipe.train.grad_accum
             acc.backward(total * world / reference)
+        tally.add(loss, 1.0 if real else 0.0)
         sums.append(total.detach().float())
         counts.append(count)
         tokens.append(real_tokens(batch))
     assert reference is not None  # a step has a micro-batch
     signalled = torch.tensor(float(run.signum is not None), device=acc.device)
-    step = torch.stack([torch.stack(sums).sum(), torch.stack(counts).sum(),
-                        torch.stack(tokens).sum(), signalled, reference])
+    step = torch.cat([torch.stack([torch.stack(sums).sum(), torch.stack(counts).sum(),
+                                   torch.stack(tokens).sum(), signalled,
+                                   reference]).double(), tally.flat(acc.device)])
     if world > 1:
         step = acc.reduce(step, "sum")
-    loss_sum, count_, n_tokens, any_signal, _ = step.tolist()
+    loss_sum, count_, n_tokens, any_signal, _ = step[:5].tolist()
     if count_ > 0:
         factor = reference / count_  # this process's reference, not the all-reduced one
         for p in run.model.parameters():
             if p.grad is not None:
                 p.grad.mul_(factor)
-    return loss_sum, count_, n_tokens, any_signal > 0
+    return loss_sum, count_, n_tokens, any_signal > 0, tally.means(step[5:])
 
 
 def optimizer_step(run: Run, t: Any, loss: float) -> tuple[float, bool]:

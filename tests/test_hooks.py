@@ -479,6 +479,47 @@ def test_compute_loss_is_the_trained_and_evaluated_loss(quick):
     assert all(m.get("loss", 101) > 100 for m in metrics(run))
 
 
+class Figures:
+    """Wraps the task's loss and reports two figures with it: the summed loss again (its mean
+    over the step's count is the step's loss) and a share with a count of its own."""
+
+    @hookimpl(wrapper=True)
+    def plugtune_compute_loss(self, model, batch):
+        loss = yield
+        rows = torch.tensor(float(batch["input_ids"].shape[0]))
+        loss.metrics = {"again": loss.sum.detach(), "rows_share": (rows, 2 * rows)}
+        return loss
+
+
+@pytest.mark.parametrize("batch_size,grad_accum", [(4, 1), (2, 2), (1, 4)])
+def test_loss_metrics_are_reported_as_means_over_the_step_and_the_split(quick, batch_size,
+                                                                        grad_accum):
+    """``Loss.metrics``: summed over micro-batches like the loss, then divided by the step's
+    (or the split's) count, or by their own count; the same however the step is split."""
+    _, run = testing.run(quick(train={"max_steps": 2, "batch_size": batch_size,
+                                      "grad_accum": grad_accum, "eval_every": 1,
+                                      "eval_batch_size": 3}),
+                         extra_plugins=[Figures()])
+    steps = [m for m in metrics(run) if "loss" in m]
+    evals = [m for m in metrics(run) if "eval_loss" in m]
+    assert len(steps) == 2 and len(evals) == 3
+    for m in steps:
+        assert m["again"] == pytest.approx(m["loss"], rel=1e-6) and m["rows_share"] == 0.5
+    for m in evals:
+        assert m["again"] == pytest.approx(m["eval_loss"], rel=1e-6) and m["rows_share"] == 0.5
+
+
+def test_loss_metrics_do_not_depend_on_the_split_of_a_step(quick):
+    runs = []
+    for batch_size, grad_accum in [(4, 1), (1, 4)]:
+        _, run = testing.run(quick(train={"max_steps": 2, "batch_size": batch_size,
+                                          "grad_accum": grad_accum},
+                                   output={"name": f"split-{batch_size}"}),
+                             extra_plugins=[Figures()])
+        runs.append([m["again"] for m in metrics(run) if "loss" in m])
+    assert runs[0] == pytest.approx(runs[1], rel=1e-5)
+
+
 class StepLog:
     def __init__(self):
         self.seen = []
