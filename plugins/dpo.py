@@ -7,7 +7,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, PositiveInt, model_validator
+from pydantic import Field, PositiveInt
 
 from plugtune import Section, hookimpl
 from plugtune.plugins import causal_lm
@@ -46,17 +46,6 @@ class DPOSection(Section):
     roles: list[str] = Field(list(causal_lm.ROLES), min_length=1, description="the roles a "
                              "conversation may use (those the model's chat template knows)")
 
-    @model_validator(mode="after")
-    def _keys_of_the_loss(self) -> "DPOSection":
-        given = self.model_fields_set
-        if "label_smoothing" in given and self.loss_type not in ("sigmoid", "robust"):
-            raise ValueError(f"label_smoothing is for loss_type sigmoid or robust, not "
-                             f"{self.loss_type}; remove it")
-        if "simpo_gamma" in given and self.loss_type != "simpo":
-            raise ValueError(f"simpo_gamma is for loss_type simpo, not {self.loss_type}; "
-                             "remove it")
-        return self
-
     @property
     def the_beta(self) -> float:
         return self.beta if self.beta is not None else BETA.get(self.loss_type, 0.1)
@@ -81,6 +70,13 @@ def plugtune_check_recipe(recipe):
     s = recipe["dpo"]
     problems = pref.reference_problems(recipe, "dpo.reference", s.reference,
                                        s.loss_type == "simpo")
+    # the saved recipe of a run spells out every key, so a default value is no conflict
+    if s.label_smoothing and s.loss_type not in ("sigmoid", "robust"):
+        problems.append(f"dpo.label_smoothing: is for loss_type sigmoid or robust, not "
+                        f"{s.loss_type}; remove it")
+    if s.simpo_gamma is not None and s.loss_type != "simpo":
+        problems.append(f"dpo.simpo_gamma: is for loss_type simpo, not {s.loss_type}; "
+                        "remove it")
     if s.max_prompt_length is not None and s.max_prompt_length >= recipe.train.max_length:
         problems.append(f"dpo.max_prompt_length: {s.max_prompt_length} leaves no room for the "
                         f"answers within train.max_length={recipe.train.max_length}; make it "

@@ -421,6 +421,9 @@ def load_reference_adapter(model: Any, recipe: "Recipe") -> None:
                           adapter_name=peft_family.REFERENCE_ADAPTER, is_trainable=False)
     for p, flag in flags:
         p.requires_grad_(flag)
+    for name, module in base.named_modules():  # a frozen reference drops nothing
+        if name.endswith(f".{peft_family.REFERENCE_ADAPTER}") and hasattr(module, "p"):
+            module.p = 0.0
 
 
 def _autocast(recipe: "Recipe", device: "torch.device") -> Any:
