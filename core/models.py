@@ -57,3 +57,22 @@ def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def _size(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def adapter_dir(path: str | Path) -> Path:
+    """The PEFT adapter directory ``model.adapter`` names: ``path`` itself when it holds an
+    ``adapter_config.json``, or the saved adapter of a finished plugtune run directory
+    (``RUN/adapter``). Raises :class:`~plugtune.errors.RecipeError` with one line naming
+    ``model.adapter`` otherwise."""
+    path = Path(path)
+    for where in (path, path / "adapter"):
+        if (where / "adapter_config.json").is_file():
+            return where
+    if not path.exists():
+        why = "no such directory"
+    elif (path / "recipe.yaml").is_file():
+        why = "a run directory without a saved adapter (a full fine-tuning run, or unfinished)"
+    else:
+        why = "no adapter_config.json in it"
+    raise RecipeError([f"model.adapter: {path}: {why}; give a finished plugtune run directory "
+                       "of an adapter method (lora, ...) or a PEFT adapter directory"])

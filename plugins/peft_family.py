@@ -165,6 +165,67 @@ def wrap(model: "torch.nn.Module", config_class: type, **options: Any) -> Any:
         return get_peft_model(model, config)
 
 
+#: The adapter name under which a frozen copy of the starting adapter (``model.adapter``) is
+#: loaded beside the trained one (``"default"``) where an objective needs it as its reference
+#: (the preference family); never saved with the trained adapter.
+REFERENCE_ADAPTER = "reference"
+
+
+def start_adapter(recipe: "Recipe") -> Path | None:
+    """The adapter directory the run starts from (``model.adapter``, a run directory resolved
+    to its saved adapter: :func:`plugtune.models.adapter_dir`), or None."""
+    from plugtune.models import adapter_dir
+
+    name = recipe.model.adapter
+    return None if name is None else adapter_dir(name)
+
+
+def _peft_type(config: str | type) -> str:
+    name = config if isinstance(config, str) else config.__name__
+    return name.removesuffix("Config").replace("_", "").lower()
+
+
+def start_adapter_problems(recipe: "Recipe", name: str, config: str | type) -> list[str]:
+    """``model.adapter``'s adapter is not of method ``name`` (whose peft config class is
+    ``config``): one line. A path that holds no adapter is the core's to report."""
+    import json
+
+    from plugtune import RecipeError
+
+    try:
+        path = start_adapter(recipe)
+    except RecipeError:
+        return []
+    if path is None:
+        return []
+    try:
+        saved = json.loads((path / "adapter_config.json").read_text()).get("peft_type", "")
+    except (OSError, ValueError):
+        return [f"model.adapter: {path}/adapter_config.json cannot be read as JSON"]
+    if str(saved).replace("_", "").lower() != _peft_type(config):
+        return [f"model.adapter: {path} holds a {saved} adapter, not {name}; put its method "
+                f"among the plugins instead of {name}"]
+    return []
+
+
+def load_trainable(model: "torch.nn.Module", path: str | Path) -> Any:
+    """``model`` wrapped with the saved adapter at ``path`` (a run directory or an adapter
+    directory), trainable: ``peft.PeftModel.from_pretrained(..., is_trainable=True)``."""
+    from peft import PeftModel
+
+    from plugtune.models import adapter_dir
+
+    with warnings.catch_warnings():  # peft 0.21 asks transformers 5 a deprecated question
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
+        if next(model.parameters()).device.type == "meta":  # the planner: the shapes only
+            from peft import PeftConfig, get_peft_model
+
+            config = PeftConfig.from_pretrained(str(adapter_dir(path)))
+            config.inference_mode = False
+            return get_peft_model(model, config)
+        return PeftModel.from_pretrained(model, adapter_dir(path), is_trainable=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # The declaration of a method: its own four hook implementations.
 # ---------------------------------------------------------------------------------------------
@@ -193,10 +254,13 @@ class Method:
     @hookimpl
     def plugtune_check_recipe(self, recipe: "Recipe") -> list[str]:
         problems = no_4bit_base(recipe, self.name) if self.no_4bit else []
+        problems += start_adapter_problems(recipe, self.name, self.config)
         return problems + (self.check(recipe) if self.check else [])
 
     @hookimpl
     def plugtune_wrap_model(self, model: "torch.nn.Module", recipe: "Recipe") -> Any:
+        if recipe.model.adapter is not None:
+            return load_trainable(model, recipe.model.adapter)
         # a name is looked up in peft only now: importing peft takes seconds
         config = getattr(import_module("peft"), self.config) if isinstance(self.config, str) \
             else self.config
@@ -234,8 +298,10 @@ def method(name: str, section: type[Section], config: str | type,
 
 @hookimpl
 def plugtune_save_model(model: Any, tokenizer: Any, path: Path) -> str:
-    """Save only the adapter (and ``modules_to_save``), in PEFT format, with the tokenizer."""
-    model.save_pretrained(path)
+    """Save only the adapter (and ``modules_to_save``), in PEFT format, with the tokenizer
+    (not a :data:`REFERENCE_ADAPTER` loaded beside it)."""
+    names = [n for n in getattr(model, "peft_config", {}) if n != REFERENCE_ADAPTER]
+    model.save_pretrained(path, selected_adapters=names or None)
     tokenizer.save_pretrained(path)
     return "adapter"
 

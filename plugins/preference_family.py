@@ -30,19 +30,20 @@ log-probabilities computed once before training (:func:`precompute`).
 from __future__ import annotations
 
 import contextlib
-import math
+import weakref
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from plugtune.data import Record, Tokenized, check_each, pad
 from plugtune.errors import DataError
 from plugtune.loss import IGNORE
-from plugtune.plugins import causal_lm
+from plugtune.plugins import causal_lm, peft_family
 
 if TYPE_CHECKING:
     import torch
 
-    from plugtune import Recipe
+    from plugtune import Recipe, Run
 
 #: The fields of a preference record.
 FIELDS = ("prompt", "chosen", "rejected")
@@ -255,3 +256,382 @@ def split_rows(values: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
     """``(chosen, rejected)`` halves of per-row values of a :func:`collator` batch."""
     half = values.shape[0] // 2
     return values[:half], values[half:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Log-probabilities of the answers.
+# ---------------------------------------------------------------------------------------------
+
+
+def _unwrap(model: Any) -> Any:
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model)
+
+
+def sequence_logps(model: Any, batch: dict[str, Any], chunk_tokens: int | None = None
+                   ) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """``(logps, counts)``: each row's log-probability of its labelled tokens (its answer),
+    summed in float32, and how many tokens that is (for length-normalized losses: divide).
+
+    The output layer's input is captured (:func:`plugtune.plugins.causal_lm.final_hidden_states`)
+    and only the answers' positions (on a CPU; every position on a GPU, where selecting waits
+    for the device) go through the output layer, ``chunk_tokens`` at a time (default: chunks
+    of at most 128 MiB of float32 logits), each chunk's log-softmax recomputed in backward
+    rather than kept: a micro-batch's ``rows x length x vocabulary`` float32 logits are never
+    held. A model that rescales its logits in a way not repeated here runs whole."""
+    import torch
+    import torch.utils.checkpoint
+
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    labels = batch["labels"]
+    width = labels.shape[1]
+    head = causal_lm.output_layer(model)
+    transform = causal_lm.logit_transform(model) if head is not None else "other"
+    if transform == "other":
+        hidden, head = model(**inputs, use_cache=False).logits[:, -width:], None
+    else:
+        with causal_lm.final_hidden_states(model) as captured:
+            model(**inputs, use_cache=False)
+        hidden = captured[0][:, -width:]  # an adapter's virtual tokens come first
+    softcap = (_unwrap(model).config.final_logit_softcapping if transform == "softcap"
+               else None)
+    hidden, targets = hidden[:, :-1], labels[:, 1:].to(hidden.device)
+    valid = targets != IGNORE
+    rows = torch.arange(targets.shape[0], device=hidden.device)[:, None].expand_as(targets)
+    if hidden.device.type == "cpu":  # only the answers' positions meet the output layer
+        states, picked, owner, weight = hidden[valid], targets[valid], rows[valid], None
+    else:
+        states, picked = hidden.flatten(0, -2), targets.clamp(min=0).flatten()
+        owner, weight = rows.flatten(), valid.flatten().float()
+
+    def piece(h: "torch.Tensor", t: "torch.Tensor") -> "torch.Tensor":
+        logits = (head(h) if head is not None else h).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits.log_softmax(-1).gather(-1, t[:, None]).squeeze(-1)
+
+    if chunk_tokens is None:
+        chunk_tokens = causal_lm.chunk_tokens(None, model) or max(len(picked), 1)
+    parts = [piece(states[:0], picked[:0])]  # keeps the graph when there is nothing to score
+    for i in range(0, len(picked), chunk_tokens):
+        h, t = states[i:i + chunk_tokens], picked[i:i + chunk_tokens]
+        if torch.is_grad_enabled():
+            parts.append(torch.utils.checkpoint.checkpoint(piece, h, t, use_reentrant=False))
+        else:
+            parts.append(piece(h, t))
+    per_token = torch.cat(parts)
+    if weight is not None:
+        per_token = per_token * weight
+    logps = torch.zeros(targets.shape[0], device=hidden.device, dtype=torch.float32)
+    logps = logps.index_add(0, owner, per_token)
+    return logps, valid.sum(1).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference.
+# ---------------------------------------------------------------------------------------------
+
+#: Reference modes: ``adapter`` (the policy with its adapter disabled, or the starting
+#: adapter frozen), ``copy`` (a frozen copy of the model as loaded), ``precompute`` (reference
+#: log-probabilities computed once before training, kept in the run directory), ``none``.
+REFERENCES = ("auto", "adapter", "copy", "precompute", "none")
+
+#: The file of the run directory that holds precomputed reference log-probabilities.
+PRECOMPUTED = "reference_logps.safetensors"
+
+_copies: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
+
+
+def resolve_reference(recipe: "Recipe", setting: str, reference_free: bool = False) -> str:
+    """The reference mode ``setting`` stands for: ``auto`` is ``none`` for a reference-free
+    loss, ``adapter`` with an adapter method, else ``copy``."""
+    if setting != "auto":
+        return setting
+    if reference_free:
+        return "none"
+    return "adapter" if peft_family.adapter_of(recipe) else "copy"
+
+
+def reference_problems(recipe: "Recipe", key: str, setting: str,
+                       reference_free: bool = False) -> list[str]:
+    """What is wrong with the reference ``setting`` (recipe key ``key``) for ``recipe``: one
+    line each (for ``plugtune_check_recipe``), and packing, which the pair batches do not
+    support."""
+    mode, adapter = resolve_reference(recipe, setting, reference_free), peft_family.adapter_of(
+        recipe)
+    problems = []
+    if recipe.train.packing:
+        problems.append("train.packing: preference pairs are batched as chosen and rejected "
+                        "rows, not packed; set train.packing: false (train.group_by_length "
+                        "cuts padding instead)")
+    if reference_free and mode != "none":
+        problems.append(f"{key}: {setting}: this loss needs no reference model; set it to "
+                        "none (or leave it auto)")
+    if not reference_free and mode == "none":
+        problems.append(f"{key}: none: this loss compares the policy with a reference model; "
+                        "use auto, adapter, copy or precompute (or a reference-free loss: "
+                        "simpo, orpo)")
+    if mode == "adapter" and not adapter:
+        problems.append(f"{key}: adapter: the reference is the model with its adapter "
+                        "disabled, and the recipe has no adapter method; add one (lora, ...) "
+                        "or use copy or precompute")
+    if mode == "copy" and adapter:
+        problems.append(f"{key}: copy: with the adapter method {adapter} the base itself is "
+                        "the reference (use adapter: no second copy of the model is needed)")
+    return problems
+
+
+def freeze_copy(model: Any, recipe: "Recipe") -> None:
+    """Keep a frozen copy of ``model`` as it is now (loaded, before any step) as its
+    reference (``copy`` mode), for :func:`reference_logps`."""
+    import copy
+
+    frozen = copy.deepcopy(model).eval()
+    frozen.requires_grad_(False)
+    _copies[model] = frozen
+
+
+@contextlib.contextmanager
+def _reference_adapter(model: Any) -> Iterator[None]:
+    """Within the block the frozen starting adapter is active; after it the trained one is
+    again, every parameter's ``requires_grad`` as it was (peft's ``set_adapter`` marks the
+    active adapter trainable)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    trained = model.active_adapter
+    model.set_adapter(peft_family.REFERENCE_ADAPTER)
+    try:
+        yield
+    finally:
+        model.set_adapter(trained)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def load_reference_adapter(model: Any, recipe: "Recipe") -> None:
+    """Load the starting adapter (``model.adapter``) a second time, frozen, as
+    :data:`peft_family.REFERENCE_ADAPTER` (TRL's ``ref_adapter_name``), where it is not yet."""
+    import warnings
+
+    base = _unwrap(model)
+    if peft_family.REFERENCE_ADAPTER in base.peft_config:
+        return
+    flags = [(p, p.requires_grad) for p in base.parameters()]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
+        base.load_adapter(str(peft_family.start_adapter(recipe)),
+                          adapter_name=peft_family.REFERENCE_ADAPTER, is_trainable=False)
+    for p, flag in flags:
+        p.requires_grad_(flag)
+    for name, module in base.named_modules():  # a frozen reference drops nothing
+        if name.endswith(f".{peft_family.REFERENCE_ADAPTER}") and hasattr(module, "p"):
+            module.p = 0.0
+
+
+def _autocast(recipe: "Recipe", device: "torch.device") -> Any:
+    import torch
+
+    precision = recipe.train.mixed_precision
+    if precision == "no":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16"
+                          else torch.float16)
+
+
+def reference_logps(model: Any, batch: dict[str, Any], recipe: "Recipe") -> "torch.Tensor":
+    """Each row's reference log-probability of its answer, without gradients: the batch's
+    precomputed :data:`REFERENCE_KEY` where it has one; else the frozen copy of the model
+    (:func:`freeze_copy`); else, for a peft model, the starting adapter frozen (where the run
+    starts from one: ``model.adapter``) or the adapter disabled (``disable_adapter()``)."""
+    import torch
+
+    if REFERENCE_KEY in batch:
+        return batch[REFERENCE_KEY]
+    if batch["input_ids"].device.type == "meta":  # the planner: a pass without gradients
+        # keeps nothing for backward
+        return torch.zeros(batch["input_ids"].shape[0], device="meta")
+    base = _unwrap(model)
+    with torch.no_grad():
+        frozen = _copies.get(base)
+        if frozen is not None:
+            device = batch["input_ids"].device
+            if next(frozen.parameters()).device != device:
+                frozen.to(device)
+            with _autocast(recipe, device):
+                return sequence_logps(frozen, batch)[0]
+        if not hasattr(base, "disable_adapter"):
+            raise RuntimeError("no reference model: the model has no adapter to disable and "
+                               "no frozen copy was kept (preference_family.freeze_copy)")
+        if recipe.model.adapter is not None:
+            load_reference_adapter(base, recipe)
+            with _reference_adapter(base):
+                return sequence_logps(model, batch)[0]
+        with base.disable_adapter():
+            return sequence_logps(model, batch)[0]
+
+
+def _current_or_reference(model: Any, batch: dict[str, Any], recipe: "Recipe") -> "torch.Tensor":
+    """The reference before the first step: the model as it is (it is the reference then),
+    except a peft model started afresh, whose reference is its base (adapter disabled)."""
+    import torch
+
+    base = _unwrap(model)
+    if hasattr(base, "disable_adapter") and recipe.model.adapter is None:
+        return reference_logps(model, batch, recipe)
+    with torch.no_grad():
+        return sequence_logps(model, batch)[0]
+
+
+def precompute(run: "Run", echo: Callable[[str], object] = print) -> None:
+    """``precompute`` mode, at ``plugtune_train_start``: every split's reference
+    log-probabilities, computed once before the first step (with the model in eval mode) and
+    kept in the examples (the collator puts them in the batch) and in the run directory's
+    :data:`PRECOMPUTED`; a resumed run reads them from there and computes nothing (its model
+    has trained). No reference weights stay in memory."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from plugtune.data import eval_batch_size
+
+    path = Path(run.dir) / PRECOMPUTED if run.dir is not None else None
+    if path is not None and path.is_file():
+        saved = load_file(path)
+        for split, data in run.data.items():
+            chosen, rejected = saved.get(f"{split}.chosen"), saved.get(f"{split}.rejected")
+            if chosen is None or len(chosen) != len(data.examples):
+                raise DataError(f"{path}: holds no reference log-probabilities for the "
+                                f"{len(data.examples)} pairs of the {split} split (the data "
+                                "changed?); start a new run")
+            _keep(data.examples, chosen.tolist(), rejected.tolist())
+        echo(f"reference: log-probabilities read from {path}")
+        return
+    if run.step > 0:
+        raise DataError(f"{path}: missing, and the model has trained since; the reference "
+                        "log-probabilities cannot be computed again (start a new run)")
+    model, device, size = run.model, run.accelerator.device, eval_batch_size(run.recipe)
+    training = model.training
+    model.eval()
+    tensors = {}
+    try:
+        for split, data in run.data.items():
+            values = []
+            for i in range(0, len(data.examples), size):
+                chunk = [{k: v for k, v in e.items() if not k.startswith("reference_")}
+                         for e in data.examples[i:i + size]]
+                batch = {k: v.to(device) for k, v in data.collate(chunk).items()}
+                with run.accelerator.autocast():
+                    values.append(_current_or_reference(model, batch, run.recipe).float().cpu())
+            chosen, rejected = _halves(values)
+            tensors[f"{split}.chosen"], tensors[f"{split}.rejected"] = chosen, rejected
+            _keep(data.examples, chosen.tolist(), rejected.tolist())
+    finally:
+        model.train(training)
+    if path is not None:
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, tmp)
+        tmp.replace(path)
+    echo(f"reference: log-probabilities of {sum(len(d.examples) for d in run.data.values())} "
+         f"pairs computed once -> {PRECOMPUTED}")
+
+
+def _halves(values: list["torch.Tensor"]) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Per-pair chosen and rejected values from per-batch row values (each batch: its chosen
+    rows, then its rejected rows)."""
+    import torch
+
+    chosen = [v[:len(v) // 2] for v in values]
+    rejected = [v[len(v) // 2:] for v in values]
+    if not values:
+        return torch.zeros(0), torch.zeros(0)
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def _keep(examples: list[dict[str, Any]], chosen: list[float], rejected: list[float]) -> None:
+    for e, c, r in zip(examples, chosen, rejected):
+        e["reference_chosen"], e["reference_rejected"] = c, r
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics.
+# ---------------------------------------------------------------------------------------------
+
+
+def reward_metrics(chosen_rewards: "torch.Tensor", rejected_rewards: "torch.Tensor",
+                   chosen_logps: "torch.Tensor", rejected_logps: "torch.Tensor"
+                   ) -> dict[str, "torch.Tensor"]:
+    """TRL's preference metrics, each summed over the micro-batch's pairs (the core divides by
+    the pairs, as it does the loss): ``rewards/chosen``, ``rewards/rejected``,
+    ``rewards/margins``, ``rewards/accuracies`` (the share of pairs whose chosen reward is the
+    higher), ``logps/chosen``, ``logps/rejected`` (summed answer log-probabilities)."""
+    c, r = chosen_rewards.detach().float(), rejected_rewards.detach().float()
+    return {"rewards/chosen": c.sum(), "rewards/rejected": r.sum(),
+            "rewards/margins": (c - r).sum(), "rewards/accuracies": (c > r).float().sum(),
+            "logps/chosen": chosen_logps.detach().float().sum(),
+            "logps/rejected": rejected_logps.detach().float().sum()}
+
+
+def pair_loss(total: "torch.Tensor", pairs: int, metrics: dict[str, "torch.Tensor"]) -> Any:
+    """``plugtune.Loss(total, pairs, metrics=metrics)``: the objective is the mean over the
+    optimizer step's pairs."""
+    from plugtune import Loss
+
+    return Loss(total, pairs, metrics=dict(metrics))
+
+
+def disable_dropout(model: Any) -> None:
+    """Set every dropout probability of ``model`` to 0 (TRL's ``disable_dropout``): the
+    policy's pass and the reference's then see the same network."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The planner.
+# ---------------------------------------------------------------------------------------------
+
+
+def pair_batch(batch_size: int, seq_len: int) -> dict[str, "torch.Tensor"]:
+    """A preference batch on the meta device (``Plan.make_batch``): ``batch_size`` pairs, so
+    twice as many rows (chosen and rejected), every row ``seq_len`` tokens."""
+    import torch
+
+    ids = torch.zeros(2 * batch_size, seq_len, dtype=torch.long, device="meta")
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def plan_memory(plan: Any, recipe: "Recipe", mode: str) -> None:
+    """What a preference objective adds to ``plugtune plan``: every pair is two sequences (the
+    traced batch has a chosen and a rejected row per pair, so activations and logits count
+    twice per planned sequence); the reference: a frozen copy of the loaded weights
+    (``copy``), the starting adapter's weights a second time (``adapter`` with
+    ``model.adapter``), nothing per step for ``adapter`` (the base, adapter disabled),
+    ``precompute`` (log-probabilities, 8 bytes a pair) and ``none``."""
+    plan.make_batch = pair_batch
+    plan.loss_chunk_tokens = causal_lm.chunk_tokens(None, plan.model)
+    plan.notes.append("preference pairs: each planned sequence is a chosen and a rejected row")
+    if mode == "copy":
+        nbytes = sum(p.bytes for p in plan.params if not p.added)
+        plan.add("reference model (frozen copy)", nbytes, "the loaded weights again, frozen; "
+                 "reference: precompute needs none")
+    elif mode == "adapter" and recipe.model.adapter is not None:
+        nbytes = sum(p.bytes for p in plan.params if p.added and p.trainable)
+        plan.add("reference adapter (frozen)", nbytes, "model.adapter loaded a second time")
+    elif mode == "precompute":
+        plan.notes.append("reference: log-probabilities computed once before training; no "
+                          "reference weights are kept")
+
+
+def fit_variants(recipe: "Recipe", name: str, mode: str) -> list[Any]:
+    """``plan --fit``: where the reference is a frozen copy of the model (full fine-tuning),
+    the same recipe with ``reference: precompute`` (the same objective, and no copy in
+    memory), ranked just after full fine-tuning itself. ``name``: the plugin's section."""
+    from plugtune import Variant
+
+    if name not in recipe.plugins or mode != "copy" or "full" not in recipe.plugins:
+        return []
+    own = dict(recipe.raw.get(name) or {})
+    return [Variant("full, reference precomputed", Variant.FULL + 1, ["full"],
+                    {name: {**own, "reference": "precompute"}}, override=True)]

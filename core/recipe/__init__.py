@@ -70,6 +70,7 @@ def load_recipe(arg: str | Path, overrides: Iterable[str] = (),
     recipe = Recipe(core, {name: section or stand_in(schemas[name], tree.get(name))
                            for name, section in sections.items()}, active, path, tree)
     recipe.roles = pm.roles  # {role: [plugin]}: plugtune.active_roles(recipe)
+    problems += start_adapter_problems(recipe, check_files)
     problems += plugins_checks(recipe, pm, problems)
     if check_files and recipe.core is not None:  # the records, as the data plugin reads them
         with manager.blamed(pm):
@@ -125,3 +126,20 @@ def plugins_checks(recipe: Recipe, pm: manager.Manager, problems: list[Problem])
             raise
         return []
     return plugin_problems(results, problems)
+
+
+def start_adapter_problems(recipe: Recipe, check_files: bool) -> list[Problem]:
+    """``model.adapter`` needs an adapter method plugin, and (``check_files``) a directory
+    holding an adapter (:func:`plugtune.models.adapter_dir`)."""
+    from ..models import adapter_dir
+
+    if recipe.core is None or recipe.core.model.adapter is None:
+        return []
+    if not recipe.roles.get("adapter"):
+        return [Problem.parse("model.adapter: starting from an adapter needs the adapter "
+                              "method it was trained with among the plugins (lora, ...)")]
+    try:
+        adapter_dir(recipe.core.model.adapter) if check_files else None
+    except RecipeError as exc:
+        return exc.details
+    return []

@@ -158,6 +158,9 @@ def _absolute_paths(tree: dict[Any, Any], base: Path) -> None:
     if isinstance(name, str) and name.startswith(("./", "../")):
         name = str((base / name).resolve())
         tree["model"] = {**model, "name": name} if isinstance(model, dict) else name
+    adapter = model.get("adapter") if isinstance(model, dict) else None
+    if isinstance(adapter, str) and not Path(adapter).is_absolute():
+        tree["model"] = {**tree["model"], "adapter": str((base / adapter).resolve())}
     data = tree.get("data")
     if not isinstance(data, dict):
         return

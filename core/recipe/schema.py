@@ -28,6 +28,10 @@ class ModelSection(Section):
     tokenizer: str | None = Field(default=None,
                                   description="tokenizer source when not the model's")
     trust_remote_code: bool = False
+    adapter: str | None = Field(default=None, description="start from this trained adapter "
+                                "(trained further, not a fresh one): a finished plugtune run "
+                                "directory or a PEFT adapter directory; needs the adapter "
+                                "method plugin it was trained with")
 
 
 class DatasetSource(Section):

@@ -1,0 +1,317 @@
+"""Preference training (``dpo``, ``orpo``, ``plugtune.plugins.preference_family``): each loss is
+its paper's formula on a hand-made batch; records are checked at validate with file:line; the
+objective is the mean over a step's pairs whatever the micro-batch split; the reference is the
+base with the adapter disabled, the starting adapter frozen, a frozen copy, or log-probabilities
+precomputed once and read back on resume; the rewards metrics reach the logs and ``plugtune
+eval``; the trained adapter loads in plain peft."""
+import json
+import math
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from conftest import WORDS
+from plugtune import hookimpl, loop, testing
+from plugtune.data import Record
+from plugtune.errors import PlugtuneError, RecipeError
+from plugtune.plugins import preference_family as pref
+from plugtune.plugins.dpo import dpo_losses
+from plugtune.plugins.orpo import orpo_losses
+
+REWARDS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+           "logps/chosen", "logps/rejected")
+
+
+def pairs():
+    """Echo the upper-cased word (chosen) rather than the word as it is (rejected)."""
+    return [{"prompt": f"Echo: {w}\n", "chosen": w.upper(), "rejected": w} for w in WORDS]
+
+
+def chat_pairs():
+    return [{"prompt": [{"role": "user", "content": f"Echo: {w}"}], "chosen": w.upper(),
+             "rejected": [{"role": "assistant", "content": w}]} for w in WORDS]
+
+
+@pytest.fixture
+def pref_data(tmp_path):
+    return (testing.write_jsonl(tmp_path / "pairs.jsonl", pairs()),
+            testing.write_jsonl(tmp_path / "val.jsonl", chat_pairs()[:4]))
+
+
+@pytest.fixture
+def pref_recipe(make_recipe, pref_data):
+    """``pref_recipe(plugins, **sections)``: DPO + LoRA on the tiny Llama by default."""
+    def make(plugins=("dpo", "lora"), name="recipe.yaml", **sections):
+        train = {"max_steps": 2, "lr": 1e-2, "batch_size": 4, "grad_accum": 1, "seed": 0,
+                 **sections.pop("train", {})}
+        return make_recipe(name=name, plugins=list(plugins), train=train,
+                           data={"train": str(pref_data[0]), "validation": str(pref_data[1])},
+                           **sections)
+    return make
+
+
+def records_of(run_dir, kind="train"):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if ("loss" in r) == (kind == "train")]
+
+
+# ---------------------------------------------------------------------------------------------
+# The formulas, on a hand-made batch.
+# ---------------------------------------------------------------------------------------------
+
+C, R = torch.tensor([-3.0, -5.0, -2.5]), torch.tensor([-4.0, -4.5, -6.0])
+RC, RR = torch.tensor([-3.5, -4.8, -3.0]), torch.tensor([-3.9, -4.9, -5.0])
+
+
+def test_sigmoid_is_dpo_with_label_smoothing():
+    beta, ls = 0.1, 0.2
+    for i in range(3):
+        h = (C[i] - R[i]) - (RC[i] - RR[i])
+        expected = -(1 - ls) * math.log(1 / (1 + math.exp(-beta * h))) \
+            - ls * math.log(1 / (1 + math.exp(beta * h)))
+        got = dpo_losses("sigmoid", beta, C, R, RC, RR, label_smoothing=ls)[i]
+        assert got.item() == pytest.approx(expected, rel=1e-6)
+    plain = dpo_losses("sigmoid", beta, C, R, RC, RR)
+    assert torch.allclose(plain, -F.logsigmoid(beta * ((C - R) - (RC - RR))))
+
+
+def test_robust_hinge_ipo_simpo():
+    beta, ls = 0.5, 0.1
+    h = ((C - R) - (RC - RR)).tolist()
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    robust = [((1 - ls) * -math.log(sig(beta * x)) + ls * math.log(sig(-beta * x))) / (1 - 2 * ls)
+              for x in h]
+    hinge = [max(0.0, 1 - beta * x) for x in h]
+    ipo = [(x - 1 / (2 * beta)) ** 2 for x in h]
+    simpo = [-math.log(sig(beta * (c - r) - 0.3)) for c, r in zip(C.tolist(), R.tolist())]
+    for kind, want in (("robust", robust), ("hinge", hinge), ("ipo", ipo)):
+        got = dpo_losses(kind, beta, C, R, RC, RR, label_smoothing=ls if kind == "robust" else 0)
+        assert got.tolist() == pytest.approx(want, rel=1e-6), kind
+    assert dpo_losses("simpo", beta, C, R, gamma=0.3).tolist() == pytest.approx(simpo, rel=1e-6)
+
+
+def test_orpo_formula():
+    c, r = torch.tensor([-0.3, -1.2]), torch.tensor([-0.9, -0.4])
+    losses, nll, odds = orpo_losses(0.25, c, r)
+    for i in range(2):
+        lo = lambda x: x - math.log(1 - math.exp(x))  # noqa: E731
+        ratio = lo(c[i].item()) - lo(r[i].item())
+        assert odds[i].item() == pytest.approx(ratio, rel=1e-5)
+        want = -c[i].item() - 0.25 * math.log(1 / (1 + math.exp(-ratio)))
+        assert losses[i].item() == pytest.approx(want, rel=1e-5)
+    assert nll.tolist() == pytest.approx([0.3, 1.2])
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_dpo_lora_trains_and_logs_rewards(pref_recipe):
+    _, run = testing.run(pref_recipe(train={"max_steps": 4}))
+    run_dir = run.dir
+    train = records_of(run_dir)
+    assert all(k in r for r in train for k in REWARDS)
+    assert train[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference
+    assert train[0]["rewards/margins"] == pytest.approx(0, abs=1e-6)
+    evals = records_of(run_dir, "eval")
+    assert evals[-1]["rewards/margins"] > evals[0]["rewards/margins"]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+
+
+class SigtermAt:
+    """As if SIGTERM came during step ``step``: the run stops after it with a checkpoint."""
+
+    def __init__(self, step):
+        self.step = step
+
+    @hookimpl
+    def plugtune_step_end(self, run, step):
+        if step == self.step:
+            run.signum = signal.SIGTERM
+
+
+class SGD:
+    """Plain SGD: the update is the gradient itself (AdamW's first step hides its scale)."""
+
+    @hookimpl
+    def plugtune_build_optimizer(self, params, recipe):
+        return torch.optim.SGD(params, lr=recipe.train.lr)
+
+
+def adapter_weights(run):
+    return load_file(run.dir / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("plugin,section", [("dpo", {"loss_type": "sigmoid"}),
+                                            ("dpo", {"loss_type": "ipo"}), ("orpo", {})])
+def test_a_step_is_the_mean_over_its_pairs_however_split(pref_recipe, plugin, section):
+    """8 pairs a step, two steps, as 8x1, 2x4 and 1x8 (batch_size x grad_accum): the same
+    adapter weights to 1e-5."""
+    runs = {}
+    for batch, accum in ((8, 1), (2, 4), (1, 8)):
+        name = f"{batch}x{accum}"
+        recipe = pref_recipe((plugin, "lora"), f"{name}.yaml", output={"name": name},
+                             train={"batch_size": batch, "grad_accum": accum, "lr": 0.5,
+                                    "max_grad_norm": None, "eval_every": None},
+                             **{plugin: section})
+        _, run = testing.run(recipe, extra_plugins=[SGD()])
+        runs[name] = adapter_weights(run)
+    base = runs["8x1"]
+    for name in ("2x4", "1x8"):
+        assert max((base[k] - runs[name][k]).abs().max().item() for k in base) <= 1e-5
+    assert max(v.abs().max().item() for k, v in base.items() if "lora_B" in k) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# Log-probabilities and the reference.
+# ---------------------------------------------------------------------------------------------
+
+
+def a_batch(tokenizer):
+    examples = [pref.example(*pref.encode_pair(p, tokenizer, "t:1")) for p in pairs()[:3]]
+    return pref.collator(tokenizer.pad_token_id)(examples)
+
+
+def naive_logps(model, batch):
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logp = logits[:, :-1].float().log_softmax(-1)
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    picked = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    return (picked * mask).sum(1), mask.sum(1)
+
+
+def test_sequence_logps_equal_the_full_logits_in_chunks(tiny_llama):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    batch = a_batch(AutoTokenizer.from_pretrained(tiny_llama))
+    want, n = naive_logps(model, batch)
+    for chunk in (None, 3):
+        got, counts = pref.sequence_logps(model, batch, chunk_tokens=chunk)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        assert counts.tolist() == n.tolist()
+    # the gradients too (each chunk recomputed in backward)
+    got, _ = pref.sequence_logps(model, batch, chunk_tokens=3)
+    got.sum().backward()
+    chunked = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    naive_logps(model, batch)[0].sum().backward()
+    for a, p in zip(chunked, model.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_the_reference_of_an_adapter_is_the_base_with_the_adapter_disabled(pref_recipe,
+                                                                            tiny_llama):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    batch = a_batch(AutoTokenizer.from_pretrained(tiny_llama))
+    with torch.no_grad():
+        want = pref.sequence_logps(base, batch)[0]
+    recipe, pm = testing.load_recipe(pref_recipe())
+    run = loop.setup(recipe, pm, echo=lambda *a: None)
+    with torch.no_grad():  # an adapter that changes the model
+        for n, p in run.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    got = pref.reference_logps(run.model, batch, recipe)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    policy = pref.sequence_logps(run.model, batch)[0]
+    assert (policy - want).abs().max() > 1e-2
+
+
+@pytest.fixture
+def sft_run(make_recipe):
+    """A finished SFT run with a LoRA adapter (causal_lm on the echo chats)."""
+    _, run = testing.run(make_recipe("sft.yaml", plugins=["causal_lm", "lora"],
+                                     train={"max_steps": 6, "lr": 1e-2, "eval_every": None},
+                                     output={"name": "sft"}))
+    return run.dir
+
+
+def test_starting_from_an_adapter_makes_it_the_frozen_reference(pref_recipe, sft_run,
+                                                                 tiny_llama):
+    """SFT -> DPO: the run trains the SFT adapter further, against a frozen copy of it, so the
+    first step's rewards are exactly 0 (with the base as the reference they are not); the
+    frozen copy stays frozen and unchanged, and is not saved; the saved adapter loads in plain
+    peft."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    recipe, pm = testing.load_recipe(pref_recipe(model={"name": str(tiny_llama),
+                                                        "adapter": str(sft_run)},
+                                                 train={"max_steps": 3}))
+    run = loop.setup(recipe, pm, echo=lambda *a: None)
+    batch = a_batch(run.tokenizer)
+    with torch.no_grad():
+        policy = pref.sequence_logps(run.model, batch)[0]
+        with run.model.disable_adapter():
+            base = pref.sequence_logps(run.model, batch)[0]
+    assert (policy - base).abs().max() > 1e-2  # the SFT adapter was loaded, and matters
+    trainable = {n for n, p in run.model.named_parameters() if p.requires_grad}
+    loop.train(run, echo=lambda *a: None)
+    first = records_of(run.dir)[0]
+    assert first["rewards/margins"] == 0 and first["rewards/chosen"] == 0
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-7)
+    model = run.accelerator.unwrap_model(run.model)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    assert all(".reference." not in n for n in trainable)
+    sft = load_file(sft_run / "adapter" / "adapter_model.safetensors")
+    frozen = {n: p for n, p in model.named_parameters() if ".reference." in n}
+    assert len(frozen) == len(sft) > 0
+    for n, p in frozen.items():
+        torch.testing.assert_close(p, sft[n.replace("base_model.model.", "base_model.model.", 1)
+                                        .replace(".reference", "")], rtol=0, atol=0)
+    assert not (run.dir / "adapter" / "reference").exists()
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama),
+                                       run.dir / "adapter")
+    with torch.no_grad():
+        again = pref.sequence_logps(loaded, a_batch(AutoTokenizer.from_pretrained(tiny_llama)))[0]
+        trained = pref.sequence_logps(model, batch)[0]
+    torch.testing.assert_close(again, trained, rtol=0, atol=1e-5)
+
+
+def test_full_fine_tuning_copy_and_precompute_agree_and_precompute_resumes(pref_recipe,
+                                                                            monkeypatch):
+    """Full fine-tuning against a frozen copy, and against log-probabilities precomputed once:
+    the same losses. The precomputed file is written before the first step and read back by
+    a resumed run (never computed again: the model has trained), which ends bit-identical to
+    a run that was never stopped."""
+    from plugtune.resume import resume
+
+    common = {"train": {"max_steps": 4, "save_every": 2, "lr": 1e-3}}
+    _, copy = testing.run(pref_recipe(("dpo", "full"), "copy.yaml", output={"name": "copy"},
+                                      **common))
+    _, straight = testing.run(pref_recipe(("dpo", "full"), "pre.yaml", output={"name": "pre"},
+                                          dpo={"reference": "precompute"}, **common))
+    assert (straight.dir / pref.PRECOMPUTED).is_file()
+    losses = [r["loss"] for r in records_of(copy.dir)]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert [r["loss"] for r in records_of(straight.dir)] == pytest.approx(losses, abs=1e-6)
+
+    recipe, pm = testing.load_recipe(pref_recipe(("dpo", "full"), "stopped.yaml",
+                                                 output={"name": "stopped"},
+                                                 dpo={"reference": "precompute"}, **common))
+    run = loop.setup(recipe, pm, echo=lambda *a: None)
+    pm.register(SigtermAt(2))
+    with pytest.raises(PlugtuneError, match="checkpoint"):
+        loop.train(run, echo=lambda *a: None)
+    saved = (run.dir / pref.PRECOMPUTED).read_bytes()
+
+    def never(*args, **kwargs):
+        raise AssertionError("reference log-probabilities computed again on resume")
+
+    monkeypatch.setattr(pref, "_current_or_reference", never)
+    resume(run.dir, echo=lambda *a: None)
+    assert (run.dir / pref.PRECOMPUTED).read_bytes() == saved
+    a = load_file(run.dir / "model" / "model.safetensors")
+    b = load_file(straight.dir / "model" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in records_of(run.dir)] == [r["loss"] for r in records_of(straight.dir)]
