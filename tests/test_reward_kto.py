@@ -5,6 +5,7 @@ bad records are refused at validate with file:line, evaluation does not move wit
 size, and a reward model exports as a one-label classifier giving the same rewards."""
 import json
 import math
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,8 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from plugtune import cli, hookimpl, testing
-from plugtune.plugins import reward_model
+from plugtune import cli, hookimpl, loop, testing
+from plugtune.data import Record
+from plugtune.errors import DataError
+from plugtune.plugins import kto, reward_model
+from plugtune.plugins import preference_family as pref
 
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "piano", "lemon", "candle"]
 
@@ -210,3 +214,160 @@ def test_shipped_preference_data_is_what_its_script_generates(tmp_path):
             assert made == (shipped / f"{name}_{split}.jsonl").read_text()
     pairs = [json.loads(line) for line in made.splitlines()]
     assert len(pairs) == 120 and sum(r["label"] for r in pairs) == 60
+
+
+# ------------------------------------------------------------------------------------ KTO
+
+
+def kto_records():
+    """Unpaired answers to the echo prompts: the upper-cased word is desirable, another word
+    is not; completions of different lengths."""
+    records = []
+    for i, w in enumerate(WORDS * 2):
+        good = i % 3 != 2
+        answer = " ".join([w.upper()] * (1 + i % 4)) if good else WORDS[(i + 3) % 8].upper()
+        records.append({"prompt": f"Echo: {w}", "completion": answer, "label": good})
+    return records
+
+
+@pytest.fixture
+def kto_recipe(tmp_path, tiny_llama):
+    data = testing.write_jsonl(tmp_path / "kto.jsonl", kto_records())
+
+    def make(name="kto", plugins=("lora",), records=None, **sections):
+        path = data if records is None else testing.write_jsonl(tmp_path / f"{name}.jsonl",
+                                                                records)
+        recipe = {"description": "tiny kto", "model": str(tiny_llama),
+                  "plugins": ["kto", *plugins],
+                  "data": {"train": str(path), "validation": str(data)},
+                  "train": {"max_steps": 4, "lr": 1e-2, "batch_size": 4, "seed": 0},
+                  "output": {"dir": str(tmp_path / "runs"), "name": name}}
+        for key, value in sections.items():
+            recipe[key] = ({**recipe[key], **value} if isinstance(recipe.get(key), dict)
+                           else value)
+        return testing.write_recipe(tmp_path / f"{name}.yaml", **recipe)
+    return make
+
+
+def records_of(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_kto_loss_is_the_papers_formula():
+    r = torch.tensor([0.5, -1.0, 2.0, 0.0])
+    desirable = torch.tensor([True, True, False, False])
+    beta, z0, wd, wu = 0.5, 0.3, 1.5, 0.7
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    expected = [wd * (1 - sig(beta * (0.5 - z0))), wd * (1 - sig(beta * (-1.0 - z0))),
+                wu * (1 - sig(beta * (z0 - 2.0))), wu * (1 - sig(beta * (z0 - 0.0)))]
+    torch.testing.assert_close(kto.kto_losses(beta, r, desirable, z0, wd, wu),
+                               torch.tensor(expected))
+
+
+def test_kto_mismatched_completion_is_fixed_by_the_data():
+    """Each example's KL completion is the next record's (wrapping) whose prompt and
+    completion differ: decided by the split's order alone, never by the batching."""
+    rows = [{"prompt": "a", "completion": "X", "label": True},
+            {"prompt": "a", "completion": "Y", "label": False},  # same prompt: skipped
+            {"prompt": "b", "completion": "X", "label": True},   # same completion: skipped
+            {"prompt": "c", "completion": "Z", "label": False}]
+    records = [Record(r, "f.jsonl", i + 1) for i, r in enumerate(rows)]
+    assert kto.mismatched(records) == [3, 2, 3, 0]
+    with pytest.raises(DataError, match="f.jsonl:1: no other record"):
+        kto.mismatched([Record({"prompt": p, "completion": "X", "label": True}, "f.jsonl", i + 1)
+                        for i, p in enumerate("ab")])
+
+
+def test_kto_loss_on_a_batch_is_the_formula_with_the_previous_steps_kl(kto_recipe):
+    """compute_loss on a real batch: the sum of the formula over the examples with the
+    plugin's z0 (the previous step's estimate), their count, and the KL estimate of the
+    mismatched rows as a metric; in evaluation z0 is 0."""
+    recipe, pm = testing.load_recipe(kto_recipe(plugins=("full",)))
+    run = loop.setup(recipe, pm, echo=lambda *a: None)
+    plugin = next(p for p in pm.get_plugins() if isinstance(p, kto.KTO))
+    model, data = run.model, run.data["train"]
+    with torch.no_grad():  # perturb the policy away from its frozen copy
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    batch = data.collate(data.examples[:6])
+    plugin.z0 = 0.7
+    with torch.no_grad():
+        model.train()
+        loss = plugin.plugtune_compute_loss(model, batch, recipe)
+        logps = pref.sequence_logps(model, batch)[0]
+        ref = pref.reference_logps(model, batch, recipe)
+        model.eval()
+        evaluated = plugin.plugtune_compute_loss(model, batch, recipe)
+    n = 6
+    r, kl = logps[:n] - ref[:n], logps[n:] - ref[n:]
+    labels = batch[kto.LABEL]
+    assert loss.count == n and labels.any() and not labels.all()
+    torch.testing.assert_close(loss.sum, kto.kto_losses(0.1, r, labels, 0.7).sum())
+    torch.testing.assert_close(evaluated.sum, kto.kto_losses(0.1, r, labels, 0.0).sum())
+    torch.testing.assert_close(loss.metrics["kl"], kl.sum())
+    total, count = loss.metrics["rewards/chosen"]
+    assert count == labels.sum() and torch.allclose(total, (0.1 * r)[labels].sum())
+    assert abs(loss.sum - evaluated.sum) > 1e-4
+
+
+def test_kto_step_is_the_same_however_the_batch_is_split(kto_recipe):
+    """8 examples a step, three SGD steps (the third uses the second's KL estimate, the first
+    measured after an update), as 8x1, 2x4 and 1x8: the same weights."""
+    runs = {}
+    for batch, accum in ((8, 1), (2, 4), (1, 8)):
+        name = f"kto-{batch}x{accum}"
+        recipe = kto_recipe(name, plugins=("full",), train={
+            "max_steps": 3, "lr": 0.5, "batch_size": batch, "grad_accum": accum,
+            "max_grad_norm": None, "eval_every": None}, kto={"beta": 1.0})
+        summary, _ = testing.run(recipe, extra_plugins=[SGD()])
+        runs[name] = load_file(Path(summary["artifact"]) / "model.safetensors")
+        kl = [r["kl"] for r in records_of(Path(summary["artifact"]).parent) if "lr" in r]
+        assert kl[0] == 0 and kl[1] > 0, "the third step's reference point should not be 0"
+    for name in ("kto-2x4", "kto-1x8"):
+        assert max_difference(runs["kto-8x1"], runs[name]) <= 1e-5
+
+
+def test_kto_learns_and_logs_rewards_and_kl(kto_recipe):
+    summary, run = testing.run(kto_recipe(train={"max_steps": 12}))
+    steps = [r for r in records_of(run.dir) if "lr" in r]
+    assert all({"rewards/chosen", "rewards/rejected", "kl"} <= set(r) for r in steps)
+    before, after = summary["eval_before"], summary["eval_after"]
+    assert before["rewards/chosen"] == pytest.approx(0, abs=1e-6)  # LoRA starts as the base
+    assert after["rewards/chosen"] > after["rewards/rejected"]
+    assert after["eval_loss"] < before["eval_loss"]
+
+
+def test_kto_resumes_with_its_reference_point(kto_recipe):
+    """Stopped after step 2 (its checkpoint keeps z0) and resumed: the same weights as a run
+    never stopped; a resume that forgot z0 would take step 3 with z0 = 0."""
+    from plugtune.resume import resume
+
+    common = {"train": {"max_steps": 4, "save_every": 2, "eval_every": None}}
+    _, straight = testing.run(kto_recipe("straight", plugins=("full",), **common))
+    assert json.loads((straight.dir / "checkpoints" / "step-2" / kto.STATE).read_text())["z0"] > 0
+    _, stopped = testing.run(kto_recipe("stopped", plugins=("full",), **common))
+    shutil.rmtree(stopped.dir / "checkpoints" / "step-4")  # as if killed during step 3
+    shutil.rmtree(stopped.dir / "model")
+    manifest = json.loads((stopped.dir / "manifest.json").read_text())
+    (stopped.dir / "manifest.json").write_text(json.dumps({**manifest, "status": "interrupted"}))
+    resume(stopped.dir, echo=lambda *a: None)
+    a = load_file(stopped.dir / "model" / "model.safetensors")
+    b = load_file(straight.dir / "model" / "model.safetensors")
+    assert max_difference(a, b) == 0
+
+
+@pytest.mark.parametrize("record, expected", [
+    ({"prompt": "Echo: a", "completion": "A", "label": "yes"}, '"label" must be true'),
+    ({"prompt": "Echo: a", "completion": "A", "label": 1}, '"label" must be true'),
+    ({"prompt": "Echo: a", "label": True}, "no 'completion'"),
+    ({"prompt": "Echo: a", "completion": 3, "label": True}, '"completion" must be'),
+])
+def test_bad_kto_records_are_refused_at_validate_with_file_and_line(kto_recipe, capsys, record,
+                                                                    expected):
+    records = kto_records()[:3] + [record] + kto_records()[:2]
+    recipe = kto_recipe("bad", records=records)
+    assert cli.main(["validate", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "bad.jsonl:4" in line]
+    assert len(lines) == 1 and expected in lines[0], err
+    assert "Traceback" not in err
