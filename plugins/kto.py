@@ -252,4 +252,6 @@ class KTO:
 
     @hookimpl
     def plugtune_fit_variants(self, recipe):
+        if NAME not in recipe.plugins:  # called with every installed plugin
+            return None
         return pref.fit_variants(recipe, NAME, self.mode(recipe))

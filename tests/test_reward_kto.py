@@ -371,3 +371,15 @@ def test_bad_kto_records_are_refused_at_validate_with_file_and_line(kto_recipe, 
     lines = [line for line in err.splitlines() if "bad.jsonl:4" in line]
     assert len(lines) == 1 and expected in lines[0], err
     assert "Traceback" not in err
+
+
+def test_kto_precomputed_reference_gives_the_adapter_references_losses(kto_recipe):
+    """With LoRA the reference is the base (adapter disabled); precomputed once, it is the
+    same log-probabilities: the same losses and KL estimates, and the file is in the run."""
+    _, live = testing.run(kto_recipe("live"))
+    _, once = testing.run(kto_recipe("once", kto={"reference": "precompute"}))
+    assert (once.dir / pref.PRECOMPUTED).is_file()
+    a = [r for r in records_of(live.dir) if "lr" in r]
+    b = [r for r in records_of(once.dir) if "lr" in r]
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], abs=1e-5)
+    assert [r["kl"] for r in b] == pytest.approx([r["kl"] for r in a], abs=1e-5)
