@@ -177,4 +177,5 @@ def plugtune_estimate_memory(plan, recipe):
 
 @hookimpl
 def plugtune_fit_variants(recipe):
-    return pref.fit_variants(recipe, "dpo", _mode(recipe))
+    """``plan --fit`` asks every installed plugin: only a recipe using dpo is answered."""
+    return pref.fit_variants(recipe, "dpo", _mode(recipe)) if "dpo" in recipe.plugins else []

@@ -283,16 +283,18 @@ def sequence_logps(model: Any, batch: dict[str, Any], chunk_tokens: int | None =
     import torch
     import torch.utils.checkpoint
 
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+    if "attention_mask" in inputs:  # (without one transformers reads packed sequences from
+        inputs["use_cache"] = False  # the positions, a host sync the planner cannot make)
     labels = batch["labels"]
     width = labels.shape[1]
     head = causal_lm.output_layer(model)
     transform = causal_lm.logit_transform(model) if head is not None else "other"
     if transform == "other":
-        hidden, head = model(**inputs, use_cache=False).logits[:, -width:], None
+        hidden, head = model(**inputs).logits[:, -width:], None
     else:
         with causal_lm.final_hidden_states(model) as captured:
-            model(**inputs, use_cache=False)
+            model(**inputs)
         hidden = captured[0][:, -width:]  # an adapter's virtual tokens come first
     softcap = (_unwrap(model).config.final_logit_softcapping if transform == "softcap"
                else None)
@@ -599,7 +601,7 @@ def pair_batch(batch_size: int, seq_len: int) -> dict[str, "torch.Tensor"]:
     import torch
 
     ids = torch.zeros(2 * batch_size, seq_len, dtype=torch.long, device="meta")
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    return {"input_ids": ids, "labels": ids}  # no padding: no mask (nor its host sync)
 
 
 def plan_memory(plan: Any, recipe: "Recipe", mode: str) -> None:

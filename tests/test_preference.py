@@ -315,3 +315,105 @@ def test_full_fine_tuning_copy_and_precompute_agree_and_precompute_resumes(pref_
     b = load_file(straight.dir / "model" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["loss"] for r in records_of(run.dir)] == [r["loss"] for r in records_of(straight.dir)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Validate: records and conflicts, one line each, before any model loads.
+# ---------------------------------------------------------------------------------------------
+
+
+def problems_of(path, overrides=()):
+    with pytest.raises(RecipeError) as caught:
+        testing.load_recipe(path, overrides)
+    return caught.value.problems
+
+
+@pytest.mark.parametrize("record,says", [
+    ({"prompt": "Echo: a", "chosen": "A"}, "needs \"prompt\", \"chosen\" and \"rejected\"; this "
+                                           "one has no 'rejected'"),
+    ({"prompt": "Echo: a", "chosen": "A", "rejected": "A"}, "are the same"),
+    ({"prompt": "Echo: a", "chosen": 3, "rejected": "a"}, "\"chosen\" must be a string or a "
+                                                          "list of assistant messages, got a number"),
+    ({"prompt": None, "chosen": "A", "rejected": "a"}, "\"prompt\" must be a string or a list "
+                                                       "of messages, got null"),
+    ({"prompt": "Echo: a", "chosen": [{"role": "assistant", "content": "A"}], "rejected": "a"},
+     "give the prompt as messages too"),
+    ({"prompt": [{"role": "user", "content": "x"}], "chosen": [{"role": "user", "content": "A"}],
+      "rejected": "a"}, "list of {\"role\": \"assistant\""),
+])
+def test_bad_records_are_named_with_file_and_line(pref_recipe, tmp_path, record, says):
+    bad = testing.write_jsonl(tmp_path / "bad.jsonl", pairs()[:2] + [record])
+    found = problems_of(pref_recipe(), [f"data.train={bad}"])
+    assert len(found) == 1 and f"bad.jsonl:3: " in found[0] and says in found[0], found
+
+
+@pytest.mark.parametrize("plugins,overrides,says", [
+    (("dpo", "lora"), ["train.packing=true"], "train.packing: preference pairs"),
+    (("dpo", "causal_lm", "lora"), [], "task"),
+    (("dpo", "full"), ["dpo.reference=adapter"], "dpo.reference: adapter: the reference is the "
+                                                 "model with its adapter disabled"),
+    (("dpo", "lora"), ["dpo.loss_type=simpo", "dpo.reference=precompute"],
+     "dpo.reference: precompute: this loss needs no reference model"),
+    (("dpo", "lora"), ["dpo.reference=none"], "dpo.reference: none: this loss compares"),
+    (("dpo", "lora"), ["dpo.reference=copy"], "dpo.reference: copy: with the adapter method"),
+    (("dpo", "lora"), ["dpo.loss_type=ipo", "dpo.label_smoothing=0.1"],
+     "dpo.label_smoothing: is for loss_type sigmoid or robust, not ipo"),
+    (("dpo", "lora"), ["dpo.simpo_gamma=1"], "dpo.simpo_gamma: is for loss_type simpo"),
+    (("dpo", "lora"), ["dpo.label_smoothing=0.5"], "dpo.label_smoothing"),
+    (("dpo", "lora"), ["dpo.beta=0"], "dpo.beta"),
+    (("dpo", "lora"), ["dpo.loss_type=kto"], "dpo.loss_type"),
+    (("orpo", "lora"), ["train.packing=true"], "train.packing: preference pairs"),
+    (("dpo", "lora"), ["model.adapter=nowhere"], "model.adapter: "),
+    (("dpo", "full"), ["model.adapter=nowhere"], "model.adapter: starting from an adapter needs"),
+])
+def test_conflicts_are_refused_at_validate(pref_recipe, plugins, overrides, says):
+    found = problems_of(pref_recipe(plugins), overrides)
+    assert any(says in p for p in found), found
+    assert all("\n" not in p for p in found)
+
+
+def test_model_adapter_must_hold_an_adapter_of_the_method(pref_recipe, sft_run, tmp_path):
+    (tmp_path / "empty").mkdir()
+    found = problems_of(pref_recipe(), [f"model.adapter={tmp_path / 'empty'}"])
+    assert found == [f"model.adapter: {tmp_path / 'empty'}: no adapter_config.json in it; give a "
+                     "finished plugtune run directory of an adapter method (lora, ...) or a "
+                     "PEFT adapter directory"] or any("no adapter_config.json" in p for p in found)
+    found = problems_of(pref_recipe(("dpo", "ia3")), [f"model.adapter={sft_run}"])
+    assert any("holds a LORA adapter, not ia3" in p for p in found), found
+    testing.load_recipe(pref_recipe(), [f"model.adapter={sft_run}"])  # a run directory: fine
+    testing.load_recipe(pref_recipe(), [f"model.adapter={sft_run / 'adapter'}"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The planner.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_plan_counts_two_rows_a_pair_and_the_reference(pref_recipe, make_recipe, capsys):
+    from plugtune import cli
+    from plugtune.plan import estimate
+
+    def planned(path, overrides=()):
+        recipe, pm = testing.load_recipe(path, overrides)
+        return estimate(recipe, pm, "cuda")
+
+    sft = planned(make_recipe("sft.yaml", plugins=["causal_lm", "full"]))
+    copy = planned(pref_recipe(("dpo", "full")))
+    pre = planned(pref_recipe(("dpo", "full")), ["dpo.reference=precompute"])
+    lora = planned(pref_recipe())
+    weights = sum(p.bytes for p in copy.plan.params)
+    extra = {m.name: m.bytes for m in copy.plan.extra}
+    assert extra["reference model (frozen copy)"] == weights
+    assert not any("reference" in m.name for m in pre.plan.extra + lora.plan.extra)
+    assert sum(copy.acts.blocks) == pytest.approx(2 * sum(sft.acts.blocks), rel=0.01)
+    assert copy.total() - pre.total() >= weights
+
+    # --fit: where the frozen copy is what does not fit, the precomputed reference does
+    path = pref_recipe(("dpo", "full", "gradient_checkpointing"), train={"batch_size": 1})
+    out = path.with_name("fit.yaml")
+    code = cli.main(["plan", str(path), "--gpu", f"{planned(path).total() - weights // 2:.0f}B",
+                     "--fit", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "dpo: {'reference': 'precompute'}" in text
+    assert testing.load_recipe(out)[0]["dpo"].reference == "precompute"

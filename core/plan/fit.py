@@ -156,8 +156,8 @@ def changes(recipe: "Recipe", chosen: Candidate) -> list[str]:
     after = [p for p in t["plugins"] if p in involved]
     if before != after:
         out.append(f"plugins: {' + '.join(before) or '(none)'} -> {' + '.join(after)}")
-    for name in sorted(involved):
-        if name in t and t.get(name) != old.get(name):
+    for name in sorted(k for k in t if k not in ("plugins", "train")):  # sections set too
+        if t.get(name) != old.get(name):
             out.append(f"{name}: {t[name] or 'defaults'}")
     tr = recipe.train
     if (chosen.batch_size, chosen.grad_accum) != (tr.batch_size, tr.grad_accum):
