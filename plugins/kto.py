@@ -141,7 +141,7 @@ def _rows(batch, part):
     """The completion rows (``part`` 0) or the mismatched rows (1) of a batch."""
     n = batch["input_ids"].shape[0] // 2
     rows = slice(0, n) if part == 0 else slice(n, 2 * n)
-    return {k: batch[k][rows] for k in ("input_ids", "attention_mask", "labels")}
+    return {k: batch[k][rows] for k in ("input_ids", "attention_mask", "labels") if k in batch}
 
 
 class KTO:

@@ -100,7 +100,7 @@ def plugtune_tokenize(records, tokenizer, recipe, split):
 
 def rewards(model, batch):
     """``(r_chosen, r_rejected)``, float32, one reward per pair each."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
     return out.logits.float().squeeze(-1).chunk(2)
 
 
@@ -134,10 +134,11 @@ def plugtune_compute_loss(model, batch, recipe):
 
 @hookimpl
 def plugtune_estimate_memory(plan):
-    """The planner's batch: a pair is two sequences."""
+    """The planner's batch: a pair is two sequences (the preference family's, without labels:
+    a reward is one number per sequence)."""
     def batch(batch_size, seq_len):
-        ids = torch.zeros(2 * batch_size, seq_len, dtype=torch.long, device="meta")
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+        rows = preference.pair_batch(batch_size, seq_len)
+        return {"input_ids": rows["input_ids"],
                 "margin": torch.zeros(batch_size, device="meta")}
     plan.make_batch = batch
 
