@@ -417,3 +417,49 @@ def test_the_plan_counts_two_rows_a_pair_and_the_reference(pref_recipe, make_rec
     assert code == 0, text
     assert "dpo: {'reference': 'precompute'}" in text
     assert testing.load_recipe(out)[0]["dpo"].reference == "precompute"
+
+
+# ---------------------------------------------------------------------------------------------
+# More objectives, evaluation, continuing SFT.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("plugins,section", [(("orpo", "lora"), {}),
+                                             (("dpo", "lora"), {"dpo": {"loss_type": "simpo"}}),
+                                             (("dpo", "lora"), {"dpo": {"loss_type": "hinge"}})])
+def test_other_objectives_raise_the_margin(pref_recipe, plugins, section):
+    _, run = testing.run(pref_recipe(plugins, train={"max_steps": 4}, **section))
+    evals = records_of(run.dir, "eval")
+    assert evals[-1]["rewards/margins"] > evals[0]["rewards/margins"]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    if plugins[0] == "orpo":
+        assert "nll_loss" in evals[-1] and "log_odds_ratio" in evals[-1]
+
+
+def test_plugtune_eval_reports_the_rewards_of_a_finished_run(pref_recipe, tmp_path):
+    _, run = testing.run(pref_recipe(train={"max_steps": 2}))
+    done = subprocess.run([sys.executable, "-m", "plugtune.cli", "eval", str(run.dir)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for key in REWARDS:
+        assert key in done.stdout, done.stdout
+    written = json.loads((run.dir / "eval-validation.json").read_text())["metrics"]
+    logged = records_of(run.dir, "eval")[-1]
+    for key in REWARDS:
+        assert written[key] == pytest.approx(logged[key], abs=1e-5)
+
+
+def test_sft_continues_from_an_adapter(make_recipe, sft_run, tiny_llama):
+    """``model.adapter`` with causal_lm: the SFT adapter trains on, so the first loss is about
+    where the SFT run ended, well below a fresh adapter's."""
+    def first_loss(name, model):
+        _, run = testing.run(make_recipe(f"{name}.yaml", plugins=["causal_lm", "lora"],
+                                         model=model, output={"name": name},
+                                         train={"max_steps": 1, "eval_every": None}))
+        return records_of(run.dir)[0]["loss"]
+
+    fresh = first_loss("fresh", str(tiny_llama))
+    more = first_loss("more", {"name": str(tiny_llama), "adapter": str(sft_run)})
+    sft = records_of(sft_run)
+    assert more < fresh - 0.1
+    assert more < sft[0]["loss"] - 0.1

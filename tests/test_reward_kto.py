@@ -173,6 +173,9 @@ def test_reward_model_exports_as_a_one_label_classifier(reward_recipe, tmp_path,
     evaluated = json.loads((run.dir / "eval-validation.json").read_text())["metrics"]
     assert evaluated["accuracy"] == pytest.approx(summary["eval_after"]["accuracy"])
     assert evaluated["margin"] == pytest.approx(summary["eval_after"]["margin"], abs=1e-5)
+    assert cli.main(["eval", str(run.dir), "--baseline"]) == 0
+    baseline = json.loads((run.dir / "eval-validation-baseline.json").read_text())["metrics"]
+    assert baseline["accuracy"] == pytest.approx(summary["eval_before"]["accuracy"])
 
 
 def test_freeze_trains_the_reward_head(reward_recipe):
@@ -201,19 +204,19 @@ def test_bad_pairs_are_refused_at_validate_with_file_and_line(reward_recipe, cap
     assert "Traceback" not in err
 
 
-def test_shipped_preference_data_is_what_its_script_generates(tmp_path):
+def test_shipped_kto_data_is_what_its_script_makes_of_the_pairs(tmp_path):
     from importlib.resources import files
 
-    from plugtune.recipes.data import make_preference_data
+    from plugtune.recipes.data import make_kto_data
 
-    make_preference_data.main(["--out-dir", str(tmp_path)])
+    make_kto_data.main(["--out-dir", str(tmp_path)])
     shipped = files("plugtune.recipes.data")
-    for name in ("preference", "preference_text", "kto"):
-        for split in ("train", "eval"):
-            made = (tmp_path / f"{name}_{split}.jsonl").read_text()
-            assert made == (shipped / f"{name}_{split}.jsonl").read_text()
-    pairs = [json.loads(line) for line in made.splitlines()]
-    assert len(pairs) == 120 and sum(r["label"] for r in pairs) == 60
+    for split in ("train", "eval"):
+        made = (tmp_path / f"kto_{split}.jsonl").read_text()
+        assert made == (shipped / f"kto_{split}.jsonl").read_text()
+        pairs = (shipped / f"preference_{split}.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in made.splitlines()]
+        assert len(records) == 2 * len(pairs) and sum(r["label"] for r in records) == len(pairs)
 
 
 # ------------------------------------------------------------------------------------ KTO

@@ -1,24 +1,12 @@
-"""Generate the preference data the preference recipes train on (standard library only).
+"""Generate the preference pairs of ``smollm2-dpo`` and ``smollm2-orpo`` from the quickstart
+data (standard library only).
 
-The questions are the quickstart's three short tasks (``recipes/data/make_quickstart_data.py``:
-a review's sentiment, a snippet's topic, an order id as ``ORD-12345``), each with the right
-answer (``chosen``) and a plausible wrong one (``rejected``): the other sentiment, another
-topic, or the order id with one digit changed. The base SmolLM2-135M-Instruct prefers the
-right answer only about half the time, so a reward model's held-out accuracy (and DPO's or
-KTO's implicit rewards) have room to move.
-
-Files written beside this script (``recipes/data``) (deterministic: seeded, no prompt of the held-out split in
-the training split, and no prompt of the quickstart's own files, so SFT -> DPO on the
-quickstart never sees a held-out question):
-
-* ``preference_train.jsonl`` (300) / ``preference_eval.jsonl`` (60): ``{"prompt": [{"role":
-  "user", "content": ...}], "chosen": ..., "rejected": ...}``, the prompt as a conversation
-  (rendered with the model's chat template; the answers are the assistant's turn);
-* ``preference_text_train.jsonl`` / ``preference_text_eval.jsonl``: the same pairs as three
-  strings (no chat template);
-* ``kto_train.jsonl`` (600) / ``kto_eval.jsonl`` (120): the same pairs unpaired, as TRL's
-  ``unpair_preference_dataset`` does: ``{"prompt", "completion", "label"}``, the chosen answer
-  with ``label: true`` and the rejected one with ``label: false``, shuffled.
+Each quickstart chat becomes ``{"prompt": [user turn], "chosen": right answer, "rejected":
+wrong answer}``: the user's turn as a message list (rendered with the model's chat template),
+the reference answer as ``chosen`` and, as ``rejected``, a wrong answer of the kind a small
+model gives: the other sentiment, another topic, or the order number in the wrong form (the
+bare number, or one digit off). Output is deterministic (fixed seed); the held-out pairs come
+from the quickstart's held-out chats.
 
 Usage::
 
@@ -29,89 +17,48 @@ import json
 import os
 import random
 
-from plugtune.recipes.data import make_quickstart_data as quickstart, write_jsonl
+from plugtune.recipes.data import write_jsonl
 
-SEED = 20
-N_TRAIN = 300
-N_EVAL = 60
-DATA = os.path.dirname(os.path.abspath(__file__))
+SEED = 4321
+TOPICS = ["sports", "weather", "food", "music", "tech"]
 
 
-def wrong_order_id(rng, right):
-    """``ORD-12345`` with one digit changed: the near miss a model makes."""
-    digits = list(right.removeprefix("ORD-"))
-    i = rng.randrange(len(digits))
-    digits[i] = rng.choice([d for d in "0123456789" if d != digits[i] and (i or d != "0")])
-    return "ORD-" + "".join(digits)
+def wrong(answer, rng):
+    """A wrong answer in the task's own terms."""
+    if answer in ("positive", "negative"):
+        return "negative" if answer == "positive" else "positive"
+    if answer in TOPICS:
+        return rng.choice([t for t in TOPICS if t != answer])
+    number = answer.removeprefix("ORD-")
+    if rng.random() < 0.5:
+        return number
+    i = rng.randrange(len(number))
+    digit = str((int(number[i]) + rng.randrange(1, 10)) % 10)
+    return f"ORD-{number[:i]}{digit}{number[i + 1:]}"
 
 
-def pair(rng):
-    """``(prompt, chosen, rejected)`` of one question; the tasks in the quickstart's mix."""
-    make = quickstart.MAKERS[rng.randrange(len(quickstart.MAKERS))]
-    prompt, right = make(rng)
-    if make is quickstart.make_sentiment:
-        wrong = "negative" if right == "positive" else "positive"
-    elif make is quickstart.make_topic:
-        wrong = rng.choice([t for t in quickstart.TOPICS if t != right])
-    else:
-        wrong = wrong_order_id(rng, right)
-    return prompt, right, wrong
-
-
-def quickstart_prompts(data_dir):
-    """The user prompts of the quickstart's own files (kept out of these)."""
-    seen = set()
-    for name in ("quickstart_train.jsonl", "quickstart_eval.jsonl"):
-        path = os.path.join(data_dir, name)
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                seen.update(json.loads(line)["messages"][0]["content"] for line in f)
-    return seen
-
-
-def pairs(n, rng, seen):
+def pairs(path, rng):
     out = []
-    while len(out) < n:
-        prompt, chosen, rejected = pair(rng)
-        if prompt not in seen:
-            seen.add(prompt)
-            out.append((prompt, chosen, rejected))
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            messages = json.loads(line)["messages"]
+            answer = messages[-1]["content"]
+            out.append({"prompt": messages[:-1], "chosen": answer,
+                        "rejected": wrong(answer, rng)})
     return out
 
 
-def as_messages(rows):
-    return [{"prompt": [{"role": "user", "content": p}], "chosen": c, "rejected": r}
-            for p, c, r in rows]
-
-
-def as_text(rows):
-    return [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in rows]
-
-
-def as_kto(rows):
-    """Each pair as two unpaired records, the chosen answer desirable and the rejected not,
-    shuffled (seeded), so neighbouring records do not share a prompt."""
-    rows = [{"prompt": [{"role": "user", "content": p}], "completion": answer, "label": label}
-            for p, c, r in rows for answer, label in ((c, True), (r, False))]
-    random.Random(SEED).shuffle(rows)
-    return rows
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out-dir", default=DATA)
-    args = ap.parse_args(argv)
+def main():
+    here = os.path.dirname(os.path.abspath(__file__))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", default=here)
+    args = parser.parse_args()
     rng = random.Random(SEED)
-    seen = quickstart_prompts(DATA)
-    held_out = pairs(N_EVAL, rng, seen)  # first, so training never sees a held-out prompt
-    train = pairs(N_TRAIN, rng, seen)
-    os.makedirs(args.out_dir, exist_ok=True)
-    for name, form in (("preference", as_messages), ("preference_text", as_text),
-                       ("kto", as_kto)):
-        for split, rows in (("train", train), ("eval", held_out)):
-            write_jsonl(os.path.join(args.out_dir, f"{name}_{split}.jsonl"), form(rows))
-    print(f"wrote {len(train)} train / {len(held_out)} held-out pairs (and their KTO form: "
-          f"{2 * len(train)} / {2 * len(held_out)} records) to {args.out_dir}")
+    for source, target in (("quickstart_train.jsonl", "preference_train.jsonl"),
+                           ("quickstart_eval.jsonl", "preference_eval.jsonl")):
+        rows = pairs(os.path.join(here, source), rng)
+        write_jsonl(os.path.join(args.out_dir, target), rows)
+        print(f"{target}: {len(rows)} pairs")
 
 
 if __name__ == "__main__":
