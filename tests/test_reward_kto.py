@@ -338,6 +338,10 @@ def test_kto_learns_and_logs_rewards_and_kl(kto_recipe):
     assert before["rewards/chosen"] == pytest.approx(0, abs=1e-6)  # LoRA starts as the base
     assert after["rewards/chosen"] > after["rewards/rejected"]
     assert after["eval_loss"] < before["eval_loss"]
+    assert cli.main(["eval", str(run.dir)]) == 0  # z0 = 0 in evaluations: the same figures
+    again = json.loads((run.dir / "eval-validation.json").read_text())["metrics"]
+    for key in ("eval_loss", "rewards/chosen", "rewards/rejected", "kl"):
+        assert again[key] == pytest.approx(after[key], abs=1e-5)
 
 
 def test_kto_resumes_with_its_reference_point(kto_recipe):
