@@ -106,16 +106,22 @@ def mismatched(records):
 
     partners = []
     for i, record in enumerate(records):
-        mine = record.data
-        order = [(i + k) % n for k in range(1, n)]
-        fits = [j for j in order if records[j].data["completion"] != mine["completion"]
-                and kind(records[j].data) == kind(mine)]
-        best = [j for j in fits if records[j].data["prompt"] != mine["prompt"]]
-        if not fits:
+        mine, fallback, partner = record.data, None, None
+        for k in range(1, n):  # the first fit is usually a few records on
+            j = (i + k) % n
+            other = records[j].data
+            if other["completion"] == mine["completion"] or kind(other) != kind(mine):
+                continue
+            if other["prompt"] != mine["prompt"]:
+                partner = j
+                break
+            fallback = j if fallback is None else fallback
+        partner = partner if partner is not None else fallback
+        if partner is None:
             raise DataError(f"{record.where}: no other record of this split has a different "
                             "completion of the same kind, so the KL reference point cannot be "
                             "estimated; add records with other completions")
-        partners.append((best or fits)[0])
+        partners.append(partner)
     return partners
 
 
