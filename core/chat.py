@@ -134,14 +134,17 @@ def describe(tokenizer: Any, value: str | None) -> dict[str, Any]:
 
 
 def save(run_dir: str | Path, tokenizer: Any, value: str | None) -> None:
-    """Keep the run's chat template beside its recipe (``chat_template.jinja``) and say in the
-    manifest where it came from; the saved tokenizer carries it too."""
+    """Say in the manifest where the run's chat template came from and, where the recipe set
+    one (``value``), keep it beside the recipe (``chat_template.jinja``); the saved tokenizer
+    carries it too."""
     from . import rundir
 
     text = getattr(tokenizer, "chat_template", None)
-    if isinstance(text, str):
+    if not isinstance(text, str):
+        return
+    if value is not None:
         rundir.atomic_write(Path(run_dir) / "chat_template.jinja", text)
-        rundir.update_manifest(run_dir, chat_template=describe(tokenizer, value))
+    rundir.update_manifest(run_dir, chat_template=describe(tokenizer, value))
 
 
 def stop_ids(model: Any, tokenizer: Any) -> list[int]:
