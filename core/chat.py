@@ -120,7 +120,16 @@ def load_tokenizer(hook: Any, recipe: Any) -> Any:
     from .state import first
 
     tokenizer = first(hook.plugtune_load_tokenizer, "load the tokenizer", recipe=recipe)
-    return use_template(tokenizer, recipe.data.chat_template)
+    return use_template(tokenizer, chosen(recipe, tokenizer))
+
+
+def chosen(recipe: Any, tokenizer: Any) -> str | None:
+    """The template to set: ``data.chat_template``; for ``data.format: alpaca`` on a tokenizer
+    without a template (a base model's), Stanford Alpaca's prompt (``alpaca``); else None."""
+    value = recipe.data.chat_template
+    if value is None and recipe.data.format == "alpaca" and not tokenizer.chat_template:
+        return "alpaca"
+    return value
 
 
 def describe(tokenizer: Any, value: str | None) -> dict[str, Any]:
@@ -128,23 +137,26 @@ def describe(tokenizer: Any, value: str | None) -> dict[str, Any]:
     text = getattr(tokenizer, "chat_template", None)
     source = ("tokenizer" if value is None else "file" if is_path(value)
               else "jinja" if is_jinja(value) else canonical(value))
+    if source == "tokenizer":  # or a named template (the alpaca format's, a reloaded run's)
+        source = next((n for n in TEMPLATES if text == named(n)), source)
     return {"source": source, "path": value if source == "file" else None,
             "sha256": hashlib.sha256(text.encode()).hexdigest() if isinstance(text, str)
             else None}
 
 
 def save(run_dir: str | Path, tokenizer: Any, value: str | None) -> None:
-    """Say in the manifest where the run's chat template came from and, where the recipe set
-    one (``value``), keep it beside the recipe (``chat_template.jinja``); the saved tokenizer
+    """Say in the manifest where the run's chat template came from and, unless it is the
+    tokenizer's own, keep it beside the recipe (``chat_template.jinja``); the saved tokenizer
     carries it too."""
     from . import rundir
 
     text = getattr(tokenizer, "chat_template", None)
     if not isinstance(text, str):
         return
-    if value is not None:
+    described = describe(tokenizer, value)
+    if described["source"] != "tokenizer":
         rundir.atomic_write(Path(run_dir) / "chat_template.jinja", text)
-    rundir.update_manifest(run_dir, chat_template=describe(tokenizer, value))
+    rundir.update_manifest(run_dir, chat_template=described)
 
 
 def stop_ids(model: Any, tokenizer: Any) -> list[int]:

@@ -193,6 +193,25 @@ def test_alpaca_with_the_alpaca_template_is_stanford_alpacas_prompt(make_recipe,
     assert learnt_spans(got["input_ids"], got["labels"], tokenizer) == ["APPLE<|im_end|>\n\n"]
 
 
+def test_alpaca_on_a_tokenizer_without_a_template_is_the_alpaca_prompt(make_recipe, tmp_path):
+    """A base model's tokenizer has no chat template: ``data.format: alpaca`` then renders
+    Stanford Alpaca's prompt (the ``alpaca`` template), and the run keeps it."""
+    model = testing.tiny_model(tmp_path / "base", "llama", CORPUS)
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    path = testing.write_jsonl(tmp_path / "alpaca.jsonl", [ALPACA] * 8)
+    recipe = make_recipe(model=str(model), data={"train": str(path), "validation": str(path),
+                                                 "format": "alpaca"}, train={"max_steps": 1})
+    summary, run = testing.run(recipe)
+    example = run.data["validation"].examples[0]
+    assert run.tokenizer.decode(example["input_ids"]).startswith("Below is an instruction")
+    assert json.loads((run.dir / "manifest.json").read_text())["chat_template"]["source"] == \
+        "alpaca"
+    assert (run.dir / "chat_template.jinja").read_text() == chat.named("alpaca")
+
+
 @pytest.mark.parametrize("fmt, record, spans", [
     ("prompt_completion", {"prompt": "Echo: apple\n", "completion": "APPLE"},
      ["APPLE<|im_end|>"]),
