@@ -18,7 +18,7 @@ from plugtune.data import REAL_TOKENS, Tokenized, check_each, eval_batch_size, p
 from plugtune.errors import DataError
 from plugtune.loss import IGNORE, chunked_cross_entropy, cross_entropy
 from plugtune.models import read_config
-from plugtune.plugins import generation_metrics
+from plugtune.plugins import formats, generation_metrics
 from plugtune.plugins.generation_metrics import normalize  # noqa: F401  (its old home)
 
 PLUGTUNE_ROLES = {"task"}
@@ -97,10 +97,13 @@ def plugtune_check_recipe(recipe):
 
 def role_problems(recipe):
     known, problems = recipe["causal_lm"].roles, []
+    tags = formats.tags("sharegpt", recipe.data.roles)
     for role in recipe.data.roles_to_train:
         if role not in known:
+            hint = (f"the data's tag {role!r} is the role {tags[role]!r}" if role in tags else
+                    "map the data's tags to them with data.roles")
             problems.append(f"data.roles_to_train: {role!r} is not a role; roles are "
-                            f"{', '.join(known)} (map the data's tags to them with data.roles)")
+                            f"{', '.join(known)} ({hint})")
     for role, tags in recipe.data.roles.items():
         if role not in known:
             tag = next(iter([tags] if isinstance(tags, str) else tags), None)

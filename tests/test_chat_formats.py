@@ -364,3 +364,10 @@ def test_smollm2_template_renders_as_smollm2s_own(smollm2, make_recipe):
                                                   add_generation_prompt=gen,
                                                   chat_template=chat.named("smollm2"))
             assert own == named
+
+
+def test_a_tag_in_roles_to_train_is_named_with_its_role(make_recipe, capsys):
+    """axolotl recipes often say roles_to_train: [gpt]; plugtune's roles are the roles."""
+    code, err = validate(capsys, make_recipe(data={"roles_to_train": ["gpt"]}))
+    assert code == 2 and "data.roles_to_train: 'gpt' is not a role" in err, err
+    assert "the data's tag 'gpt' is the role 'assistant'" in err, err

@@ -208,7 +208,8 @@ SYNONYMS = {
     "sample_packing": "packing", "padding_free": "packing", "pack_sequences": "packing",
     "formatting": "format", "conversation_style": "format", "chat_template_jinja":
     "chat_template", "template": "chat_template", "message_property_mappings": "message_fields",
-    "tags": "roles", "train_on_inputs": "roles_to_train",
+    "tags": "roles", "train_on_inputs": "roles_to_train", "field_messages": "columns",
+    "message_field_role": "message_fields", "message_field_content": "message_fields",
 }
 DATA_PATH_KEYS = ("train", "validation", "test")
 
