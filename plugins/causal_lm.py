@@ -179,7 +179,9 @@ def check_messages(messages, where, roles=ROLES, train=("assistant",)):
                             f"{_json_kind(m['content'])}")
         if m["role"] not in roles:
             raise DataError(f"{where}: messages[{i}] has unknown role {m['role']!r}; roles are "
-                            f"{', '.join(roles)} (set causal_lm.roles for a template with others)")
+                            f"{', '.join(roles)} (map the data's tags to them with data.roles, "
+                            f"e.g. {{assistant: {m['role']}}}, or set causal_lm.roles for a "
+                            "template with others)")
     if not any(m["role"] in train for m in messages):
         if tuple(train) == ("assistant",):
             raise DataError(f"{where}: this conversation has no assistant turn, so there is "
@@ -193,7 +195,8 @@ def check_fields(data, where):
     if not ("text" in data or "messages" in data or {"prompt", "completion"} <= set(data)):
         raise DataError(f"{where}: a causal_lm record needs \"text\", \"prompt\" and "
                         f"\"completion\", or \"messages\"; this one has {sorted(data)} (map "
-                        "other column names with data.columns)")
+                        "other column names with data.columns; data.format reads ShareGPT and "
+                        "Alpaca records)")
 
 
 def check_strings(data, where):
