@@ -94,6 +94,20 @@ def test_each_named_template_learns_every_assistant_end_of_turn_and_no_prompt_to
         assert text in unlearnt  # system and user turns whole, none of them learnt
 
 
+def test_generation_stops_at_the_templates_end_of_turn(tokenizer, tiny_llama):
+    """ChatML on a tokenizer whose eos is </s>: <|im_end|> becomes its eos token, and
+    generation (evaluation's and ``plugtune generate``'s) stops at it as well as at the
+    model's own eos."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    chat.use_template(tokenizer, "chatml")
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token != "<|im_end|>"
+    stops = chat.stop_ids(model, tokenizer)
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in stops
+    assert model.generation_config.eos_token_id in stops
+
+
 def test_a_template_the_tokenizer_would_split_is_refused(make_recipe):
     """The tiny test model's tokenizer has no <|eot_id|>: a Llama 3 template would teach it a
     string of pieces it never stops at."""
