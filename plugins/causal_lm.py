@@ -104,10 +104,10 @@ def role_problems(recipe):
                     "map the data's tags to them with data.roles")
             problems.append(f"data.roles_to_train: {role!r} is not a role; roles are "
                             f"{', '.join(known)} ({hint})")
-    for role, tags in recipe.data.roles.items():
+    for role, names in recipe.data.roles.items():
         if role not in known:
-            tag = next(iter([tags] if isinstance(tags, str) else tags), None)
-            flip = f"; did you mean {{{tags}: {role}}}?" if tag in known else ""
+            tag = next(iter([names] if isinstance(names, str) else names), None)
+            flip = f"; did you mean {{{tag}: {role}}}?" if tag in known else ""
             problems.append(f"data.roles: {role!r} is not a role; data.roles maps a role to the "
                             f"tag(s) the data uses for it ({{assistant: gpt}}){flip}")
     return problems
