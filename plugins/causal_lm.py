@@ -182,12 +182,25 @@ def check_messages(messages, where, roles=ROLES, train=("assistant",)):
                             f"{', '.join(roles)} (map the data's tags to them with data.roles, "
                             f"e.g. {{assistant: {m['role']}}}, or set causal_lm.roles for a "
                             "template with others)")
-    if not any(m["role"] in train for m in messages):
+    if not any(is_learnt(m, train, where, i) for i, m in enumerate(messages)):
         if tuple(train) == ("assistant",):
             raise DataError(f"{where}: this conversation has no assistant turn, so there is "
                             "nothing to learn; add the assistant's answer (role \"assistant\")")
         raise DataError(f"{where}: this conversation has no turn of {', '.join(train)} "
                         "(data.roles_to_train), so there is nothing to learn")
+
+
+def is_learnt(message, train, where="a record", i=0):
+    """Whether a turn is learnt: its own ``train`` (true/false) or ``weight`` (1/0) field, as
+    axolotl reads them, where it has one (not null); else whether its role is in ``train``
+    (``data.roles_to_train``)."""
+    flag = message.get("train", message.get("weight"))
+    if flag is None:
+        return message["role"] in train
+    if flag not in (0, 1):  # True and False are 1 and 0
+        raise DataError(f"{where}: messages[{i}] train/weight must be true/false or 1/0, got "
+                        f"{_json_kind(flag)}")
+    return bool(flag)
 
 
 def check_fields(data, where):
@@ -232,7 +245,7 @@ def encode_messages(tokenizer, messages, where, roles=ROLES, train=("assistant",
     ends = end_tokens(tokenizer) if ends is None else ends
     ids = _ids(tokenizer, _render(tokenizer, messages, where=where))
     labels = [IGNORE] * len(ids)
-    learnt = [i for i, m in enumerate(messages) if m["role"] in train]
+    learnt = [i for i, m in enumerate(messages) if is_learnt(m, train, where, i)]
     for i, m in enumerate(messages):
         if i not in learnt and eos != "all":
             continue

@@ -5,8 +5,9 @@ fields the ``causal_lm`` task reads (``messages`` of role/content turns, ``promp
 - ``openai``: ``{"messages": [{"role", "content"}, ...]}`` (torchtune's ``openai`` style);
 - ``sharegpt``: ``{"conversations": [{"from", "value"}, ...], "system"?}`` with the tags
   ``human``, ``gpt``, ``system``, ``tool``/``observation`` (LLaMA-Factory's and torchtune's);
-- ``alpaca``: ``{"instruction", "input"?, "output", "system"?}``, as messages: a user turn
-  (the instruction, then a blank line and the input where there is one) and an assistant turn;
+- ``alpaca``: ``{"instruction", "input"?, "output", "system"?, "history"?}``, as messages: a
+  user turn (the instruction, then a blank line and the input where there is one) and an
+  assistant turn, after the ``history`` pairs;
   rendered with the chat template (``data.chat_template: alpaca`` is Stanford Alpaca's prompt);
 - ``prompt_completion``: ``{"prompt", "completion"}``; ``text`` (axolotl: ``completion``):
   ``{"text"}``, learnt whole;
@@ -73,7 +74,7 @@ def convert_record(record, fmt, roles=None, fields=None):
         record.data = {**rest, "messages": messages}
     elif fmt == "alpaca":
         record.data = {k: v for k, v in data.items()
-                       if k not in ("instruction", "input", "output", "system")}
+                       if k not in ("instruction", "input", "output", "system", "history")}
         record.data["messages"] = alpaca_messages(data, where)
     return record
 
@@ -106,12 +107,21 @@ def conversation(data, fmt, roles, fields, where):
 
 
 def alpaca_messages(data, where):
-    """An Alpaca record's messages: [system,] user (instruction [+ input]), assistant."""
+    """An Alpaca record's messages: [system,] the ``history`` pairs (LLaMA-Factory's earlier
+    ``[instruction, response]`` turns), user (instruction [+ input]), assistant."""
     instruction = _string(data["instruction"], '"instruction"', where)
     extra = _string(data.get("input") or "", '"input"', where)
     system = _string(data.get("system") or "", '"system"', where)
     user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-    return ([{"role": "system", "content": system}] if system.strip() else []) + [
+    history = data.get("history") or []
+    if not isinstance(history, list) or not all(
+            isinstance(h, list) and len(h) == 2 and all(isinstance(t, str) for t in h)
+            for h in history):
+        raise DataError(f"{where}: \"history\" must be a list of [instruction, response] "
+                        f"string pairs, got {_kind(history)}")
+    earlier = [{"role": role, "content": text} for pair in history
+               for role, text in zip(("user", "assistant"), pair)]
+    return ([{"role": "system", "content": system}] if system.strip() else []) + earlier + [
         {"role": "user", "content": user},
         {"role": "assistant", "content": _string(data["output"], '"output"', where)}]
 

@@ -226,6 +226,25 @@ def test_alpaca_on_a_tokenizer_without_a_template_is_the_alpaca_prompt(make_reci
     assert (run.dir / "chat_template.jinja").read_text() == chat.named("alpaca")
 
 
+def test_alpaca_history_and_system_are_earlier_turns(make_recipe, tmp_path):
+    record = {"instruction": "Echo: river stone", "output": "RIVER STONE",
+              "system": "Answer in capitals.", "history": [["Echo: apple", "APPLE"]]}
+    got, _ = tokenized(make_recipe, tmp_path, [record], "alpaca.jsonl", format="alpaca")
+    want, _ = tokenized(make_recipe, tmp_path, [{"messages": CONVERSATION}], "openai.jsonl")
+    assert same_example(got, want)
+
+
+def test_a_turns_own_train_flag_overrides_roles_to_train(make_recipe, tmp_path):
+    """axolotl's per-turn ``train``/``weight``: the first answer is not learnt, the user's
+    second question is; ``weight: null`` (as OpenHermes writes it) is no flag."""
+    turns = [{**m, "weight": None} for m in CONVERSATION]
+    turns[2] = {**turns[2], "weight": 0}
+    turns[3] = {**turns[3], "train": True}
+    got, tokenizer = tokenized(make_recipe, tmp_path, [{"messages": turns}])
+    assert learnt_spans(got["input_ids"], got["labels"], tokenizer) == [
+        "Echo: river stone<|im_end|>\n", "RIVER STONE<|im_end|>\n"]
+
+
 @pytest.mark.parametrize("fmt, record, spans", [
     ("prompt_completion", {"prompt": "Echo: apple\n", "completion": "APPLE"},
      ["APPLE<|im_end|>"]),
@@ -273,8 +292,13 @@ def validate(capsys, recipe):
      'bad.jsonl:2: "instruction" must be a string, got a list'),
     ("openai", {"messages": [{"role": "user", "content": "hi"}]},
      "bad.jsonl:2: this conversation has no assistant turn"),
+    ("openai", {"messages": [{"role": "user", "content": "hi"},
+                             {"role": "assistant", "content": "x", "weight": 0.5}]},
+     "bad.jsonl:2: messages[1] train/weight must be true/false or 1/0, got a number 0.5"),
+    ("alpaca", {"instruction": "hi", "output": "x", "history": ["hi", "x"]},
+     'bad.jsonl:2: "history" must be a list of [instruction, response] string pairs'),
 ], ids=["unknown tag", "wrong type", "missing conversations", "missing output",
-        "instruction a list", "no assistant"])
+        "instruction a list", "no assistant", "weight", "history"])
 def test_bad_records_are_one_line_with_file_and_line(fmt, record, expected, make_recipe,
                                                       tmp_path, capsys):
     good = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}]} \
