@@ -137,6 +137,22 @@ def test_roles_to_train_and_train_on_eos(setting, expected, make_recipe):
     assert learnt_spans(example["input_ids"], example["labels"], tokenizer) == expected
 
 
+def test_an_inline_jinja_template(make_recipe):
+    """``data.chat_template`` as a Jinja string: its turns end with the eos token, which is
+    learnt with each answer."""
+    template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token }}"
+                "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    recipe, pm = testing.load_recipe(make_recipe(data={"chat_template": template}))
+    tokenizer = chat.load_tokenizer(pm.hook, recipe)
+    assert tokenizer.chat_template == template
+    data = pm.hook.plugtune_tokenize(records=[Record({"messages": CONVERSATION}, "d.jsonl", 1)],
+                                     tokenizer=tokenizer, recipe=recipe, split="train")
+    example = data.examples[0]
+    # "assistant: " + "APPLE" tokenizes as "assistant:", " APPLE": the space goes with the answer
+    assert learnt_spans(example["input_ids"], example["labels"], tokenizer) == [
+        " APPLE<|im_end|>", " RIVER STONE<|im_end|>"]
+
+
 # --- data formats --------------------------------------------------------------------------
 
 SHAREGPT = {"conversations": [{"from": "system", "value": "Answer in capitals."},
