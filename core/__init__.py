@@ -77,7 +77,9 @@ PUBLIC_MODULES = ("plugtune.hookspecs", "plugtune.testing", "plugtune.errors", "
                   "plugtune.plugins.kbit_family", "plugtune.plugins.generation_metrics",
                   "plugtune.plugins.optimizer_family",
                   # preference objectives (1.2), and the causal-LM helpers they reuse
-                  "plugtune.plugins.preference_family", "plugtune.plugins.causal_lm")
+                  "plugtune.plugins.preference_family", "plugtune.plugins.causal_lm",
+                  # chat templates and record formats
+                  "plugtune.chat", "plugtune.plugins.formats")
 
 __all__ = ["__version__", "API_VERSION", "hookimpl", "Loss", *_LAZY]
 

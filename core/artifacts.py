@@ -17,6 +17,7 @@ from typing import Any
 
 from . import recipe as recipes, sources
 from .build import load_base
+from .chat import stop_ids
 from .errors import InputError, PlugtuneError
 from .state import first
 
@@ -201,5 +202,5 @@ def generate(artifact: Artifact, prompt: str, max_new_tokens: int = 128,
         if temperature > 0 else {"do_sample": False}
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                             **sampling)
+                             eos_token_id=stop_ids(model, tok), **sampling)
     return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)

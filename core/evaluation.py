@@ -10,7 +10,7 @@ from typing import Any
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from . import artifacts, loop, recipe as recipes, rundir
+from . import artifacts, chat, loop, recipe as recipes, rundir
 from .errors import DataError
 
 
@@ -35,7 +35,7 @@ def evaluate(run_dir: str | Path, data: str | None = None, baseline: bool = Fals
     h = pm.hook
     set_seed(recipe.train.seed)
     if baseline:
-        tokenizer = loop.first(h.plugtune_load_tokenizer, "load the tokenizer", recipe=recipe)
+        tokenizer = chat.load_tokenizer(h, recipe)
         model, step = loop.load_base(h, recipe, tokenizer), 0
     else:
         artifact = artifacts.load(run_dir, trust_remote_code=trust_remote_code)

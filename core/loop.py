@@ -21,7 +21,7 @@ from typing import Any, Callable
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from . import manager, rundir
+from . import chat, manager, rundir
 from .build import adapt, count_parameters, load_base, model_kwargs, prepare, setup_model
 from .errors import PlugtuneError
 from .finish import finish, save
@@ -57,7 +57,7 @@ def _setup(recipe: Any, pm: Any, echo: Echo) -> Run:
     set_seed(t.seed)
     acc = Accelerator(mixed_precision=t.mixed_precision)
     run = Run(recipe, pm, acc)
-    run.tokenizer = first(h.plugtune_load_tokenizer, "load the tokenizer", recipe=recipe)
+    run.tokenizer = chat.load_tokenizer(h, recipe)
     splits = first(h.plugtune_read_data, "read the data", recipe=recipe)
     run.sources = getattr(splits, "sources", None) or {}
     test = ("test",) if getattr(splits, "test", None) is not None else ()
@@ -98,6 +98,8 @@ def train(run: Run, echo: Echo = print, resume: tuple[Any, Any] | None = None,
         _resume(run, *resume, on_resume, echo)
     else:
         run.dir = rundir.create(run.recipe, run.sources) if run.is_main else None
+        if run.dir is not None:
+            chat.save(run.dir, run.tokenizer, run.recipe.data.chat_template)
     error: BaseException | None = None
     early: str | None = None
     start = time.perf_counter()

@@ -13,12 +13,12 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 from pydantic import Field, PositiveInt
 
-from plugtune import Section, hookimpl
+from plugtune import Section, chat, hookimpl
 from plugtune.data import REAL_TOKENS, Tokenized, check_each, eval_batch_size, pad
 from plugtune.errors import DataError
 from plugtune.loss import IGNORE, chunked_cross_entropy, cross_entropy
 from plugtune.models import read_config
-from plugtune.plugins import generation_metrics
+from plugtune.plugins import formats, generation_metrics
 from plugtune.plugins.generation_metrics import normalize  # noqa: F401  (its old home)
 
 PLUGTUNE_ROLES = {"task"}
@@ -90,37 +90,86 @@ def packing_problems(recipe):
 
 @hookimpl
 def plugtune_check_recipe(recipe):
-    """Whether the model can be trained on packed rows."""
-    return packing_problems(recipe)
+    """Whether the model can be trained on packed rows; the roles ``data.roles_to_train`` and
+    ``data.roles`` name are roles of ``causal_lm.roles``."""
+    return packing_problems(recipe) + role_problems(recipe)
+
+
+def role_problems(recipe):
+    known, problems = recipe["causal_lm"].roles, []
+    tags = formats.tags("sharegpt", recipe.data.roles)
+    for role in recipe.data.roles_to_train:
+        if role not in known:
+            hint = (f"the data's tag {role!r} is the role {tags[role]!r}" if role in tags else
+                    "map the data's tags to them with data.roles")
+            problems.append(f"data.roles_to_train: {role!r} is not a role; roles are "
+                            f"{', '.join(known)} ({hint})")
+    for role, names in recipe.data.roles.items():
+        if role not in known:
+            tag = next(iter([names] if isinstance(names, str) else names), None)
+            flip = f"; did you mean {{{tag}: {role}}}?" if tag in known else ""
+            problems.append(f"data.roles: {role!r} is not a role; data.roles maps a role to the "
+                            f"tag(s) the data uses for it ({{assistant: gpt}}){flip}")
+    return problems
 
 
 @hookimpl
 def plugtune_check_records(recipe, records):
     """What ``validate`` can tell of the records without a tokenizer: text fields are strings,
     conversations use known roles, string contents and have an assistant turn."""
-    roles = recipe["causal_lm"].roles
+    roles, train = recipe["causal_lm"].roles, recipe.data.roles_to_train
+    template = recipe.data.chat_template
+    template = chat.text_of(template) if template is not None else None
 
     def check(record):
         check_fields(record.data, record.where)
         check_strings(record.data, record.where)
         if "messages" in record.data:
-            check_messages(record.data["messages"], record.where, roles)
+            check_messages(record.data["messages"], record.where, roles, train)
+            if template is not None:
+                render_check(template, record.data["messages"], record.where)
 
     return check_each(records, check)
+
+
+def render_check(template, messages, where):
+    """A DataError naming ``where`` when ``template`` cannot render ``messages`` (e.g. a
+    template that wants user and assistant turns to alternate): what ``validate`` can tell of a
+    recipe's ``data.chat_template`` before the tokenizer loads."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    with _rendering(where):
+        render_jinja_template([messages], chat_template=template, bos_token="<s>",
+                              eos_token="</s>")
+
+
+@contextlib.contextmanager
+def _rendering(where):
+    import jinja2
+
+    try:
+        yield
+    except (jinja2.TemplateError, TypeError, ValueError, IndexError, KeyError) as exc:
+        raise DataError(f"{where}: the chat template cannot render this conversation "
+                        f"({' '.join(str(exc).split())[:160]}); fix the record or choose "
+                        "another data.chat_template") from exc
 
 
 def _ids(tokenizer, text):
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _render(tokenizer, messages, generation_prompt=False):
-    return tokenizer.apply_chat_template(messages, tokenize=False,
-                                         add_generation_prompt=generation_prompt)
+def _render(tokenizer, messages, generation_prompt=False, where="a record"):
+    if not messages:
+        return ""
+    with _rendering(where):
+        return tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
 
 
-def check_messages(messages, where, roles=ROLES):
+def check_messages(messages, where, roles=ROLES, train=("assistant",)):
     """A DataError unless ``messages`` is a conversation to learn from: role/content objects,
-    string contents, known roles, at least one assistant turn."""
+    string contents, known roles, at least one turn of a role in ``train``."""
     if not (isinstance(messages, list) and messages and all(
             isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
         raise DataError(f"{where}: messages must be a list of {{\"role\", \"content\"}} objects")
@@ -130,10 +179,28 @@ def check_messages(messages, where, roles=ROLES):
                             f"{_json_kind(m['content'])}")
         if m["role"] not in roles:
             raise DataError(f"{where}: messages[{i}] has unknown role {m['role']!r}; roles are "
-                            f"{', '.join(roles)} (set causal_lm.roles for a template with others)")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"{where}: this conversation has no assistant turn, so there is nothing "
-                        "to learn; add the assistant's answer (role \"assistant\")")
+                            f"{', '.join(roles)} (map the data's tags to them with data.roles, "
+                            f"e.g. {{assistant: {m['role']}}}, or set causal_lm.roles for a "
+                            "template with others)")
+    if not any(is_learnt(m, train, where, i) for i, m in enumerate(messages)):
+        if tuple(train) == ("assistant",):
+            raise DataError(f"{where}: this conversation has no assistant turn, so there is "
+                            "nothing to learn; add the assistant's answer (role \"assistant\")")
+        raise DataError(f"{where}: this conversation has no turn of {', '.join(train)} "
+                        "(data.roles_to_train), so there is nothing to learn")
+
+
+def is_learnt(message, train, where="a record", i=0):
+    """Whether a turn is learnt: its own ``train`` (true/false) or ``weight`` (1/0) field, as
+    axolotl reads them, where it has one (not null); else whether its role is in ``train``
+    (``data.roles_to_train``)."""
+    flag = message.get("train", message.get("weight"))
+    if flag is None:
+        return message["role"] in train
+    if flag not in (0, 1):  # True and False are 1 and 0
+        raise DataError(f"{where}: messages[{i}] train/weight must be true/false or 1/0, got "
+                        f"{_json_kind(flag)}")
+    return bool(flag)
 
 
 def check_fields(data, where):
@@ -141,7 +208,8 @@ def check_fields(data, where):
     if not ("text" in data or "messages" in data or {"prompt", "completion"} <= set(data)):
         raise DataError(f"{where}: a causal_lm record needs \"text\", \"prompt\" and "
                         f"\"completion\", or \"messages\"; this one has {sorted(data)} (map "
-                        "other column names with data.columns)")
+                        "other column names with data.columns; data.format reads ShareGPT and "
+                        "Alpaca records)")
 
 
 def check_strings(data, where):
@@ -160,28 +228,63 @@ def _json_kind(value):
     return f"{kind} {json.dumps(value, ensure_ascii=False, default=str)[:40]}"
 
 
-def encode_messages(tokenizer, messages, where, roles=ROLES):
-    """Token ids and labels of a conversation: only assistant turns are learnt.
+def encode_messages(tokenizer, messages, where, roles=ROLES, train=("assistant",),
+                    eos="turn", ends=None):
+    """Token ids and labels of a conversation: the turns of the roles in ``train`` are learnt
+    (``data.roles_to_train``), with or without their end (``eos``, ``data.train_on_eos``).
 
-    Each assistant turn is located by rendering the conversation up to it: the tokens between
-    "up to the turn, with the generation prompt" and "up to and including the turn" are its
-    answer (and the template's end-of-turn tokens, so the model learns to stop)."""
-    check_messages(messages, where, roles)
+    Each turn is located by rendering the conversation up to it: it ends where "up to and
+    including the turn" ends, and its content starts where that parts from "up to the turn,
+    with the generation prompt" (an assistant turn) or "... with the turn left empty". Its end
+    is the end-of-turn token after the content (``ends``: :func:`end_tokens`) and what the
+    template puts after it in the turn (a newline)."""
+    check_messages(messages, where, roles, train)
     if tokenizer.chat_template is None:
         raise DataError(f"{where}: messages need a tokenizer with a chat template; this one has "
-                        "none (use prompt/completion records instead)")
-    ids = _ids(tokenizer, _render(tokenizer, messages))
+                        "none (set data.chat_template, e.g. chatml, or alpaca for a base model)")
+    ends = end_tokens(tokenizer) if ends is None else ends
+    ids = _ids(tokenizer, _render(tokenizer, messages, where=where))
     labels = [IGNORE] * len(ids)
+    learnt = [i for i, m in enumerate(messages) if is_learnt(m, train, where, i)]
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if i not in learnt and eos != "all":
             continue
-        start = len(_ids(tokenizer, _render(tokenizer, messages[:i], generation_prompt=True)))
-        upto = _ids(tokenizer, _render(tokenizer, messages[:i + 1]))
+        upto = _ids(tokenizer, _render(tokenizer, messages[:i + 1], where=where))
         if ids[:len(upto)] != upto:
             raise DataError(f"{where}: the chat template does not render this conversation "
-                            "turn by turn, so assistant turns cannot be located")
-        labels[start:len(upto)] = upto[start:]
+                            "turn by turn, so its turns cannot be located")
+        start = turn_start(tokenizer, messages, i, upto, where)
+        stop = next((p for p in range(start, len(upto)) if upto[p] in ends), len(upto))
+        if i in learnt:
+            labels[start:stop] = upto[start:stop]
+        if eos == "all" or i in learnt and (eos == "turn" or eos == "last" and i == learnt[-1]):
+            labels[stop:len(upto)] = upto[stop:]
     return ids, labels
+
+
+def turn_start(tokenizer, messages, i, upto, where):
+    """Where the content of turn ``i`` starts in ``upto`` (the ids of ``messages[:i + 1]``)."""
+    m = messages[i]
+    if m["role"] == "assistant":
+        probe = _render(tokenizer, messages[:i], True, where)
+    else:
+        probe = _render(tokenizer, messages[:i] + [{**m, "content": ""}], where=where)
+    probe = _ids(tokenizer, probe)
+    n = 0
+    while n < min(len(probe), len(upto)) and probe[n] == upto[n]:
+        n += 1
+    return n
+
+
+def end_tokens(tokenizer):
+    """The ids that end a turn: the eos token's, and those of the end-of-turn tokens chat
+    templates use (``plugtune.chat.END_OF_TURN``) that the tokenizer has as one token."""
+    ids = {tokenizer.eos_token_id}
+    for text in chat.END_OF_TURN:
+        found = _ids(tokenizer, text)
+        if len(found) == 1:
+            ids.add(found[0])
+    return ids
 
 
 def special_prefix(tokenizer):
@@ -196,18 +299,19 @@ def special_prefix(tokenizer):
     return []
 
 
-def encode(record, tokenizer, prefix=(), roles=ROLES):
+def encode(record, tokenizer, prefix=(), roles=ROLES, **turns):
     """``(input_ids, labels, prompt_ids or None, reference or None)`` for one record;
-    ``prefix`` (see :func:`special_prefix`) starts text and prompt/completion records."""
+    ``prefix`` (see :func:`special_prefix`) starts text and prompt/completion records;
+    ``turns``: :func:`encode_messages`' ``train``, ``eos`` and ``ends``."""
     data, eos, prefix = record.data, [tokenizer.eos_token_id], list(prefix)
     check_fields(data, record.where)
     check_strings(data, record.where)
     if "messages" in data:
-        ids, labels = encode_messages(tokenizer, data["messages"], record.where, roles)
+        ids, labels = encode_messages(tokenizer, data["messages"], record.where, roles, **turns)
         last = data["messages"][-1]
         if last["role"] != "assistant":
             return ids, labels, None, None
-        prompt = _ids(tokenizer, _render(tokenizer, data["messages"][:-1], True))
+        prompt = _ids(tokenizer, _render(tokenizer, data["messages"][:-1], True, record.where))
         return ids, labels, prompt, last["content"]
     if "prompt" in data and "completion" in data:
         prompt = prefix + _ids(tokenizer, str(data["prompt"]))
@@ -275,10 +379,11 @@ def packed_collator(pad_id, width):
 @hookimpl
 def plugtune_tokenize(records, tokenizer, recipe):
     max_len, truncated, examples = recipe.train.max_length, 0, []
-    prefix = special_prefix(tokenizer)
+    prefix, d = special_prefix(tokenizer), recipe.data
+    turns = {"train": d.roles_to_train, "eos": d.train_on_eos, "ends": end_tokens(tokenizer)}
     for record in records:
         ids, labels, prompt, reference = encode(record, tokenizer, prefix,
-                                                recipe["causal_lm"].roles)
+                                                recipe["causal_lm"].roles, **turns)
         if len(ids) > max_len:
             truncated += 1
             ids, labels = ids[:max_len], labels[:max_len]
@@ -460,7 +565,8 @@ def generate(model, tokenizer, prompts, max_new_tokens, batch_size, device):
         ids = pad(chunk, tokenizer.pad_token_id, left=True).to(device)
         mask = pad([[1] * len(p) for p in chunk], 0, left=True).to(device)
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=chat.stop_ids(model, tokenizer))
         answers += tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
     return answers
 

@@ -2,9 +2,10 @@
 row), plain text (one ``{"text": line}`` record per non-empty line), Parquet and Arrow files;
 directories written by ``datasets``' ``save_to_disk``; and ``{dataset: NAME, config, split}``
 splits of hub datasets through the ``datasets`` library. ``data.columns`` maps record fields to
-the columns they are read from. A record names its file and line (``file:12``), or its table
-and row (``file:row 12``), for error messages. Without ``data.validation`` a seeded
-``data.val_fraction`` of the training records is held out."""
+the columns they are read from, and ``data.format`` (``plugtune.plugins.formats``) turns
+community formats (ShareGPT, Alpaca) into the fields tasks read. A record names its file and
+line (``file:12``), or its table and row (``file:row 12``), for error messages. Without
+``data.validation`` a seeded ``data.val_fraction`` of the training records is held out."""
 import csv
 import io
 import json
@@ -13,6 +14,7 @@ from pathlib import Path
 from plugtune import active_roles, hookimpl, is_file
 from plugtune.data import Record, map_columns, read_splits
 from plugtune.errors import DataError, first_line
+from plugtune.plugins import formats
 from plugtune.sources import hub_offline
 
 PLUGTUNE_DEFAULT = True
@@ -260,7 +262,7 @@ def plugtune_check_recipe(recipe):
             if _skipped(source):
                 continue
             try:
-                read_source(source, key, recipe.data.columns)
+                formats.convert(read_source(source, key, recipe.data.columns), recipe.data)
             except DataError as exc:
                 problems.append(f"data.{key}: {exc}")
     return problems
@@ -269,5 +271,6 @@ def plugtune_check_recipe(recipe):
 @hookimpl(trylast=True)
 def plugtune_read_data(recipe):
     sources = {}
-    return read_splits(recipe, lambda source, key: read_source(source, key, sources=sources),
-                       sources)
+    return formats.convert_splits(read_splits(
+        recipe, lambda source, key: read_source(source, key, sources=sources), sources),
+        recipe.data)

@@ -164,6 +164,9 @@ def _absolute_paths(tree: dict[Any, Any], base: Path) -> None:
     data = tree.get("data")
     if not isinstance(data, dict):
         return
+    template = data.get("chat_template")
+    if isinstance(template, str) and template.endswith(".jinja") and "{" not in template:
+        data["chat_template"] = str(base / template)  # a path, not a name or Jinja text
     for key in DATA_PATH_KEYS:
         value = data.get(key)
         if isinstance(value, (str, list, dict)):

@@ -60,6 +60,36 @@ class DataSection(Section):
                                 description="held-out share without validation")
     columns: dict[str, str] = Field(default={}, description="record field -> the column it is "
                                     "read from ({text: body}), for every source")
+    format: Literal["auto", "openai", "sharegpt", "alpaca", "prompt_completion", "text",
+                    "completion"] = Field(
+        default="auto", description="the records' shape: openai ({messages: [{role, content}]}), "
+        "sharegpt ({conversations: [{from, value}]}), alpaca ({instruction, input, output}), "
+        "prompt_completion ({prompt, completion}), text ({text}; completion is axolotl's name "
+        "for it); auto: each record by its fields")
+    roles: dict[str, str | list[str]] = Field(
+        default={}, description="role -> the tag(s) a conversation's records use for it "
+        "({user: human, assistant: [gpt, bot]}); sharegpt's human, gpt, system, tool are known")
+    message_fields: dict[Literal["role", "content"], str] = Field(
+        default={}, description="message field -> the key it is read from "
+        "({role: from, content: value}); default role/content, from/value for sharegpt")
+    chat_template: str | None = Field(
+        default=None, description="the chat template conversations are rendered with: a name "
+        "(chatml, llama-3, llama-2, mistral, qwen2.5, phi-3, smollm2, gemma, alpaca), a Jinja "
+        "string, or a .jinja file; null: the tokenizer's own. Saved with the run's tokenizer")
+    roles_to_train: list[str] = Field(default=["assistant"], min_length=1,
+                                      description="the roles whose turns are learnt")
+    train_on_eos: Literal["turn", "last", "all", "none"] = Field(
+        default="turn", description="which end-of-turn tokens are learnt: those of learnt turns "
+        "(turn), of the last learnt turn only (last), of every turn (all), or none")
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template(cls, v: str | None) -> str | None:
+        from ..chat import problem
+
+        if v is not None and (found := problem(v)):
+            raise ValueError(found)
+        return v
 
     @field_validator("train", "validation", "test", mode="before")
     @classmethod
@@ -180,6 +210,10 @@ SYNONYMS = {
     "datasets": "train", "train_file": "train", "validation_file": "validation",
     "val_set_size": "val_fraction", "eval_file": "validation", "test_file": "test",
     "sample_packing": "packing", "padding_free": "packing", "pack_sequences": "packing",
+    "formatting": "format", "conversation_style": "format", "chat_template_jinja":
+    "chat_template", "template": "chat_template", "message_property_mappings": "message_fields",
+    "tags": "roles", "train_on_inputs": "roles_to_train", "field_messages": "columns",
+    "message_field_role": "message_fields", "message_field_content": "message_fields",
 }
 DATA_PATH_KEYS = ("train", "validation", "test")
 
