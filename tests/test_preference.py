@@ -332,8 +332,8 @@ def problems_of(path, overrides=()):
     ({"prompt": "Echo: a", "chosen": "A"}, "needs \"prompt\", \"chosen\" and \"rejected\"; this "
                                            "one has no 'rejected'"),
     ({"prompt": "Echo: a", "chosen": "A", "rejected": "A"}, "are the same"),
-    ({"prompt": "Echo: a", "chosen": 3, "rejected": "a"}, "\"chosen\" must be a string or a "
-                                                          "list of assistant messages, got a number"),
+    ({"prompt": "Echo: a", "chosen": 3, "rejected": "a"},
+     "\"chosen\" must be a string or a list of assistant messages, got a number"),
     ({"prompt": None, "chosen": "A", "rejected": "a"}, "\"prompt\" must be a string or a list "
                                                        "of messages, got null"),
     ({"prompt": "Echo: a", "chosen": [{"role": "assistant", "content": "A"}], "rejected": "a"},
