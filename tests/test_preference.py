@@ -534,3 +534,13 @@ def test_two_processes_take_the_same_step_as_one(pref_recipe, tmp_path):
     for x, y in zip(records_of(one.dir), records_of(two_dir)):
         for key in ("loss",) + REWARDS:
             assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-6), key
+
+
+def test_the_plan_of_a_run_started_from_an_adapter(pref_recipe, sft_run, tiny_llama):
+    from plugtune.plan import estimate
+
+    recipe, pm = testing.load_recipe(pref_recipe(model={"name": str(tiny_llama),
+                                                        "adapter": str(sft_run)}))
+    plan = estimate(recipe, pm, "cuda").plan
+    adapter = sum(p.bytes for p in plan.params if p.trainable)
+    assert {m.name: m.bytes for m in plan.extra}["reference adapter (frozen)"] == adapter > 0
