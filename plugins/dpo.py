@@ -1,8 +1,9 @@
-"""Direct preference optimization and its variants (TRL's loss types): on ``{"prompt",
-"chosen", "rejected"}`` records (:mod:`plugtune.plugins.preference_family`), the policy learns
-to give the chosen answer more probability than the rejected one, relative to a reference
-model (SimPO: without one). The objective is the mean of the per-pair loss over the optimizer
-step's pairs. docs/preference.md has the formulas and the reference modes."""
+"""DPO and its variants (sigmoid, ipo, hinge, robust, simpo) on prompt/chosen/rejected pairs.
+
+On ``{"prompt", "chosen", "rejected"}`` records (:mod:`plugtune.plugins.preference_family`),
+the policy learns to give the chosen answer more probability than the rejected one, relative to
+a reference model (SimPO: without one). The objective is the mean of the per-pair loss over the
+optimizer step's pairs. docs/preference.md has the formulas and the reference modes."""
 from typing import Literal
 
 import torch

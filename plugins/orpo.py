@@ -1,4 +1,6 @@
-"""ORPO, odds-ratio preference optimization (Hong et al. 2024): supervised learning of the chosen
+"""ORPO: the chosen answer's NLL plus an odds-ratio penalty, no reference model.
+
+Odds-ratio preference optimization (Hong et al. 2024): supervised learning of the chosen
 answer plus a penalty on the odds of the rejected one, with no reference model, on
 ``{"prompt", "chosen", "rejected"}`` records (:mod:`plugtune.plugins.preference_family`).
 

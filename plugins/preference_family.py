@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from plugtune.data import Record, Tokenized, check_each, pad
-from plugtune.errors import DataError
+from plugtune.errors import DataError, PlugtuneError
 from plugtune.loss import IGNORE
 from plugtune.plugins import causal_lm, peft_family
 
@@ -242,8 +242,8 @@ def collator(pad_id: int) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
             for e in examples:
                 ids.append(e["prompt_ids"] + e[side])
                 labels.append([IGNORE] * len(e["prompt_ids"]) + e[side])
-        batch = {"input_ids": pad(ids, pad_id), "attention_mask": pad([[1] * len(i) for i in ids], 0),
-                 "labels": pad(labels, IGNORE)}
+        batch = {"input_ids": pad(ids, pad_id), "labels": pad(labels, IGNORE),
+                 "attention_mask": pad([[1] * len(i) for i in ids], 0)}
         if all("reference_chosen" in e for e in examples):
             batch[REFERENCE_KEY] = torch.tensor(
                 [e["reference_chosen"] for e in examples]
@@ -283,7 +283,7 @@ def sequence_logps(model: Any, batch: dict[str, Any], chunk_tokens: int | None =
     import torch
     import torch.utils.checkpoint
 
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+    inputs: dict[str, Any] = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
     if "attention_mask" in inputs:  # (without one transformers reads packed sequences from
         inputs["use_cache"] = False  # the positions, a host sync the planner cannot make)
     labels = batch["labels"]
@@ -462,8 +462,10 @@ def reference_logps(model: Any, batch: dict[str, Any], recipe: "Recipe") -> "tor
             with _autocast(recipe, device):
                 return sequence_logps(frozen, batch)[0]
         if not hasattr(base, "disable_adapter"):
-            raise RuntimeError("no reference model: the model has no adapter to disable and "
-                               "no frozen copy was kept (preference_family.freeze_copy)")
+            raise PlugtuneError("no reference model: a fully fine-tuned model keeps no copy of "
+                                "the model it started from after training, so its preference "
+                                "loss and rewards cannot be evaluated here (the run's own "
+                                "evaluations are in its metrics.jsonl)")
         if recipe.model.adapter is not None:
             load_reference_adapter(base, recipe)
             with _reference_adapter(base):
@@ -500,7 +502,7 @@ def precompute(run: "Run", echo: Callable[[str], object] = print) -> None:
         saved = load_file(path)
         for split, data in run.data.items():
             chosen, rejected = saved.get(f"{split}.chosen"), saved.get(f"{split}.rejected")
-            if chosen is None or len(chosen) != len(data.examples):
+            if chosen is None or rejected is None or len(chosen) != len(data.examples):
                 raise DataError(f"{path}: holds no reference log-probabilities for the "
                                 f"{len(data.examples)} pairs of the {split} split (the data "
                                 "changed?); start a new run")

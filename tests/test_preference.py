@@ -6,6 +6,7 @@ precomputed once and read back on resume; the rewards metrics reach the logs and
 eval``; the trained adapter loads in plain peft."""
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -332,8 +333,8 @@ def problems_of(path, overrides=()):
     ({"prompt": "Echo: a", "chosen": "A"}, "needs \"prompt\", \"chosen\" and \"rejected\"; this "
                                            "one has no 'rejected'"),
     ({"prompt": "Echo: a", "chosen": "A", "rejected": "A"}, "are the same"),
-    ({"prompt": "Echo: a", "chosen": 3, "rejected": "a"}, "\"chosen\" must be a string or a "
-                                                          "list of assistant messages, got a number"),
+    ({"prompt": "Echo: a", "chosen": 3, "rejected": "a"},
+     "\"chosen\" must be a string or a list of assistant messages, got a number"),
     ({"prompt": None, "chosen": "A", "rejected": "a"}, "\"prompt\" must be a string or a list "
                                                        "of messages, got null"),
     ({"prompt": "Echo: a", "chosen": [{"role": "assistant", "content": "A"}], "rejected": "a"},
@@ -463,3 +464,83 @@ def test_sft_continues_from_an_adapter(make_recipe, sft_run, tiny_llama):
     sft = records_of(sft_run)
     assert more < fresh - 0.1
     assert more < sft[0]["loss"] - 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# Pairs: shared prompt tokens, EOS, truncation.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_pairs_share_the_prompt_and_end_as_sft_does(tiny_llama):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    prompt, chosen, rejected = pref.encode_pair(pairs()[0], tok, "t:1")
+    assert tok.decode(prompt + chosen) == "Echo: apple\nAPPLE" + tok.eos_token
+    assert chosen[-1] == rejected[-1] == tok.eos_token_id
+    p2, c2, r2 = pref.encode_pair(chat_pairs()[0], tok, "t:1")
+    rendered = tok.apply_chat_template([{"role": "user", "content": "Echo: apple"},
+                                        {"role": "assistant", "content": "APPLE"}], tokenize=False)
+    assert tok.decode(p2 + c2) == rendered
+    assert tok.decode(r2).startswith("apple")
+    batch = pref.collator(tok.pad_token_id)([pref.example(prompt, chosen, rejected)])
+    assert batch["input_ids"].shape[0] == 2
+    for row, answer in zip(batch["labels"], (chosen, rejected)):
+        assert [t for t in row.tolist() if t != -100] == answer
+
+
+def test_truncation_cuts_the_prompt_first_and_counts_what_it_drops(pref_recipe):
+    prompt, chosen, rejected = list(range(10)), [20, 21, 22, 23], [20, 21, 24]
+    assert pref.truncate_pair(prompt, chosen, rejected, 14) == (prompt, chosen, rejected)
+    assert pref.truncate_pair(prompt, chosen, rejected, 8) == (prompt[-4:], chosen, rejected)
+    assert pref.truncate_pair(prompt, chosen, rejected, 7, 4) == (prompt[-4:], chosen[:3],
+                                                                  rejected)
+    assert pref.truncate_pair(prompt, chosen, rejected, 6, 4) is None  # answers now the same
+
+    recipe, pm = testing.load_recipe(pref_recipe(train={"max_length": 12}))
+    tokenizer = pm.hook.plugtune_load_tokenizer(recipe=recipe)
+    long = " ".join(WORDS * 2)
+    records = [Record({"prompt": long, "chosen": "APPLE", "rejected": "apple"}, "d.jsonl", 1),
+               Record({"prompt": "Echo: a", "chosen": long + " x", "rejected": long + " y"},
+                      "d.jsonl", 2),
+               Record(pairs()[1], "d.jsonl", 3)]
+    said = []
+    data = pref.tokenize(records, tokenizer, recipe, "train", echo=said.append)
+    assert len(data.examples) == 2 and data.truncated == 1
+    assert said == ["data: train 1 pair(s) dropped: their answers are the same once cut at "
+                    "train.max_length=12 (first: d.jsonl:2); raise train.max_length or shorten "
+                    "the prompts"]
+    assert all(len(e["prompt_ids"] + e["chosen_ids"]) <= 12 for e in data.examples)
+
+
+def test_two_processes_take_the_same_step_as_one(pref_recipe, tmp_path):
+    """DPO + LoRA, 8 pairs a step: 2 CPU processes x 1x4 (torchrun) == 1 process x 8x1, over
+    two AdamW steps, and the same logged rewards."""
+    train = {"max_steps": 2, "lr": 1e-3, "eval_every": None}
+    _, one = testing.run(pref_recipe(name="one.yaml", output={"name": "one"},
+                                     train={**train, "batch_size": 8}))
+    recipe = pref_recipe(name="two.yaml", output={"name": "two"},
+                         train={**train, "batch_size": 1, "grad_accum": 4})
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "plugtune.cli", "run", str(recipe)],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two_dir = tmp_path / "runs" / "two"
+    a = adapter_weights(one)
+    b = load_file(two_dir / "adapter" / "adapter_model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    for x, y in zip(records_of(one.dir), records_of(two_dir)):
+        for key in ("loss",) + REWARDS:
+            assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-6), key
+
+
+def test_the_plan_of_a_run_started_from_an_adapter(pref_recipe, sft_run, tiny_llama):
+    from plugtune.plan import estimate
+
+    recipe, pm = testing.load_recipe(pref_recipe(model={"name": str(tiny_llama),
+                                                        "adapter": str(sft_run)}))
+    plan = estimate(recipe, pm, "cuda").plan
+    adapter = sum(p.bytes for p in plan.params if p.trainable)
+    assert {m.name: m.bytes for m in plan.extra}["reference adapter (frozen)"] == adapter > 0

@@ -135,7 +135,7 @@ def start_adapter_problems(recipe: Recipe, check_files: bool) -> list[Problem]:
 
     if recipe.core is None or recipe.core.model.adapter is None:
         return []
-    if not recipe.roles.get("adapter"):
+    if not (recipe.roles or {}).get("adapter"):
         return [Problem.parse("model.adapter: starting from an adapter needs the adapter "
                               "method it was trained with among the plugins (lora, ...)")]
     try:
