@@ -5,7 +5,10 @@ bad records are refused at validate with file:line, evaluation does not move wit
 size, and a reward model exports as a one-label classifier giving the same rewards."""
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -328,6 +331,29 @@ def test_kto_step_is_the_same_however_the_batch_is_split(kto_recipe):
         assert kl[0] == 0 and kl[1] > 0, "the third step's reference point should not be 0"
     for name in ("kto-2x4", "kto-1x8"):
         assert max_difference(runs["kto-8x1"], runs[name]) <= 1e-5
+
+
+def test_kto_two_processes_take_the_same_steps_as_one(kto_recipe, tmp_path):
+    """2 CPU processes x 4 examples (torchrun) == 1 process x 8, over three AdamW steps: the
+    KL estimate each step passes to the next is the whole step's, over both processes. (A
+    small rate: AdamW's first steps move each weight by about lr times the sign of its
+    gradient, so the float rounding of near-zero gradients shows at lr scale.)"""
+    over = {"train": {"max_steps": 3, "lr": 1e-4, "batch_size": 8, "eval_every": None}}
+    one, _ = testing.run(kto_recipe("one", plugins=("full",), **over))
+    two = kto_recipe("two", plugins=("full",), train={"max_steps": 3, "lr": 1e-4,
+                                                      "batch_size": 4, "eval_every": None})
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "plugtune.cli", "run", str(two)],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a = load_file(Path(one["artifact"]) / "model.safetensors")
+    b = load_file(tmp_path / "runs" / "two" / "model" / "model.safetensors")
+    assert max_difference(a, b) <= 1e-5
+    kl = [[r["kl"] for r in records_of(d) if "lr" in r]
+          for d in (Path(one["artifact"]).parent, tmp_path / "runs" / "two")]
+    assert kl[1] == pytest.approx(kl[0], abs=1e-6) and kl[0][1] != 0
 
 
 def test_kto_learns_and_logs_rewards_and_kl(kto_recipe):
