@@ -46,23 +46,30 @@ class SGD:
         return torch.optim.SGD(params, lr=recipe.train.lr)
 
 
-@pytest.fixture
-def reward_recipe(tmp_path, tiny_llama):
-    data = testing.write_jsonl(tmp_path / "pairs.jsonl", pair_records())
+def recipe_maker(tmp_path, model, task, records, lr, default_plugins):
+    """``make(name, plugins, records, **sections) -> path``: a recipe training ``task`` on the
+    tiny model, on ``records`` (held out: the same records; ``records=`` replaces the
+    training file's)."""
+    data = testing.write_jsonl(tmp_path / f"{task}.jsonl", records)
 
-    def make(name="reward", plugins=("full",), records=None, **sections):
-        path = data if records is None else testing.write_jsonl(tmp_path / f"{name}.jsonl",
-                                                                records)
-        recipe = {"description": "tiny reward model", "model": str(tiny_llama),
-                  "plugins": ["reward_model", *plugins],
+    def make(name=task, plugins=default_plugins, records=None, **sections):
+        path = data if records is None else testing.write_jsonl(
+            tmp_path / f"{name}-train.jsonl", records)
+        recipe = {"description": f"tiny {task}", "model": str(model),
+                  "plugins": [task, *plugins],
                   "data": {"train": str(path), "validation": str(data)},
-                  "train": {"max_steps": 4, "lr": 3e-3, "batch_size": 4, "seed": 0},
+                  "train": {"max_steps": 4, "lr": lr, "batch_size": 4, "seed": 0},
                   "output": {"dir": str(tmp_path / "runs"), "name": name}}
         for key, value in sections.items():
             recipe[key] = ({**recipe[key], **value} if isinstance(recipe.get(key), dict)
                            else value)
         return testing.write_recipe(tmp_path / f"{name}.yaml", **recipe)
     return make
+
+
+@pytest.fixture
+def reward_recipe(tmp_path, tiny_llama):
+    return recipe_maker(tmp_path, tiny_llama, "reward_model", pair_records(), 3e-3, ("full",))
 
 
 def max_difference(a, b):
@@ -137,7 +144,7 @@ def test_reward_model_trains_on_conversations(reward_recipe, tmp_path):
                 "chosen": [{"role": "assistant", "content": r["chosen"]}],
                 "rejected": r["rejected"]} for r in pair_records()]
     summary, run = testing.run(reward_recipe("chat", records=records, data={
-        "validation": str(tmp_path / "chat.jsonl")}, train={"max_steps": 12, "lr": 1e-2}))
+        "validation": str(tmp_path / "chat-train.jsonl")}, train={"max_steps": 12, "lr": 1e-2}))
     example = run.data["train"].examples[0]
     assert run.tokenizer.decode(example["prompt_ids"]).startswith("<|im_start|>user")
     assert summary["eval_after"]["accuracy"] > summary["eval_before"]["accuracy"]
@@ -190,23 +197,6 @@ def test_freeze_trains_the_reward_head(reward_recipe):
     assert changed and all(k.startswith("score") for k in changed)
 
 
-@pytest.mark.parametrize("record, expected", [
-    ({"prompt": "Echo: a", "chosen": "A"}, "no 'rejected'"),
-    ({"prompt": "Echo: a", "rejected": "B"}, "no 'chosen'"),
-    ({"prompt": "Echo: a", "chosen": "A", "rejected": "A"}, "the same"),
-    ({"prompt": "Echo: a", "chosen": "A", "rejected": "B", "margin": "big"}, "margin"),
-])
-def test_bad_pairs_are_refused_at_validate_with_file_and_line(reward_recipe, capsys, record,
-                                                              expected):
-    records = pair_records()[:3] + [record] + pair_records()[:2]
-    recipe = reward_recipe("bad", records=records)
-    assert cli.main(["validate", str(recipe)]) == 2
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if "bad.jsonl:4" in line]
-    assert len(lines) == 1 and expected in lines[0], err
-    assert "Traceback" not in err
-
-
 def test_shipped_kto_data_is_what_its_script_makes_of_the_pairs(tmp_path):
     from importlib.resources import files
 
@@ -238,21 +228,7 @@ def kto_records():
 
 @pytest.fixture
 def kto_recipe(tmp_path, tiny_llama):
-    data = testing.write_jsonl(tmp_path / "kto.jsonl", kto_records())
-
-    def make(name="kto", plugins=("lora",), records=None, **sections):
-        path = data if records is None else testing.write_jsonl(tmp_path / f"{name}.jsonl",
-                                                                records)
-        recipe = {"description": "tiny kto", "model": str(tiny_llama),
-                  "plugins": ["kto", *plugins],
-                  "data": {"train": str(path), "validation": str(data)},
-                  "train": {"max_steps": 4, "lr": 1e-2, "batch_size": 4, "seed": 0},
-                  "output": {"dir": str(tmp_path / "runs"), "name": name}}
-        for key, value in sections.items():
-            recipe[key] = ({**recipe[key], **value} if isinstance(recipe.get(key), dict)
-                           else value)
-        return testing.write_recipe(tmp_path / f"{name}.yaml", **recipe)
-    return make
+    return recipe_maker(tmp_path, tiny_llama, "kto", kto_records(), 1e-2, ("lora",))
 
 
 def records_of(run_dir):
@@ -389,19 +365,26 @@ def test_kto_resumes_with_its_reference_point(kto_recipe):
     assert max_difference(a, b) == 0
 
 
-@pytest.mark.parametrize("record, expected", [
-    ({"prompt": "Echo: a", "completion": "A", "label": "yes"}, '"label" must be true'),
-    ({"prompt": "Echo: a", "completion": "A", "label": 1}, '"label" must be true'),
-    ({"prompt": "Echo: a", "label": True}, "no 'completion'"),
-    ({"prompt": "Echo: a", "completion": 3, "label": True}, '"completion" must be'),
+@pytest.mark.parametrize("task, record, expected", [
+    ("reward", {"prompt": "Echo: a", "chosen": "A"}, "no 'rejected'"),
+    ("reward", {"prompt": "Echo: a", "rejected": "B"}, "no 'chosen'"),
+    ("reward", {"prompt": "Echo: a", "chosen": "A", "rejected": "A"}, "the same"),
+    ("reward", {"prompt": "Echo: a", "chosen": "A", "rejected": "B", "margin": "big"},
+     "margin"),
+    ("kto", {"prompt": "Echo: a", "completion": "A", "label": "yes"}, '"label" must be true'),
+    ("kto", {"prompt": "Echo: a", "completion": "A", "label": 1}, '"label" must be true'),
+    ("kto", {"prompt": "Echo: a", "label": True}, "no 'completion'"),
+    ("kto", {"prompt": "Echo: a", "completion": 3, "label": True}, '"completion" must be'),
 ])
-def test_bad_kto_records_are_refused_at_validate_with_file_and_line(kto_recipe, capsys, record,
-                                                                    expected):
-    records = kto_records()[:3] + [record] + kto_records()[:2]
-    recipe = kto_recipe("bad", records=records)
+def test_bad_records_are_refused_at_validate_with_file_and_line(request, capsys, task, record,
+                                                                expected):
+    """One line naming the file and line of the bad record, before any model loads."""
+    good = pair_records() if task == "reward" else kto_records()
+    recipe = request.getfixturevalue(f"{task}_recipe")("bad",
+                                                       records=good[:3] + [record] + good[:2])
     assert cli.main(["validate", str(recipe)]) == 2
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if "bad.jsonl:4" in line]
+    lines = [line for line in err.splitlines() if "bad-train.jsonl:4" in line]
     assert len(lines) == 1 and expected in lines[0], err
     assert "Traceback" not in err
 
