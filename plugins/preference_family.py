@@ -507,6 +507,9 @@ def precompute(run: "Run", echo: Callable[[str], object] = print) -> None:
             _keep(data.examples, chosen.tolist(), rejected.tolist())
         echo(f"reference: log-probabilities read from {path}")
         return
+    if run.step > 0 and path is None:
+        raise DataError("dpo.reference: precompute: only the main process reads the reference "
+                        "log-probabilities back on resume; resume this run in one process")
     if run.step > 0:
         raise DataError(f"{path}: missing, and the model has trained since; the reference "
                         "log-probabilities cannot be computed again (start a new run)")

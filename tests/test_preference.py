@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import WORDS
-from plugtune import hookimpl, loop, testing
+from plugtune import evaluation, hookimpl, loop, testing
 from plugtune.data import Record
 from plugtune.errors import PlugtuneError, RecipeError
 from plugtune.plugins import preference_family as pref
@@ -271,6 +271,11 @@ def test_starting_from_an_adapter_makes_it_the_frozen_reference(pref_recipe, sft
         torch.testing.assert_close(p, sft[n.replace("base_model.model.", "base_model.model.", 1)
                                         .replace(".reference", "")], rtol=0, atol=0)
     assert not (run.dir / "adapter" / "reference").exists()
+    # plugtune eval rebuilds the same reference (the starting adapter, read again)
+    record, _ = evaluation.evaluate(run.dir)
+    logged = records_of(run.dir, "eval")[-1]
+    for key in REWARDS:
+        assert record[key] == pytest.approx(logged[key], abs=1e-5), key
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama),
                                        run.dir / "adapter")
     with torch.no_grad():
