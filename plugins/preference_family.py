@@ -267,8 +267,8 @@ def _unwrap(model: Any) -> Any:
     return extract_model_from_parallel(model)
 
 
-def sequence_logps(model: Any, batch: dict[str, Any], chunk_tokens: int | None = None
-                   ) -> tuple["torch.Tensor", "torch.Tensor"]:
+def sequence_logps(model: Any, batch: dict[str, Any], chunk_tokens: int | None = None,
+                   select: bool | None = None) -> tuple["torch.Tensor", "torch.Tensor"]:
     """``(logps, counts)``: each row's log-probability of its labelled tokens (its answer),
     summed in float32, and how many tokens that is (for length-normalized losses: divide).
 
@@ -277,7 +277,8 @@ def sequence_logps(model: Any, batch: dict[str, Any], chunk_tokens: int | None =
     for the device) go through the output layer, ``chunk_tokens`` at a time (default: chunks
     of at most 128 MiB of float32 logits), each chunk's log-softmax recomputed in backward
     rather than kept: a micro-batch's ``rows x length x vocabulary`` float32 logits are never
-    held. A model that rescales its logits in a way not repeated here runs whole."""
+    held. A model that rescales its logits in a way not repeated here runs whole. ``select``:
+    only the answers' positions meet the output layer (default: on a CPU)."""
     import torch
     import torch.utils.checkpoint
 
@@ -299,7 +300,9 @@ def sequence_logps(model: Any, batch: dict[str, Any], chunk_tokens: int | None =
     hidden, targets = hidden[:, :-1], labels[:, 1:].to(hidden.device)
     valid = targets != IGNORE
     rows = torch.arange(targets.shape[0], device=hidden.device)[:, None].expand_as(targets)
-    if hidden.device.type == "cpu":  # only the answers' positions meet the output layer
+    if select is None:
+        select = hidden.device.type == "cpu"
+    if select:  # only the answers' positions meet the output layer
         states, picked, owner, weight = hidden[valid], targets[valid], rows[valid], None
     else:
         states, picked = hidden.flatten(0, -2), targets.clamp(min=0).flatten()

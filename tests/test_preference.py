@@ -188,16 +188,19 @@ def naive_logps(model, batch):
     return (picked * mask).sum(1), mask.sum(1)
 
 
-def test_sequence_logps_equal_the_full_logits_in_chunks(tiny_llama):
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gpt2"])
+def test_sequence_logps_equal_the_full_logits_in_chunks(arch, request):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    batch = a_batch(AutoTokenizer.from_pretrained(tiny_llama))
+    path = request.getfixturevalue(arch)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    batch = a_batch(AutoTokenizer.from_pretrained(path))
     want, n = naive_logps(model, batch)
     for chunk in (None, 3):
-        got, counts = pref.sequence_logps(model, batch, chunk_tokens=chunk)
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
-        assert counts.tolist() == n.tolist()
+        for select in (True, False):  # a GPU runs every position, masked
+            got, counts = pref.sequence_logps(model, batch, chunk_tokens=chunk, select=select)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+            assert counts.tolist() == n.tolist()
     # the gradients too (each chunk recomputed in backward)
     got, _ = pref.sequence_logps(model, batch, chunk_tokens=3)
     got.sum().backward()
