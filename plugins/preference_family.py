@@ -633,13 +633,16 @@ def plan_memory(plan: Any, recipe: "Recipe", mode: str) -> None:
 
 
 def fit_variants(recipe: "Recipe", name: str, mode: str) -> list[Any]:
-    """``plan --fit``: where the reference is a frozen copy of the model (full fine-tuning),
-    the same recipe with ``reference: precompute`` (the same objective, and no copy in
-    memory), ranked just after full fine-tuning itself. ``name``: the plugin's section."""
-    from plugtune import Variant
+    """``plan --fit``: where the reference is a frozen copy of the model (full fine-tuning, or
+    a plugin freezing part of it), the same recipe with ``reference: precompute`` (the same
+    objective, and no copy in memory), ranked just after full fine-tuning: tried after the
+    recipe as it is, before anything that trains fewer weights. ``name``: the plugin's
+    section."""
+    from plugtune import Variant, active_roles
 
-    if name not in recipe.plugins or mode != "copy" or "full" not in recipe.plugins:
+    trainable = active_roles(recipe).get("trainable", [])
+    if name not in recipe.plugins or mode != "copy" or not trainable:
         return []
     own = dict(recipe.raw.get(name) or {})
-    return [Variant("full, reference precomputed", Variant.FULL + 1, ["full"],
-                    {name: {**own, "reference": "precompute"}}, override=True)]
+    return [Variant(f"{' + '.join(trainable)}, reference precomputed", Variant.FULL + 1,
+                    list(trainable), {name: {**own, "reference": "precompute"}}, override=True)]
