@@ -269,8 +269,8 @@ def _unwrap(model: Any) -> Any:
     return extract_model_from_parallel(model)
 
 
-def sequence_logps(model: Any, batch: dict[str, Any], chunk_tokens: int | None = None
-                   ) -> tuple["torch.Tensor", "torch.Tensor"]:
+def sequence_logps(model: Any, batch: dict[str, Any], chunk_tokens: int | None = None,
+                   select: bool | None = None) -> tuple["torch.Tensor", "torch.Tensor"]:
     """``(logps, counts)``: each row's log-probability of its labelled tokens (its answer),
     summed in float32, and how many tokens that is (for length-normalized losses: divide).
 
@@ -279,7 +279,8 @@ def sequence_logps(model: Any, batch: dict[str, Any], chunk_tokens: int | None =
     for the device) go through the output layer, ``chunk_tokens`` at a time (default: chunks
     of at most 128 MiB of float32 logits), each chunk's log-softmax recomputed in backward
     rather than kept: a micro-batch's ``rows x length x vocabulary`` float32 logits are never
-    held. A model that rescales its logits in a way not repeated here runs whole."""
+    held. A model that rescales its logits in a way not repeated here runs whole. ``select``:
+    only the answers' positions meet the output layer (default: on a CPU)."""
     import torch
     import torch.utils.checkpoint
 
@@ -301,7 +302,9 @@ def sequence_logps(model: Any, batch: dict[str, Any], chunk_tokens: int | None =
     hidden, targets = hidden[:, :-1], labels[:, 1:].to(hidden.device)
     valid = targets != IGNORE
     rows = torch.arange(targets.shape[0], device=hidden.device)[:, None].expand_as(targets)
-    if hidden.device.type == "cpu":  # only the answers' positions meet the output layer
+    if select is None:
+        select = hidden.device.type == "cpu"
+    if select:  # only the answers' positions meet the output layer
         states, picked, owner, weight = hidden[valid], targets[valid], rows[valid], None
     else:
         states, picked = hidden.flatten(0, -2), targets.clamp(min=0).flatten()
@@ -509,6 +512,9 @@ def precompute(run: "Run", echo: Callable[[str], object] = print) -> None:
             _keep(data.examples, chosen.tolist(), rejected.tolist())
         echo(f"reference: log-probabilities read from {path}")
         return
+    if run.step > 0 and path is None:
+        raise DataError("dpo.reference: precompute: only the main process reads the reference "
+                        "log-probabilities back on resume; resume this run in one process")
     if run.step > 0:
         raise DataError(f"{path}: missing, and the model has trained since; the reference "
                         "log-probabilities cannot be computed again (start a new run)")
@@ -629,13 +635,16 @@ def plan_memory(plan: Any, recipe: "Recipe", mode: str) -> None:
 
 
 def fit_variants(recipe: "Recipe", name: str, mode: str) -> list[Any]:
-    """``plan --fit``: where the reference is a frozen copy of the model (full fine-tuning),
-    the same recipe with ``reference: precompute`` (the same objective, and no copy in
-    memory), ranked just after full fine-tuning itself. ``name``: the plugin's section."""
-    from plugtune import Variant
+    """``plan --fit``: where the reference is a frozen copy of the model (full fine-tuning, or
+    a plugin freezing part of it), the same recipe with ``reference: precompute`` (the same
+    objective, and no copy in memory), ranked just after full fine-tuning: tried after the
+    recipe as it is, before anything that trains fewer weights. ``name``: the plugin's
+    section."""
+    from plugtune import Variant, active_roles
 
-    if name not in recipe.plugins or mode != "copy" or "full" not in recipe.plugins:
+    trainable = active_roles(recipe).get("trainable", [])
+    if name not in recipe.plugins or mode != "copy" or not trainable:
         return []
     own = dict(recipe.raw.get(name) or {})
-    return [Variant("full, reference precomputed", Variant.FULL + 1, ["full"],
-                    {name: {**own, "reference": "precompute"}}, override=True)]
+    return [Variant(f"{' + '.join(trainable)}, reference precomputed", Variant.FULL + 1,
+                    list(trainable), {name: {**own, "reference": "precompute"}}, override=True)]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import WORDS
-from plugtune import hookimpl, loop, testing
+from plugtune import evaluation, hookimpl, loop, testing
 from plugtune.data import Record
 from plugtune.errors import PlugtuneError, RecipeError
 from plugtune.plugins import preference_family as pref
@@ -188,16 +188,19 @@ def naive_logps(model, batch):
     return (picked * mask).sum(1), mask.sum(1)
 
 
-def test_sequence_logps_equal_the_full_logits_in_chunks(tiny_llama):
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gpt2"])
+def test_sequence_logps_equal_the_full_logits_in_chunks(arch, request):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    batch = a_batch(AutoTokenizer.from_pretrained(tiny_llama))
+    path = request.getfixturevalue(arch)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    batch = a_batch(AutoTokenizer.from_pretrained(path))
     want, n = naive_logps(model, batch)
     for chunk in (None, 3):
-        got, counts = pref.sequence_logps(model, batch, chunk_tokens=chunk)
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
-        assert counts.tolist() == n.tolist()
+        for select in (True, False):  # a GPU runs every position, masked
+            got, counts = pref.sequence_logps(model, batch, chunk_tokens=chunk, select=select)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+            assert counts.tolist() == n.tolist()
     # the gradients too (each chunk recomputed in backward)
     got, _ = pref.sequence_logps(model, batch, chunk_tokens=3)
     got.sum().backward()
@@ -271,6 +274,11 @@ def test_starting_from_an_adapter_makes_it_the_frozen_reference(pref_recipe, sft
         torch.testing.assert_close(p, sft[n.replace("base_model.model.", "base_model.model.", 1)
                                         .replace(".reference", "")], rtol=0, atol=0)
     assert not (run.dir / "adapter" / "reference").exists()
+    # plugtune eval rebuilds the same reference (the starting adapter, read again)
+    record, _ = evaluation.evaluate(run.dir)
+    logged = records_of(run.dir, "eval")[-1]
+    for key in REWARDS:
+        assert record[key] == pytest.approx(logged[key], abs=1e-5), key
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama),
                                        run.dir / "adapter")
     with torch.no_grad():
