@@ -66,13 +66,13 @@ def check_model(model):
     """Refuse what has no GGUF form here, in one line: a task head, another architecture."""
     kind = type(model).__name__
     model_type = getattr(model.config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise InputError(f"GGUF export supports {SUPPORTED}; this run's model is "
+                         f"{model_type!r} ({kind}): export it with --merge instead")
     if not kind.endswith("ForCausalLM"):
         raise InputError(f"GGUF export writes causal language models; this run's model is a "
                          f"{kind} (a task head, which llama.cpp does not run): export it with "
                          "--merge instead")
-    if model_type not in ARCHITECTURES:
-        raise InputError(f"GGUF export supports {SUPPORTED}; this run's model is "
-                         f"{model_type!r} ({kind}): export it with --merge instead")
     rope = dict(getattr(model.config, "rope_parameters", None) or {})
     if rope.get("rope_type", "default") not in ("default", "linear"):
         raise InputError(f"GGUF export: the model's rope_type {rope['rope_type']!r} (e.g. Llama "
