@@ -183,7 +183,8 @@ def add_tensor(writer, name, data, ggml_type):
 def add_tokenizer(writer, tokenizer, vocab_size):
     """Write the tokenizer's vocabulary (padded to the model's ``vocab_size`` with ``[PADn]``
     tokens, as llama.cpp does), token types, merges, special ids, add-BOS/EOS flags and chat
-    template; ``gguf.SpecialVocab`` reads the last four from the saved tokenizer files.
+    template; ``gguf.SpecialVocab`` reads merges, ids and template from the saved tokenizer
+    files, the flags are what the tokenizer does to a text.
     Returns ``(tokenizer kind, chat template)``: ``gpt2`` for byte-level BPE (SmolLM2, Qwen2,
     Llama 3), ``llama`` for SentencePiece-style BPE with byte fallback (Llama 2, Mistral)."""
     import gguf
@@ -197,6 +198,12 @@ def add_tokenizer(writer, tokenizer, vocab_size):
                              f"style); this one is {model.get('type')!r}")
         kind = "llama" if model.get("byte_fallback") else "gpt2"
         special = SpecialVocab(gguf, tmp, vocab_size)
+    # whether BOS/EOS are added is what the tokenizer does, not what its files may say (a
+    # reader assumes BOS for a SentencePiece vocabulary that does not say)
+    probe = tokenizer("a")["input_ids"]
+    for kind_id, at in (("bos", 0), ("eos", -1)):
+        token_id = getattr(tokenizer, f"{kind_id}_token_id", None)
+        special.add_special_token[kind_id] = token_id is not None and probe[at] == token_id
     vocab = tokenizer.get_vocab()
     if len(vocab) > vocab_size:
         raise PlugtuneError(f"GGUF export: the tokenizer has {len(vocab)} tokens, more than the "

@@ -198,3 +198,39 @@ def test_smollm2_exports_to_f16_with_its_logits(tmp_path, smollm2):
             a, b = merged.model(input_ids=ids).logits, read(input_ids=ids).logits
         assert (a.float() - b).abs().max().item() < 0.05  # logits ~20: float16 weights
     assert "SYSTEM" in (tmp_path / "out" / "Modelfile").read_text()
+
+
+def sentencepiece_style_tokenizer(add_bos_token):
+    """A Llama 2 / Mistral-style tokenizer: BPE over ``▁``-joined words with byte fallback."""
+    from tokenizers import Tokenizer, models, normalizers, trainers
+    from transformers import LlamaTokenizer
+
+    bpe = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    bpe.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
+                                           normalizers.Replace(" ", "▁")])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=specials))
+    model = json.loads(bpe.to_str())["model"]
+    return LlamaTokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]],
+                          add_bos_token=add_bos_token)
+
+
+@pytest.mark.parametrize("add_bos_token", [True, False])
+def test_a_sentencepiece_style_vocabulary_reads_back_with_the_same_ids(tmp_path, add_bos_token):
+    from transformers import LlamaConfig
+
+    from plugtune.plugins import gguf_export
+
+    tok = sentencepiece_style_tokenizer(add_bos_token)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=len(tok) + 3, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2))  # 3 ids no token has: [PADn]
+    info = gguf_export.convert(model, tok, tmp_path / "m.gguf", "f16")
+    assert info["tokenizer"] == "llama"
+    read = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    for text in TEXTS + ["tiger é ☃ piano", " leading space"]:  # é, ☃: byte fallback
+        assert read(text)["input_ids"] == tok(text)["input_ids"], text
+    assert (tok("a")["input_ids"][0] == tok.bos_token_id) == add_bos_token
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)
+    assert (logits(back) - logits(model)).abs().max().item() < TOLERANCE["f16"]
