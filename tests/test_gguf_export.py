@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, Qwen2Config
 
 from conftest import CORPUS, echo_records
 from plugtune import artifacts, cli, testing
@@ -23,7 +23,8 @@ TOLERANCE = {"f16": 2e-3, "bf16": 1e-2, "q8_0": 2e-2, "q4_0": 1.0}
 def runs(tmp_path_factory, tiny_llama):
     """``runs(name) -> run directory``: short runs made once per module: ``lora`` (the tiny
     Llama with a LoRA adapter to merge), ``qwen2`` (a tiny Qwen2 with tied embeddings and q/k/v
-    biases, fully trained), ``gpt2`` (an architecture GGUF export does not write)."""
+    biases) and ``mistral``, fully trained, ``gpt2`` (an architecture GGUF export does not
+    write)."""
     tmp = tmp_path_factory.mktemp("gguf")
     records = echo_records()
     train = testing.write_jsonl(tmp / "train.jsonl", records)
@@ -31,9 +32,8 @@ def runs(tmp_path_factory, tiny_llama):
 
     def make(name):
         if name not in made:
-            model, plugins = {"lora": (tiny_llama, ["lora"]), "qwen2": (tiny_qwen2(tmp), ["full"]),
-                              "gpt2": (testing.tiny_model(tmp / "gpt2", "gpt2", CORPUS),
-                                       ["full"])}[name]
+            model, plugins = {"lora": (tiny_llama, ["lora"]), "gpt2": (testing.tiny_model(
+                tmp / "gpt2", "gpt2", CORPUS), ["full"])}.get(name) or (tiny(tmp, name), ["full"])
             recipe = testing.write_recipe(
                 tmp / f"{name}.yaml", model=str(model), plugins=["causal_lm", *plugins],
                 data={"train": str(train), "validation": str(train)},
@@ -45,17 +45,18 @@ def runs(tmp_path_factory, tiny_llama):
     return make
 
 
-def tiny_qwen2(tmp):
+def tiny(tmp, arch):
+    """A tiny random Qwen2 (tied embeddings, q/k/v biases) or Mistral, saved with a tokenizer."""
     torch.manual_seed(0)
     tok = testing.tiny_tokenizer(CORPUS)
-    config = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, tie_word_embeddings=True,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp / "qwen2")
-    tok.save_pretrained(tmp / "qwen2")
-    return tmp / "qwen2"
+    config = {"qwen2": Qwen2Config, "mistral": MistralConfig}[arch](
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=arch == "qwen2", bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp / arch)
+    tok.save_pretrained(tmp / arch)
+    return tmp / arch
 
 
 def logits(model):
@@ -69,14 +70,15 @@ def export(run_dir, out, qtype):
 
 
 @pytest.mark.parametrize("name,qtype", [("lora", "f16"), ("lora", "q8_0"), ("lora", "q4_0"),
-                                        ("qwen2", "f16"), ("qwen2", "bf16")])
+                                        ("qwen2", "f16"), ("qwen2", "bf16"), ("mistral", "q8_0")])
 def test_gguf_reads_back_with_the_merged_models_logits(runs, tmp_path, name, qtype):
     run_dir = runs(name)
     path = export(run_dir, tmp_path / "out", qtype)
     read = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                 dtype=torch.float32)
     merged = artifacts.load(run_dir, merge=True).model
-    assert read.config.model_type == merged.config.model_type
+    # llama.cpp writes Mistral as a Llama (the same computation); transformers reads it so
+    assert read.config.model_type == {"mistral": "llama"}.get(name, merged.config.model_type)
     assert read.config.tie_word_embeddings == merged.config.tie_word_embeddings
     delta = (logits(read) - logits(merged)).abs().max().item()
     assert delta < TOLERANCE[qtype], f"{name} {qtype}: max |Δ logit| {delta:.2e}"
