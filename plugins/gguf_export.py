@@ -93,7 +93,9 @@ def convert(model, tokenizer, path, qtype):
     arch = getattr(gguf.MODEL_ARCH, arch_name)
     heads, kv_heads = c.num_attention_heads, c.num_key_value_heads or c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
+    # tensors spill to a temporary file as they are converted, so the peak is the model plus
+    # one tensor's float32 copy, not the model plus the whole file
+    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch], use_temp_file=True)
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(Path(getattr(c, "_name_or_path", "") or "model").name or "model")
     writer.add_context_length(c.max_position_embeddings)
