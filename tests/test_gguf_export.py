@@ -140,6 +140,26 @@ def test_smollm2_template_gives_chatml_with_its_default_system_prompt():
     assert gguf_export.template_shape(tok) == ("chatml", "You are SmolLM.")
 
 
+LLAMA3 = ("{% for message in messages %}{% set content = '<|start_header_id|>' + message['role']"
+          " + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' %}"
+          "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+          "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+          "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+
+def test_a_llama_3_template_gives_the_llama_3_modelfile():
+    from plugtune.plugins import gguf_export
+
+    tok = testing.tiny_tokenizer(CORPUS)
+    tok.chat_template = LLAMA3  # Meta-Llama-3-8B-Instruct's
+    text, shape = gguf_export.ollama_modelfile("model-q8_0.gguf", tok)
+    assert shape == "llama-3" and "SYSTEM" not in text
+    assert ('TEMPLATE """{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>'
+            '\n\n{{ .Content }}<|eot_id|>{{ end }}<|start_header_id|>assistant<|end_header_id|>'
+            '\n\n"""') in text
+    assert 'PARAMETER stop "<|eot_id|>"' in text
+
+
 @pytest.mark.parametrize("args,message", [
     (["--gguf", "q5_k"], "--gguf q5_k: not a GGUF type written here; use one of f16, bf16, "
                          "q8_0, q4_0"),
