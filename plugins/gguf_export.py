@@ -41,11 +41,11 @@ def write(option, out, load, name):
                          "file)")
     artifact = load()
     path = Path(out) / f"model-{option}.gguf"
-    info = convert(artifact.model, artifact.tokenizer, path, option)
+    run = Path(artifact.path).parent
+    info = convert(artifact.model, artifact.tokenizer, path, option, title=run.name)
     template = info["chat_template"]
     modelfile, shape = ollama_modelfile(path.name, artifact.tokenizer)
     (Path(out) / "Modelfile").write_text(modelfile)
-    run = Path(artifact.path).parent
     manifest = {"format": "gguf", "type": option, "file": path.name, "bytes": path.stat().st_size,
                 "sha256": sha256(path), "run": str(run), "architecture": info["architecture"],
                 "tensor_types": info["tensor_types"], "tokenizer": info["tokenizer"],
@@ -56,8 +56,8 @@ def write(option, out, load, name):
             f"{info['architecture']}; tensors: {kinds}; tokenizer {info['tokenizer']}) and "
             f"{Path(name) / 'Modelfile'}",
             "chat template: " + ("none (the tokenizer has none)" if template is None else
-                                 f"the tokenizer's, in tokenizer.chat_template; Ollama "
-                                 f"Modelfile TEMPLATE: {shape or 'omitted (not a shape it knows)'}"),
+                                 "the tokenizer's, in tokenizer.chat_template; Ollama Modelfile "
+                                 f"TEMPLATE: {shape or 'omitted (not a shape it knows)'}"),
             f"run it: llama-cli -m {Path(name) / path.name}   or   cd {name} && ollama create "
             f"NAME -f Modelfile && ollama run NAME"]
 
@@ -80,9 +80,10 @@ def check_model(model):
                          "RoPE are")
 
 
-def convert(model, tokenizer, path, qtype):
+def convert(model, tokenizer, path, qtype, title=None):
     """Write ``model`` (a merged transformers causal LM) and ``tokenizer`` to the GGUF file
-    ``path`` with 2-D weights as ``qtype`` (one of :data:`TYPES`). Returns what was written:
+    ``path`` with 2-D weights as ``qtype`` (one of :data:`TYPES`), named ``title``
+    (``general.name``; default the model's folder name). Returns what was written:
     ``architecture``, ``tensor_types`` (count by GGML type), ``tokenizer`` (gpt2 or llama) and
     ``chat_template``."""
     import gguf
@@ -97,7 +98,10 @@ def convert(model, tokenizer, path, qtype):
     # one tensor's float32 copy, not the model plus the whole file
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch], use_temp_file=True)
     writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(Path(getattr(c, "_name_or_path", "") or "model").name or "model")
+    title = title or Path(getattr(c, "_name_or_path", "") or "model").name or "model"
+    # transformers' GGUF reader takes a file named exactly "mistral" for an architecture gguf-py
+    # has no tensor map for, and cannot read it back
+    writer.add_name(f"{title} (plugtune)" if title == "mistral" else title)
     writer.add_context_length(c.max_position_embeddings)
     writer.add_embedding_length(c.hidden_size)
     writer.add_block_count(c.num_hidden_layers)
@@ -193,6 +197,9 @@ def add_tokenizer(writer, tokenizer, vocab_size):
 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
+        if not (Path(tmp) / "tokenizer.json").is_file():
+            raise InputError(f"GGUF export reads a fast tokenizer's tokenizer.json; the run's "
+                             f"{type(tokenizer).__name__} has none")
         spec = json.loads((Path(tmp) / "tokenizer.json").read_text(encoding="utf-8"))
         model = spec["model"]
         if model.get("type") != "BPE":
