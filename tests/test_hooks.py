@@ -76,8 +76,9 @@ PLANNING = {"plugtune_model_config", "plugtune_estimate_memory", "plugtune_fit_v
 #: Called by `plugtune resume` only (test_golden_hook_order_of_a_resumed_run).
 RESUME = {"plugtune_load_checkpoint"}
 #: Called by `plugtune export`/`generate`/`eval` on a finished run's adapter (test_a_strangers_
-#: adapter_exports_and_merges_through_its_own_hooks).
-ARTIFACT = {"plugtune_load_artifact", "plugtune_merge_artifact"}
+#: adapter_exports_and_merges_through_its_own_hooks), and by `export --format`
+#: (test_a_strangers_format_exports_the_merged_model).
+ARTIFACT = {"plugtune_load_artifact", "plugtune_merge_artifact", "plugtune_export_formats"}
 
 
 def test_golden_hook_order(quick):
