@@ -14,9 +14,10 @@ from plugtune import artifacts, cli, testing
 IDS = torch.tensor([[3, 17, 42, 5, 99, 23, 7, 64, 120, 250, 11, 8]])
 TEXTS = ["Echo: apple APPLE", "hello 12345 world!  two  spaces\n", "tiger <|im_end|> piano",
          "<|im_start|>user\nEcho: lemon<|im_end|>\n<|im_start|>assistant\n"]
-#: max |Δ logit| allowed against the merged float32 model (logits of size ~1 here); measured
-#: on the tiny Llama: f16 4.9e-4, q8_0 ~4e-3, q4_0 0.24 (64-wide rows quantize coarsely).
-TOLERANCE = {"f16": 2e-3, "bf16": 1e-2, "q8_0": 2e-2, "q4_0": 1.0}
+#: max |Δ logit| allowed against the merged float32 model (logits of size ~1 to 3 here);
+#: measured: tiny Llama (LoRA merged) f16 1.6e-3, q8_0 4.8e-3, q4_0 0.50 (64-wide rows quantize
+#: coarsely); tiny Qwen2 f16 3.4e-4, bf16 2.6e-3; tiny Mistral q8_0 7.0e-3.
+TOLERANCE = {"f16": 5e-3, "bf16": 2e-2, "q8_0": 5e-2, "q4_0": 1.0}
 
 
 @pytest.fixture(scope="module")
