@@ -199,26 +199,27 @@ def test_a_task_head_is_refused(tmp_path, tiny_llama, capsys):
 
 @pytest.mark.slow
 def test_smollm2_exports_to_f16_with_its_logits(tmp_path, smollm2):
-    """The quickstart's real model (one LoRA step so there is an adapter to merge) exported at
-    f16: transformers reads it back with the merged model's logits on two chat prompts."""
+    """The quickstart's real model (one LoRA step, so there is an adapter to merge) exported at
+    f16: transformers reads it back with the trained model's logits on two chat prompts.
+    (The full comparison, greedy answers on the held-out prompts at f16, q8_0 and q4_0, is
+    benchmarks/gguf_export.py: docs/export.md.)"""
     recipe = testing.write_recipe(
         tmp_path / "r.yaml", model=smollm2, plugins=["causal_lm", "lora"],
         data={"train": str(testing.write_jsonl(tmp_path / "t.jsonl", echo_records()[:8])),
               "validation": str(testing.write_jsonl(tmp_path / "v.jsonl", echo_records()[:2]))},
-        train={"max_steps": 1, "batch_size": 8, "lr": 1e-3}, causal_lm={"exact_match": False},
-        output={"dir": str(tmp_path / "runs"), "name": "smol"})
-    run_dir = testing.run(recipe)[1].dir
-    path = export(run_dir, tmp_path / "out", "f16")
-    merged = artifacts.load(run_dir, merge=True)
+        train={"max_steps": 1, "batch_size": 8, "lr": 1e-3, "eval_every": None},
+        causal_lm={"exact_match": False}, output={"dir": str(tmp_path / "runs"), "name": "smol"})
+    run = testing.run(recipe)[1]
+    path = export(run.dir, tmp_path / "out", "f16")
     read = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                 dtype=torch.float32)
     assert read.config.tie_word_embeddings
     for prompt in ("What is the capital of France?", "Echo: tiger"):
-        text = merged.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                    tokenize=False, add_generation_prompt=True)
-        ids = merged.tokenizer(text, return_tensors="pt").input_ids
+        text = run.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                 tokenize=False, add_generation_prompt=True)
+        ids = run.tokenizer(text, return_tensors="pt").input_ids
         with torch.no_grad():
-            a, b = merged.model(input_ids=ids).logits, read(input_ids=ids).logits
+            a, b = run.model.eval()(input_ids=ids).logits, read(input_ids=ids).logits
         assert (a.float() - b).abs().max().item() < 0.25  # logits -31..39; measured 0.09
     assert "SYSTEM" in (tmp_path / "out" / "Modelfile").read_text()
 
