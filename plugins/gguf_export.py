@@ -74,10 +74,9 @@ def check_model(model):
                          f"{kind} (a task head, which llama.cpp does not run): export it with "
                          "--merge instead")
     rope = dict(getattr(model.config, "rope_parameters", None) or {})
-    if rope.get("rope_type", "default") not in ("default", "linear"):
-        raise InputError(f"GGUF export: the model's rope_type {rope['rope_type']!r} (e.g. Llama "
-                         "3.1's frequency factors) is not written here; default and linear "
-                         "RoPE are")
+    if rope.get("rope_type", "default") not in ("default", "linear", "llama3"):
+        raise InputError(f"GGUF export: the model's rope_type {rope['rope_type']!r} is not "
+                         "written here; default, linear and llama3 (Llama 3.1+) RoPE are")
 
 
 def convert(model, tokenizer, path, qtype, title=None):
@@ -116,6 +115,9 @@ def convert(model, tokenizer, path, qtype, title=None):
     if rope.get("rope_type") == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
+    elif rope.get("rope_type") == "llama3":  # llama.cpp divides each frequency by its factor
+        name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+        writer.add_tensor(name, llama3_rope_factors(c, head_dim))
     file_type = {"f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
                  "q4_0": "MOSTLY_Q4_0"}[qtype]
     writer.add_file_type(getattr(gguf.LlamaFileType, file_type))
@@ -123,7 +125,7 @@ def convert(model, tokenizer, path, qtype, title=None):
     kind, template = add_tokenizer(writer, tokenizer, c.vocab_size)
 
     names = gguf.get_tensor_name_map(arch, c.num_hidden_layers)
-    counts: dict[str, int] = {}
+    counts: dict[str, int] = {"F32": 1} if rope.get("rope_type") == "llama3" else {}
     tied = getattr(c, "tie_word_embeddings", False)
     for hf_name, tensor in model.state_dict().items():
         if tied and hf_name == "lm_head.weight":
@@ -146,6 +148,18 @@ def convert(model, tokenizer, path, qtype, title=None):
     writer.close()
     return {"architecture": gguf.MODEL_ARCH_NAMES[arch], "tensor_types": counts,
             "tokenizer": kind, "chat_template": template}
+
+
+def llama3_rope_factors(config, head_dim):
+    """Llama 3.1's RoPE as llama.cpp takes it (``rope_freqs``): by how much each rotary
+    frequency is divided, from transformers' own llama3 frequencies against the default ones."""
+    import torch
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    base = float(config.rope_parameters["rope_theta"])
+    default = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+    return (default / scaled.float()).numpy().astype("float32")
 
 
 def permute_rows(weights, n_head):

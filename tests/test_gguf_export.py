@@ -258,3 +258,38 @@ def test_a_sentencepiece_style_vocabulary_reads_back_with_the_same_ids(tmp_path,
     assert (tok("a")["input_ids"][0] == tok.bos_token_id) == add_bos_token
     back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)
     assert (logits(back) - logits(model)).abs().max().item() < TOLERANCE["f16"]
+
+
+def test_llama_3_1_rope_is_written_as_llama_cpp_frequency_factors(tmp_path):
+    """Llama 3.1+ (rope_type llama3) gets llama.cpp's ``rope_freqs`` tensor, checked against
+    convert_hf_to_gguf.py's own formula. (transformers' GGUF reader ignores that tensor, so this
+    file is not compared by logits.)"""
+    import math
+
+    import gguf
+    from transformers import LlamaConfig
+
+    from plugtune.plugins import gguf_export
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    model = AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=400, hidden_size=256, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=131072,
+        rope_parameters=rope))
+    gguf_export.convert(model, testing.tiny_tokenizer(CORPUS), tmp_path / "m.gguf", "f16")
+    tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    written = tensors["rope_freqs.weight"].data
+    expected = []  # llama.cpp's LlamaModel.generate_extra_tensors
+    for freq in 1.0 / (rope["rope_theta"] ** (torch.arange(0, 128, 2).float() / 128)):
+        wavelen = 2 * math.pi / freq
+        if wavelen < 8192 / 4.0:
+            expected.append(1.0)
+        elif wavelen > 8192 / 1.0:
+            expected.append(8.0)
+        else:
+            smooth = (8192 / wavelen - 1.0) / (4.0 - 1.0)
+            expected.append(1 / ((1 - smooth) / 8.0 + smooth))
+    assert written.shape == (64,) and len(set(expected)) > 3  # the smooth band is there
+    torch.testing.assert_close(torch.tensor(written), torch.tensor(expected), rtol=1e-5,
+                               atol=0)
