@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,6 +154,52 @@ def export(run_dir: str | Path, out: str | Path, merge: bool = False,
            trust_remote_code: bool = False, discovered: Any = None) -> list[str]:
     """Write the run's model to the new directory ``out``, atomically: the adapter or model as
     saved, or with ``merge`` a merged ``save_pretrained`` model. Returns the loading notes."""
+    with _new_dir(out) as tmp:
+        if merge:
+            artifact = load(run_dir, merge=True, trust_remote_code=trust_remote_code,
+                            discovered=discovered)
+            artifact.model.save_pretrained(tmp)
+            artifact.tokenizer.save_pretrained(tmp)
+            return artifact.notes
+        run_recipe(run_dir, trust_remote_code, discovered)  # refuses a run that needs the flag
+        shutil.copytree(find(run_dir), tmp, dirs_exist_ok=True)
+    return []
+
+
+def export_format(run_dir: str | Path, out: str | Path, fmt: str,
+                  trust_remote_code: bool = False,
+                  discovered: Any = None) -> tuple[list[str], list[str]]:
+    """Write the run's merged model in ``fmt`` (``NAME[:OPTION]``, e.g. ``gguf:q8_0``) into the
+    new directory ``out``, atomically, with the writer a plugin names through
+    ``plugtune_export_formats``. Returns ``(loading notes, the writer's lines)``."""
+    name, _, option = fmt.partition(":")
+    _, pm = run_recipe(run_dir, trust_remote_code, discovered)
+    writers: dict[str, tuple[str, Any]] = {}
+    for impl in pm.hook.plugtune_export_formats.get_hookimpls():
+        for key, write in (impl.function() or {}).items():
+            if key in writers:
+                raise PlugtuneError(f"export format {key!r} is written by two plugins, "
+                                    f"{writers[key][0]} and {impl.plugin_name}; uninstall one")
+            writers[key] = (impl.plugin_name, write)
+    if name not in writers:
+        known = ", ".join(sorted(writers)) or "none installed"
+        raise InputError(f"--format {name}: no plugin writes this format (known: {known})")
+    loaded: list[Artifact] = []
+
+    def merged() -> Artifact:
+        loaded.append(load(run_dir, merge=True, trust_remote_code=trust_remote_code,
+                           discovered=discovered))
+        return loaded[-1]
+
+    with _new_dir(out) as tmp:
+        lines = writers[name][1](option=option or None, out=tmp, load=merged, name=Path(out))
+    return (loaded[0].notes if loaded else []), list(lines or [])
+
+
+@contextmanager
+def _new_dir(out: str | Path) -> Iterator[Path]:
+    """A temporary directory beside the new directory ``out``, renamed to it when the block
+    ends without an error (and removed when it raises)."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PlugtuneError(f"{out} exists and is not an empty directory; give a new directory")
@@ -162,23 +210,13 @@ def export(run_dir: str | Path, out: str | Path, merge: bool = False,
         raise InputError(f"{out}: cannot create it ({exc.strerror}); give a new directory in "
                          "a writable folder") from exc
     try:
-        if merge:
-            artifact = load(run_dir, merge=True, trust_remote_code=trust_remote_code,
-                            discovered=discovered)
-            artifact.model.save_pretrained(tmp)
-            artifact.tokenizer.save_pretrained(tmp)
-            notes = artifact.notes
-        else:
-            run_recipe(run_dir, trust_remote_code, discovered)  # refuses a run that needs the flag
-            shutil.copytree(find(run_dir), tmp, dirs_exist_ok=True)
-            notes = []
+        yield tmp
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return notes
 
 
 def generate(artifact: Artifact, prompt: str, max_new_tokens: int = 128,

@@ -12,7 +12,7 @@ import traceback
 from typing import Any, Callable
 
 from . import __version__, loop, manager, recipe as recipes, rundir
-from .errors import PluginError, PlugtuneError, first_line
+from .errors import InputError, PluginError, PlugtuneError, first_line
 from .signals import Terminated, terminate_raises
 
 #: Set to show the traceback behind an error (as ``-v`` does).
@@ -126,12 +126,21 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from . import artifacts
 
-    notes = artifacts.export(args.run_dir, args.out, merge=args.merge,
-                             trust_remote_code=args.trust_remote_code)
+    fmt = args.format or (f"gguf:{args.gguf}" if args.gguf else None)
+    if fmt is not None:
+        if args.merge or (args.format and args.gguf):
+            raise InputError("give one of --merge, --gguf TYPE and --format NAME[:OPTION]")
+        notes, lines = artifacts.export_format(args.run_dir, args.out, fmt,
+                                               trust_remote_code=args.trust_remote_code)
+    else:
+        notes = artifacts.export(args.run_dir, args.out, merge=args.merge,
+                                 trust_remote_code=args.trust_remote_code)
+        what = "merged model (transformers save_pretrained)" if args.merge else "saved artifact"
+        lines = [f"wrote the {what} of {args.run_dir} to {args.out}"]
     for note in notes:
         print(f"note: {note}")
-    what = "merged model (transformers save_pretrained)" if args.merge else "saved artifact"
-    print(f"wrote the {what} of {args.run_dir} to {args.out}")
+    for line in lines:
+        print(line)
     return 0
 
 
@@ -256,13 +265,19 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("name", help="the plugin's name (the one recipes list in plugins:)")
     sp.add_argument("--dir", default=".", help="where to write plugtune-NAME/ (default: here)")
     sp.set_defaults(func=cmd_new_plugin)
-    sp = sub.add_parser("export", help="write a run's model: its adapter, or merged",
+    sp = sub.add_parser("export", help="write a run's model: its adapter, merged, or GGUF",
                         description="Write a run's model to OUT: the adapter or model as saved, "
-                        "or with --merge the adapter merged into its base as a model that "
-                        "transformers' from_pretrained loads.")
+                        "with --merge the adapter merged into its base as a model that "
+                        "transformers' from_pretrained loads, or with --gguf TYPE the merged "
+                        "model as OUT/model-TYPE.gguf (llama.cpp, Ollama, LM Studio) with an "
+                        "Ollama Modelfile (docs/export.md).")
     sp.add_argument("run_dir", help="the run directory (runs/NAME)")
     sp.add_argument("out", help="a new directory")
     sp.add_argument("--merge", action="store_true", help="merge the adapter into the base")
+    sp.add_argument("--gguf", metavar="TYPE", help="write GGUF: f16, bf16, q8_0 or q4_0 "
+                    "(Llama, Mistral, Qwen2, SmolLM2 causal LMs)")
+    sp.add_argument("--format", metavar="NAME[:OPTION]", help="a format an installed plugin "
+                    "writes (--gguf TYPE is --format gguf:TYPE)")
     add_trust_remote_code(sp)
     sp.set_defaults(func=cmd_export)
     sp = sub.add_parser("generate", help="sample from a run's fine-tuned model",

@@ -68,11 +68,9 @@ def plugtune_load_tokenizer(recipe: "Recipe") -> Any:
 
 @hookspec(firstresult=True)
 def plugtune_read_data(recipe: "Recipe") -> "Splits | None":
-    """Read the recipe's data files. Stops at first non-None result.
-
-    :return: a :class:`plugtune.data.Splits` of :class:`plugtune.data.Record` lists (each
-        record remembers its file and line for error messages).
-    """
+    """Read the recipe's data files into a :class:`plugtune.data.Splits` of
+    :class:`plugtune.data.Record` lists (each remembers its file and line for error messages).
+    Stops at first non-None result."""
 
 
 @hookspec
@@ -116,8 +114,7 @@ def plugtune_model_kwargs(recipe: "Recipe", tokenizer: Any) -> dict[str, Any] | 
     head's ``num_labels``/``id2label``/``label2id`` and the tokenizer's ``pad_token_id``).
 
     :param tokenizer: the run's tokenizer (None where a saved run is reloaded without one).
-    :return: a dict; the dicts of all plugins are merged, and a key given by two plugins is an
-        error naming the key.
+    :return: a dict; all plugins' dicts are merged (a key two plugins give is an error).
     """
 
 
@@ -140,10 +137,8 @@ def plugtune_load_model(recipe: "Recipe", model_kwargs: dict[str, Any],
 
 @hookspec
 def plugtune_prepare_base(model: torch.nn.Module, recipe: "Recipe") -> None:
-    """Prepare a freshly loaded (possibly quantized) base model for training, in place.
-
-    Runs before any head, gradient checkpointing or adapter: the phase for k-bit preparation.
-    """
+    """Prepare a freshly loaded (possibly quantized) base model for training, in place,
+    before any head, gradient checkpointing or adapter: the phase for k-bit preparation."""
 
 
 @hookspec
@@ -155,19 +150,14 @@ def plugtune_prepare_model(model: torch.nn.Module, recipe: "Recipe") -> None:
 @hookspec(firstresult=True)
 def plugtune_wrap_model(model: torch.nn.Module, recipe: "Recipe") -> torch.nn.Module | None:
     """Return a new model that wraps ``model`` (e.g. a PEFT adapter model), or None: the
-    plugin in the role ``adapter``.
-
-    Stops at first non-None result; the returned model replaces ``model`` from here on.
-    """
+    plugin in the role ``adapter``. Stops at first non-None result; the returned model
+    replaces ``model`` from here on."""
 
 
 @hookspec
 def plugtune_select_trainable(model: torch.nn.Module, recipe: "Recipe") -> None:
-    """Set ``requires_grad`` on the parameters that should (or should not) train, in place.
-
-    Afterwards the core checks that at least one parameter trains and logs trainable vs total
-    parameter counts.
-    """
+    """Set ``requires_grad`` on the parameters that should (or should not) train, in place;
+    then the core checks that one parameter trains and logs trainable vs total counts."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,10 +183,8 @@ def plugtune_build_optimizer(
 @hookspec(firstresult=True)
 def plugtune_build_scheduler(optimizer: torch.optim.Optimizer, recipe: "Recipe",
                              total_steps: int) -> Any:
-    """Return the learning-rate scheduler. Stops at first non-None result.
-
-    :param total_steps: the number of optimizer steps the run will take.
-    """
+    """Return the learning-rate scheduler for ``total_steps`` optimizer steps. Stops at first
+    non-None result."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,7 +195,7 @@ def plugtune_build_scheduler(optimizer: torch.optim.Optimizer, recipe: "Recipe",
 # ``data.test``: compute_loss per batch, evaluate, log), save_model, train_end and teardown.
 # ``plugtune resume`` calls load_checkpoint before train_start.
 # ``plugtune export``, ``generate`` and ``eval`` call load_artifact (``export --merge`` then
-# merge_artifact) on a finished run's adapter.
+# merge_artifact) on a finished run's adapter; ``export --format`` asks export_formats first.
 
 
 @hookspec
@@ -330,6 +318,15 @@ def plugtune_merge_artifact(model: torch.nn.Module, path: Path,
     :class:`plugtune.PlugtuneError` saying why where the method cannot be merged. Stops at
     first non-None result.
     """
+
+
+@hookspec
+def plugtune_export_formats() -> "dict[str, Callable[..., list[str]]] | None":
+    """Name the formats this plugin writes for ``plugtune export RUN OUT --format NAME[:OPTION]``
+    (``--gguf TYPE`` is ``gguf:TYPE``): ``{NAME: write}``, a format two plugins name is refused.
+    The core calls ``write(option=..., out=..., name=..., load=...)``: ``out`` a new empty
+    directory (renamed to ``name`` after), ``load()`` the run's merged model (``.model``,
+    ``.tokenizer``, ``.recipe``, ``.notes``; check the option first); it returns lines to print."""
 
 
 @hookspec

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from plugtune import Loss, artifacts, hookdoc, hookimpl, hookspecs, loop, manager, testing
 from plugtune.data import Record, Splits
-from plugtune.errors import PluginError, RecipeError
+from plugtune.errors import PluginError, PlugtuneError, RecipeError
 from plugtune.plugins import causal_lm, peft_family
 
 DOCS = Path(__file__).parent.parent / "docs" / "hooks.md"
@@ -76,8 +76,9 @@ PLANNING = {"plugtune_model_config", "plugtune_estimate_memory", "plugtune_fit_v
 #: Called by `plugtune resume` only (test_golden_hook_order_of_a_resumed_run).
 RESUME = {"plugtune_load_checkpoint"}
 #: Called by `plugtune export`/`generate`/`eval` on a finished run's adapter (test_a_strangers_
-#: adapter_exports_and_merges_through_its_own_hooks).
-ARTIFACT = {"plugtune_load_artifact", "plugtune_merge_artifact"}
+#: adapter_exports_and_merges_through_its_own_hooks), and by `export --format`
+#: (test_a_strangers_format_exports_the_merged_model).
+ARTIFACT = {"plugtune_load_artifact", "plugtune_merge_artifact", "plugtune_export_formats"}
 
 
 def test_golden_hook_order(quick):
@@ -659,6 +660,44 @@ def test_a_strangers_adapter_exports_and_merges_through_its_own_hooks(quick, tmp
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")  # plain transformers
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, trained)
+
+
+class NumpyExport:
+    """A stranger's export format: the merged weights as one .npz (active in every run)."""
+
+    PLUGTUNE_DEFAULT = True
+
+    @hookimpl
+    def plugtune_export_formats(self):
+        return {"npz": self.write}
+
+    def write(self, option, out, load, name):
+        import numpy as np
+
+        np.savez(out / f"weights-{option}.npz",
+                 **{k: v.float().numpy() for k, v in load().model.state_dict().items()})
+        return [f"wrote {name / f'weights-{option}.npz'}"]
+
+
+@covers("plugtune_export_formats")
+def test_a_strangers_format_exports_the_merged_model(quick, tmp_path):
+    import numpy as np
+
+    _, run = testing.run(quick(plugins=["causal_lm", "lora"], train={"lr": 0.05}))
+    installed = testing.with_plugins([NumpyExport()])
+    notes, lines = artifacts.export_format(run.dir, tmp_path / "out", "npz:f32",
+                                           discovered=installed)
+    assert lines == [f"wrote {tmp_path / 'out' / 'weights-f32.npz'}"]
+    written = np.load(tmp_path / "out" / "weights-f32.npz")
+    merged = artifacts.load(run.dir, merge=True).model  # the adapter folded in
+    assert not any("lora" in key for key in written.files)
+    for key, value in merged.state_dict().items():
+        np.testing.assert_array_equal(written[key], value.float().numpy())
+    twice = testing.with_plugins([NumpyExport(), NumpyExport()])
+    with pytest.raises(PlugtuneError, match="'npz' is written by two plugins, NumpyExport and "
+                                            "NumpyExport-2"):
+        artifacts.export_format(run.dir, tmp_path / "again", "npz:f32", discovered=twice)
+    assert not (tmp_path / "again").exists()
 
 
 class PeftLayerNorm:
