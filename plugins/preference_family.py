@@ -464,6 +464,10 @@ def reference_logps(model: Any, batch: dict[str, Any], recipe: "Recipe") -> "tor
                 frozen.to(device)
             with _autocast(recipe, device):
                 return sequence_logps(frozen, batch)[0]
+        if not hasattr(base, "disable_adapter") and peft_family.adapter_of(recipe):
+            # an adapter run's base without its adapter (``plugtune eval --baseline``): it is
+            # its own reference
+            return sequence_logps(model, batch)[0]
         if not hasattr(base, "disable_adapter"):
             raise PlugtuneError("no reference model: a fully fine-tuned model keeps no copy of "
                                 "the model it started from after training, so its preference "

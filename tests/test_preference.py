@@ -452,6 +452,11 @@ def test_plugtune_eval_reports_the_rewards_of_a_finished_run(pref_recipe, tmp_pa
     assert done.returncode == 0, done.stderr[-2000:]
     for key in REWARDS:
         assert key in done.stdout, done.stdout
+    baseline = subprocess.run([sys.executable, "-m", "plugtune.cli", "eval", str(run.dir),
+                               "--baseline"], capture_output=True, text=True, timeout=300)
+    assert baseline.returncode == 0, baseline.stderr[-2000:]
+    base = json.loads((run.dir / "eval-validation-baseline.json").read_text())["metrics"]
+    assert base["rewards/margins"] == 0 and base["eval_loss"] == pytest.approx(math.log(2))
     written = json.loads((run.dir / "eval-validation.json").read_text())["metrics"]
     logged = records_of(run.dir, "eval")[-1]
     for key in REWARDS:
