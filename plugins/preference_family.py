@@ -538,8 +538,9 @@ def precompute(run: "Run", echo: Callable[[str], object] = print) -> None:
                 chunk = [{k: v for k, v in e.items() if not k.startswith("reference_")}
                          for e in data.examples[i:i + size]]
                 batch = {k: v.to(device) for k, v in data.collate(chunk).items()}
-                with run.accelerator.autocast():
-                    values.append(_current_or_reference(model, batch, run.recipe).float().cpu())
+                # as in a training step: the prepared model's forward under the run's
+                # autocast, the output layer not
+                values.append(_current_or_reference(model, batch, run.recipe).float().cpu())
             chosen, rejected = _halves(values)
             tensors[f"{split}.chosen"], tensors[f"{split}.rejected"] = chosen, rejected
             _keep(data.examples, chosen.tolist(), rejected.tolist())

@@ -559,12 +559,15 @@ def test_the_plan_of_a_run_started_from_an_adapter(pref_recipe, sft_run, tiny_ll
     assert {m.name: m.bytes for m in plan.extra}["reference adapter (frozen)"] == adapter > 0
 
 
-@pytest.mark.parametrize("plugins", [("dpo", "full"), ("dpo", "lora")])
-def test_under_bf16_autocast_the_first_step_is_exactly_log_2(pref_recipe, plugins):
+@pytest.mark.parametrize("plugins,reference", [(("dpo", "full"), "auto"),
+                                               (("dpo", "lora"), "auto"),
+                                               (("dpo", "full"), "precompute")])
+def test_under_bf16_autocast_the_first_step_is_exactly_log_2(pref_recipe, plugins, reference):
     """The reference pass runs as the policy's does (a frozen copy's forward under the run's
     autocast, its output layer as the policy's), so before any step they agree exactly."""
     recipe = pref_recipe(plugins, train={"max_steps": 1, "mixed_precision": "bf16",
-                                         "eval_every": None}, output={"name": "bf16"})
+                                         "eval_every": None}, output={"name": "bf16"},
+                         dpo={"reference": reference})
     # a process of its own: accelerate's precision is set once per process
     done = subprocess.run([sys.executable, "-m", "plugtune.cli", "run", str(recipe)],
                           capture_output=True, text=True, timeout=300)
