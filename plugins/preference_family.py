@@ -270,7 +270,8 @@ def _unwrap(model: Any) -> Any:
 
 
 def sequence_logps(model: Any, batch: dict[str, Any], chunk_tokens: int | None = None,
-                   select: bool | None = None) -> tuple["torch.Tensor", "torch.Tensor"]:
+                   select: bool | None = None, forward: Any = None
+                   ) -> tuple["torch.Tensor", "torch.Tensor"]:
     """``(logps, counts)``: each row's log-probability of its labelled tokens (its answer),
     summed in float32, and how many tokens that is (for length-normalized losses: divide).
 
@@ -280,7 +281,9 @@ def sequence_logps(model: Any, batch: dict[str, Any], chunk_tokens: int | None =
     of at most 128 MiB of float32 logits), each chunk's log-softmax recomputed in backward
     rather than kept: a micro-batch's ``rows x length x vocabulary`` float32 logits are never
     held. A model that rescales its logits in a way not repeated here runs whole. ``select``:
-    only the answers' positions meet the output layer (default: on a CPU)."""
+    only the answers' positions meet the output layer (default: on a CPU). ``forward``: a
+    context the model's forward pass alone runs in (the autocast that accelerate gives a
+    prepared model's forward, for a model it did not prepare)."""
     import torch
     import torch.utils.checkpoint
 
@@ -291,10 +294,12 @@ def sequence_logps(model: Any, batch: dict[str, Any], chunk_tokens: int | None =
     width = labels.shape[1]
     head = causal_lm.output_layer(model)
     transform = causal_lm.logit_transform(model) if head is not None else "other"
+    forward = forward if forward is not None else contextlib.nullcontext()
     if transform == "other":
-        hidden, head = model(**inputs).logits[:, -width:], None
+        with forward:
+            hidden, head = model(**inputs).logits[:, -width:], None
     else:
-        with causal_lm.final_hidden_states(model) as captured:
+        with causal_lm.final_hidden_states(model) as captured, forward:
             model(**inputs)
         hidden = captured[0][:, -width:]  # an adapter's virtual tokens come first
     softcap = (_unwrap(model).config.final_logit_softcapping if transform == "softcap"
@@ -462,8 +467,12 @@ def reference_logps(model: Any, batch: dict[str, Any], recipe: "Recipe") -> "tor
             device = batch["input_ids"].device
             if next(frozen.parameters()).device != device:
                 frozen.to(device)
-            with _autocast(recipe, device):
-                return sequence_logps(frozen, batch)[0]
+            # as a prepared model: the forward pass under the run's autocast, the rest not
+            return sequence_logps(frozen, batch, forward=_autocast(recipe, device))[0]
+        if not hasattr(base, "disable_adapter") and peft_family.adapter_of(recipe):
+            # an adapter run's base without its adapter (``plugtune eval --baseline``): it is
+            # its own reference
+            return sequence_logps(model, batch)[0]
         if not hasattr(base, "disable_adapter"):
             raise PlugtuneError("no reference model: a fully fine-tuned model keeps no copy of "
                                 "the model it started from after training, so its preference "
@@ -529,8 +538,9 @@ def precompute(run: "Run", echo: Callable[[str], object] = print) -> None:
                 chunk = [{k: v for k, v in e.items() if not k.startswith("reference_")}
                          for e in data.examples[i:i + size]]
                 batch = {k: v.to(device) for k, v in data.collate(chunk).items()}
-                with run.accelerator.autocast():
-                    values.append(_current_or_reference(model, batch, run.recipe).float().cpu())
+                # as in a training step: the prepared model's forward under the run's
+                # autocast, the output layer not
+                values.append(_current_or_reference(model, batch, run.recipe).float().cpu())
             chosen, rejected = _halves(values)
             tensors[f"{split}.chosen"], tensors[f"{split}.rejected"] = chosen, rejected
             _keep(data.examples, chosen.tolist(), rejected.tolist())

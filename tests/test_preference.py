@@ -452,6 +452,11 @@ def test_plugtune_eval_reports_the_rewards_of_a_finished_run(pref_recipe, tmp_pa
     assert done.returncode == 0, done.stderr[-2000:]
     for key in REWARDS:
         assert key in done.stdout, done.stdout
+    baseline = subprocess.run([sys.executable, "-m", "plugtune.cli", "eval", str(run.dir),
+                               "--baseline"], capture_output=True, text=True, timeout=300)
+    assert baseline.returncode == 0, baseline.stderr[-2000:]
+    base = json.loads((run.dir / "eval-validation-baseline.json").read_text())["metrics"]
+    assert base["rewards/margins"] == 0 and base["eval_loss"] == pytest.approx(math.log(2))
     written = json.loads((run.dir / "eval-validation.json").read_text())["metrics"]
     logged = records_of(run.dir, "eval")[-1]
     for key in REWARDS:
@@ -552,3 +557,21 @@ def test_the_plan_of_a_run_started_from_an_adapter(pref_recipe, sft_run, tiny_ll
     plan = estimate(recipe, pm, "cuda").plan
     adapter = sum(p.bytes for p in plan.params if p.trainable)
     assert {m.name: m.bytes for m in plan.extra}["reference adapter (frozen)"] == adapter > 0
+
+
+@pytest.mark.parametrize("plugins,reference", [(("dpo", "full"), "auto"),
+                                               (("dpo", "lora"), "auto"),
+                                               (("dpo", "full"), "precompute")])
+def test_under_bf16_autocast_the_first_step_is_exactly_log_2(pref_recipe, plugins, reference):
+    """The reference pass runs as the policy's does (a frozen copy's forward under the run's
+    autocast, its output layer as the policy's), so before any step they agree exactly."""
+    recipe = pref_recipe(plugins, train={"max_steps": 1, "mixed_precision": "bf16",
+                                         "eval_every": None}, output={"name": "bf16"},
+                         dpo={"reference": reference})
+    # a process of its own: accelerate's precision is set once per process
+    done = subprocess.run([sys.executable, "-m", "plugtune.cli", "run", str(recipe)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    first = records_of(recipe.parent / "runs" / "bf16")[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-7)
+    assert first["rewards/margins"] == 0
