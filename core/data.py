@@ -32,6 +32,7 @@ class Record:
     line: int
 
     row: bool = False  #: ``line`` is a table's row number (Parquet, Arrow, datasets), not a line
+    source: int = 0  #: the index of the ``data.train`` entry it came from (for a mixture)
 
     @property
     def where(self) -> str:
@@ -74,8 +75,12 @@ def read_splits(recipe: "Recipe", read: Callable[[Any, str], list["Record"]],
     a seeded ``data.val_fraction`` of the training records is held out. What a data reader's
     ``plugtune_read_data`` returns, so that it reads its format and nothing else."""
     def records(key: str) -> list[Record]:
-        return [r for s in getattr(recipe.data, key) or []
-                for r in map_columns(read(s, key), recipe.data.columns)]
+        out = []
+        for i, s in enumerate(getattr(recipe.data, key) or []):
+            for r in map_columns(read(s, key), recipe.data.columns):
+                r.source = i
+                out.append(r)
+        return out
 
     train = records("train")
     test = records("test") if recipe.data.test else None

@@ -26,7 +26,7 @@ from .build import adapt, count_parameters, load_base, model_kwargs, prepare, se
 from .errors import PlugtuneError
 from .finish import finish, save
 from .guards import Diverged, check_divergence, check_stalled
-from .order import epoch_plan, epoch_seed, grouped_by_length, steps_per_epoch
+from .order import epoch_plan, epoch_seed, grouped_by_length, mixture, steps_per_epoch
 from .scoring import due, eval_due, evaluate, evaluate_kept, evaluating, weights
 from .state import Progress, Run, first
 from .step import (base_group, finite, loss_of, optimizer_step, rates, real_tokens,
@@ -87,7 +87,11 @@ def train(run: Run, echo: Echo = print, resume: tuple[Any, Any] | None = None,
     data = run.data["train"]
     trainable, total = count_parameters(run.model)
     world, rank = acc.num_processes, acc.process_index
-    per_epoch = steps_per_epoch(len(data.examples), t, world)
+    mix = mixture(run.recipe, data)  # None: every example once an epoch
+    if mix:
+        echo(f"data: mixture {run.recipe.data.mix}: {' + '.join(map(str, mix.counts))} "
+             "examples an epoch")
+    per_epoch = steps_per_epoch(mix.size if mix else len(data.examples), t, world)
     run.total_steps = t.max_steps or per_epoch * t.epochs
     base = optimization(run)
     processes = f" x {world} processes" if world > 1 else ""
@@ -123,7 +127,7 @@ def train(run: Run, echo: Echo = print, resume: tuple[Any, Any] | None = None,
                 epoch, k = divmod(run.step, per_epoch)
                 if epoch != plan_epoch:
                     plan_epoch = epoch
-                    plan = epoch_plan(lengths, t, epoch, rank, world)
+                    plan = epoch_plan(lengths, t, epoch, rank, world, mix.draw if mix else None)
                 tick, stepping = time.perf_counter(), True
                 loss_sum, count, tokens, signalled = train_step(run, plan[k], data.examples,
                                                                 data.collate)

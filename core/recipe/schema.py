@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt,
-                      ValidationError, field_validator)
+                      ValidationError, ValidationInfo, field_validator)
 
 from ..errors import did_you_mean as _close_name
 
@@ -56,6 +56,13 @@ class DataSection(Section):
                                 description="held-out share without validation")
     columns: dict[str, str] = Field(default={}, description="record field -> the column it is "
                                     "read from ({text: body}), for every source")
+    mix: Literal["concat", "interleave_under", "interleave_over"] = Field(
+        default="concat", description="how several train sources combine: concat (each record "
+        "once), or an epoch holding each in proportion to its weight: interleave_under (ends "
+        "when the first source runs out), interleave_over (until every source is seen whole)")
+    weights: list[Any] | None = Field(default=None, description="one per data.train entry "
+                                      "(or weight: in the entry): its share of an interleaved "
+                                      "epoch; default 1 each")
 
     @field_validator("train", "validation", "test", mode="before")
     @classmethod
@@ -63,6 +70,34 @@ class DataSection(Section):
         items = [v] if isinstance(v, (str, dict)) else v
         return [_dataset_source(i) if isinstance(i, dict) else i for i in items] \
             if isinstance(items, list) else v
+
+
+    @field_validator("weights")
+    @classmethod
+    def _shares(cls, v: list[Any] | None, info: ValidationInfo) -> list[float] | None:
+        """Each a number >= 0, not all 0, one per source, under an interleaving ``mix``."""
+        if v is None:
+            return v
+        train = info.data.get("train")
+        if train is not None and len(v) != len(train):
+            raise ValueError(f"{len(v)} weight(s) for {len(train)} data.train source(s); give "
+                             "one per source")
+        for i, w in enumerate(v):
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or w != w or \
+                    w in (float("inf"), float("-inf")):
+                raise ValueError(f"the weight of data.train[{i}] is {w!r}, not a number; a "
+                                 "weight is a source's share of the mixture, e.g. 2 or 0.5")
+            if w < 0:
+                raise ValueError(f"the weight of data.train[{i}] is {w}, below 0; a weight is a "
+                                 "share of the mixture: 0 or more (0 leaves the source out)")
+        if not any(v):
+            raise ValueError("every weight is 0, so the mixture draws nothing; give at least "
+                             "one source a weight above 0")
+        if info.data.get("mix") == "concat" and len(set(v)) > 1:
+            raise ValueError("data.mix: concat (the default) reads every record once, so "
+                             "weights change nothing; set data.mix: interleave_under or "
+                             "interleave_over")
+        return [float(w) for w in v]
 
 
 def _dataset_source(entry: dict[Any, Any]) -> DatasetSource:
