@@ -128,6 +128,7 @@ def test_a_mixture_trains_records_its_sources_and_resumes_bit_identical(mixed, t
     assert manifest["mixture"] == {"mix": "interleave_over", "sources": [
         {"source": str(a), "sha256": rundir.sha256(a), "weight": 2.0},
         {"source": str(b), "sha256": rundir.sha256(b), "weight": 1.0}]}
+    assert cli.main(["eval", str(run.dir)]) == 0  # its validation file, read once
 
     # interrupted after step 10 (the second epoch), then resumed
     _, cut = testing.run(make("cut", save_every=5), ["train.max_steps=14"])
