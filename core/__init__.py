@@ -74,7 +74,7 @@ PUBLIC_MODULES = ("plugtune.hookspecs", "plugtune.testing", "plugtune.errors", "
                   # be written as the built-in ones are
                   "plugtune.plugins.peft_family", "plugtune.plugins.head_family",
                   "plugtune.plugins.kbit_family", "plugtune.plugins.generation_metrics",
-                  "plugtune.plugins.optimizer_family")
+                  "plugtune.plugins.optimizer_family", "plugtune.plugins.data_stream")
 
 __all__ = ["__version__", "API_VERSION", "hookimpl", "Loss", *_LAZY]
 

@@ -3,6 +3,7 @@ plugin reads them, the task plugins check them: ``plugtune_check_records``), and
 every task shares: padding rows of token ids, and a held-out split in evaluation batches."""
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -39,9 +40,21 @@ class Record:
         return f"{self.file}:row {self.line}" if self.row else f"{self.file}:{self.line}"
 
 
+class Stream:
+    """The training records of ``data.streaming``: ``read()`` yields them from the first on
+    each call (one pass over the sources), never holding them all. ``name``: what is read,
+    for messages."""
+
+    def __init__(self, read: Callable[[], Iterator[Record]], name: str) -> None:
+        self.read, self.name = read, name
+
+    def __iter__(self) -> Iterator[Record]:
+        return self.read()
+
+
 @dataclass
 class Splits:
-    train: list[Record]
+    train: list[Record] | Stream  #: a :class:`Stream` under ``data.streaming``
     validation: list[Record]
     test: list[Record] | None = None  #: ``data.test``'s records, evaluated once at the end
     #: ``{name: sha256}`` of what was read that is not a local path (a hub dataset's cached
@@ -68,12 +81,15 @@ class Tokenized:
 
 
 def read_splits(recipe: "Recipe", read: Callable[[Any, str], list["Record"]],
-                sources: dict[str, str] | None = None) -> "Splits":
+                sources: dict[str, str] | None = None,
+                stream: Callable[[Any, str], Iterable[Record]] | None = None) -> "Splits":
     """The :class:`Splits` of the recipe's ``data.train``, ``data.validation`` and
     ``data.test``, each source (a path, or a ``{dataset: ...}`` entry) read by ``read(source,
     key)`` into :class:`Record` objects, ``data.columns`` mapped; without ``data.validation``
     a seeded ``data.val_fraction`` of the training records is held out. What a data reader's
-    ``plugtune_read_data`` returns, so that it reads its format and nothing else."""
+    ``plugtune_read_data`` returns, so that it reads its format and nothing else. Under
+    ``data.streaming``, ``train`` is a :class:`Stream` of what ``stream(source, "train")``
+    yields, source after source (a reader without ``stream`` reads it whole)."""
     def records(key: str) -> list[Record]:
         out = []
         for i, s in enumerate(getattr(recipe.data, key) or []):
@@ -82,8 +98,15 @@ def read_splits(recipe: "Recipe", read: Callable[[Any, str], list["Record"]],
                 out.append(r)
         return out
 
-    train = records("train")
     test = records("test") if recipe.data.test else None
+    if recipe.data.streaming and stream is not None:
+        if not recipe.data.validation:
+            raise DataError("data.validation: a streamed data.train holds out no validation "
+                            "records; give data.validation")
+        return Splits(Stream(lambda: _streamed(recipe, stream), ", ".join(
+            str(getattr(s, "dataset", s)) for s in recipe.data.train)),
+            records("validation"), test, sources)
+    train = records("train")
     if recipe.data.validation:
         return Splits(train, records("validation"), test, sources)
     shuffled = train[:]
@@ -93,6 +116,14 @@ def read_splits(recipe: "Recipe", read: Callable[[Any, str], list["Record"]],
         raise DataError(f"data.train: {len(train)} record(s) cannot be split for validation; "
                         "add records or give data.validation")
     return Splits(shuffled[n_val:], shuffled[:n_val], test, sources)
+
+
+def _streamed(recipe: "Recipe", stream: Callable[[Any, str], Iterable[Record]]
+              ) -> Iterator[Record]:
+    for i, source in enumerate(recipe.data.train):
+        for r in stream(source, "train"):
+            r.source = i
+            yield from map_columns([r], recipe.data.columns)
 
 
 def map_columns(records: list[Record], columns: dict[str, str] | None) -> list[Record]:
@@ -134,12 +165,18 @@ def key_of(recipe: "Recipe", split: str) -> str:
     return "train" if split == "validation" and not recipe.data.validation else split
 
 
+#: The records of a streamed split that ``validate`` checks.
+STREAM_CHECKED = 1000
+
+
 def check_records(hook: Any, recipe: "Recipe", splits: Splits) -> list[str]:
     """Every task plugin's problems with the records of ``splits`` (a :class:`Splits`), each
     prefixed with the recipe key the records came from."""
     problems: list[str] = []
     for split in ("train", "validation", "test"):
         records = getattr(splits, split, None)
+        if isinstance(records, Stream):  # its first records: a stream may not end soon
+            records = list(itertools.islice(records, STREAM_CHECKED))
         if not records:
             continue
         for result in hook.plugtune_check_records(recipe=recipe, split=split, records=records):

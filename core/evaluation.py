@@ -84,5 +84,5 @@ def data_overrides(run_dir: str | Path, data: str | None, split: str = "validati
     return [f"data.train={quoted}", f"data.validation={quoted}", "data.test=null", *ONCE]
 
 
-#: A training mixture's weights are not the evaluated files': read each once.
-ONCE = ["data.mix=concat", "data.weights=null"]
+#: A training mixture's weights (and streaming) are not the evaluated files': read each once.
+ONCE = ["data.mix=concat", "data.weights=null", "data.streaming=false"]

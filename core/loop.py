@@ -29,6 +29,7 @@ from .guards import Diverged, check_divergence, check_stalled
 from .order import epoch_plan, epoch_seed, grouped_by_length, mixture, steps_per_epoch
 from .scoring import due, eval_due, evaluate, evaluate_kept, evaluating, weights
 from .state import Progress, Run, first
+from .stream import Feed, Stream
 from .step import (base_group, finite, loss_of, optimizer_step, rates, real_tokens,
                    to_device, train_step)
 from .stopping import (FinalInterrupt, Interrupted, agree, checkpoint_step, interrupt,
@@ -62,6 +63,11 @@ def _setup(recipe: Any, pm: Any, echo: Echo) -> Run:
     run.sources = getattr(splits, "sources", None) or {}
     test = ("test",) if getattr(splits, "test", None) is not None else ()
     for split in ("train", "validation", *test):
+        if isinstance(getattr(splits, split), Stream):  # read a step at a time (training)
+            run.data[split] = getattr(splits, split)
+            echo(f"data: {split} streamed from {run.data[split].name}, "
+                 f"{recipe.data.buffer_size} records shuffled at a time")
+            continue
         run.data[split] = first(h.plugtune_tokenize, "tokenize records", recipe=recipe,
                                 records=getattr(splits, split), tokenizer=run.tokenizer,
                                 split=split)
@@ -87,11 +93,13 @@ def train(run: Run, echo: Echo = print, resume: tuple[Any, Any] | None = None,
     data = run.data["train"]
     trainable, total = count_parameters(run.model)
     world, rank = acc.num_processes, acc.process_index
-    mix = mixture(run.recipe, data)  # None: every example once an epoch
+    streamed = isinstance(data, Stream)
+    mix = None if streamed else mixture(run.recipe, data)  # None: every example once an epoch
     if mix:
         echo(f"data: mixture {run.recipe.data.mix}: {' + '.join(map(str, mix.counts))} "
              "examples an epoch")
-    per_epoch = steps_per_epoch(mix.size if mix else len(data.examples), t, world)
+    per_epoch = (t.max_steps or 1) if streamed else steps_per_epoch(
+        mix.size if mix else len(data.examples), t, world)
     run.total_steps = t.max_steps or per_epoch * t.epochs
     base = optimization(run)
     processes = f" x {world} processes" if world > 1 else ""
@@ -119,18 +127,23 @@ def train(run: Run, echo: Echo = print, resume: tuple[Any, Any] | None = None,
             seen = weights(run)  # what the last evaluation saw (resumed: the checkpoint's)
             run.model.train()
             plan_epoch, plan = None, []
-            lengths = [len(e["input_ids"]) for e in data.examples]
+            feed = Feed(run, data, run.step) if streamed else None
+            lengths = [] if streamed else [len(e["input_ids"]) for e in data.examples]
             while run.step < run.total_steps:
                 if agree(acc, run.stop_reason is not None):  # asked before this step
                     echo(f"stopping early at step {run.step}: {run.stop_reason}")
                     break
-                epoch, k = divmod(run.step, per_epoch)
-                if epoch != plan_epoch:
-                    plan_epoch = epoch
-                    plan = epoch_plan(lengths, t, epoch, rank, world, mix.draw if mix else None)
                 tick, stepping = time.perf_counter(), True
-                loss_sum, count, tokens, signalled = train_step(run, plan[k], data.examples,
-                                                                data.collate)
+                if feed is not None:
+                    mine, examples, collate = feed.step()
+                else:
+                    epoch, k = divmod(run.step, per_epoch)
+                    if epoch != plan_epoch:
+                        plan_epoch = epoch
+                        plan = epoch_plan(lengths, t, epoch, rank, world,
+                                          mix.draw if mix else None)
+                    mine, examples, collate = plan[k], data.examples, data.collate
+                loss_sum, count, tokens, signalled = train_step(run, mine, examples, collate)
                 lr, lrs = rates(run.scheduler, base)  # the rates this step is taken at
                 loss = loss_sum / count if count else math.nan
                 updating = True
@@ -173,7 +186,8 @@ def train(run: Run, echo: Echo = print, resume: tuple[Any, Any] | None = None,
             summary = {"steps": run.step, "seconds": time.perf_counter() - start,
                        "eval_before": run.state.eval_before, "eval_after": after,
                        "test": test,
-                       "artifact": artifact, "truncated": data.truncated,
+                       "artifact": artifact,
+                       "truncated": feed.truncated if feed else data.truncated,
                        "trainable": trainable, "total": total,
                        "skipped_steps": run.state.skipped_steps,
                        "stopped_early": early}

@@ -60,6 +60,11 @@ class DataSection(Section):
         default="concat", description="how several train sources combine: concat (each record "
         "once), or an epoch holding each in proportion to its weight: interleave_under (ends "
         "when the first source runs out), interleave_over (until every source is seen whole)")
+    streaming: bool = Field(default=False, description="read data.train as training needs "
+                            "it (JSONL, CSV, text, Parquet, hub datasets): memory flat in the "
+                            "data's size; needs train.max_steps and data.validation")
+    buffer_size: PositiveInt = Field(default=1000, description="streamed records shuffled at a "
+                                     "time (a seeded shuffle buffer)")
     weights: list[Any] | None = Field(default=None, description="one per data.train entry "
                                       "(or weight: in the entry): its share of an interleaved "
                                       "epoch; default 1 each")

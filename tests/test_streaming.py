@@ -1,0 +1,108 @@
+"""Streamed training data (``data.streaming: true``): records read as steps need them through a
+seeded shuffle buffer, never the whole file; a resumed stream goes on from the exact record
+(bit-identical to an uninterrupted run, across the end of a pass); what streaming needs is
+said at validate in one line each."""
+import json
+import random
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from plugtune import cli, testing
+from plugtune.plugins.data import read_file
+from plugtune.plugins.data_stream import stream_source
+from plugtune.stream import shuffled
+
+from conftest import echo_records
+from test_data_sources import write_parquet
+
+
+def test_the_shuffle_buffer_is_a_seeded_permutation():
+    items = list(range(100))
+    out = list(shuffled(items, 10, random.Random(3)))
+    assert sorted(out) == items and out != items
+    assert list(shuffled(items, 10, random.Random(3))) == out
+    assert list(shuffled(items, 1, random.Random(3))) == items  # a buffer of one: in order
+    # a record leaves the buffer at most ~size places early
+    assert all(out.index(i) >= i - 10 for i in items)
+
+
+def test_streamed_files_give_the_records_the_whole_file_readers_give(tmp_path):
+    records = echo_records()
+    jsonl = testing.write_jsonl(tmp_path / "a.jsonl", records)
+    parquet = write_parquet(tmp_path / "a.parquet", [{"text": str(r)} for r in records])
+    for path in (jsonl, parquet):
+        whole = [(r.data, r.where) for r in read_file(str(path))]
+        assert [(r.data, r.where) for r in stream_source(str(path), "train")] == whole
+
+
+@pytest.fixture
+def streamed(make_recipe, tmp_path, echo_data):
+    def make(name, data=None, extra=None, **train):
+        return make_recipe(f"{name}.yaml", plugins=["causal_lm", "lora"],
+                           lora={"r": 4, "dropout": 0.1},
+                           data={"train": str(data or echo_data[0]),
+                                 "validation": str(echo_data[1]),
+                                 "streaming": True, "buffer_size": 8, **(extra or {})},
+                           train={"max_steps": 12, "batch_size": 4, "lr": 1e-3, **train},
+                           causal_lm={"exact_match": False}, output={"name": name})
+    return make
+
+
+def losses(run_dir):
+    return [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "metrics.jsonl")
+                                                .read_text().splitlines()) if "loss" in r]
+
+
+def test_a_stream_trains_and_resumes_at_the_exact_record(streamed, tmp_path):
+    # 32 records, 4 a step: the stream's second pass starts at step 9
+    lines = []
+    summary, run = testing.run(streamed("straight"), echo=lines.append)
+    assert any(x.startswith("data: train streamed from ") for x in lines), lines
+    assert summary["eval_after"]["eval_loss"] < summary["eval_before"]["eval_loss"]
+
+    _, cut = testing.run(streamed("cut", save_every=5))
+    for p in (cut.dir / "checkpoints").iterdir():
+        if p.name != "step-10":
+            shutil.rmtree(p)
+    shutil.rmtree(cut.dir / "adapter")
+    state = json.loads((cut.dir / "manifest.json").read_text())
+    (cut.dir / "manifest.json").write_text(json.dumps({**state, "status": "interrupted"}))
+    (cut.dir / "metrics.jsonl").write_text("".join(
+        x + "\n" for x in (cut.dir / "metrics.jsonl").read_text().splitlines()
+        if json.loads(x).get("step", 0) <= 10))
+    assert cli.main(["resume", str(cut.dir)]) == 0
+    mine = load_file(cut.dir / "adapter" / "adapter_model.safetensors")
+    straight = load_file(run.dir / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(mine[k], straight[k]) for k in straight)
+    assert losses(cut.dir) == losses(run.dir) and len(losses(run.dir)) == 12
+
+
+def test_a_stream_reads_only_what_the_steps_need(streamed, tmp_path):
+    """A broken line after the records validate reads and the steps use: never read."""
+    records = echo_records() * 40  # 1280 records; validate reads 1000, 3 steps read 12
+    path = testing.write_jsonl(tmp_path / "big.jsonl", records)
+    with open(path, "a") as f:
+        f.write('{"text": "cut sho\n')
+    summary, _ = testing.run(streamed("lazy", data=path, max_steps=3, eval_every=None))
+    assert summary["steps"] == 3
+
+
+@pytest.mark.parametrize("data, train, said", [
+    ({}, {"max_steps": None}, "data.streaming: needs train.max_steps"),
+    ({"validation": None}, {}, "data.streaming: needs data.validation"),
+    ({"mix": "interleave_over"}, {}, "data.mix: interleave_over is not available with "
+                                     "data.streaming"),
+    ({}, {"group_by_length": True}, "train.group_by_length: needs every example's length"),
+    ({"train": "JSON"}, {}, ".json: data.streaming reads .jsonl, .txt, .csv, .parquet files"),
+])
+def test_what_streaming_needs_is_one_line_at_validate(streamed, tmp_path, capsys, data, train,
+                                                       said):
+    if data.get("train") == "JSON":
+        data["train"] = str(tmp_path / "list.json")
+        (tmp_path / "list.json").write_text(json.dumps(echo_records()))
+    assert cli.main(["validate", str(streamed("bad", extra=data, **train))]) == 2
+    err = capsys.readouterr().err
+    assert said in err and len(err.strip().splitlines()) == 1, err
