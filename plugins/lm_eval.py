@@ -14,6 +14,7 @@ from pathlib import Path
 from pydantic import Field
 
 from plugtune import Section, hookimpl
+from plugtune.errors import did_you_mean
 
 INSTALL = ("lm_eval: lm-evaluation-harness is not installed; pip install 'plugtune[lm_eval]' "
            "(or pip install lm-eval), or drop lm_eval from plugins:")
@@ -119,9 +120,9 @@ class LmEval:
         if path is not None:
             recipe.decide("lm_eval", "include_path", path)  # recipe.yaml keeps it absolute
         known = task_manager(recipe, s.tasks).all_tasks
-        return [f"lm_eval.tasks: no lm-eval task {t!r}" + (
-                    f" (in lm-eval nor in {path})" if path else
-                    "; give lm_eval.include_path for your own task YAMLs")
+        where = f"lm-eval's tasks nor {path}'s" if path else "lm-eval's tasks"
+        hint = "" if path else "; give lm_eval.include_path for your own task YAMLs"
+        return [f"lm_eval.tasks: {t!r} is none of {where}{did_you_mean(t, known)}{hint}"
                 for t in s.tasks if t not in known]
 
     @hookimpl

@@ -40,7 +40,10 @@ def test_a_local_task_is_scored_at_the_end_and_by_plugtune_eval(benchmarked, tmp
 
     assert cli.main(["eval", str(run_dir)]) == 0
     record = json.loads((run_dir / "eval-validation.json").read_text())["metrics"]
-    assert record[KEY] == final and not [k for k in record if "sample_len" in k]  # the saved model, reloaded: the same answers
+    assert record[KEY] == final and not [k for k in record if "sample_len" in k]
+    assert cli.main(["eval", str(run_dir), "--baseline"]) == 0  # the base model, scored too
+    base = json.loads((run_dir / "eval-validation-baseline.json").read_text())["metrics"]
+    assert base[KEY] in {k / 10 for k in range(11)}  # the saved model, reloaded: the same answers
 
 
 def test_a_lora_model_with_a_limit_under_the_trackers_names(benchmarked, tmp_path):
@@ -53,7 +56,8 @@ def test_a_lora_model_with_a_limit_under_the_trackers_names(benchmarked, tmp_pat
 
 
 @pytest.mark.parametrize("lm_eval, said", [
-    ({"tasks": ["no_such_task"]}, "lm_eval.tasks: no lm-eval task 'no_such_task'"),
+    ({"tasks": ["echo_choise"]}, "lm_eval.tasks: 'echo_choise' is none of lm-eval's tasks nor "
+                                 f"{TASKS}'s (did you mean 'echo_choice'?)"),
     ({"include_path": "/nonexistent/tasks"}, "lm_eval.include_path: /nonexistent/tasks is not "
                                              "a folder"),
 ])
