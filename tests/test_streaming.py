@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import load_file
 
 from plugtune import cli, testing
-from plugtune.plugins.data import read_file
 from plugtune.plugins.data_stream import stream_source
 from plugtune.stream import shuffled
 
@@ -29,13 +28,28 @@ def test_the_shuffle_buffer_is_a_seeded_permutation():
     assert all(out.index(i) >= i - 10 for i in items)
 
 
-def test_streamed_files_give_the_records_the_whole_file_readers_give(tmp_path):
+def test_streamed_sources_give_the_records_the_whole_readers_give(tmp_path):
+    import datasets
+
+    from plugtune.plugins.data import read_source
+
     records = echo_records()
+    texts = [{"text": f"line {i}, \"quoted\""} for i in range(40)]
     jsonl = testing.write_jsonl(tmp_path / "a.jsonl", records)
     parquet = write_parquet(tmp_path / "a.parquet", [{"text": str(r)} for r in records])
-    for path in (jsonl, parquet):
-        whole = [(r.data, r.where) for r in read_file(str(path))]
-        assert [(r.data, r.where) for r in stream_source(str(path), "train")] == whole
+    (tmp_path / "a.txt").write_text("\n\n".join(t["text"] for t in texts) + "\n")
+    with open(tmp_path / "a.csv", "w", newline="") as f:
+        import csv
+
+        writer = csv.DictWriter(f, ["text"])
+        writer.writeheader()
+        writer.writerows(texts)
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(texts)}).save_to_disk(str(saved))
+    for path in (jsonl, parquet, tmp_path / "a.txt", tmp_path / "a.csv", saved):
+        whole = [(r.data, r.where) for r in read_source(str(path), "train")]
+        assert [(r.data, r.where) for r in stream_source(str(path), "train")] == whole, path
+        assert len(whole) in (32, 40)
 
 
 @pytest.fixture
@@ -106,3 +120,35 @@ def test_what_streaming_needs_is_one_line_at_validate(streamed, tmp_path, capsys
     assert cli.main(["validate", str(streamed("bad", extra=data, **train))]) == 2
     err = capsys.readouterr().err
     assert said in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_mixture_and_a_stream_train_under_two_processes_as_under_one(make_recipe, tmp_path,
+                                                                      echo_data):
+    """Plain SGD, batch 2: one process accumulating 2 micro-batches and 2 processes x 1 take the
+    same examples each step (micro-batch j on process j % 2), for an interleaved mixture and
+    for a stream (whose second pass starts within the run): the same weights."""
+    from plugtune import checkpoint
+
+    from test_distributed import largest_difference, under_torchrun
+    from test_long_runs import SGD
+
+    a, b = (testing.write_jsonl(tmp_path / f"{n}.jsonl", r)
+            for n, r in (("a", echo_records()[:20]), ("b", echo_records()[20:26])))
+    cases = {"mix": {"train": [{"path": str(a), "weight": 1}, {"path": str(b), "weight": 1}],
+                     "mix": "interleave_over"},
+             "stream": {"train": [str(a), str(b)], "streaming": True, "buffer_size": 4}}
+
+    def recipe(name, case, grad_accum):
+        return make_recipe(f"{name}.yaml", data={**cases[case], "validation": str(echo_data[1])},
+                           train={"max_steps": 8, "batch_size": 2, "grad_accum": grad_accum,
+                                  "lr": 0.1, "eval_every": None}, output={"name": name})
+    ones = {}
+    for case in cases:
+        _, run = testing.run(recipe(f"one-{case}", case, 2), extra_plugins=[SGD()])
+        ones[case] = checkpoint.trainable_state(run.model)
+    done = under_torchrun(tmp_path, *(f"sgd={recipe(f'two-{case}', case, 1)}" for case in cases))
+    assert done.returncode == 0, done.stderr[-3000:]
+    for case in cases:
+        for rank in (0, 1):
+            two = load_file(tmp_path / f"rank{rank}-two-{case}.safetensors")
+            assert largest_difference(ones[case], two) < 1e-6, (case, rank)
