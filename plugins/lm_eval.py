@@ -6,6 +6,7 @@ and in ``plugtune eval RUN``. The figures join that evaluation's record as
 ``data_files``, in ``lm_eval.include_path``) runs offline. Needs ``pip install
 'plugtune[lm_eval]'`` (lm-eval 0.4)."""
 import importlib.util
+import logging
 import math
 import os
 from contextlib import contextmanager
@@ -53,6 +54,24 @@ def task_manager(recipe, tasks):
 
 
 @contextmanager
+def quiet():
+    """lm-eval's warnings about an in-memory model (which plugtune means) and ``datasets``'
+    progress bars, silenced for the benchmark; its errors still show."""
+    import datasets
+
+    logger = logging.getLogger("lm_eval")
+    level, bars = logger.level, datasets.is_progress_bar_enabled()
+    logger.setLevel(logging.ERROR)
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if bars:
+            datasets.enable_progress_bars()
+
+
+@contextmanager
 def working_dir(path):
     """Run inside ``path`` (a task's relative ``data_files`` are read from there)."""
     # contextlib.chdir is Python 3.11's; plugtune supports 3.10
@@ -71,9 +90,9 @@ def benchmark(recipe, model, tokenizer):
     from lm_eval.models.huggingface import HFLM
 
     s = recipe["lm_eval"]
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=s.batch_size,
-              max_length=recipe.train.max_length)
-    with working_dir(include_path(recipe)):
+    with quiet(), working_dir(include_path(recipe)):
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=s.batch_size,
+                  max_length=recipe.train.max_length)
         # the global random states are left alone (None): a benchmark must not change them
         out = simple_evaluate(model=lm, tasks=list(s.tasks), num_fewshot=s.num_fewshot,
                               limit=s.limit, task_manager=task_manager(recipe, s.tasks),
