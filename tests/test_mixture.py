@@ -82,6 +82,8 @@ def test_zero_weight_leaves_a_source_out_and_concat_is_the_old_order():
     ({"train": [{"path": "A", "weight": 2}, "B"]},
      "data.weights: data.mix: concat (the default) reads every record once"),
     ({"train": ["A", "B"], "mix": "interleave"}, "data.mix: Input should be 'concat'"),
+    ({"train": [{"path": "A", "wieght": 2}, "B"], "mix": "interleave_over"},
+     "data.train: unknown key 'wieght' in a {path: ...} entry (did you mean 'weight'?)"),
 ])
 def test_bad_weights_are_one_line_at_validate(make_recipe, echo_data, capsys, data, said):
     files = {"A": str(echo_data[0]), "B": str(echo_data[1])}

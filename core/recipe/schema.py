@@ -108,10 +108,11 @@ class DataSection(Section):
 def _dataset_source(entry: dict[Any, Any]) -> DatasetSource:
     """A ``{dataset: ...}`` entry as a :class:`DatasetSource`, its problems said in one line
     (rather than one per member of the ``str | DatasetSource`` union)."""
-    fields = DatasetSource.model_fields
+    kind, fields = ("a {path: ...} entry", ["path", "weight"]) if "path" in entry else (
+        "a dataset entry", [*DatasetSource.model_fields, "weight"])
     for key in entry:
         if key not in fields:
-            raise ValueError(f"unknown key {key!r} in a dataset entry{did_you_mean(key, fields)}"
+            raise ValueError(f"unknown key {key!r} in {kind}{did_you_mean(key, fields)}"
                              f"; it takes {', '.join(fields)}")
     try:
         return DatasetSource.model_validate(entry)
