@@ -152,3 +152,34 @@ def test_a_mixture_and_a_stream_train_under_two_processes_as_under_one(make_reci
         for rank in (0, 1):
             two = load_file(tmp_path / f"rank{rank}-two-{case}.safetensors")
             assert largest_difference(ones[case], two) < 1e-6, (case, rank)
+
+
+def test_a_stream_stopped_by_sigterm_resumes_bit_identical(make_recipe, tmp_path, echo_data):
+    """`plugtune run` in a subprocess, SIGTERM after some steps (its rescue checkpoint is at
+    whatever step it had reached), `plugtune resume`: the adapter and every step's loss are
+    those of an uninterrupted run (the stream read again up to the checkpoint's record)."""
+    import signal
+
+    from test_resume import echo_words, plugtune, resume, start_and_kill, train_losses
+
+    records = [{"text": " ".join([w] * 60)} for w in echo_words() for _ in range(3)]
+    data = testing.write_jsonl(tmp_path / "long.jsonl", records)  # 24 records: 6 steps a pass
+
+    def make(name):
+        return make_recipe(f"{name}.yaml", plugins=["causal_lm", "lora"],
+                           lora={"r": 4, "dropout": 0.1},
+                           data={"train": str(data), "validation": str(echo_data[1]),
+                                 "streaming": True, "buffer_size": 5},
+                           train={"max_steps": 30, "batch_size": 4, "lr": 1e-3,
+                                  "eval_every": None}, output={"name": name})
+    straight = plugtune("run", make("straight"))
+    _, err = straight.communicate(timeout=300)
+    assert straight.returncode == 0, err[-2000:]
+    runs = tmp_path / "runs"
+    code, _, err = start_and_kill(make("term"), runs / "term", signal.SIGTERM, 8)
+    assert code == 143, err[-2000:]
+    code, out, err = resume(runs / "term")
+    assert code == 0 and "resuming at step" in out, err[-2000:]
+    adapter = "adapter/adapter_model.safetensors"
+    assert (runs / "term" / adapter).read_bytes() == (runs / "straight" / adapter).read_bytes()
+    assert train_losses(runs / "term") == train_losses(runs / "straight")
