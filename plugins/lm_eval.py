@@ -15,7 +15,7 @@ from pathlib import Path
 from pydantic import Field
 
 from plugtune import Section, hookimpl
-from plugtune.errors import did_you_mean
+from plugtune.errors import PlugtuneError, did_you_mean
 
 INSTALL = ("lm_eval: lm-evaluation-harness is not installed; pip install 'plugtune[lm_eval]' "
            "(or pip install lm-eval), or drop lm_eval from plugins:")
@@ -84,6 +84,14 @@ def working_dir(path):
         os.chdir(before)
 
 
+def check_causal(model):
+    """A PlugtuneError unless ``model`` is a causal language model (what lm-eval scores)."""
+    if not (callable(getattr(model, "can_generate", None)) and model.can_generate()):
+        raise PlugtuneError(f"lm_eval: lm-evaluation-harness scores causal language models "
+                            f"(the causal_lm task), and this run's model is a "
+                            f"{type(model).__name__}; drop lm_eval from plugins:")
+
+
 def benchmark(recipe, model, tokenizer):
     """``{"lm_eval/TASK/METRIC": value}`` of the recipe's tasks on ``model`` as it is."""
     from lm_eval import simple_evaluate
@@ -146,6 +154,8 @@ class LmEval:
 
     @hookimpl
     def plugtune_train_start(self, run):
+        """Refuse a model lm-eval cannot score before the first step, not after the last."""
+        check_causal(run.accelerator.unwrap_model(run.model))
         self.training, self.done = True, False
 
     @hookimpl
@@ -161,4 +171,6 @@ class LmEval:
             return None
         if not run.is_main:
             return None
-        return benchmark(run.recipe, run.accelerator.unwrap_model(model), run.tokenizer)
+        model = run.accelerator.unwrap_model(model)
+        check_causal(model)
+        return benchmark(run.recipe, model, run.tokenizer)

@@ -73,3 +73,18 @@ def test_without_lm_eval_installed_validate_names_the_extra(benchmarked, capsys,
     err = capsys.readouterr().err
     assert "lm_eval: lm-evaluation-harness is not installed; pip install " \
            "'plugtune[lm_eval]'" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_head_model_is_refused_before_the_first_step(tmp_path, tiny_llama, capsys):
+    from test_heads import head_recipe, toy_texts
+
+    recipe = head_recipe(tmp_path, tiny_llama, "sequence_classification", toy_texts(),
+                         plugins=["sequence_classification", "full", "lm_eval"],
+                         lm_eval={"tasks": ["echo_choice"], "include_path": str(TASKS)})
+    assert cli.main(["run", str(recipe)]) != 0
+    err = capsys.readouterr().err
+    assert "lm_eval: lm-evaluation-harness scores causal language models (the causal_lm " \
+           "task), and this run's model is a LlamaForSequenceClassification" in err
+    steps = [x for x in (tmp_path / "runs" / "run" / "metrics.jsonl").read_text().splitlines()
+             if '"loss"' in x] if (tmp_path / "runs" / "run" / "metrics.jsonl").exists() else []
+    assert steps == []
