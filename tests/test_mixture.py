@@ -151,3 +151,22 @@ def test_a_mixture_trains_records_its_sources_and_resumes_bit_identical(mixed, t
                                                      .read_text().splitlines()) if "loss" in r]
               for d in (cut.dir, run.dir)]
     assert losses[0] == losses[1] and len(losses[0]) == 14
+
+
+def test_weights_in_dataset_entries_and_in_data_weights_say_the_same(make_recipe, tmp_path,
+                                                                      echo_data):
+    import datasets
+
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list([{"text": "a b"}] * 4).save_to_disk(str(saved))
+    one = testing.load_recipe(make_recipe(
+        "one.yaml", data={"train": [{"dataset": str(saved), "weight": 3}, str(echo_data[0])],
+                          "validation": str(echo_data[1]), "mix": "interleave_under"}))[0]
+    other = testing.load_recipe(make_recipe(
+        "other.yaml", data={"train": [{"dataset": str(saved)}, str(echo_data[0])],
+                            "weights": [3, 1], "validation": str(echo_data[1]),
+                            "mix": "interleave_under"}))[0]
+    assert one.data == other.data and one.data.weights == [3.0, 1.0]
+    assert one.data.train[0].dataset == str(saved)
+    assert rundir.mixture_record(one, rundir.data_hashes(one))["sources"][0] == {
+        "source": str(saved), "sha256": rundir.sha256(saved), "weight": 3.0}
