@@ -124,8 +124,9 @@ def stream_source(source: Any, key: str) -> Iterator[Record]:
             table = datasets.load_dataset(source.dataset, source.config, split=source.split or
                                           key, revision=source.revision, streaming=True)
         except Exception as exc:  # offline, not found, gated, bad split
-            raise DataError(f"dataset {label}: cannot stream it ({first_line(exc, 200)})") \
-                from exc
+            raise DataError(f"dataset {label}: cannot stream it ({first_line(exc, 200)}); "
+                            "streaming reads a hub dataset from the hub (offline, "
+                            "data.streaming: false reads it from the datasets cache)") from exc
         records: Iterator[Record] = stream_table(table, label)
     elif isinstance(source, str) and not Path(source).is_dir():
         streamer = STREAMERS.get(Path(source).suffix.lower())
