@@ -3,6 +3,7 @@ plugin reads them, the task plugins check them: ``plugtune_check_records``), and
 every task shares: padding rows of token ids, and a held-out split in evaluation batches."""
 from __future__ import annotations
 
+import functools
 import itertools
 import random
 from collections.abc import Iterable, Iterator
@@ -45,8 +46,11 @@ class Stream:
     each call (one pass over the sources), never holding them all. ``name``: what is read,
     for messages."""
 
-    def __init__(self, read: Callable[[], Iterator[Record]], name: str) -> None:
+    def __init__(self, read: Callable[[], Iterator[Record]], name: str,
+                 sources: list[Callable[[], Iterator[Record]]] | None = None) -> None:
         self.read, self.name = read, name
+        #: each ``data.train`` entry's own ``read`` (what a mixture interleaves); None: unknown
+        self.sources = sources
 
     def __iter__(self) -> Iterator[Record]:
         return self.read()
@@ -103,9 +107,12 @@ def read_splits(recipe: "Recipe", read: Callable[[Any, str], list["Record"]],
         if not recipe.data.validation:
             raise DataError("data.validation: a streamed data.train holds out no validation "
                             "records; give data.validation")
-        return Splits(Stream(lambda: _streamed(recipe, stream), ", ".join(
-            str(getattr(s, "dataset", s)) for s in recipe.data.train)),
-            records("validation"), test, sources)
+        parts: list[Callable[[], Iterator[Record]]] = [
+            functools.partial(_streamed, recipe, stream, i, s)
+            for i, s in enumerate(recipe.data.train)]
+        return Splits(Stream(lambda: itertools.chain.from_iterable(r() for r in parts),
+                             ", ".join(str(getattr(s, "dataset", s)) for s in recipe.data.train),
+                             parts), records("validation"), test, sources)
     train = records("train")
     if recipe.data.validation:
         return Splits(train, records("validation"), test, sources)
@@ -118,12 +125,11 @@ def read_splits(recipe: "Recipe", read: Callable[[Any, str], list["Record"]],
     return Splits(shuffled[n_val:], shuffled[:n_val], test, sources)
 
 
-def _streamed(recipe: "Recipe", stream: Callable[[Any, str], Iterable[Record]]
-              ) -> Iterator[Record]:
-    for i, source in enumerate(recipe.data.train):
-        for r in stream(source, "train"):
-            r.source = i
-            yield from map_columns([r], recipe.data.columns)
+def _streamed(recipe: "Recipe", stream: Callable[[Any, str], Iterable[Record]], i: int,
+              source: Any) -> Iterator[Record]:
+    for r in stream(source, "train"):
+        r.source = i
+        yield from map_columns([r], recipe.data.columns)
 
 
 def map_columns(records: list[Record], columns: dict[str, str] | None) -> list[Record]:

@@ -3,13 +3,14 @@ loss (hook) -> backward -> optimizer step, evaluating, checkpointing and saving 
 Accelerate does device placement, mixed precision and (under ``accelerate launch``/``torchrun``)
 distribution; the loop does its own accumulation so that a step's objective is exact
 (:mod:`plugtune.step`). Which examples a step sees follows from the seed and the epoch
-(:func:`plugtune.order.epoch_plan`); ``train.group_by_length`` changes it.
+(:func:`plugtune.order.epoch_plan`); ``train.group_by_length`` and ``data.mix`` change it;
+``data.streaming`` reads the data a step at a time (:class:`plugtune.stream.Feed`).
 
 The parts, each in its module: the run and its progress (:mod:`plugtune.state`), the model
-(:mod:`plugtune.build`), the data order (:mod:`plugtune.order`), the step
-(:mod:`plugtune.step`), evaluations (:mod:`plugtune.scoring`), the guards against divergence
-(:mod:`plugtune.guards`), signals and rescue checkpoints (:mod:`plugtune.stopping`) and the
-final phase (:mod:`plugtune.finish`). Their names stay importable from here.
+(:mod:`plugtune.build`), the data order (:mod:`plugtune.order`, :mod:`plugtune.stream`), the
+step (:mod:`plugtune.step`), evaluations (:mod:`plugtune.scoring`), the guards against
+divergence (:mod:`plugtune.guards`), signals and rescue checkpoints (:mod:`plugtune.stopping`)
+and the final phase (:mod:`plugtune.finish`). Their names stay importable from here.
 """
 from __future__ import annotations
 
@@ -65,7 +66,8 @@ def _setup(recipe: Any, pm: Any, echo: Echo) -> Run:
     for split in ("train", "validation", *test):
         if isinstance(getattr(splits, split), Stream):  # read a step at a time (training)
             run.data[split] = getattr(splits, split)
-            echo(f"data: {split} streamed from {run.data[split].name}, "
+            mixed = "" if recipe.data.mix == "concat" else f", mixed {recipe.data.mix}"
+            echo(f"data: {split} streamed from {run.data[split].name}{mixed}, "
                  f"{recipe.data.buffer_size} records shuffled at a time")
             continue
         run.data[split] = first(h.plugtune_tokenize, "tokenize records", recipe=recipe,

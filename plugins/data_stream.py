@@ -7,6 +7,7 @@ Arrow IPC files are read whole, so they are refused with a hint. :func:`stream_s
 :func:`plugtune.data.read_splits` takes as ``stream``."""
 from __future__ import annotations
 
+import codecs
 import csv
 import itertools
 import json
@@ -40,17 +41,21 @@ def pick_split(splits: Any, split: str, name: object) -> Any:
 
 
 def text_lines(path: str) -> Iterator[tuple[int, str]]:
-    """``(number, line)`` of a text file read a line at a time (universal newlines)."""
+    """``(number, line)`` of a text file read a line at a time, each line decoded on its own
+    (so that a byte that is not UTF-8 is named by its line and column, as the whole-file
+    reader names it); ``\r\n`` read as ``\n``."""
     try:
-        with open(path, encoding="utf-8-sig", newline=None) as f:
-            n = 0
-            try:
-                for n, line in enumerate(f, 1):
-                    yield n, line
-            except UnicodeDecodeError as exc:
-                raise DataError(f"{path}:{n + 1}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x}"
-                                "); save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
-                                ) from exc
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                if n == 1 and raw.startswith(codecs.BOM_UTF8):
+                    raw = raw[len(codecs.BOM_UTF8):]
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise DataError(f"{path}:{n}: not UTF-8 text (byte 0x{raw[exc.start]:02x} "
+                                    f"at column {exc.start + 1}); save the file as UTF-8 (e.g. "
+                                    "iconv -f latin1 -t utf-8)") from exc
+                yield n, line.replace("\r\n", "\n")
     except OSError as exc:
         raise DataError(f"{path}: cannot read it ({exc.strerror})") from exc
 
@@ -103,8 +108,8 @@ def stream_parquet(path: str) -> Iterator[Record]:
         raise DataError(f"{path}: not a readable Parquet file ({first_line(exc, 200)})") from exc
 
 
-STREAMERS: dict[str, Callable[[str], Iterator[Record]]] = {".jsonl": stream_jsonl, ".txt": stream_text, ".csv": stream_csv,
-             ".parquet": stream_parquet}
+STREAMERS: dict[str, Callable[[str], Iterator[Record]]] = {
+    ".jsonl": stream_jsonl, ".txt": stream_text, ".csv": stream_csv, ".parquet": stream_parquet}
 
 
 def stream_table(table: Iterable[dict[str, Any]], name: str) -> Iterator[Record]:
@@ -159,8 +164,6 @@ def problems(recipe: Any) -> list[str]:
     if not d.validation:
         found.append("data.streaming: needs data.validation (no records are held out of a "
                      "stream)")
-    if d.mix != "concat":
-        found.append(f"data.mix: {d.mix} is not available with data.streaming yet; use concat")
     if t.group_by_length:
         found.append("train.group_by_length: needs every example's length ahead, which a "
                      "stream does not give; drop it, or set data.streaming: false")

@@ -111,8 +111,8 @@ def benchmark(recipe, model, tokenizer):
     for task, metrics in out["results"].items():
         for key, value in metrics.items():
             metric, _, kind = key.partition(",")
-            if "_stderr" in metric or metric == "sample_len" or not isinstance(value, (int, float)) or \
-                    isinstance(value, bool) or not math.isfinite(value):
+            if "_stderr" in metric or metric == "sample_len" or isinstance(value, bool) or \
+                    not isinstance(value, (int, float)) or not math.isfinite(value):
                 continue
             name = metric if kind in ("", "none") else f"{metric}/{kind}"
             figures[f"lm_eval/{task}/{name}"] = float(value)

@@ -2,6 +2,7 @@
 seeded shuffle buffer, never the whole file; a resumed stream goes on from the exact record
 (bit-identical to an uninterrupted run, across the end of a pass); what streaming needs is
 said at validate in one line each."""
+import itertools
 import json
 import random
 import shutil
@@ -11,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from plugtune import cli, testing
+from plugtune.errors import DataError
 from plugtune.plugins.data_stream import stream_source
 from plugtune.stream import shuffled
 
@@ -52,6 +54,50 @@ def test_streamed_sources_give_the_records_the_whole_readers_give(tmp_path):
         assert len(whole) in (32, 40)
 
 
+def stream_of(sizes):
+    from plugtune.data import Record, Stream
+
+    parts = [lambda k=k, n=n: iter([Record({"i": i}, f"s{k}", i + 1, source=k)
+                                    for i in range(n)]) for k, n in enumerate(sizes)]
+    return Stream(lambda: (r for p in parts for r in p()), "test", parts)
+
+
+def test_streamed_mixtures_sample_by_weight_with_the_exhaustion_rule():
+    from collections import Counter
+
+    from plugtune.stream import interleaved, passes
+
+    stream = stream_of([300, 100])
+    under = list(interleaved(stream, "0:0", 10, "interleave_under", [1.0, 1.0]))
+    seen = Counter(r.source for r in under)
+    assert seen[1] == 100 and 70 < seen[0] < 140  # b ran out first: the pass ended
+    assert len({(r.source, r.line) for r in under}) == len(under)  # no repeats
+    over = list(interleaved(stream, "0:0", 10, "interleave_over", [1.0, 1.0]))
+    seen = Counter(r.source for r in over)
+    assert seen[0] == 300 and 230 < seen[1] < 370  # until a ran out: b read about 3 times
+    assert list(interleaved(stream, "0:0", 10, "interleave_over", [1.0, 1.0])) == over
+    assert [r.source for r in itertools.islice(
+        passes(stream, 0, 10, "interleave_over", [1.0, 0.0]), 700)] == [0] * 700  # weight 0
+    with pytest.raises(DataError, match=r"data.train\[1\]: no records"):
+        list(interleaved(stream_of([5, 0]), "0:0", 10, "interleave_over", [1.0, 1.0]))
+
+
+def test_a_bad_line_is_named_as_the_whole_file_reader_names_it(tmp_path):
+    from plugtune.plugins.data import read_file
+
+    path = tmp_path / "bad.jsonl"
+    good = "".join(json.dumps({"text": f"line {i}"}) + "\r\n" for i in range(3000))
+    path.write_bytes(good.encode() + '{"text": "caf\u00e9"}\n'.encode("latin1"))
+    for bad in ('{"text": "cut sho\n', None):
+        with pytest.raises(DataError) as whole:
+            read_file(str(path))
+        with pytest.raises(DataError) as streamed_:
+            list(stream_source(str(path), "train"))
+        assert str(streamed_.value) == str(whole.value) and ":3001: " in str(whole.value)
+        if bad:
+            path.write_bytes(good.encode() + bad.encode())
+
+
 @pytest.fixture
 def streamed(make_recipe, tmp_path, echo_data):
     def make(name, data=None, extra=None, **train):
@@ -70,14 +116,17 @@ def losses(run_dir):
                                                 .read_text().splitlines()) if "loss" in r]
 
 
-def test_a_stream_trains_and_resumes_at_the_exact_record(streamed, tmp_path):
+@pytest.mark.parametrize("mix", [None, "interleave_over"])
+def test_a_stream_trains_and_resumes_at_the_exact_record(streamed, tmp_path, echo_data, mix):
     # 32 records, 4 a step: the stream's second pass starts at step 9
+    extra = None if mix is None else {"train": [str(echo_data[0]), str(echo_data[1])],
+                                      "weights": [2, 1], "mix": mix}
     lines = []
-    summary, run = testing.run(streamed("straight"), echo=lines.append)
+    summary, run = testing.run(streamed("straight", extra=extra), echo=lines.append)
     assert any(x.startswith("data: train streamed from ") for x in lines), lines
     assert summary["eval_after"]["eval_loss"] < summary["eval_before"]["eval_loss"]
 
-    _, cut = testing.run(streamed("cut", save_every=5))
+    _, cut = testing.run(streamed("cut", extra=extra, save_every=5))
     for p in (cut.dir / "checkpoints").iterdir():
         if p.name != "step-10":
             shutil.rmtree(p)
@@ -107,8 +156,6 @@ def test_a_stream_reads_only_what_the_steps_need(streamed, tmp_path):
 @pytest.mark.parametrize("data, train, said", [
     ({}, {"max_steps": None}, "data.streaming: needs train.max_steps"),
     ({"validation": None}, {}, "data.streaming: needs data.validation"),
-    ({"mix": "interleave_over"}, {}, "data.mix: interleave_over is not available with "
-                                     "data.streaming"),
     ({}, {"group_by_length": True}, "train.group_by_length: needs every example's length"),
     ({"train": "JSON"}, {}, ".json: data.streaming reads .jsonl, .txt, .csv, .parquet files"),
 ])
@@ -125,8 +172,9 @@ def test_what_streaming_needs_is_one_line_at_validate(streamed, tmp_path, capsys
 def test_a_mixture_and_a_stream_train_under_two_processes_as_under_one(make_recipe, tmp_path,
                                                                       echo_data):
     """Plain SGD, batch 2: one process accumulating 2 micro-batches and 2 processes x 1 take the
-    same examples each step (micro-batch j on process j % 2), for an interleaved mixture and
-    for a stream (whose second pass starts within the run): the same weights."""
+    same examples each step (micro-batch j on process j % 2), for an interleaved mixture, a
+    stream (whose second pass starts within the run) and a streamed mixture: the same
+    weights."""
     from plugtune import checkpoint
 
     from test_distributed import largest_difference, under_torchrun
@@ -136,7 +184,9 @@ def test_a_mixture_and_a_stream_train_under_two_processes_as_under_one(make_reci
             for n, r in (("a", echo_records()[:20]), ("b", echo_records()[20:26])))
     cases = {"mix": {"train": [{"path": str(a), "weight": 1}, {"path": str(b), "weight": 1}],
                      "mix": "interleave_over"},
-             "stream": {"train": [str(a), str(b)], "streaming": True, "buffer_size": 4}}
+             "stream": {"train": [str(a), str(b)], "streaming": True, "buffer_size": 4},
+             "stream-mix": {"train": [str(a), str(b)], "streaming": True, "buffer_size": 4,
+                            "weights": [1, 1], "mix": "interleave_under"}}
 
     def recipe(name, case, grad_accum):
         return make_recipe(f"{name}.yaml", data={**cases[case], "validation": str(echo_data[1])},
