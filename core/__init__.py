@@ -79,7 +79,9 @@ PUBLIC_MODULES = ("plugtune.hookspecs", "plugtune.testing", "plugtune.errors", "
                   # preference objectives (1.2), and the causal-LM helpers they reuse
                   "plugtune.plugins.preference_family", "plugtune.plugins.causal_lm",
                   # chat templates and record formats
-                  "plugtune.chat", "plugtune.plugins.formats")
+                  "plugtune.chat", "plugtune.plugins.formats",
+                  # streamed data (1.2)
+                  "plugtune.plugins.data_stream")
 
 __all__ = ["__version__", "API_VERSION", "hookimpl", "Loss", *_LAZY]
 

@@ -3,6 +3,8 @@ plugin reads them, the task plugins check them: ``plugtune_check_records``), and
 every task shares: padding rows of token ids, and a held-out split in evaluation batches."""
 from __future__ import annotations
 
+import functools
+import itertools
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -32,15 +34,31 @@ class Record:
     line: int
 
     row: bool = False  #: ``line`` is a table's row number (Parquet, Arrow, datasets), not a line
+    source: int = 0  #: the index of the ``data.train`` entry it came from (for a mixture)
 
     @property
     def where(self) -> str:
         return f"{self.file}:row {self.line}" if self.row else f"{self.file}:{self.line}"
 
 
+class Stream:
+    """The training records of ``data.streaming``: ``read()`` yields them from the first on
+    each call (one pass over the sources), never holding them all. ``name``: what is read,
+    for messages."""
+
+    def __init__(self, read: Callable[[], Iterator[Record]], name: str,
+                 sources: list[Callable[[], Iterator[Record]]] | None = None) -> None:
+        self.read, self.name = read, name
+        #: each ``data.train`` entry's own ``read`` (what a mixture interleaves); None: unknown
+        self.sources = sources
+
+    def __iter__(self) -> Iterator[Record]:
+        return self.read()
+
+
 @dataclass
 class Splits:
-    train: list[Record]
+    train: list[Record] | Stream  #: a :class:`Stream` under ``data.streaming``
     validation: list[Record]
     test: list[Record] | None = None  #: ``data.test``'s records, evaluated once at the end
     #: ``{name: sha256}`` of what was read that is not a local path (a hub dataset's cached
@@ -67,18 +85,35 @@ class Tokenized:
 
 
 def read_splits(recipe: "Recipe", read: Callable[[Any, str], list["Record"]],
-                sources: dict[str, str] | None = None) -> "Splits":
+                sources: dict[str, str] | None = None,
+                stream: Callable[[Any, str], Iterable[Record]] | None = None) -> "Splits":
     """The :class:`Splits` of the recipe's ``data.train``, ``data.validation`` and
     ``data.test``, each source (a path, or a ``{dataset: ...}`` entry) read by ``read(source,
     key)`` into :class:`Record` objects, ``data.columns`` mapped; without ``data.validation``
     a seeded ``data.val_fraction`` of the training records is held out. What a data reader's
-    ``plugtune_read_data`` returns, so that it reads its format and nothing else."""
+    ``plugtune_read_data`` returns, so that it reads its format and nothing else. Under
+    ``data.streaming``, ``train`` is a :class:`Stream` of what ``stream(source, "train")``
+    yields, source after source (a reader without ``stream`` reads it whole)."""
     def records(key: str) -> list[Record]:
-        return [r for s in getattr(recipe.data, key) or []
-                for r in map_columns(read(s, key), recipe.data.columns)]
+        out = []
+        for i, s in enumerate(getattr(recipe.data, key) or []):
+            for r in map_columns(read(s, key), recipe.data.columns):
+                r.source = i
+                out.append(r)
+        return out
 
-    train = records("train")
     test = records("test") if recipe.data.test else None
+    if recipe.data.streaming and stream is not None:
+        if not recipe.data.validation:
+            raise DataError("data.validation: a streamed data.train holds out no validation "
+                            "records; give data.validation")
+        parts: list[Callable[[], Iterator[Record]]] = [
+            functools.partial(_streamed, recipe, stream, i, s)
+            for i, s in enumerate(recipe.data.train)]
+        return Splits(Stream(lambda: itertools.chain.from_iterable(r() for r in parts),
+                             ", ".join(str(getattr(s, "dataset", s)) for s in recipe.data.train),
+                             parts), records("validation"), test, sources)
+    train = records("train")
     if recipe.data.validation:
         return Splits(train, records("validation"), test, sources)
     shuffled = train[:]
@@ -88,6 +123,13 @@ def read_splits(recipe: "Recipe", read: Callable[[Any, str], list["Record"]],
         raise DataError(f"data.train: {len(train)} record(s) cannot be split for validation; "
                         "add records or give data.validation")
     return Splits(shuffled[n_val:], shuffled[:n_val], test, sources)
+
+
+def _streamed(recipe: "Recipe", stream: Callable[[Any, str], Iterable[Record]], i: int,
+              source: Any) -> Iterator[Record]:
+    for r in stream(source, "train"):
+        r.source = i
+        yield from map_columns([r], recipe.data.columns)
 
 
 def map_columns(records: list[Record], columns: dict[str, str] | None) -> list[Record]:
@@ -129,12 +171,18 @@ def key_of(recipe: "Recipe", split: str) -> str:
     return "train" if split == "validation" and not recipe.data.validation else split
 
 
+#: The records of a streamed split that ``validate`` checks.
+STREAM_CHECKED = 1000
+
+
 def check_records(hook: Any, recipe: "Recipe", splits: Splits) -> list[str]:
     """Every task plugin's problems with the records of ``splits`` (a :class:`Splits`), each
     prefixed with the recipe key the records came from."""
     problems: list[str] = []
     for split in ("train", "validation", "test"):
         records = getattr(splits, split, None)
+        if isinstance(records, Stream):  # its first records: a stream may not end soon
+            records = list(itertools.islice(records, STREAM_CHECKED))
         if not records:
             continue
         for result in hook.plugtune_check_records(recipe=recipe, split=split, records=records):

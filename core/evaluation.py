@@ -75,9 +75,14 @@ def data_overrides(run_dir: str | Path, data: str | None, split: str = "validati
                             "with --data FILE")
         if split == "test":
             files = json.dumps(files)
-            return [f"data.train={files}", f"data.validation={files}", "data.test=null"]
-        return [f"data.train={json.dumps(files)}", "data.test=null"] if files else ["data.test=null"]
+            return [f"data.train={files}", f"data.validation={files}", "data.test=null", *ONCE]
+        return [f"data.train={json.dumps(files)}", "data.test=null", *ONCE] if files else \
+            ["data.test=null"]
     if not Path(data).is_file():
         raise DataError(f"--data: file not found: {data}")
     quoted = json.dumps(str(Path(data).resolve()))
-    return [f"data.train={quoted}", f"data.validation={quoted}", "data.test=null"]
+    return [f"data.train={quoted}", f"data.validation={quoted}", "data.test=null", *ONCE]
+
+
+#: A training mixture's weights (and streaming) are not the evaluated files': read each once.
+ONCE = ["data.mix=concat", "data.weights=null", "data.streaming=false"]

@@ -3,13 +3,14 @@ loss (hook) -> backward -> optimizer step, evaluating, checkpointing and saving 
 Accelerate does device placement, mixed precision and (under ``accelerate launch``/``torchrun``)
 distribution; the loop does its own accumulation so that a step's objective is exact
 (:mod:`plugtune.step`). Which examples a step sees follows from the seed and the epoch
-(:func:`plugtune.order.epoch_plan`); ``train.group_by_length`` changes it.
+(:func:`plugtune.order.epoch_plan`); ``train.group_by_length`` and ``data.mix`` change it;
+``data.streaming`` reads the data a step at a time (:class:`plugtune.stream.Feed`).
 
 The parts, each in its module: the run and its progress (:mod:`plugtune.state`), the model
-(:mod:`plugtune.build`), the data order (:mod:`plugtune.order`), the step
-(:mod:`plugtune.step`), evaluations (:mod:`plugtune.scoring`), the guards against divergence
-(:mod:`plugtune.guards`), signals and rescue checkpoints (:mod:`plugtune.stopping`) and the
-final phase (:mod:`plugtune.finish`). Their names stay importable from here.
+(:mod:`plugtune.build`), the data order (:mod:`plugtune.order`, :mod:`plugtune.stream`), the
+step (:mod:`plugtune.step`), evaluations (:mod:`plugtune.scoring`), the guards against
+divergence (:mod:`plugtune.guards`), signals and rescue checkpoints (:mod:`plugtune.stopping`)
+and the final phase (:mod:`plugtune.finish`). Their names stay importable from here.
 """
 from __future__ import annotations
 
@@ -26,9 +27,10 @@ from .build import adapt, count_parameters, load_base, model_kwargs, prepare, se
 from .errors import PlugtuneError
 from .finish import finish, save
 from .guards import Diverged, check_divergence, check_stalled
-from .order import epoch_plan, epoch_seed, grouped_by_length, steps_per_epoch
+from .order import epoch_plan, epoch_seed, grouped_by_length, mixture, steps_per_epoch
 from .scoring import due, eval_due, evaluate, evaluate_kept, evaluating, weights
 from .state import Progress, Run, first
+from .stream import Feed, Stream
 from .step import (base_group, finite, loss_of, optimizer_step, rates, real_tokens,
                    to_device, train_step)
 from .stopping import (FinalInterrupt, Interrupted, agree, checkpoint_step, interrupt,
@@ -62,6 +64,12 @@ def _setup(recipe: Any, pm: Any, echo: Echo) -> Run:
     run.sources = getattr(splits, "sources", None) or {}
     test = ("test",) if getattr(splits, "test", None) is not None else ()
     for split in ("train", "validation", *test):
+        if isinstance(getattr(splits, split), Stream):  # read a step at a time (training)
+            run.data[split] = getattr(splits, split)
+            mixed = "" if recipe.data.mix == "concat" else f", mixed {recipe.data.mix}"
+            echo(f"data: {split} streamed from {run.data[split].name}{mixed}, "
+                 f"{recipe.data.buffer_size} records shuffled at a time")
+            continue
         run.data[split] = first(h.plugtune_tokenize, "tokenize records", recipe=recipe,
                                 records=getattr(splits, split), tokenizer=run.tokenizer,
                                 split=split)
@@ -87,7 +95,13 @@ def train(run: Run, echo: Echo = print, resume: tuple[Any, Any] | None = None,
     data = run.data["train"]
     trainable, total = count_parameters(run.model)
     world, rank = acc.num_processes, acc.process_index
-    per_epoch = steps_per_epoch(len(data.examples), t, world)
+    streamed = isinstance(data, Stream)
+    mix = None if streamed else mixture(run.recipe, data)  # None: every example once an epoch
+    if mix:
+        echo(f"data: mixture {run.recipe.data.mix}: {' + '.join(map(str, mix.counts))} "
+             "examples an epoch")
+    per_epoch = (t.max_steps or 1) if streamed else steps_per_epoch(
+        mix.size if mix else len(data.examples), t, world)
     run.total_steps = t.max_steps or per_epoch * t.epochs
     base = optimization(run)
     processes = f" x {world} processes" if world > 1 else ""
@@ -117,18 +131,24 @@ def train(run: Run, echo: Echo = print, resume: tuple[Any, Any] | None = None,
             seen = weights(run)  # what the last evaluation saw (resumed: the checkpoint's)
             run.model.train()
             plan_epoch, plan = None, []
-            lengths = [len(e["input_ids"]) for e in data.examples]
+            feed = Feed(run, data, run.step) if streamed else None
+            lengths = [] if streamed else [len(e["input_ids"]) for e in data.examples]
             while run.step < run.total_steps:
                 if agree(acc, run.stop_reason is not None):  # asked before this step
                     echo(f"stopping early at step {run.step}: {run.stop_reason}")
                     break
-                epoch, k = divmod(run.step, per_epoch)
-                if epoch != plan_epoch:
-                    plan_epoch = epoch
-                    plan = epoch_plan(lengths, t, epoch, rank, world)
                 tick, stepping = time.perf_counter(), True
-                loss_sum, count, tokens, signalled, extra = train_step(
-                    run, plan[k], data.examples, data.collate)
+                if feed is not None:
+                    mine, examples, collate = feed.step()
+                else:
+                    epoch, k = divmod(run.step, per_epoch)
+                    if epoch != plan_epoch:
+                        plan_epoch = epoch
+                        plan = epoch_plan(lengths, t, epoch, rank, world,
+                                          mix.draw if mix else None)
+                    mine, examples, collate = plan[k], data.examples, data.collate
+                loss_sum, count, tokens, signalled, extra = train_step(run, mine, examples,
+                                                                        collate)
                 lr, lrs = rates(run.scheduler, base)  # the rates this step is taken at
                 loss = loss_sum / count if count else math.nan
                 updating = True
@@ -171,7 +191,8 @@ def train(run: Run, echo: Echo = print, resume: tuple[Any, Any] | None = None,
             summary = {"steps": run.step, "seconds": time.perf_counter() - start,
                        "eval_before": run.state.eval_before, "eval_after": after,
                        "test": test,
-                       "artifact": artifact, "truncated": data.truncated,
+                       "artifact": artifact,
+                       "truncated": feed.truncated if feed else data.truncated,
                        "trainable": trainable, "total": total,
                        "skipped_steps": run.state.skipped_steps,
                        "stopped_early": early}

@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
+
+from .errors import DataError
 
 #: A step's micro-batches on one process: ``(example indices, counts)`` each.
 StepPlan = list[tuple[list[int], bool]]
 
 
-def epoch_plan(lengths: list[int], t: Any, epoch: int, rank: int,
-               world: int) -> list[StepPlan]:
+def epoch_plan(lengths: list[int], t: Any, epoch: int, rank: int, world: int,
+               draw: Callable[[torch.Generator], list[int]] | None = None) -> list[StepPlan]:
     """This process's micro-batches for each optimizer step of ``epoch``: a list of steps,
     each a list of ``(example indices, counts)``. ``lengths``: each example's tokens.
 
@@ -25,10 +28,11 @@ def epoch_plan(lengths: list[int], t: Any, epoch: int, rank: int,
     a seed sweep was not independent). Under several processes micro-batch
     ``j`` of a step goes to process ``j % world``; a process left without one in an epoch's
     last step runs a zero-weight micro-batch (``counts`` False) so the gradient all-reduce
-    still meets every process.
+    still meets every process. ``draw``: the epoch's examples in order, drawn with the
+    generator (a :class:`Mixture`'s ``draw``); default every example once.
     """
     generator = torch.Generator().manual_seed(epoch_seed(t.seed, epoch))
-    order = torch.randperm(len(lengths), generator=generator).tolist()
+    order = draw(generator) if draw else torch.randperm(len(lengths), generator=generator).tolist()
     if t.group_by_length:
         micro = grouped_by_length(order, lengths, t.batch_size, generator)
     else:
@@ -68,3 +72,53 @@ def grouped_by_length(order: list[int], lengths: list[int], batch_size: int,
 def steps_per_epoch(n: int, t: Any, world: int) -> int:
     """Optimizer steps in an epoch of ``n`` examples on ``world`` processes."""
     return math.ceil(math.ceil(n / t.batch_size) / (t.grad_accum * world))
+
+
+@dataclass
+class Mixture:
+    """An epoch of several sources (``data.mix: interleave_under | interleave_over``), each
+    source contributing ``counts[k]`` examples: its share of the weights times the epoch's
+    size. interleave_under ends the epoch where the first source (for its weight) runs out,
+    interleave_over where the last one does, the others repeated (each record ``count //
+    len`` times, then a seeded draw for the rest). The counts are exact rather than sampled
+    example by example (LLaMA-Factory's ``interleave_datasets``), so every epoch has the
+    same size and a resumed run finds its place by step number; which records and in which
+    order follow from ``(seed, epoch)``, the same on every process."""
+
+    members: list[list[int]]  #: each source's example indices
+    counts: list[int]  #: how many examples each source gives an epoch
+
+    @property
+    def size(self) -> int:
+        return sum(self.counts)
+
+    def draw(self, generator: torch.Generator) -> list[int]:
+        drawn: list[int] = []
+        for members, count in zip(self.members, self.counts):
+            whole, rest = divmod(count, len(members)) if members else (0, 0)
+            pick = torch.randperm(len(members), generator=generator)[:rest].tolist()
+            drawn += members * whole + [members[i] for i in pick]
+        return [drawn[i] for i in torch.randperm(len(drawn), generator=generator).tolist()]
+
+
+def mixture(recipe: Any, data: Any) -> Mixture | None:
+    """The :class:`Mixture` of the training examples ``data`` (a :class:`plugtune.data.
+    Tokenized`, one example per record) under ``data.mix``; None for concat."""
+    d = recipe.data
+    if d.mix == "concat":
+        return None
+    if len(data.records) != len(data.examples):
+        raise DataError(f"data.mix: {d.mix} needs one tokenized example per record (to know "
+                        "each one's source), and the task plugin gave another number")
+    weights = d.weights or [1.0] * len(d.train)
+    members: list[list[int]] = [[] for _ in weights]
+    for i, record in enumerate(data.records):
+        members[record.source].append(i)
+    shares = [w / sum(weights) for w in weights]
+    for k, (m, share) in enumerate(zip(members, shares)):
+        if share and not m:
+            raise DataError(f"data.train[{k}]: no training records left (all were held out "
+                            "for validation); give data.validation, or more records")
+    spans = [len(m) / share for m, share in zip(members, shares) if share]
+    n = min(spans) if d.mix == "interleave_under" else max(spans)
+    return Mixture(members, [round(share * n) for share in shares])

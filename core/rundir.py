@@ -235,6 +235,7 @@ def manifest(recipe: "Recipe", sources: dict[str, str] | None = None) -> dict[st
     """The manifest of a new run. ``sources``: ``{name: sha256}`` of what the data phase read
     that is not a local path (a hub dataset's cached files); local files and directories (a
     ``save_to_disk`` dataset, named as a path or as ``dataset:``) are hashed here."""
+    data = data_hashes(recipe, sources)
     return {
         "status": "running",
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -250,7 +251,8 @@ def manifest(recipe: "Recipe", sources: dict[str, str] | None = None) -> dict[st
         "recipe_file": str(recipe.path),
         "git_revision": _git_revision(recipe.path.parent),
         "command": sys.argv,
-        "data": data_hashes(recipe, sources),
+        "data": data,
+        "mixture": mixture_record(recipe, data),
         "recipe": recipe.resolved(),
         "model": model_record(recipe.model.name),
     }
@@ -263,6 +265,18 @@ def data_hashes(recipe: "Recipe", sources: dict[str, str] | None = None) -> dict
              for key in ("train", "validation", "test") for f in getattr(recipe.data, key) or []]
     files = [f for f in files if Path(f).is_absolute() and os.path.exists(f)]  # not hub ids
     return {**{f: sha256(f) for f in files}, **(sources or {})}
+
+
+def mixture_record(recipe: "Recipe", hashes: dict[str, str]) -> dict[str, Any]:
+    """``data.mix`` and each ``data.train`` source's name, sha256 and weight."""
+    weights = recipe.data.weights or [1.0] * len(recipe.data.train)
+    out = []
+    for source, weight in zip(recipe.data.train, weights):
+        name = source if isinstance(source, str) else source.dataset
+        digest = hashes.get(name) or next((v for k, v in hashes.items()
+                                           if k.startswith(f"dataset:{name}")), None)
+        out.append({"source": name, "sha256": digest, "weight": weight})
+    return {"mix": recipe.data.mix, "sources": out}
 
 
 #: Model files up to this size are hashed in full; larger ones by size and their ends.

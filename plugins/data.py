@@ -15,6 +15,8 @@ from plugtune import active_roles, hookimpl, is_file
 from plugtune.data import Record, map_columns, read_splits
 from plugtune.errors import DataError, first_line
 from plugtune.plugins import formats
+from plugtune.plugins import data_stream
+from plugtune.plugins.data_stream import json_problem, pick_split
 from plugtune.sources import hub_offline
 
 PLUGTUNE_DEFAULT = True
@@ -54,16 +56,6 @@ def read_jsonl(path):
                             "line of a .jsonl file must be one JSON object") from exc
         except RecursionError as exc:
             raise DataError(f"{path}:{n}: JSON nested too deeply to read") from exc
-
-
-def json_problem(exc, line):
-    """What the parser says of ``line``, at its column, and whether the line looks cut."""
-    where = f"{exc.msg.removesuffix(' at')} at column {exc.colno}"
-    if exc.msg.startswith("Unterminated string"):
-        return f"{where}; the line ends inside it: is it cut short?"
-    if exc.pos >= len(line):
-        return f"{where}, where the line ends: is it cut short?"
-    return where
 
 
 def read_json(path):
@@ -149,13 +141,6 @@ def read_saved(path, split, key):
         raise DataError(f"{path}: split: this saved dataset has no splits (it is one Dataset); "
                         "drop split:")
     return rows(loaded.to_list(), str(path)), loaded
-
-
-def pick_split(splits, split, name):
-    if split not in splits:
-        raise DataError(f"{name}: no split {split!r}; it has {', '.join(splits)} (choose one "
-                        f"with {{dataset: ..., split: NAME}})")
-    return splits[split]
 
 
 def read_hub(source, key):
@@ -251,7 +236,9 @@ def plugtune_check_recipe(recipe):
     reader's."""
     if "data" not in active_roles(recipe).get("data", ["data"]):
         return []
-    problems = []
+    problems, streamed = [], recipe.data.streaming
+    if streamed:  # JSONL, CSV, text, Parquet, datasets read as training needs them
+        problems += data_stream.problems(recipe)
     for key in ("train", "validation", "test"):
         for source in getattr(recipe.data, key) or []:
             if isinstance(source, str) and not Path(source).is_dir() and \
@@ -262,7 +249,11 @@ def plugtune_check_recipe(recipe):
             if _skipped(source):
                 continue
             try:
-                formats.convert(read_source(source, key, recipe.data.columns), recipe.data)
+                if streamed and key == "train":  # its first records
+                    formats.convert(map_columns(data_stream.first_records(source, key),
+                                                recipe.data.columns), recipe.data)
+                else:
+                    formats.convert(read_source(source, key, recipe.data.columns), recipe.data)
             except DataError as exc:
                 problems.append(f"data.{key}: {exc}")
     return problems
@@ -272,5 +263,5 @@ def plugtune_check_recipe(recipe):
 def plugtune_read_data(recipe):
     sources = {}
     return formats.convert_splits(read_splits(
-        recipe, lambda source, key: read_source(source, key, sources=sources), sources),
-        recipe.data)
+        recipe, lambda source, key: read_source(source, key, sources=sources), sources,
+        data_stream.stream_source), recipe.data)

@@ -156,7 +156,24 @@ def convert(records, section):
 
 
 def convert_splits(splits, section):
-    """:func:`convert` on each split of a :class:`plugtune.Splits`."""
+    """:func:`convert` on each split of a :class:`plugtune.Splits`; a streamed split
+    (:class:`plugtune.data.Stream`) has each record converted as it is read."""
+    from plugtune.data import Stream
+
     for name in ("train", "validation", "test"):
-        convert(getattr(splits, name, None) or [], section)
+        split = getattr(splits, name, None) or []
+        if isinstance(split, Stream):
+            split.read = converting(split.read, section)
+            if split.sources is not None:
+                split.sources = [converting(read, section) for read in split.sources]
+        else:
+            convert(split, section)
     return splits
+
+
+def converting(read, section):
+    """A stream reader (``read() -> records``) whose records come converted."""
+    def converted():
+        for record in read():
+            yield from convert([record], section)
+    return converted

@@ -167,12 +167,37 @@ def _absolute_paths(tree: dict[Any, Any], base: Path) -> None:
     template = data.get("chat_template")
     if isinstance(template, str) and template.endswith(".jinja") and "{" not in template:
         data["chat_template"] = str(base / template)  # a path, not a name or Jinja text
+    _weighted_sources(data)
     for key in DATA_PATH_KEYS:
         value = data.get(key)
         if isinstance(value, (str, list, dict)):
             items = value if isinstance(value, list) else [value]
             paths = [_absolute_source(v, base) for v in items]
             data[key] = paths if isinstance(value, list) else paths[0]
+
+
+def _weighted_sources(data: dict[Any, Any]) -> None:
+    """``data.train`` entries written ``{path: FILE, weight: W}`` (or ``{dataset: ..., weight:
+    W}``) as the source alone, their weights moved to ``data.weights`` (one per entry, 1 where
+    an entry has none), so that every later reader of ``data.train`` sees paths and datasets."""
+    train = data.get("train")
+    entries = train if isinstance(train, list) else [train]
+    if not any(isinstance(s, dict) and ("weight" in s or "path" in s) for s in entries):
+        return
+    weights, sources = [], []
+    for s in entries:
+        weight = s.get("weight", 1.0) if isinstance(s, dict) else 1.0
+        if isinstance(s, dict):
+            s = {k: v for k, v in s.items() if k != "weight"}
+            s = s["path"] if set(s) == {"path"} else s
+        weights.append(weight)
+        sources.append(s)
+    data["train"] = sources
+    if any(isinstance(s, dict) and "weight" in s for s in entries):
+        if "weights" in data:
+            raise RecipeError([Problem("data.weights", "given twice: as data.weights and as "
+                                       "weight: in data.train's entries; keep one")])
+        data["weights"] = weights
 
 
 def _absolute_source(source: object, base: Path) -> object:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt,
-                      ValidationError, field_validator)
+                      ValidationError, ValidationInfo, field_validator)
 
 from ..errors import did_you_mean as _close_name
 
@@ -90,6 +90,18 @@ class DataSection(Section):
         if v is not None and (found := problem(v)):
             raise ValueError(found)
         return v
+    mix: Literal["concat", "interleave_under", "interleave_over"] = Field(
+        default="concat", description="how several train sources combine: concat (each record "
+        "once), or an epoch holding each in proportion to its weight: interleave_under (ends "
+        "when the first source runs out), interleave_over (until every source is seen whole)")
+    streaming: bool = Field(default=False, description="read data.train as training needs "
+                            "it (JSONL, CSV, text, Parquet, hub datasets): memory flat in the "
+                            "data's size; needs train.max_steps and data.validation")
+    buffer_size: PositiveInt = Field(default=1000, description="streamed records shuffled at a "
+                                     "time (a seeded shuffle buffer)")
+    weights: list[Any] | None = Field(default=None, description="one per data.train entry "
+                                      "(or weight: in the entry): its share of an interleaved "
+                                      "epoch; default 1 each")
 
     @field_validator("train", "validation", "test", mode="before")
     @classmethod
@@ -99,13 +111,42 @@ class DataSection(Section):
             if isinstance(items, list) else v
 
 
+    @field_validator("weights")
+    @classmethod
+    def _shares(cls, v: list[Any] | None, info: ValidationInfo) -> list[float] | None:
+        """Each a number >= 0, not all 0, one per source, under an interleaving ``mix``."""
+        if v is None:
+            return v
+        train = info.data.get("train")
+        if train is not None and len(v) != len(train):
+            raise ValueError(f"{len(v)} weight(s) for {len(train)} data.train source(s); give "
+                             "one per source")
+        for i, w in enumerate(v):
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or w != w or \
+                    w in (float("inf"), float("-inf")):
+                raise ValueError(f"the weight of data.train[{i}] is {w!r}, not a number; a "
+                                 "weight is a source's share of the mixture, e.g. 2 or 0.5")
+            if w < 0:
+                raise ValueError(f"the weight of data.train[{i}] is {w}, below 0; a weight is a "
+                                 "share of the mixture: 0 or more (0 leaves the source out)")
+        if not any(v):
+            raise ValueError("every weight is 0, so the mixture draws nothing; give at least "
+                             "one source a weight above 0")
+        if info.data.get("mix") == "concat" and len(set(v)) > 1:
+            raise ValueError("data.mix: concat (the default) reads every record once, so "
+                             "weights change nothing; set data.mix: interleave_under or "
+                             "interleave_over")
+        return [float(w) for w in v]
+
+
 def _dataset_source(entry: dict[Any, Any]) -> DatasetSource:
     """A ``{dataset: ...}`` entry as a :class:`DatasetSource`, its problems said in one line
     (rather than one per member of the ``str | DatasetSource`` union)."""
-    fields = DatasetSource.model_fields
+    kind, fields = ("a {path: ...} entry", ["path", "weight"]) if "path" in entry else (
+        "a dataset entry", [*DatasetSource.model_fields, "weight"])
     for key in entry:
         if key not in fields:
-            raise ValueError(f"unknown key {key!r} in a dataset entry{did_you_mean(key, fields)}"
+            raise ValueError(f"unknown key {key!r} in {kind}{did_you_mean(key, fields)}"
                              f"; it takes {', '.join(fields)}")
     try:
         return DatasetSource.model_validate(entry)
