@@ -32,7 +32,7 @@ def test_a_strangers_reader_gets_the_tasks_record_check(tsv_site, make_recipe, t
     assert result.stderr.splitlines() == [
         f"plugtune: error: {result.args[-1]}: data.train: {data}:3: a causal_lm record needs "
         "\"text\", \"prompt\" and \"completion\", or \"messages\"; this one has ['prompt'] (map "
-        "other column names with data.columns)"]
+        "other column names with data.columns; data.format reads ShareGPT and Alpaca records)"]
 
 
 def test_a_strangers_reader_gets_the_validation_split_and_columns(tsv_site, make_recipe,
