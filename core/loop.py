@@ -21,7 +21,7 @@ from typing import Any, Callable
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from . import manager, rundir
+from . import attention, manager, rundir
 from .build import adapt, count_parameters, load_base, model_kwargs, prepare, setup_model
 from .errors import PlugtuneError
 from .finish import finish, save
@@ -98,6 +98,8 @@ def train(run: Run, echo: Echo = print, resume: tuple[Any, Any] | None = None,
         _resume(run, *resume, on_resume, echo)
     else:
         run.dir = rundir.create(run.recipe, run.sources) if run.is_main else None
+        if run.dir is not None:  # what transformers chose where the recipe did not say
+            rundir.update_manifest(run.dir, attn_implementation=attention.in_use(run.model))
     error: BaseException | None = None
     early: str | None = None
     start = time.perf_counter()

@@ -28,6 +28,25 @@ class ModelSection(Section):
     tokenizer: str | None = Field(default=None,
                                   description="tokenizer source when not the model's")
     trust_remote_code: bool = False
+    attn_implementation: str | None = Field(
+        default=None, description="attention kernel, as transformers names it: eager, sdpa, "
+        "flex_attention, flash_attention_2 (3, 4), paged|eager; default: transformers' choice "
+        "(sdpa where the model supports it)")
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _known_attention(cls, v: str | None) -> str | None:
+        if v is not None and v not in ATTENTION:
+            raise ValueError(f"unknown attention implementation {v!r}{did_you_mean(v, ATTENTION)};"
+                             f" it takes {', '.join(ATTENTION)}")
+        return v
+
+
+#: The attention implementations of the installed transformers (5.x: ``"eager"`` and the keys
+#: of ``ALL_ATTENTION_FUNCTIONS``; a test keeps the two the same). Kernels from the hub
+#: (``kernels-community/...``) are left out: they are downloaded when the model loads.
+ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3",
+             "flash_attention_4", "paged|eager")
 
 
 class DatasetSource(Section):
@@ -175,7 +194,8 @@ SYNONYMS = {
     "model_name_or_path": "name", "torch_dtype": "dtype", "tokenizer_name": "tokenizer",
     "datasets": "train", "train_file": "train", "validation_file": "validation",
     "val_set_size": "val_fraction", "eval_file": "validation", "test_file": "test",
-    "sample_packing": "packing", "padding_free": "packing", "pack_sequences": "packing",
+    "attention": "attn_implementation", "flash_attention": "attn_implementation",
+    "sdp_attention": "attn_implementation", "sample_packing": "packing", "padding_free": "packing", "pack_sequences": "packing",
 }
 DATA_PATH_KEYS = ("train", "validation", "test")
 
