@@ -21,7 +21,7 @@ from typing import Any, Callable
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from . import attention, manager, rundir
+from . import attention, flops, manager, rundir
 from .build import adapt, count_parameters, load_base, model_kwargs, prepare, setup_model
 from .errors import PlugtuneError
 from .finish import finish, save
@@ -90,6 +90,8 @@ def train(run: Run, echo: Echo = print, resume: tuple[Any, Any] | None = None,
     per_epoch = steps_per_epoch(len(data.examples), t, world)
     run.total_steps = t.max_steps or per_epoch * t.epochs
     base = optimization(run)
+    run.flops = flops.flop_model(run.model)
+    peak = flops.peak_tflops(acc.device, t.peak_tflops)
     processes = f" x {world} processes" if world > 1 else ""
     echo(f"training: {run.total_steps} steps of {t.batch_size} x {t.grad_accum} sequences"
          f"{processes} ({per_epoch} steps per epoch) on {acc.device}")
@@ -127,16 +129,19 @@ def train(run: Run, echo: Echo = print, resume: tuple[Any, Any] | None = None,
                     plan_epoch = epoch
                     plan = epoch_plan(lengths, t, epoch, rank, world)
                 tick, stepping = time.perf_counter(), True
-                loss_sum, count, tokens, signalled = train_step(run, plan[k], data.examples,
-                                                                data.collate)
+                loss_sum, count, tokens, signalled, work = train_step(run, plan[k],
+                                                                      data.examples, data.collate)
                 lr, lrs = rates(run.scheduler, base)  # the rates this step is taken at
                 loss = loss_sum / count if count else math.nan
                 updating = True
                 norm, applied = optimizer_step(run, t, loss)
                 run.step += 1
                 rng, updating, stepping = run.rng_states(), False, False
-                metrics = _metrics(run, loss, norm, lr, lrs, tokens / (time.perf_counter() - tick),
-                                   per_epoch)
+                seconds = time.perf_counter() - tick
+                metrics = _metrics(run, loss, norm, lr, lrs, tokens / seconds, per_epoch)
+                work = {**work, "tokens": tokens, "seconds": seconds}
+                run.state.add_work(work)
+                metrics.update(flops.report(work, peak and peak * world))
                 run.state.tally(applied, count, norm, loss)
                 if not applied:
                     metrics["skipped"] = True

@@ -49,14 +49,17 @@ def real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def train_step(run: Run, micro: StepPlan, examples: list[Any],
                collate: Callable[[list[Any]], dict[str, torch.Tensor]]
-               ) -> tuple[float, float, float, bool]:
+               ) -> tuple[float, float, float, bool, dict[str, float]]:
     """Forward and backward every micro-batch of one optimizer step, then scale the gradients
     so they are those of the mean over the step's targets. Returns the step's loss sum, target
-    count and real tokens, summed over processes, and whether any process was signalled (one
-    all-reduce; the one host sync of the step)."""
+    count and real tokens, summed over processes, whether any process was signalled (one
+    all-reduce; the one host sync of the step), and its work: ``{"positions": ..., "flops":
+    ...}`` (positions the model computed, padding included, and their model FLOPs from
+    ``run.flops``), summed over processes."""
     acc, model = run.accelerator, run.model
     world = acc.num_processes
     sums, counts, tokens = [], [], []
+    positions = flops = 0.0
     reference: torch.Tensor | None = None
     for i, (indices, real) in enumerate(micro):
         batch = to_device(collate([examples[j] for j in indices]), acc.device)
@@ -74,19 +77,25 @@ def train_step(run: Run, micro: StepPlan, examples: list[Any],
         sums.append(total.detach().float())
         counts.append(count)
         tokens.append(real_tokens(batch))
+        rows, width = batch["input_ids"].shape[0], batch["input_ids"].shape[-1]
+        positions += rows * width
+        flops += run.flops.micro_batch(rows, width) if run.flops is not None else 0.0
     assert reference is not None  # a step has a micro-batch
     signalled = torch.tensor(float(run.signum is not None), device=acc.device)
     step = torch.stack([torch.stack(sums).sum(), torch.stack(counts).sum(),
-                        torch.stack(tokens).sum(), signalled, reference])
+                        torch.stack(tokens).sum(), signalled, reference,
+                        torch.tensor(positions, device=acc.device),
+                        torch.tensor(flops, device=acc.device)])
     if world > 1:
         step = acc.reduce(step, "sum")
-    loss_sum, count_, n_tokens, any_signal, _ = step.tolist()
+    loss_sum, count_, n_tokens, any_signal, _, n_positions, n_flops = step.tolist()
     if count_ > 0:
         factor = reference / count_  # this process's reference, not the all-reduced one
         for p in run.model.parameters():
             if p.grad is not None:
                 p.grad.mul_(factor)
-    return loss_sum, count_, n_tokens, any_signal > 0
+    return loss_sum, count_, n_tokens, any_signal > 0, {"positions": n_positions,
+                                                         "flops": n_flops}
 
 
 def optimizer_step(run: Run, t: Any, loss: float) -> tuple[float, bool]:

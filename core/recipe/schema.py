@@ -130,6 +130,10 @@ class TrainSection(Section):
     max_length: PositiveInt = Field(default=512,
                                     description="tokens; longer sequences are truncated")
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    peak_tflops: PositiveFloat | None = Field(
+        default=None, description="the device's peak TFLOP/s per process, for the model FLOPs "
+        "utilization (mfu) in metrics.jsonl; default: the dense bf16 peak of a known GPU "
+        "(H200, H100, A100, L40S, L4, RTX 4090, 3090, ...), none on a CPU")
     save_every: PositiveInt | None = Field(default=None, description="write a checkpoint every "
                                            "N optimizer steps (RUN/checkpoints/step-N)")
     keep_checkpoints: PositiveInt | None = Field(default=2, description="newest checkpoints "
