@@ -40,8 +40,7 @@ def report(summary: dict[str, Any], run: Any, echo: Callable[..., object]) -> No
          f"{run.dir}")
     work = throughput(run)
     if work:
-        mfu = work.get("mean_mfu")
-        mfu = (f" = {100 * mfu:.1f}% MFU" if mfu is not None else
+        mfu = (f" = {100 * work['mean_mfu']:.1f}% MFU" if "mean_mfu" in work else
                " (MFU: no known peak for this device; set train.peak_tflops)")
         echo(f"  throughput: {work['mean_tokens_per_s']:.1f} real tokens/s, "
              f"{work['mean_tflops']:.4g} model TFLOP/s{mfu}; "
@@ -59,10 +58,11 @@ def report(summary: dict[str, Any], run: Any, echo: Callable[..., object]) -> No
 
 
 def throughput(run: Any) -> dict[str, float]:
-    """The run's training steps as :func:`plugtune.flops.report` says of them (``mean_*``)."""
+    """The training steps this process ran (a resumed run: since resuming) as
+    :func:`plugtune.flops.report` says of them (``mean_*``)."""
     acc = run.accelerator
     peak = flops.peak_tflops(acc.device, run.recipe.train.peak_tflops)
-    return flops.report(run.state.work, peak and peak * acc.num_processes, "mean_")
+    return flops.report(run.work, peak and peak * acc.num_processes, "mean_")
 
 
 def cmd_resume(args: argparse.Namespace) -> int:

@@ -140,7 +140,7 @@ def train(run: Run, echo: Echo = print, resume: tuple[Any, Any] | None = None,
                 seconds = time.perf_counter() - tick
                 metrics = _metrics(run, loss, norm, lr, lrs, tokens / seconds, per_epoch)
                 work = {**work, "tokens": tokens, "seconds": seconds}
-                run.state.add_work(work)
+                run.add_work(work)
                 metrics.update(flops.report(work, peak and peak * world))
                 run.state.tally(applied, count, norm, loss)
                 if not applied:
@@ -226,6 +226,8 @@ def optimization(run: Run) -> int:
         run.scheduler = first(h.plugtune_build_scheduler, "build the scheduler",
                               optimizer=optimizer, recipe=run.recipe,
                               total_steps=run.total_steps)
+    if t.compile:  # in place: the state dict keeps its keys (docs/performance.md: what it gains)
+        run.model.compile(dynamic=True)
     run.model, run.optimizer = run.accelerator.prepare(run.model, optimizer)
     return base_group(optimizer, t.lr)
 

@@ -28,9 +28,6 @@ class Progress:
     eval_before: dict[str, Any] | None = None  # the evaluation before the first step
     last_eval: dict[str, Any] | None = None  # the latest evaluation during training
     stop_reason: str | None = None  # set by :meth:`Run.stop`: resume stops too
-    #: what the steps so far computed: real tokens, positions (padding and filler included),
-    #: model FLOPs (:mod:`plugtune.flops`) and seconds, over all processes
-    work: dict[str, float] = field(default_factory=dict)
     #: keys of ``state.json`` that no field names (a newer plugtune's): kept, written back
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -61,11 +58,6 @@ class Progress:
         self.dead_steps = self.dead_steps + 1 if dead else 0
         if not applied:
             self.skipped_steps += 1
-
-    def add_work(self, work: dict[str, float]) -> None:
-        """Add a step's work (``{"tokens", "positions", "flops", "seconds"}``) to the run's."""
-        for key, value in work.items():
-            self.work[key] = self.work.get(key, 0.0) + value
 
     # Deprecated: ``run.state`` was a dict before plugin API 1.1; read the attributes instead.
     def __getitem__(self, key: str) -> Any:
@@ -105,6 +97,9 @@ class Run:
     signum: int | None = None
     state: Progress = field(default_factory=Progress)  # the loop's counters a checkpoint keeps
     flops: Any = None  # the model's :class:`plugtune.flops.FlopModel` once training starts
+    #: what this process's steps computed: real tokens, positions (padding and filler
+    #: included), model FLOPs (:mod:`plugtune.flops`) and seconds, summed over processes
+    work: dict[str, float] = field(default_factory=dict)
 
     @property
     def is_main(self) -> bool:
@@ -166,6 +161,11 @@ class Run:
         from accelerate.utils import gather_object
 
         return list(gather_object(list(values)))
+
+    def add_work(self, work: dict[str, float]) -> None:
+        """Add a step's work (``{"tokens", "positions", "flops", "seconds"}``) to :attr:`work`."""
+        for key, value in work.items():
+            self.work[key] = self.work.get(key, 0.0) + value
 
     def load_weights(self, path: str | Path) -> None:
         """Copy the trainable weights of the checkpoint directory ``path`` into the model."""

@@ -130,6 +130,9 @@ class TrainSection(Section):
     max_length: PositiveInt = Field(default=512,
                                     description="tokens; longer sequences are truncated")
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    compile: bool = Field(default=False, description="torch.compile the model's forward "
+                          "(Module.compile, dynamic shapes); opt-in: on a CPU it measured no "
+                          "gain (see docs/performance.md)")
     peak_tflops: PositiveFloat | None = Field(
         default=None, description="the device's peak TFLOP/s per process, for the model FLOPs "
         "utilization (mfu) in metrics.jsonl; default: the dense bf16 peak of a known GPU "
