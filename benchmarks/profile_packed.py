@@ -56,19 +56,18 @@ def setup(workdir, packing, attn, args):
         make_sft_data.write(data, 8 * (args.steps + 1), args.seed, 430)
     path = testing.write_recipe(
         Path(workdir) / f"r-{packing}-{attn}.yaml", description="profile", model={
-            "name": MODEL, **({"attn_implementation": attn} if attn else {})},
+            "name": MODEL, **({"attn_implementation": attn}
+                              if attn and attn != "per_example_sdpa" else {})},
         plugins=["causal_lm", "lora"], lora={"r": 16, "alpha": 32, "dropout": 0.0,
                                              "target_modules": "all-linear"},
         data={"train": str(data), "validation": str(data)},
         train={"batch_size": 8, "max_length": 512, "packing": packing, "eval_every": None,
                "max_steps": args.steps, "lr": 1e-3},
         causal_lm={"exact_match": False}, output={"dir": str(Path(workdir) / "runs")})
-    if attn == "per_example_sdpa":  # not a name plugtune's recipes take: set after loading
-        register_per_example()
-        path.write_text(path.read_text().replace("attn_implementation: per_example_sdpa\n", ""))
     recipe, pm = testing.load_recipe(path)
     run = loop.setup(recipe, pm, echo=lambda *a: None)
-    if attn == "per_example_sdpa":
+    if attn == "per_example_sdpa":  # not a name recipes take: set once loaded
+        register_per_example()
         run.model.set_attn_implementation("per_example_sdpa")
     return run
 
@@ -109,6 +108,30 @@ def timings(args, workdir):
         print(f"  {name:<22} {med:7.2f} {low:7.2f}   {ppt:.2f}")
 
 
+def interleaved(args, workdir):
+    """Packed batches, SDPA with the block-diagonal mask against per-example SDPA, on one model,
+    the two alternating step by step (which goes first alternates too)."""
+    register_per_example()
+    run = setup(workdir, True, None, args)
+    run.model.train()
+    bs = batches(run, args.steps + 1)
+    step(run, bs[0])
+    seconds = {"sdpa": [], "per_example_sdpa": []}
+    for i, b in enumerate(bs[1:]):
+        for name in (("sdpa", "per_example_sdpa") if i % 2 == 0 else
+                     ("per_example_sdpa", "sdpa")):
+            run.model.set_attn_implementation(name)
+            tick = time.perf_counter()
+            step(run, b)
+            seconds[name].append(time.perf_counter() - tick)
+    ratios = [a / b for a, b in zip(seconds["sdpa"], seconds["per_example_sdpa"])]
+    print("packed, interleaved on the same batches (s per batch of 8): median, min")
+    for name, values in seconds.items():
+        print(f"  {name:<18} {statistics.median(values):7.2f} {min(values):7.2f}")
+    print(f"  per-batch speed-up of per-example SDPA: median {statistics.median(ratios):.3f} "
+          f"(each: {', '.join(f'{r:.2f}' for r in ratios)})")
+
+
 def profile(args, workdir):
     import torch
     from torch.profiler import ProfilerActivity, profile as torch_profile
@@ -137,11 +160,16 @@ def main(argv=None):
                     help="packed sides: sdpa, eager, per_example_sdpa (an experiment: SDPA one "
                     "example at a time, no mask)")
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--interleave", action="store_true", help="only: packed SDPA against "
+                    "per-example SDPA, alternating on one model")
     args = ap.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as workdir:
+        if args.interleave:
+            interleaved(args, workdir)
+            return 0
         if not args.no_profile:
             profile(args, workdir)
         timings(args, workdir)
