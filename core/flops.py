@@ -131,7 +131,7 @@ def report(work: dict[str, float], peak: float | None, prefix: str = "") -> dict
     TFLOP/s) and, where ``peak`` (TFLOP/s of all processes) is known, ``mfu`` (their ratio);
     with ``prefix="mean_"`` also ``mean_tokens_per_s``."""
     tokens, seconds = work.get("tokens", 0.0), work.get("seconds", 0.0)
-    if not tokens or not seconds:
+    if not tokens or not seconds or not work.get("positions"):
         return {}
     tflops = work.get("flops", 0.0) / seconds / 1e12
     out = {f"{prefix}positions_per_token": work.get("positions", 0.0) / tokens,

@@ -77,9 +77,10 @@ def train_step(run: Run, micro: StepPlan, examples: list[Any],
         sums.append(total.detach().float())
         counts.append(count)
         tokens.append(real_tokens(batch))
-        rows, width = batch["input_ids"].shape[0], batch["input_ids"].shape[-1]
-        positions += rows * width
-        flops += run.flops.micro_batch(rows, width) if run.flops is not None else 0.0
+        ids = batch.get("input_ids")  # a task's batch may come without (its own inputs)
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+            positions += ids.numel()
+            flops += run.flops.micro_batch(*ids.shape) if run.flops is not None else 0.0
     assert reference is not None  # a step has a micro-batch
     signalled = torch.tensor(float(run.signum is not None), device=acc.device)
     step = torch.stack([torch.stack(sums).sum(), torch.stack(counts).sum(),
