@@ -244,11 +244,12 @@ def part_throughput(work, left, say):
 def part_compile(work, left, say):
     say("train.compile: LoRA on the 0.5B model, 4 x 1024, eager vs compiled (s/step)")
     model = make_model(work)
+    data = write_data(work, "long", 4 * BATCH * 8)
     cmd = [sys.executable, str(HERE / "compile.py"), "--repeats", "1", "--steps", "5",
            "--warmup", "2", "--batch-size", "4", "--max-length", "1024",
            "--set", f"model.name={model}", "--set", "model.dtype=bfloat16",
-           "--set", "train.mixed_precision=bf16", "--set", f"data.train={work / 'long.jsonl'}",
-           "--set", f"data.validation={work / 'long.jsonl'}"]
+           "--set", "train.mixed_precision=bf16", "--set", f"data.train={data}",
+           "--set", f"data.validation={data}"]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=max(30, left()))
         lines = done.stdout.strip().splitlines() or done.stderr.strip().splitlines()[-3:]
