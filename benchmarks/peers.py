@@ -156,7 +156,7 @@ def plugtune_peer(args, workdir, packing):
 
     if packing and not packing_available():
         return {"unavailable": "this plugtune has no train.packing"}
-    overrides = ["train.packing=true"] if packing else []
+    overrides = (["train.packing=true"] if packing else []) + device_overrides(args)
     recipe, pm = recipes.load_recipe(str(write_job(args, workdir)), overrides)
     steps = Steps(args.time_limit)
 
@@ -182,7 +182,14 @@ def plugtune_peer(args, workdir, packing):
 
 # ---------------------------------------------------------------- c, d, e: HF Trainer, TRL
 
-def hf_model(recipe):
+def device_overrides(args):
+    """plugtune's recipe keys for ``--device cuda`` (bf16 autocast, as the HF peers' bf16=True)
+    and ``--attn``."""
+    out = ["train.mixed_precision=bf16"] if args.device == "cuda" else []
+    return out + ([f"model.attn_implementation={args.attn}"] if args.attn else [])
+
+
+def hf_model(recipe, args):
     """SmolLM2 as a transformers + peft user loads it: the same converted checkpoint, the same
     seed before loading and wrapping (as plugtune's setup), LoRA with the job's settings."""
     import peft
@@ -192,8 +199,9 @@ def hf_model(recipe):
     from plugtune.plugins.hf import local_model_dir
 
     transformers.set_seed(recipe.train.seed)
+    extra = {"attn_implementation": args.attn} if args.attn else {}
     model = transformers.AutoModelForCausalLM.from_pretrained(local_model_dir(MODEL),
-                                                              dtype=torch.float32)
+                                                              dtype=torch.float32, **extra)
     config = peft.LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                              target_modules=LORA["target_modules"], task_type="CAUSAL_LM")
     return peft.get_peft_model(model, config)
@@ -206,7 +214,8 @@ def trainer_args(args, workdir):
             "learning_rate": args.lr, "lr_scheduler_type": "constant", "warmup_steps": 0,
             "optim": "adamw_torch", "weight_decay": 0.0, "max_grad_norm": 1.0,
             "seed": args.seed, "data_seed": args.seed, "train_sampling_strategy": "sequential",
-            "use_cpu": True, "bf16": False, "fp16": False, "gradient_checkpointing": False,
+            "use_cpu": args.device == "cpu", "bf16": args.device == "cuda", "fp16": False,
+            "gradient_checkpointing": False,
             "logging_steps": 1, "save_strategy": "no", "eval_strategy": "no",
             "report_to": "none", "disable_tqdm": True, "dataloader_num_workers": 0}
 
@@ -245,7 +254,7 @@ def hf_peer(args, workdir, kind):
     tokenizer, examples, order = job_examples(recipe, pm)
     rows = [{"input_ids": examples[i]["input_ids"], "labels": examples[i]["labels"]}
             for i in order]
-    model = hf_model(recipe)
+    model = hf_model(recipe, args)
     steps = Steps(args.time_limit)
     common = trainer_args(args, workdir)
     if kind == "c":
@@ -342,6 +351,10 @@ def main(argv=None):
     ap.add_argument("--records", type=int, default=2000, help="records generated (packing "
                     "(e) packs them all; the others read batch-size x steps of them)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: every peer on the GPU with bf16 autocast (default cpu, float32)")
+    ap.add_argument("--attn", help="attention implementation for every peer (flash_attention_2, "
+                    "sdpa, eager); default transformers' choice")
     ap.add_argument("--peer", choices=sorted(PEERS), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.time_limit = args.time_limit or None

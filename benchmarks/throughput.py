@@ -3,8 +3,10 @@
 no accelerate, no hooks) on the very same batches, model and adapter settings.
 
 Each side runs in a process of its own, one after the other, on the shipped `smollm2-lora`
-recipe's data; the first steps are warm-up and are left out. The figure is tokens (not padding)
-per second of optimizer steps, median over the measured steps, and the ratio plugtune / plain.
+recipe's data; the first steps are warm-up and are left out. The figures are tokens (not padding)
+per second of optimizer steps and the achieved model TFLOP/s (`plugtune.flops`: the model's
+FLOPs per position computed, padding included, over the step's time; both sides count them the
+same way), medians over the measured steps, and the ratio plugtune / plain.
 
     python benchmarks/throughput.py                      # 3 warm-up + 8 measured steps of 4 x 128
     python benchmarks/throughput.py --recipe smollm2-full --steps 6
@@ -26,7 +28,7 @@ def overrides(args, workdir):
 
 
 def plugtune_side(args, workdir):
-    """Steps timed by plugtune's own loop (``tokens_per_s`` in metrics.jsonl)."""
+    """Steps timed by plugtune's own loop (``tokens_per_s`` and ``tflops`` in metrics.jsonl)."""
     from plugtune import loop, recipe as recipes
 
     recipe, pm = recipes.load_recipe(args.recipe, overrides(args, workdir))
@@ -36,14 +38,15 @@ def plugtune_side(args, workdir):
     val.examples = val.examples[:args.batch_size]
     loop.train(run, echo=lambda *a: None)
     records = [json.loads(line) for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["tokens_per_s"] for r in records if "loss" in r][args.warmup:]
+    return [{"tokens_per_s": r["tokens_per_s"], "tflops": r["tflops"]}
+            for r in records if "loss" in r][args.warmup:]
 
 
 def plain_side(args, workdir):
     """The same batches through a loop written by hand."""
     import torch
 
-    from plugtune import loop, recipe as recipes
+    from plugtune import flops, loop, recipe as recipes
 
     recipe, pm = recipes.load_recipe(args.recipe, overrides(args, workdir))
     h = pm.hook
@@ -55,6 +58,7 @@ def plain_side(args, workdir):
     # the model as plugtune builds it (loaded, LoRA-wrapped): what differs is only the loop
     model = loop.setup_model(h, recipe, echo=lambda *a: None, tokenizer=tokenizer)
     model.train()
+    work = flops.flop_model(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.train.lr, weight_decay=0.0)
     loader = torch.utils.data.DataLoader(data.examples, batch_size=args.batch_size,
@@ -71,7 +75,8 @@ def plain_side(args, workdir):
         optimizer.step()
         optimizer.zero_grad()
         now = time.perf_counter()
-        rates.append(int(batch["attention_mask"].sum()) / (now - tick))
+        rates.append({"tokens_per_s": int(batch["attention_mask"].sum()) / (now - tick),
+                      "tflops": work.micro_batch(*batch["input_ids"].shape) / (now - tick) / 1e12})
         tick = now
     return rates[args.warmup:]
 
@@ -96,10 +101,14 @@ def main(argv=None):
                              capture_output=True, text=True, check=True).stdout
         rates[side] = json.loads(out.strip().splitlines()[-1])
     print(f"{args.recipe}: {args.steps} steps of {args.batch_size} x {args.max_length} tokens "
-          f"after {args.warmup} warm-up steps; tokens/s, median (min-max)")
-    for side, values in rates.items():
-        print(f"  {side:<9} {statistics.median(values):8.1f}  ({min(values):.1f}-{max(values):.1f})")
-    ratio = statistics.median(rates["plugtune"]) / statistics.median(rates["plain"])
+          f"after {args.warmup} warm-up steps; median (min-max)")
+    for side, records in rates.items():
+        tok = [r["tokens_per_s"] for r in records]
+        tfl = [r["tflops"] for r in records]
+        print(f"  {side:<9} {statistics.median(tok):8.1f} tokens/s ({min(tok):.1f}-{max(tok):.1f})"
+              f"  {statistics.median(tfl):.4f} model TFLOP/s ({min(tfl):.4f}-{max(tfl):.4f})")
+    ratio = (statistics.median(r["tokens_per_s"] for r in rates["plugtune"])
+             / statistics.median(r["tokens_per_s"] for r in rates["plain"]))
     print(f"  plugtune / plain: {ratio:.3f}")
     return 0
 

@@ -13,8 +13,10 @@ from .state import first
 
 
 def model_kwargs(h: Any, recipe: Any, tokenizer: Any = None) -> dict[str, Any]:
-    """Every plugin's ``from_pretrained`` arguments, merged; a key given twice is an error."""
-    kwargs: dict[str, Any] = {}
+    """Every plugin's ``from_pretrained`` arguments, merged; a key given twice is an error.
+    ``model.attn_implementation`` is the core's."""
+    chosen = recipe.model.attn_implementation
+    kwargs: dict[str, Any] = {} if chosen is None else {"attn_implementation": chosen}
     for part in h.plugtune_model_kwargs(recipe=recipe, tokenizer=tokenizer):
         clash = set(kwargs) & set(part or {})
         if clash:

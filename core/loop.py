@@ -22,7 +22,7 @@ from typing import Any, Callable
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from . import chat, manager, rundir
+from . import attention, chat, flops, manager, rundir
 from .build import adapt, count_parameters, load_base, model_kwargs, prepare, setup_model
 from .errors import PlugtuneError
 from .finish import finish, save
@@ -104,6 +104,8 @@ def train(run: Run, echo: Echo = print, resume: tuple[Any, Any] | None = None,
         mix.size if mix else len(data.examples), t, world)
     run.total_steps = t.max_steps or per_epoch * t.epochs
     base = optimization(run)
+    run.flops = flops.flop_model(run.model)
+    peak = flops.peak_tflops(acc.device, t.peak_tflops)
     processes = f" x {world} processes" if world > 1 else ""
     echo(f"training: {run.total_steps} steps of {t.batch_size} x {t.grad_accum} sequences"
          f"{processes} ({per_epoch} steps per epoch) on {acc.device}")
@@ -112,8 +114,9 @@ def train(run: Run, echo: Echo = print, resume: tuple[Any, Any] | None = None,
         _resume(run, *resume, on_resume, echo)
     else:
         run.dir = rundir.create(run.recipe, run.sources) if run.is_main else None
-        if run.dir is not None:
+        if run.dir is not None:  # what transformers chose where the recipe did not say
             chat.save(run.dir, run.tokenizer, run.recipe.data.chat_template)
+            rundir.update_manifest(run.dir, attn_implementation=attention.in_use(run.model))
     error: BaseException | None = None
     early: str | None = None
     start = time.perf_counter()
@@ -147,16 +150,20 @@ def train(run: Run, echo: Echo = print, resume: tuple[Any, Any] | None = None,
                         plan = epoch_plan(lengths, t, epoch, rank, world,
                                           mix.draw if mix else None)
                     mine, examples, collate = plan[k], data.examples, data.collate
-                loss_sum, count, tokens, signalled, extra = train_step(run, mine, examples,
-                                                                        collate)
+                loss_sum, count, tokens, signalled, extra, work = train_step(
+                    run, mine, examples, collate)
                 lr, lrs = rates(run.scheduler, base)  # the rates this step is taken at
                 loss = loss_sum / count if count else math.nan
                 updating = True
                 norm, applied = optimizer_step(run, t, loss)
                 run.step += 1
                 rng, updating, stepping = run.rng_states(), False, False
-                metrics = {**_metrics(run, loss, norm, lr, lrs,
-                                      tokens / (time.perf_counter() - tick), per_epoch), **extra}
+                seconds = time.perf_counter() - tick
+                metrics = {**_metrics(run, loss, norm, lr, lrs, tokens / seconds, per_epoch),
+                           **extra}
+                work = {**work, "tokens": tokens, "seconds": seconds}
+                run.add_work(work)
+                metrics.update(flops.report(work, peak and peak * world))
                 run.state.tally(applied, count, norm, loss)
                 if not applied:
                     metrics["skipped"] = True
@@ -242,6 +249,8 @@ def optimization(run: Run) -> int:
         run.scheduler = first(h.plugtune_build_scheduler, "build the scheduler",
                               optimizer=optimizer, recipe=run.recipe,
                               total_steps=run.total_steps)
+    if t.compile:  # in place: the state dict keeps its keys (docs/performance.md: what it gains)
+        run.model.compile(dynamic=True)
     run.model, run.optimizer = run.accelerator.prepare(run.model, optimizer)
     return base_group(optimizer, t.lr)
 

@@ -96,6 +96,10 @@ class Run:
     sources: dict[str, Any] = field(default_factory=dict)  # non-file data's hashes (manifest)
     signum: int | None = None
     state: Progress = field(default_factory=Progress)  # the loop's counters a checkpoint keeps
+    flops: Any = None  # the model's :class:`plugtune.flops.FlopModel` once training starts
+    #: what this process's steps computed: real tokens, positions (padding and filler
+    #: included), model FLOPs (:mod:`plugtune.flops`) and seconds, summed over processes
+    work: dict[str, float] = field(default_factory=dict)
 
     @property
     def is_main(self) -> bool:
@@ -157,6 +161,11 @@ class Run:
         from accelerate.utils import gather_object
 
         return list(gather_object(list(values)))
+
+    def add_work(self, work: dict[str, float]) -> None:
+        """Add a step's work (``{"tokens", "positions", "flops", "seconds"}``) to :attr:`work`."""
+        for key, value in work.items():
+            self.work[key] = self.work.get(key, 0.0) + value
 
     def load_weights(self, path: str | Path) -> None:
         """Copy the trainable weights of the checkpoint directory ``path`` into the model."""

@@ -49,15 +49,18 @@ def real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def train_step(run: Run, micro: StepPlan, examples: list[Any],
                collate: Callable[[list[Any]], dict[str, torch.Tensor]]
-               ) -> tuple[float, float, float, bool, dict[str, float | None]]:
+               ) -> tuple[float, float, float, bool, dict[str, float | None], dict[str, float]]:
     """Forward and backward every micro-batch of one optimizer step, then scale the gradients
     so they are those of the mean over the step's targets. Returns the step's loss sum, target
-    count and real tokens, summed over processes, whether any process was signalled, and the
-    means of the task's :attr:`~plugtune.loss.Loss.metrics` over the step (one all-reduce; the
-    one host sync of the step)."""
+    count and real tokens, summed over processes, whether any process was signalled (one
+    all-reduce; the one host sync of the step), the means of the task's
+    :attr:`~plugtune.loss.Loss.metrics` over the step, and its work: ``{"positions": ...,
+    "flops": ...}`` (positions the model computed, padding included, and their model FLOPs
+    from ``run.flops``), summed over processes."""
     acc, model = run.accelerator, run.model
     world = acc.num_processes
     sums, counts, tokens, tally = [], [], [], Tally()
+    positions = flops = 0.0
     reference: torch.Tensor | None = None
     for i, (indices, real) in enumerate(micro):
         batch = to_device(collate([examples[j] for j in indices]), acc.device)
@@ -76,20 +79,26 @@ def train_step(run: Run, micro: StepPlan, examples: list[Any],
         sums.append(total.detach().float())
         counts.append(count)
         tokens.append(real_tokens(batch))
+        ids = batch.get("input_ids")  # a task's batch may come without (its own inputs)
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+            positions += ids.numel()
+            flops += run.flops.micro_batch(*ids.shape) if run.flops is not None else 0.0
     assert reference is not None  # a step has a micro-batch
     signalled = torch.tensor(float(run.signum is not None), device=acc.device)
     step = torch.cat([torch.stack([torch.stack(sums).sum(), torch.stack(counts).sum(),
-                                   torch.stack(tokens).sum(), signalled,
-                                   reference]).double(), tally.flat(acc.device)])
+                                   torch.stack(tokens).sum(), signalled, reference]).double(),
+                      torch.tensor([positions, flops], dtype=torch.float64, device=acc.device),
+                      tally.flat(acc.device)])
     if world > 1:
         step = acc.reduce(step, "sum")
-    loss_sum, count_, n_tokens, any_signal, _ = step[:5].tolist()
+    loss_sum, count_, n_tokens, any_signal, _, n_positions, n_flops = step[:7].tolist()
     if count_ > 0:
         factor = reference / count_  # this process's reference, not the all-reduced one
         for p in run.model.parameters():
             if p.grad is not None:
                 p.grad.mul_(factor)
-    return loss_sum, count_, n_tokens, any_signal > 0, tally.means(step[5:])
+    return (loss_sum, count_, n_tokens, any_signal > 0, tally.means(step[7:]),
+            {"positions": n_positions, "flops": n_flops})
 
 
 def optimizer_step(run: Run, t: Any, loss: float) -> tuple[float, bool]:

@@ -546,15 +546,21 @@ def _flash(model):
 
 @hookimpl
 def plugtune_estimate_memory(plan, recipe):
-    """The chunked loss's chunk, and with packing the one attention mask SDPA and eager
-    attention are given (one boolean per pair of positions of a row; flash attention needs
-    none). Sequences are planned at ``train.max_length`` either way: a packed row holds at
-    most that many tokens, with no padding."""
+    """The chunked loss's chunk, and the attention mask the implementation is given: eager
+    attention always gets a float mask of the model's dtype (batch x T^2), SDPA a boolean one
+    with packing (without, it runs causal with no mask); flash attention needs none, and flex
+    attention a block mask of (T/128)^2 blocks (nothing next to the rest). Sequences are planned
+    at ``train.max_length`` either way: a packed row holds at most that many tokens."""
     plan.loss_chunk_tokens = chunk_tokens(recipe, plan.model)
-    if recipe.train.packing:
-        nbytes = plan.batch_size * plan.seq_len ** 2
-        plan.add("packed attention mask", nbytes, f"{plan.batch_size} x {plan.seq_len}^2 "
-                 "booleans (SDPA and eager attention; none with flash attention)")
+    kind = recipe.model.attn_implementation or "sdpa"
+    shape = f"{plan.batch_size} x {plan.seq_len}^2"
+    if "eager" in kind:
+        size = getattr(torch, recipe.model.dtype).itemsize
+        plan.add("attention mask", plan.batch_size * plan.seq_len ** 2 * size,
+                 f"{shape} {recipe.model.dtype} (eager attention's additive mask)")
+    elif kind == "sdpa" and recipe.train.packing:
+        plan.add("packed attention mask", plan.batch_size * plan.seq_len ** 2,
+                 f"{shape} booleans (SDPA; none with flash attention)")
 
 
 def generate(model, tokenizer, prompts, max_new_tokens, batch_size, device):

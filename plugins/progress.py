@@ -1,4 +1,5 @@
-"""A progress bar over optimizer steps (loss, lr, tokens/s and tqdm's ETA), and eval lines."""
+"""A progress bar over optimizer steps (loss, lr, tokens/s, achieved TFLOP/s or MFU, and
+tqdm's ETA), and eval lines."""
 from tqdm.auto import tqdm
 
 from plugtune import hookimpl
@@ -22,7 +23,8 @@ class Progress:
         loss = metrics["loss"]
         self.bar.set_postfix(loss="skipped" if loss is None else f"{loss:.4f}",
                              lr=f"{metrics['lr']:.2e}",
-                             tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
+                             tok_s=f"{metrics['tokens_per_s']:.0f}", **hardware(metrics),
+                             refresh=False)
         self.bar.update(1)
 
     @hookimpl
@@ -37,3 +39,13 @@ class Progress:
     def plugtune_teardown(self):
         if self.bar is not None:
             self.bar.close()
+
+
+def hardware(metrics):
+    """The bar's hardware figures: achieved model TFLOP/s, and MFU where the peak is known."""
+    out = {}
+    if metrics.get("tflops") is not None:
+        out["tflop_s"] = f"{metrics['tflops']:.3g}"
+    if metrics.get("mfu") is not None:
+        out["mfu"] = f"{100 * metrics['mfu']:.1f}%"
+    return out

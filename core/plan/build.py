@@ -5,6 +5,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 import torch
 
+from ..attention import planned
 from ..errors import PluginError
 from ..models import transformer_blocks
 from .api import Param, Plan, causal_batch
@@ -30,7 +31,9 @@ def meta_model(h: pluggy.HookRelay, recipe: "Recipe") -> Any:
     model_class = h.plugtune_model_class(recipe=recipe) or AutoModelForCausalLM
     with torch.device("meta"):
         model = model_class.from_config(config, dtype=getattr(torch, recipe.model.dtype),
-                                        trust_remote_code=recipe.model.trust_remote_code)
+                                        trust_remote_code=recipe.model.trust_remote_code,
+                                        attn_implementation=planned(
+                                            recipe.model.attn_implementation))
     model.tie_weights()
     return model
 

@@ -24,7 +24,8 @@ def command(args: argparse.Namespace, echo: Callable[[str], object] = print,
 
     discovered = manager.discover() if discovered is None else discovered
     recipe, pm = recipes.load_recipe(args.recipe, args.overrides, discovered=discovered,
-                                     trust_remote_code=getattr(args, "trust_remote_code", False))
+                                     trust_remote_code=getattr(args, "trust_remote_code", False),
+                                     check_hardware=False)  # plans for --device, not here
     budget, label = parse_budget(args.gpu) if args.gpu else default_budget(args.device)
     if args.fit and budget is None:
         raise RecipeError(["--fit needs a budget: --gpu 24GiB, or a GPU name such as rtx4090"])

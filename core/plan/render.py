@@ -15,7 +15,8 @@ def describe(est: Estimate, budget: int | None = None, label: str | None = None)
              f"parameters, dtype {r.model.dtype})",
              f"plugins: {', '.join(r.plugins)}; micro-batch {plan.batch_size} x {plan.seq_len} "
              f"tokens, grad_accum {plan.grad_accum}, mixed_precision {plan.mixed_precision}; "
-             f"device {plan.device}", ""]
+             f"attention {r.model.attn_implementation or 'sdpa (default)'}; device {plan.device}",
+             ""]
     rows: list[tuple[str, str, str]] = []
 
     def row(name: str, nbytes: float | None, detail: str = "") -> None:

@@ -36,7 +36,8 @@ __all__ = ["LINE_CHARS", "MAX_DEPTH", "MAX_RECIPE_BYTES", "MAX_VALUES", "QUOTE_C
 
 def load_recipe(arg: str | Path, overrides: Iterable[str] = (),
                 discovered: dict[str, Any] | None = None, check_files: bool = True,
-                trust_remote_code: bool = False) -> tuple[Recipe, manager.Manager]:
+                trust_remote_code: bool = False,
+                check_hardware: bool = True) -> tuple[Recipe, manager.Manager]:
     """Load, validate and return ``(recipe, plugin_manager)``; raise RecipeError listing every
     problem. Loads no model and writes nothing.
 
@@ -57,7 +58,7 @@ def load_recipe(arg: str | Path, overrides: Iterable[str] = (),
     pm = manager.make_manager(active, discovered)
     schemas = plugin_sections(pm)
     problems = [Problem.parse(p) for p in refused] + unknown_sections(tree, schemas, discovered)
-    core = core_section(tree, trust_remote_code, problems)
+    core = core_section(tree, trust_remote_code, problems, check_hardware)
     sections = {}
     for name, schema in schemas.items():
         sections[name], section_problems = validate(schema, tree.get(name), f"{name}.")
@@ -96,7 +97,7 @@ def plugin_sections(pm: manager.Manager) -> dict[str, type[BaseModel]]:
 
 
 def core_section(tree: dict[Any, Any], trust_remote_code: bool,
-                 problems: list[Problem]) -> CoreRecipe | None:
+                 problems: list[Problem], check_hardware: bool = True) -> CoreRecipe | None:
     """The core's sections validated (their problems added to ``problems``), or a stand-in
     with the invalid keys dropped; ``model.trust_remote_code`` is the command line's."""
     core_tree = {k: v for k, v in tree.items() if k in CoreRecipe.model_fields}
@@ -108,6 +109,8 @@ def core_section(tree: dict[Any, Any], trust_remote_code: bool,
     if core.model.trust_remote_code and not trust_remote_code:
         problems.append(Problem.parse(REMOTE_CODE_REFUSED))
     core.model.trust_remote_code = trust_remote_code
+    from ..attention import problems as attention_problems  # (it imports the schema)
+    problems += attention_problems(core.model, core.train.packing, check_hardware)
     return core
 
 

@@ -32,6 +32,25 @@ class ModelSection(Section):
                                 "(trained further, not a fresh one): a finished plugtune run "
                                 "directory or a PEFT adapter directory; needs the adapter "
                                 "method plugin it was trained with")
+    attn_implementation: str | None = Field(
+        default=None, description="attention kernel, as transformers names it: eager, sdpa, "
+        "flex_attention, flash_attention_2 (3, 4), paged|eager; default: transformers' choice "
+        "(sdpa where the model supports it)")
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _known_attention(cls, v: str | None) -> str | None:
+        if v is not None and v not in ATTENTION:
+            raise ValueError(f"unknown attention implementation {v!r}{did_you_mean(v, ATTENTION)};"
+                             f" it takes {', '.join(ATTENTION)}")
+        return v
+
+
+#: The attention implementations of the installed transformers (5.x: ``"eager"`` and the keys
+#: of ``ALL_ATTENTION_FUNCTIONS``; a test keeps the two the same). Kernels from the hub
+#: (``kernels-community/...``) are left out: they are downloaded when the model loads.
+ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3",
+             "flash_attention_4", "paged|eager")
 
 
 class DatasetSource(Section):
@@ -186,6 +205,13 @@ class TrainSection(Section):
     max_length: PositiveInt = Field(default=512,
                                     description="tokens; longer sequences are truncated")
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    compile: bool = Field(default=False, description="torch.compile the model's forward "
+                          "(Module.compile, dynamic shapes); opt-in: on a CPU it measured no "
+                          "gain (see docs/performance.md)")
+    peak_tflops: PositiveFloat | None = Field(
+        default=None, description="the device's peak TFLOP/s per process, for the model FLOPs "
+        "utilization (mfu) in metrics.jsonl; default: the dense bf16 peak of a known GPU "
+        "(H200, H100, A100, L40S, L4, RTX 4090, 3090, ...), none on a CPU")
     save_every: PositiveInt | None = Field(default=None, description="write a checkpoint every "
                                            "N optimizer steps (RUN/checkpoints/step-N)")
     keep_checkpoints: PositiveInt | None = Field(default=2, description="newest checkpoints "
@@ -255,6 +281,8 @@ SYNONYMS = {
     "chat_template", "template": "chat_template", "message_property_mappings": "message_fields",
     "tags": "roles", "train_on_inputs": "roles_to_train", "field_messages": "columns",
     "message_field_role": "message_fields", "message_field_content": "message_fields",
+    "attention": "attn_implementation", "flash_attention": "attn_implementation",
+    "sdp_attention": "attn_implementation",
 }
 DATA_PATH_KEYS = ("train", "validation", "test")
 
