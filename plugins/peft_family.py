@@ -233,9 +233,11 @@ def method(name: str, section: type[Section], config: str | type,
 
 
 @hookimpl
-def plugtune_save_model(model: Any, tokenizer: Any, path: Path) -> str:
-    """Save only the adapter (and ``modules_to_save``), in PEFT format, with the tokenizer."""
-    model.save_pretrained(path)
+def plugtune_save_model(model: Any, tokenizer: Any, path: Path,
+                        state_dict: dict[str, Any] | None) -> str:
+    """Save only the adapter (and ``modules_to_save``), in PEFT format, with the tokenizer
+    (under FSDP, PEFT picks the adapter out of the gathered ``state_dict``)."""
+    model.save_pretrained(path, state_dict=state_dict)
     tokenizer.save_pretrained(path)
     return "adapter"
 
