@@ -132,10 +132,11 @@ def test_fsdp_run_stopped_by_sigterm_resumes_as_if_uninterrupted(recipes, tmp_pa
     expected, got = (load_file(tmp_path / "runs" / n / "adapter" / "adapter_model.safetensors")
                      for n in ("whole", "cut"))
     assert largest_difference(expected, got) < 1e-6
-    # the FSDP checkpoint in one process (no FSDP): the optimizer state loads by name
-    assert cli.main(["resume", str(single)]) == 0
+    # the FSDP checkpoint in one process (no FSDP, 2 micro-batches a step in place of 2
+    # processes): the optimizer state loads by name
+    assert cli.main(["resume", str(single), "train.grad_accum=2"]) == 0
     alone = load_file(single / "adapter" / "adapter_model.safetensors")
-    assert largest_difference(expected, alone) < 1e-3
+    assert largest_difference(expected, alone) < 1e-5
 
 
 def test_fsdp_asked_on_cpu_processes_says_they_run_as_ddp(make_recipe):
@@ -155,7 +156,7 @@ def test_fsdp1_is_refused_in_one_line(make_recipe):
     assert done.returncode != 0
     lines = [x for x in done.stderr.splitlines() if x.startswith("plugtune: ")]
     assert lines and all("FSDP1 is not supported: launch with FSDP2" in x for x in lines)
-    assert "Traceback" not in done.stderr.split("torch.distributed")[0]
+    assert "Traceback" not in done.stderr.split("torch/distributed/elastic")[0]  # torchrun's
 
 
 def force_fsdp_on_cpu():
