@@ -81,7 +81,7 @@ def trainable(acc: Any, model: Any) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    full = get_model_state_dict(model, options=_options(ignore_frozen_params=True))
+    full: dict[str, Any] = get_model_state_dict(model, options=_options(ignore_frozen_params=True))
     return {n: t.contiguous() for n, t in full.items() if n in names}
 
 
@@ -101,7 +101,7 @@ def load(acc: Any, model: Any, optimizer: Any, weights: dict[str, torch.Tensor],
                                                          set_optimizer_state_dict)
 
     options = _options(broadcast_from_rank0=acc.num_processes > 1, strict=False)
-    set_model_state_dict(model, weights, options=options)
+    set_model_state_dict(model, dict[str, Any](weights), options=options)
     if optim is not None:
         set_optimizer_state_dict(model, _inner(optimizer), optim, options=options)
 
