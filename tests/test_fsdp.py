@@ -26,7 +26,12 @@ from test_distributed import ENV, TORCHRUN, largest_difference
 from test_long_runs import SGD, uneven_records
 from test_resume import logged_steps
 
-FSDP = {**ENV, "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+#: ``PLUGTUNE_FSDP_ON_GPUS=1`` (benchmarks/gpu_check_distributed.sh): the same tests on two CUDA
+#: GPUs, where accelerate chooses FSDP itself (NCCL), nothing switched
+ON_GPUS = os.environ.get("PLUGTUNE_FSDP_ON_GPUS") == "1"
+FSDP = {**({k: v for k, v in ENV.items() if k != "ACCELERATE_USE_CPU"} if ON_GPUS else ENV),
+        "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2",
+        "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP"}
 
 
 def under_fsdp(*tasks, env=FSDP):
@@ -49,6 +54,8 @@ def recipes(make_recipe, tmp_path):
     def recipe(name, plugins, processes, data=None, **train):
         # no LoRA dropout: each process draws its own masks
         sections = {"lora": {"dropout": 0.0}} if "lora" in plugins else {}
+        if "nf4" in plugins:  # 4-bit values packed in bfloat16, which FSDP can shard
+            sections["nf4"] = {"quant_storage": "bfloat16"}
         return make_recipe(f"{name}.yaml", plugins=["causal_lm", *plugins], **sections,
                            data={"validation": str(held_out), **(data or {})},
                            train={"max_steps": 4, "batch_size": 4, "grad_accum": 2 // processes,
@@ -64,11 +71,12 @@ def evals(run_dir):
 
 
 def test_fsdp_trains_saves_and_exports_what_one_process_does(recipes, tmp_path):
-    """Full fine-tuning and LoRA with plain SGD (the update is the gradient): two FSDP2
-    processes save the model / adapter one process saves (max |dw| < 1e-5), evaluate the same
-    losses and exact match over uneven shares, write whole (not sharded) checkpoints, and the
-    merged export of the LoRA run equals one process's."""
-    cases = {"full": ["full"], "lora": ["lora"]}
+    """Full fine-tuning, LoRA and QLoRA (the 4-bit base packed in bfloat16, sharded) with
+    plain SGD (the update is the gradient): two FSDP2 processes save the model / adapter one
+    process saves (max |dw| < 1e-5), evaluate the same losses and exact match over uneven
+    shares, write whole (not sharded) checkpoints, and the merged export of the LoRA run
+    equals one process's."""
+    cases = {"full": ["full"], "lora": ["lora"], "qlora": ["nf4", "lora"]}
     for case, plugins in cases.items():
         testing.run(recipes(f"one-{case}", plugins, 1), extra_plugins=[SGD()])
     done = under_fsdp(*(f"sgd={recipes(f'two-{case}', plugins, 2)}"
@@ -76,7 +84,8 @@ def test_fsdp_trains_saves_and_exports_what_one_process_does(recipes, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     runs = tmp_path / "runs"
     for case, artifact, weights in (("full", "model", "model.safetensors"),
-                                    ("lora", "adapter", "adapter_model.safetensors")):
+                                    ("lora", "adapter", "adapter_model.safetensors"),
+                                    ("qlora", "adapter", "adapter_model.safetensors")):
         one, two = runs / f"one-{case}", runs / f"two-{case}"
         saved = [load_file(r / artifact / weights) for r in (one, two)]
         assert largest_difference(*saved) < 1e-5, case
@@ -139,6 +148,7 @@ def test_fsdp_run_stopped_by_sigterm_resumes_as_if_uninterrupted(recipes, tmp_pa
     assert largest_difference(expected, alone) < 1e-5
 
 
+@pytest.mark.skipif(ON_GPUS, reason="on GPUs accelerate starts FSDP")
 def test_fsdp_asked_on_cpu_processes_says_they_run_as_ddp(make_recipe):
     """What accelerate does with FSDP on CPU processes (DDP), said in one line."""
     recipe = make_recipe(train={"max_steps": 1, "eval_every": None})
@@ -177,7 +187,8 @@ def force_fsdp_on_cpu():
 
 
 if __name__ == "__main__":  # under torchrun, from under_fsdp
-    force_fsdp_on_cpu()
+    if not ON_GPUS:
+        force_fsdp_on_cpu()
     for task in sys.argv[1:]:
         what, path = task.split("=", 1)
         if what == "sgd":
