@@ -34,13 +34,17 @@ def test_each_strategy_divides_what_it_shards_among_the_processes(plans, plugins
     grads = sum(p.numel * p.dtype.itemsize for p in params if p.trainable)
     state = one.plan.optimizer.state
     assert state == 2 * grads  # AdamW: two float32 states
-    # the root unit (embeddings, norm, output layer) and the two largest blocks, gathered whole
+    # gathered whole at the peak: the final norm with the output layer (accelerate's tail unit,
+    # kept from forward into backward) and two blocks; the (untied) embeddings are not
+    assert not one.plan.model.config.tie_word_embeddings
     blocks = {}
     for p in params:
         if p.block is not None:
             blocks[p.block] = blocks.get(p.block, 0) + p.bytes
-    root = sum(p.bytes for p in params if p.block is None)
-    gathered = root + sum(sorted(blocks.values())[-2:])
+    tail = sum(p.bytes for p in params if p.block is None and p.module != "Embedding")
+    assert tail == sum(p.bytes for p in params if "lm_head" in p.name or p.name.endswith(
+        "model.norm.weight"))
+    gathered = tail + sum(sorted(blocks.values())[-2:])
     expected = {"one": (weights, grads, state), "ddp": (weights, grads, state),
                 "zero2": (weights, grads / 4, state / 4),
                 "zero3": (math.ceil(weights / 4) + gathered, grads / 4, state / 4)}

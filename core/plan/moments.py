@@ -51,22 +51,26 @@ class Estimate:
 
     def gathered(self) -> int:
         """Weight bytes gathered whole at once under FSDP / ZeRO-3 (shard bytes a process
-        holds anyway not subtracted): the root unit (every weight outside the transformer
-        blocks: embeddings, norm, output layer), kept gathered from forward to backward, and
-        two blocks (the one computing and the next, prefetched), as accelerate wraps each
-        block in its own unit."""
+        holds anyway not subtracted), as accelerate wraps a model: a unit per transformer
+        block, the input embeddings one of their own (gathered only at the start of forward and
+        the end of backward, when no block is), and the final norm with the output layer
+        (and tied embeddings) one that stays gathered from the end of forward into backward;
+        at the peak that one and two blocks (the one computing, the next prefetched)."""
         if self.plan.shard not in FULL_SHARD or self.plan.processes == 1:
             return 0
+        model = self.plan.model
+        embed = getattr(model.get_input_embeddings(), "weight", None)
+        output = getattr(model.get_output_embeddings(), "weight", None)
         blocks = [0] * len(self.acts.blocks)
-        root = 0
+        tail = 0
         for p in self.plan.params:
-            if not p.shardable:
+            if not p.shardable or (p.tensor is embed and embed is not output):
                 continue
             if p.block is None or p.block >= len(blocks):
-                root += p.bytes
+                tail += p.bytes
             else:
                 blocks[p.block] += p.bytes
-        return root + sum(sorted(blocks)[-2:])
+        return tail + sum(sorted(blocks)[-2:])
 
     def divided(self, nbytes: float) -> float:
         """``nbytes`` of gradients or optimizer state, as one process holds them (divided among

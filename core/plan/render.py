@@ -91,7 +91,7 @@ def _processes(est: Estimate) -> list[str]:
     whole = [p for p in plan.params if not p.shardable]
     if plan.shard in ("fsdp", "zero3"):
         lines.append(f"  weights: this process's shard + {size(est.gathered())} gathered whole "
-                     "while computing (embeddings, norm and output layer, two blocks)")
+                     "while computing (final norm and output layer, two blocks)")
         if whole:
             lines.append(f"  {size(sum(p.bytes for p in whole))} of weights stay whole on "
                          "every process (4-bit packed in uint8: set nf4.quant_storage: "
