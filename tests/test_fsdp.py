@@ -56,6 +56,8 @@ def recipes(make_recipe, tmp_path):
         sections = {"lora": {"dropout": 0.0}} if "lora" in plugins else {}
         if "nf4" in plugins:  # 4-bit values packed in bfloat16, which FSDP can shard
             sections["nf4"] = {"quant_storage": "bfloat16"}
+        if "early_stopping" in plugins:  # the best is the worse loss: step 2's, restored
+            sections["early_stopping"] = {"metric": "eval_loss", "mode": "max", "patience": 5}
         return make_recipe(f"{name}.yaml", plugins=["causal_lm", *plugins], **sections,
                            data={"validation": str(held_out), **(data or {})},
                            train={"max_steps": 4, "batch_size": 4, "grad_accum": 2 // processes,
@@ -71,12 +73,12 @@ def evals(run_dir):
 
 
 def test_fsdp_trains_saves_and_exports_what_one_process_does(recipes, tmp_path):
-    """Full fine-tuning, LoRA and QLoRA (the 4-bit base packed in bfloat16, sharded) with
-    plain SGD (the update is the gradient): two FSDP2 processes save the model / adapter one
-    process saves (max |dw| < 1e-5), evaluate the same losses and exact match over uneven
-    shares, write whole (not sharded) checkpoints, and the merged export of the LoRA run
-    equals one process's."""
-    cases = {"full": ["full"], "lora": ["lora"], "qlora": ["nf4", "lora"]}
+    """Full fine-tuning, LoRA (with early_stopping restoring an earlier best) and QLoRA (the
+    4-bit base packed in bfloat16, sharded) with plain SGD (the update is the gradient): two
+    FSDP2 processes save the model / adapter one process saves (max |dw| < 1e-5), evaluate the
+    same losses and exact match over uneven shares, write whole (not sharded) checkpoints, and
+    the merged export of the LoRA run equals one process's."""
+    cases = {"full": ["full"], "lora": ["lora", "early_stopping"], "qlora": ["nf4", "lora"]}
     for case, plugins in cases.items():
         testing.run(recipes(f"one-{case}", plugins, 1), extra_plugins=[SGD()])
     done = under_fsdp(*(f"sgd={recipes(f'two-{case}', plugins, 2)}"
@@ -92,12 +94,20 @@ def test_fsdp_trains_saves_and_exports_what_one_process_does(recipes, tmp_path):
         checkpoints = [load_file(r / "checkpoints" / "step-4" / "trainable.safetensors")
                        for r in (one, two)]
         assert largest_difference(*checkpoints) < 1e-5, case
+        if case == "lora":  # early_stopping's best (step 2), saved and restored on each process
+            best = [load_file(r / "best" / "trainable.safetensors") for r in (one, two)]
+            assert largest_difference(*best) < 1e-5
+            assert largest_difference(best[1], checkpoints[1]) > 1e-3
+            adapter = load_file(two / "adapter" / "adapter_model.safetensors")
+            assert largest_difference(
+                {k.replace(".default", ""): v for k, v in best[1].items()}, adapter) < 1e-6
         a, b = evals(one), evals(two)
-        assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 2, 4]
+        assert [r["step"] for r in a] == [r["step"] for r in b]
+        assert [r["step"] for r in a] == [0, 2, 4]  # 4: the final one (lora: of step 2's)
         for x, y in zip(a, b):
             assert y["eval_loss"] == pytest.approx(x["eval_loss"], rel=1e-5)
             assert y["exact_match"] == x["exact_match"]
-        assert a[0]["eval_loss"] - a[-1]["eval_loss"] > 0.1  # it learned something
+        assert a[0]["eval_loss"] - a[-1]["eval_loss"] > 0.01  # it learned something
     merged = []
     for name in ("one-lora", "two-lora"):
         artifacts.export(runs / name, tmp_path / f"{name}-merged", merge=True,
