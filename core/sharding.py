@@ -44,9 +44,11 @@ def check_engine(acc: Any) -> str | None:
                                     ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
              if os.environ.get(var, "").lower() == "true"]
     if asked and kind not in ("FSDP", "DEEPSPEED") and acc.num_processes > 1:
-        return (f"warning: {asked[0]} was asked for, but accelerate starts it only on GPUs (and "
-                f"other accelerators); these {acc.num_processes} {acc.device.type} processes "
-                f"run as DDP, each holding the whole model (see {DOCS})")
+        why = ("accelerate starts it only on GPUs (and other accelerators)" if asked[0] == "FSDP"
+               else "accelerate ignores it under ACCELERATE_USE_CPU")
+        return (f"warning: {asked[0]} was asked for, but {why}; these {acc.num_processes} "
+                f"{acc.device.type} processes run as DDP, each holding the whole model "
+                f"(see {DOCS})")
     return None
 
 
