@@ -41,8 +41,10 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 #: (``plugtune.plugins.peft_family``, ``head_family``, ``kbit_family``, ``generation_metrics``,
 #: ``optimizer_family``), the ``plugtune_check_records`` hook and the batch's
 #: ``num_real_tokens`` (``plugtune.data.REAL_TOKENS``). 1.2 added ``Loss.metrics`` (figures a
-#: task reports with its loss, averaged by the core like the loss).
-API_VERSION = "1.2"
+#: task reports with its loss, averaged by the core like the loss). 1.3 added
+#: ``plugtune.sharding`` (runs whose weights FSDP shards across processes) and the
+#: ``state_dict`` argument of ``plugtune_save_model``.
+API_VERSION = "1.3"
 
 #: Decorator for hook implementations: ``@hookimpl def plugtune_check_recipe(recipe): ...``
 hookimpl = pluggy.HookimplMarker("plugtune")
@@ -71,6 +73,7 @@ _LAZY = {
 #: Modules a plugin may import as a whole; their public names (no leading ``_``) are the API.
 PUBLIC_MODULES = ("plugtune.hookspecs", "plugtune.testing", "plugtune.errors", "plugtune.data",
                   "plugtune.loss", "plugtune.models", "plugtune.sources",
+                  "plugtune.sharding",  # (1.3)
                   # what a family of plugins shares (1.1), so a stranger's method or head can
                   # be written as the built-in ones are
                   "plugtune.plugins.peft_family", "plugtune.plugins.head_family",

@@ -86,7 +86,11 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def load_trainable(model: torch.nn.Module, path: str | Path) -> None:
     """Copy saved trainable parameters into ``model`` in place; every name must match."""
-    saved = load_file(path)
+    copy_trainable(model, load_file(path))
+
+
+def copy_trainable(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Copy ``{name: tensor}`` into ``model``'s parameters in place; every name must match."""
     params = dict(model.named_parameters())
     missing = sorted(set(saved) - set(params))
     if missing:
@@ -96,23 +100,34 @@ def load_trainable(model: torch.nn.Module, path: str | Path) -> None:
             params[name].copy_(tensor)
 
 
-def save(path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         scheduler: Any, scaler: Any, state: dict[str, Any], plugin_hook: PluginHook,
-         rng: list[dict[str, Any]] | None = None) -> Path:
+def save(path: str | Path, *, model: torch.nn.Module | None = None,
+         optimizer: torch.optim.Optimizer | None = None, scheduler: Any, scaler: Any,
+         state: dict[str, Any], plugin_hook: PluginHook,
+         rng: list[dict[str, Any]] | None = None,
+         weights: dict[str, torch.Tensor] | None = None,
+         optimizer_state: dict[str, Any] | None = None) -> Path:
     """Write a checkpoint into the directory ``path`` atomically (replacing one there).
 
     :param state: the loop's counters (``step`` first), written as ``state.json``.
     :param rng: random states to record, a list by rank (default: this process's current
         ones alone).
     :param plugin_hook: ``plugin_hook(tmp_path)`` lets plugins add their files.
+    :param weights, optimizer_state: what to save in place of ``model``'s trainable parameters
+        and ``optimizer.state_dict()`` (gathered from every process's shards under FSDP).
     """
+    if weights is None:
+        assert model is not None
+        weights = trainable_state(model)
+    if optimizer_state is None:
+        assert optimizer is not None
+        optimizer_state = optimizer.state_dict()
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
     try:
         os.chmod(tmp, 0o777 & ~UMASK)
-        save_file(trainable_state(model), tmp / WEIGHTS)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file(weights, tmp / WEIGHTS)
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         if scaler is not None:
             torch.save(scaler.state_dict(), tmp / "scaler.pt")
@@ -261,14 +276,24 @@ def _keep_recipe_lrs(optimizer: torch.optim.Optimizer, scheduler: Any,
     scheduler._last_lr = [group["lr"] for group in groups]
 
 
+#: ``restore(weights, optimizer_state)``: loads both into a model and optimizer whose state
+#: is sharded across processes (every process calls it; only the main one's dicts are read)
+Restore = Callable[[dict[str, torch.Tensor], dict[str, Any]], object]
+
+
 def load(path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         scheduler: Any, scaler: Any, plugin_hook: PluginHook) -> dict[str, Any]:
+         scheduler: Any, scaler: Any, plugin_hook: PluginHook,
+         restore: Restore | None = None) -> dict[str, Any]:
     """Restore a checkpoint written by :func:`save` into the set-up objects; return its
-    ``state.json``. The random states are restored last, just before training goes on."""
+    ``state.json``. The random states are restored last, just before training goes on.
+    ``restore`` replaces the loading of the weights and the optimizer state."""
     path = Path(path)
-    load_trainable(model, path / WEIGHTS)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu",
-                                         weights_only=True))
+    optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    if restore is not None:
+        restore(load_file(path / WEIGHTS), optimizer_state)
+    else:
+        load_trainable(model, path / WEIGHTS)
+        optimizer.load_state_dict(optimizer_state)
     recipe_lrs = list(getattr(scheduler, "base_lrs", []))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     _keep_recipe_lrs(optimizer, scheduler, recipe_lrs)

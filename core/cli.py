@@ -247,6 +247,12 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--fit", action="store_true", help="find the plugins and settings with the "
                     "least quality cost that fit, and write that recipe")
     sp.add_argument("--out", help="where --fit writes the recipe (default RECIPE.fit.yaml)")
+    sp.add_argument("--processes", type=int, default=1, metavar="N",
+                    help="plan one of N data-parallel processes (GPUs), e.g. under accelerate")
+    sp.add_argument("--shard", choices=["fsdp", "zero2", "zero3"],
+                    help="how the N processes divide the state: fsdp/zero3 weights, gradients "
+                    "and optimizer state; zero2 gradients and optimizer state (default: none, "
+                    "as DDP)")
     add_trust_remote_code(sp)
     sp.set_defaults(func=cmd_plan)
     sp = sub.add_parser("resume", help="continue an interrupted run from its last checkpoint",

@@ -236,7 +236,24 @@ def eval_batches(run: Any, split: str = "validation"
     """``(examples, batch on the run's device)`` of this process's share of a held-out split,
     :func:`eval_batch_size` examples at a time (every process gets its share of the batches
     through ``run.share``; gather what they find with ``run.gather``)."""
+    import torch
+
+    from . import sharding
+    from .step import loss_of  # (step imports this module)
+
     data, size = run.data[split], eval_batch_size(run.recipe)
-    for i in run.share(range(0, len(data.examples), size)):
+    mine = run.share(range(0, len(data.examples), size))
+    # Under FSDP a forward gathers weights from every process: one with fewer batches makes
+    # as many forwards (of its last batch, or of the split's first, answers unused) as the
+    # busiest, one per batch it lacks (so a plugin makes one forward per batch it is given).
+    missing = sharding.same_count(run.accelerator, len(mine))  # (asked before any forward)
+    batch: dict[str, torch.Tensor] = {}
+    for i in mine:
         chunk = data.examples[i:i + size]
-        yield chunk, {k: v.to(run.accelerator.device) for k, v in data.collate(chunk).items()}
+        batch = {k: v.to(run.accelerator.device) for k, v in data.collate(chunk).items()}
+        yield chunk, batch
+    for _ in range(missing):
+        batch = batch or {k: v.to(run.accelerator.device)
+                          for k, v in data.collate(data.examples[:size]).items()}
+        with torch.no_grad(), run.accelerator.autocast():
+            loss_of(run, run.model, batch)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from typing import Any
 
-from . import checkpoint
+from . import checkpoint, sharding
 from .guards import check_finite
 from .scoring import Weights, evaluate, evaluating, weights
 from .state import Run, first
@@ -25,19 +25,24 @@ def finish(run: Run, seen: Weights, phase: dict[str, bool]
         after = evaluate(run, run.step) if agree(run.accelerator, not same) else last
     check_finite(run, after)
     test = evaluate(run, run.step, "test") if "test" in run.data else None
-    artifact = save(run) if run.is_main and run.recipe.output.save_model else None
+    artifact = None
+    if run.recipe.output.save_model:
+        state_dict = sharding.full_state_dict(run.accelerator, run.model)  # every process
+        artifact = save(run, state_dict) if run.is_main else None
     phase["saved"] = True
     return after, test, artifact
 
 
-def save(run: Run) -> str:
-    """Save the final model through the save hook, into place by a rename."""
+def save(run: Run, state_dict: dict[str, Any] | None = None) -> str:
+    """Save the final model through the save hook, into place by a rename. ``state_dict``:
+    the whole model's, gathered from the processes' shards (FSDP), for the hook to save."""
     assert run.dir is not None  # the main process saves
     tmp = run.dir / ".artifact.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     name = first(run.pm.hook.plugtune_save_model, "save the model", run=run,
-                 model=run.accelerator.unwrap_model(run.model), tokenizer=run.tokenizer, path=tmp)
+                 model=run.accelerator.unwrap_model(run.model), tokenizer=run.tokenizer, path=tmp,
+                 state_dict=state_dict)
     final = run.dir / name
     if final.exists():  # a resumed run that had saved before it was stopped
         checkpoint.remove(final)

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, sharding
 from .errors import PlugtuneError
 from .state import Run
 
@@ -62,7 +62,8 @@ def check_stalled(run: Run, t: Any, loss: float, lr: float) -> None:
     if run.state.dead_steps < t.max_bad_steps:
         return
     model = run.accelerator.unwrap_model(run.model)
-    largest = max(float(p.detach().abs().max()) for p in model.parameters() if p.requires_grad)
+    largest = max(float(sharding.local(p.detach()).abs().max()) for p in model.parameters()
+                  if p.requires_grad and sharding.local(p).numel())  # under FSDP: this shard's
     raise Diverged(f"training diverged: the gradient was exactly 0 for {run.state.dead_steps} "
                    f"optimizer steps in a row at a loss of {loss:.4g} (step {run.step}, lr "
                    f"{lr:.3g}; the largest trained weight is {largest:.3g}): the network has "
@@ -75,7 +76,9 @@ def check_finite(run: Run, after: dict[str, Any] | None) -> None:
     """Refuse to save a model whose weights or held-out loss are not finite."""
     model = run.accelerator.unwrap_model(run.model)
     bad = [n for n, p in model.named_parameters() if p.requires_grad and
-           not torch.isfinite(p.detach()).all()]
+           not torch.isfinite(sharding.local(p.detach())).all()]
+    if sharding.is_sharded(run.accelerator):  # each process checked its shards
+        bad = sorted(set(run.gather(bad)))
     if bad or (after is not None and not math.isfinite(after["eval_loss"])):
         what = f"{len(bad)} trained tensor(s) are not finite ({bad[0]}, ...)" if bad else \
             f"the held-out loss is {after['eval_loss']}"  # type: ignore[index]

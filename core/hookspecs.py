@@ -286,12 +286,12 @@ def plugtune_steps_done(run: "Run") -> None:
 
 
 @hookspec(firstresult=True)
-def plugtune_save_model(run: "Run", model: torch.nn.Module, tokenizer: Any,
-                        path: Path) -> str | None:
-    """Save the final model into the empty directory ``path``. Stops at first non-None result.
-
-    The core writes into a temporary directory and renames it, so a killed run never leaves a
-    half-written model.
+def plugtune_save_model(run: "Run", model: torch.nn.Module, tokenizer: Any, path: Path,
+                        state_dict: dict[str, torch.Tensor] | None) -> str | None:
+    """Save the final model into the empty directory ``path`` (a temporary one the core renames
+    into place). Stops at first non-None result. ``state_dict``: under FSDP the whole model's,
+    gathered, to save in place of ``model``'s shards (``save_pretrained(path, state_dict=...)``);
+    else None.
 
     :return: the name of the directory inside the run directory to rename it to, e.g.
         ``"model"`` or ``"adapter"``.

@@ -22,7 +22,7 @@ from typing import Any, Callable
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from . import attention, chat, flops, manager, rundir
+from . import attention, chat, flops, manager, rundir, sharding
 from .build import adapt, count_parameters, load_base, model_kwargs, prepare, setup_model
 from .errors import PlugtuneError
 from .finish import finish, save
@@ -57,7 +57,11 @@ def setup(recipe: Any, pm: Any, echo: Echo = print) -> Run:
 def _setup(recipe: Any, pm: Any, echo: Echo) -> Run:
     h, t = pm.hook, recipe.train
     set_seed(t.seed)
-    acc = Accelerator(mixed_precision=t.mixed_precision)
+    acc = Accelerator(mixed_precision=t.mixed_precision)  # the engine: accelerate's config
+    warning = sharding.check_engine(acc)
+    if warning and acc.is_main_process:
+        echo(warning)
+    sharding.check_savers(acc, pm)
     run = Run(recipe, pm, acc)
     run.tokenizer = chat.load_tokenizer(h, recipe)
     splits = first(h.plugtune_read_data, "read the data", recipe=recipe)

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from accelerate import Accelerator
+from safetensors.torch import load_file
 
-from . import checkpoint
-from .errors import PluginError
+from . import checkpoint, sharding
+from .errors import PluginError, PlugtuneError
 
 
 @dataclass
@@ -119,27 +120,67 @@ class Run:
 
     def save_checkpoint(self, path: str | Path, rng: list[Any] | None = None) -> Path | None:
         """Write a checkpoint of the run as it is now (trainable weights, optimizer, scheduler,
-        random states, position) into the directory ``path``, atomically; main process only.
-        ``RUN/checkpoints/step-K`` are written by the loop; a plugin may keep others
+        random states, position) into the directory ``path``, atomically; the main process
+        writes (under FSDP every process must call it: the state is gathered from their
+        shards). ``RUN/checkpoints/step-K`` are written by the loop; a plugin may keep others
         (``early_stopping`` keeps ``RUN/best``)."""
+        acc = self.accelerator
+        model = acc.unwrap_model(self.model)
+        gathered: dict[str, Any] = {}
+        if sharding.is_sharded(acc):
+            gathered = {"weights": sharding.trainable(acc, model),
+                        "optimizer_state": sharding.optimizer_state(model, self.optimizer)}
         if not self.is_main:
             return None
         return checkpoint.save(
-            path, model=self.accelerator.unwrap_model(self.model), optimizer=self.optimizer,
-            scheduler=self.scheduler, scaler=self.accelerator.scaler,
+            path, model=model, optimizer=self.optimizer,
+            scheduler=self.scheduler, scaler=acc.scaler,
             state={"step": self.step, **self.state.to_json()}, rng=rng,
-            plugin_hook=lambda p: self.pm.hook.plugtune_save_checkpoint(run=self, path=p))
+            plugin_hook=lambda p: self.pm.hook.plugtune_save_checkpoint(run=self, path=p),
+            **gathered)
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Load the checkpoint directory ``path`` into the run: weights, optimizer, scheduler,
-        gradient scaler, random states, ``step`` and :attr:`state`, then the plugins' own."""
+        gradient scaler, random states, ``step`` and :attr:`state`, then the plugins' own
+        (every process calls it)."""
         acc = self.accelerator
         saved = checkpoint.load(
             path, model=acc.unwrap_model(self.model), optimizer=self.optimizer,
             scheduler=self.scheduler, scaler=acc.scaler,
-            plugin_hook=lambda p: self.pm.hook.plugtune_load_checkpoint(run=self, path=p))
+            plugin_hook=lambda p: self.pm.hook.plugtune_load_checkpoint(run=self, path=p),
+            restore=self._restore)
         self.step = saved.pop("step")
         self.state = Progress.from_json(saved)  # a stop asked before is kept (stop_reason)
+
+    def _restore(self, weights: dict[str, Any], optim: dict[str, Any] | None) -> None:
+        """Saved trainable ``weights`` and optimizer state (None: weights alone) into the
+        model and optimizer: copied in place, or under FSDP (and for a checkpoint FSDP wrote,
+        whose optimizer state is keyed by name) loaded into every process's shards."""
+        acc = self.accelerator
+        model = acc.unwrap_model(self.model)
+        by_name = optim is not None and sharding.is_by_name(optim)
+        if not sharding.is_sharded(acc) and not by_name:
+            checkpoint.copy_trainable(model, weights)
+            if optim is not None:
+                self.optimizer.load_state_dict(optim)
+            return
+        if optim is not None and not by_name:
+            raise PlugtuneError("this checkpoint was written without FSDP: resume it as it ran "
+                                f"(DDP or one process), not under FSDP (see {sharding.DOCS})")
+        main = self.is_main
+        sharding.load(acc, model, self.optimizer, weights if main else {},
+                      (optim if main else {}) if optim is not None else None)
+
+    def load_weights(self, path: str | Path | None) -> None:
+        """Copy the trainable weights of the checkpoint directory ``path`` into the model
+        (under FSDP every process calls it; the main process's ``path`` is read)."""
+        if sharding.is_sharded(self.accelerator):
+            weights = load_file(Path(path) / checkpoint.WEIGHTS) \
+                if self.is_main and path is not None else {}
+            self._restore(weights, None)
+        elif path is not None:
+            checkpoint.load_trainable(self.accelerator.unwrap_model(self.model),
+                                      Path(path) / checkpoint.WEIGHTS)
 
     def rng_states(self) -> list[Any]:
         """Every process's random states, a list by rank, on every process (under several
@@ -166,11 +207,6 @@ class Run:
         """Add a step's work (``{"tokens", "positions", "flops", "seconds"}``) to :attr:`work`."""
         for key, value in work.items():
             self.work[key] = self.work.get(key, 0.0) + value
-
-    def load_weights(self, path: str | Path) -> None:
-        """Copy the trainable weights of the checkpoint directory ``path`` into the model."""
-        checkpoint.load_trainable(self.accelerator.unwrap_model(self.model),
-                                  Path(path) / checkpoint.WEIGHTS)
 
 
 def first(hook: Callable[..., Any], what: str, **kwargs: Any) -> Any:

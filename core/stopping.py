@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, sharding
 from .errors import PlugtuneError
 from .state import Run
 
@@ -77,9 +77,11 @@ def agree(acc: Any, flag: bool) -> bool:
 
 def checkpoint_step(run: Run, t: Any, rng: list[Any] | None = None) -> Path | None:
     """``RUN/checkpoints/step-K``, keeping the newest ``train.keep_checkpoints``; every
-    process calls it (each one's random state is recorded) but after a crash (``rng``)."""
+    process calls it (each one's random state is recorded, and under FSDP its shards) but
+    after a crash (``rng``), where the main process alone does."""
     rng = rng or run.rng_states()
-    if not run.is_main:
+    if not run.is_main:  # under FSDP its shards are gathered with the others'
+        run.save_checkpoint("", rng=rng)
         return None
     assert run.dir is not None  # the main process has the run directory
     path = run.save_checkpoint(checkpoint.directory(run.dir) / f"step-{run.step}", rng=rng)
@@ -92,6 +94,10 @@ def rescue(run: Run, rng: list[Any], echo: Echo) -> None:
     weights, optimizer and scheduler are still those of the last whole step, so checkpoint
     them with the random state that step ended with, and the run can be resumed."""
     if run.dir is None or (checkpoint.directory(run.dir) / f"step-{run.step}").exists():
+        return
+    if sharding.is_sharded(run.accelerator):  # the other processes may be gone
+        echo(f"no checkpoint of step {run.step} after this error: under FSDP the weights are "
+             "sharded across the processes; resume from the last saved checkpoint")
         return
     try:
         path = checkpoint_step(run, run.recipe.train, rng=rng)

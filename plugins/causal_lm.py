@@ -18,6 +18,7 @@ from plugtune.data import REAL_TOKENS, Tokenized, check_each, eval_batch_size, p
 from plugtune.errors import DataError
 from plugtune.loss import IGNORE, chunked_cross_entropy, cross_entropy
 from plugtune.models import read_config
+from plugtune.sharding import is_sharded, same_count
 from plugtune.plugins import formats, generation_metrics
 from plugtune.plugins.generation_metrics import normalize  # noqa: F401  (its old home)
 
@@ -563,17 +564,25 @@ def plugtune_estimate_memory(plan, recipe):
                  f"{shape} booleans (SDPA; none with flash attention)")
 
 
-def generate(model, tokenizer, prompts, max_new_tokens, batch_size, device):
-    """Greedy answers for token-id prompts (left padded, batched)."""
+def generate(model, tokenizer, prompts, max_new_tokens, batch_size, device, sharded=None,
+             spare=None):
+    """Greedy answers for token-id prompts (left padded, batched). ``sharded``: the run's
+    accelerator under FSDP, where every process decodes until all are done and, after its own
+    batches, makes as many more with the prompt ``spare`` (answers dropped) as the busiest
+    process makes in all (each forward gathers weights from every process)."""
     answers = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
+    batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+    real, synced = len(batches), sharded is not None
+    if synced:
+        batches += [[spare]] * same_count(sharded, real)
+    for n, chunk in enumerate(batches):
         ids = pad(chunk, tokenizer.pad_token_id, left=True).to(device)
         mask = pad([[1] * len(p) for p in chunk], 0, left=True).to(device)
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=chat.stop_ids(model, tokenizer))
-        answers += tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+                             eos_token_id=chat.stop_ids(model, tokenizer), synced_gpus=synced)
+        if n < real:
+            answers += tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
     return answers
 
 
@@ -590,11 +599,13 @@ def plugtune_evaluate(run, model, step, eval_loss, split):
         return metrics
     tokenizer = run.tokenizer
     longest = max(e["reference_tokens"] for e in checkable)
-    with run.accelerator.autocast():
-        answers = generate(run.accelerator.unwrap_model(model), tokenizer,
+    acc = run.accelerator
+    with acc.autocast():
+        answers = generate(acc.unwrap_model(model), tokenizer,
                            [e["prompt_ids"] for e in run.share(checkable)],
                            min(section.max_new_tokens, longest + 4),
-                           eval_batch_size(run.recipe), run.accelerator.device)
+                           eval_batch_size(run.recipe), acc.device,
+                           acc if is_sharded(acc) else None, checkable[0]["prompt_ids"])
     answers = run.gather(answers)
     return {**metrics, **generation_metrics.score(names, answers,
                                                   [e["reference"] for e in checkable])}

@@ -69,8 +69,8 @@ class EarlyStopping:
                   else value > self.best + s.min_delta) if self.best is not None else True
         if better:
             self.best, self.best_step, self.waited = value, step, 0
-            if run.dir is not None:
-                run.save_checkpoint(run.dir / "best")
+            # every process calls it (under FSDP each gives its shards); the main one writes
+            run.save_checkpoint(run.dir / "best" if run.dir is not None else "")
             return
         self.waited += 1
         if self.waited >= s.patience:
@@ -81,8 +81,8 @@ class EarlyStopping:
     def plugtune_steps_done(self, run):
         self.done = True
         s = run.recipe["early_stopping"]
-        if s.restore_best and run.dir is not None and self.best_step not in (None, run.step):
-            run.load_weights(run.dir / "best")
+        if s.restore_best and self.best_step not in (None, run.step):  # on every process
+            run.load_weights(run.dir / "best" if run.dir is not None else None)
 
     @hookimpl
     def plugtune_save_checkpoint(self, path):

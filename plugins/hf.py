@@ -144,8 +144,8 @@ def plugtune_load_model(recipe, model_kwargs, model_class):
 
 
 @hookimpl(trylast=True)
-def plugtune_save_model(model, tokenizer, path):
-    model.save_pretrained(path)
+def plugtune_save_model(model, tokenizer, path, state_dict):
+    model.save_pretrained(path, state_dict=state_dict)  # gathered under FSDP, else None
     tokenizer.save_pretrained(path)
     return "model"
 

@@ -28,6 +28,10 @@ class NF4Section(Section):
         "on a GPU that has it)")
     skip_modules: list[str] = Field([], description="module names left unquantized; the "
                                     "default skips the output layer")
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
+        "uint8", description="dtype the packed 4-bit values are stored in; a float dtype "
+        "(bfloat16, as model.dtype) lets FSDP shard the 4-bit weights across GPUs (QLoRA + "
+        "FSDP); with uint8 every process holds them all")
 
 
 @hookimpl
@@ -50,7 +54,8 @@ def plugtune_model_kwargs(recipe):
         load_in_4bit=True, bnb_4bit_quant_type=s.quant_type,
         bnb_4bit_use_double_quant=s.double_quant,
         bnb_4bit_compute_dtype=getattr(torch, s.compute_dtype or recipe.model.dtype),
-        llm_int8_skip_modules=s.skip_modules or None)}
+        llm_int8_skip_modules=s.skip_modules or None,
+        bnb_4bit_quant_storage=getattr(torch, s.quant_storage))}
 
 
 @hookimpl
@@ -78,5 +83,6 @@ def weight_bytes(numel, double_quant, blocksize=64):
 def plugtune_estimate_memory(plan, recipe):
     s = recipe["nf4"]
     plan.quantize(plan.base_linear_weights(s.skip_modules or plan.keep_unquantized),
-                  s.quant_type, lambda p: weight_bytes(p.numel, s.double_quant))
+                  s.quant_type, lambda p: weight_bytes(p.numel, s.double_quant),
+                  shardable=s.quant_storage != "uint8")
 

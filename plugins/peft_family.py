@@ -297,11 +297,13 @@ def method(name: str, section: type[Section], config: str | type,
 
 
 @hookimpl
-def plugtune_save_model(model: Any, tokenizer: Any, path: Path) -> str:
-    """Save only the adapter (and ``modules_to_save``), in PEFT format, with the tokenizer
-    (not a :data:`REFERENCE_ADAPTER` loaded beside it)."""
+def plugtune_save_model(model: Any, tokenizer: Any, path: Path,
+                        state_dict: dict[str, Any] | None) -> str:
+    """Save only the adapter (and ``modules_to_save``), in PEFT format, with the tokenizer (not
+    a :data:`REFERENCE_ADAPTER` loaded beside it; under FSDP, PEFT picks the adapter out of the
+    gathered ``state_dict``)."""
     names = [n for n in getattr(model, "peft_config", {}) if n != REFERENCE_ADAPTER]
-    model.save_pretrained(path, selected_adapters=names or None)
+    model.save_pretrained(path, selected_adapters=names or None, state_dict=state_dict)
     tokenizer.save_pretrained(path)
     return "adapter"
 

@@ -27,6 +27,7 @@ class Param:
     storage: str = ""  # how it is stored when not as a dense tensor of `dtype` ("int8", "nf4")
     nbytes: int | None = None  # its bytes when `storage` is set
     keeps_input: bool = False  # its kernel keeps the layer input for backward although frozen
+    shardable: bool = True  # FSDP can shard it (a 4-bit weight packed in uint8 stays whole)
     tensor: Any = field(default=None, repr=False, compare=False)  # the meta parameter
 
     @property
@@ -86,6 +87,9 @@ class Plan:
     loss_chunk_tokens: int | None = None  # the task's loss runs the output layer this many
     # tokens at a time (chunked cross-entropy): logits buffers stop growing with the batch
     packed: bool = False  # train.packing: sequences laid end to end, attention masked per example
+    processes: int = 1  # data-parallel processes (GPUs) the run is planned for, one of them shown
+    shard: str | None = None  # how they divide the state: "fsdp"/"zero3" (weights, gradients,
+    # optimizer state), "zero2" (gradients, optimizer state), None (each holds it all: DDP)
 
     def trainable(self) -> list[Param]:
         return [p for p in self.params if p.trainable]
@@ -95,14 +99,16 @@ class Plan:
         self.extra.append(Memory(name, int(nbytes), detail))
 
     def quantize(self, params: Iterable[Param], storage: str, nbytes: Callable[[Param], int],
-                 keeps_input: bool = False) -> None:
+                 keeps_input: bool = False, shardable: bool = False) -> None:
         """Count ``params`` as stored quantized, ``nbytes(param)`` bytes each (the quantizing
-        plugins' helper). On a CPU the checkpoint file stays memory-mapped after loading, and
+        plugins' helper); ``shardable``: FSDP shards them (4-bit weights packed in a float
+        dtype: ``nf4.quant_storage``). On a CPU the checkpoint file stays memory-mapped after loading, and
         the pages read to quantize these weights stay resident (clean pages the system may
         drop under pressure): counted as their own component."""
         read, itemsize = 0, getattr(torch, self.recipe.model.dtype).itemsize
         for p in params:
             p.storage, p.nbytes, p.keeps_input = storage, nbytes(p), keeps_input
+            p.shardable = shardable
             read += p.numel * itemsize
         if self.device == "cpu" and read:
             self.add("checkpoint pages read to quantize", read, "CPU only: the safetensors "

@@ -29,7 +29,12 @@ def command(args: argparse.Namespace, echo: Callable[[str], object] = print,
     budget, label = parse_budget(args.gpu) if args.gpu else default_budget(args.device)
     if args.fit and budget is None:
         raise RecipeError(["--fit needs a budget: --gpu 24GiB, or a GPU name such as rtx4090"])
-    est = estimate(recipe, pm, args.device)
+    processes, shard = getattr(args, "processes", 1), getattr(args, "shard", None)
+    if processes < 1:
+        raise RecipeError([f"--processes {processes}: give 1 or more"])
+    if (processes > 1 or shard) and args.fit:
+        raise RecipeError(["--fit plans one process: drop --processes/--shard"])
+    est = estimate(recipe, pm, args.device, processes, shard)
     for line in describe(est, budget, label):
         echo(line)
     if budget is None:

@@ -1,5 +1,6 @@
 """The estimate: the moments a training step passes through (end of forward, start of backward,
 each block's backward, the optimizer step), the peak, and the framework overhead."""
+import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,10 @@ if TYPE_CHECKING:
 
 
 OVERHEAD = {"cuda": (512 * MiB, 0.05), "cpu": (48 * MiB, 0.03)}
+#: ``--shard`` values whose processes divide the weights too (FSDP's FULL_SHARD is ZeRO-3)
+FULL_SHARD = ("fsdp", "zero3")
+#: every ``--shard`` value: ZeRO-2 (FSDP's SHARD_GRAD_OP) divides gradients and optimizer state
+SHARDS = (*FULL_SHARD, "zero2")
 
 
 @dataclass
@@ -36,7 +41,41 @@ class Estimate:
 
     @property
     def weights(self) -> int:
-        return sum(p.bytes for p in self.plan.params)
+        """Weight bytes one process holds: all of them, or under FSDP / ZeRO-3 its shard of
+        each shardable weight plus what is gathered whole to compute (:meth:`gathered`)."""
+        whole = sum(p.bytes for p in self.plan.params)
+        if self.plan.shard not in FULL_SHARD:
+            return whole
+        shardable = sum(p.bytes for p in self.plan.params if p.shardable)
+        return whole - shardable + math.ceil(shardable / self.plan.processes) + self.gathered()
+
+    def gathered(self) -> int:
+        """Weight bytes gathered whole at once under FSDP / ZeRO-3 (shard bytes a process
+        holds anyway not subtracted), as accelerate wraps a model: a unit per transformer
+        block, the input embeddings one of their own (gathered only at the start of forward and
+        the end of backward, when no block is), and the final norm with the output layer
+        (and tied embeddings) one that stays gathered from the end of forward into backward;
+        at the peak that one and two blocks (the one computing, the next prefetched)."""
+        if self.plan.shard not in FULL_SHARD or self.plan.processes == 1:
+            return 0
+        model = self.plan.model
+        embed = getattr(model.get_input_embeddings(), "weight", None)
+        output = getattr(model.get_output_embeddings(), "weight", None)
+        blocks = [0] * len(self.acts.blocks)
+        tail = 0
+        for p in self.plan.params:
+            if not p.shardable or (p.tensor is embed and embed is not output):
+                continue
+            if p.block is None or p.block >= len(blocks):
+                tail += p.bytes
+            else:
+                blocks[p.block] += p.bytes
+        return tail + sum(sorted(blocks)[-2:])
+
+    def divided(self, nbytes: float) -> float:
+        """``nbytes`` of gradients or optimizer state, as one process holds them (divided among
+        the processes by FSDP and ZeRO-2/3)."""
+        return nbytes / self.plan.processes if self.plan.shard else nbytes
 
     def grads(self) -> tuple[int, int, list[int]]:
         """``(all, outside the blocks, per block)`` gradient bytes."""
@@ -48,6 +87,7 @@ class Estimate:
                 outside += nbytes
             else:
                 blocks[p.block] += nbytes
+        outside, blocks = int(self.divided(outside)), [int(self.divided(b)) for b in blocks]
         return outside + sum(blocks), outside, blocks
 
     def with_batch(self, batch_size: int, grad_accum: int) -> "Estimate":
@@ -62,8 +102,9 @@ class Estimate:
         n = plan.batch_size * plan.seq_len
         ckpt = plan.checkpointed
         opt = plan.optimizer or Optimizer("none", 0)
-        resident: dict[str, float] = {"weights": self.weights,
-                    "optimizer state": 0 if opt.paged and plan.device == "cuda" else opt.state}
+        resident: dict[str, float] = {"weights": self.weights, "optimizer state": 0
+                                      if opt.paged and plan.device == "cuda"
+                                      else self.divided(opt.state)}
         for m in plan.extra:
             resident[m.name] = m.bytes
         g_all, g_out, g_blocks = self.grads()
@@ -113,8 +154,12 @@ class Estimate:
         return tensors + self.overhead(tensors)
 
 
-def estimate(recipe: "Recipe", pm: pluggy.PluginManager, device: str = "cuda") -> Estimate:
-    """The :class:`Estimate` of a validated recipe (``plugtune plan`` and ``plugtune run``)."""
+def estimate(recipe: "Recipe", pm: pluggy.PluginManager, device: str = "cuda",
+             processes: int = 1, shard: str | None = None) -> Estimate:
+    """The :class:`Estimate` of a validated recipe (``plugtune plan`` and ``plugtune run``),
+    for one of ``processes`` data-parallel processes dividing the state as ``shard`` says
+    (:data:`SHARDS`; None: each holds it all)."""
     plan = build(recipe, pm, device)
+    plan.processes, plan.shard = processes, shard
     pm.hook.plugtune_estimate_memory(plan=plan, recipe=recipe)
     return Estimate(plan, trace(plan, pm))

@@ -1,5 +1,6 @@
 """The check before ``plugtune run`` loads anything: the plan's peak, and a warning when it will
 not fit the GPU this process sees. It never stops a run."""
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -18,8 +19,12 @@ def preflight(recipe: "Recipe", pm: pluggy.PluginManager,
     """Before ``plugtune run`` loads anything: print the plan's peak, and warn when it will not
     fit the GPU this process sees. Never stops a run: a planner failure is only reported."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    # under `accelerate launch`/torchrun: one process's share (FSDP shards only on GPUs)
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    shard = "fsdp" if fsdp and world > 1 and device == "cuda" else None
     try:
-        est = estimate(recipe, pm, device)
+        est = estimate(recipe, pm, device, world, shard)
     except Exception as exc:  # the planner must never stop a run
         echo(f"memory plan: unavailable ({type(exc).__name__}: {exc})")
         return None
@@ -29,7 +34,8 @@ def preflight(recipe: "Recipe", pm: pluggy.PluginManager,
              "no fit check (`plugtune plan` shows the breakdown)")
         return est
     free, capacity = torch.cuda.mem_get_info()
-    echo(f"memory plan: {size(total)} at peak; the GPU has {size(free)} free of "
+    each = f" per process (one of {world}{', FSDP' if shard else ''})" if world > 1 else ""
+    echo(f"memory plan: {size(total)} at peak{each}; the GPU has {size(free)} free of "
          f"{size(capacity)}")
     if total > free:
         echo(f"warning: this recipe will likely run out of GPU memory: it needs {size(total)} "

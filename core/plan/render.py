@@ -16,7 +16,7 @@ def describe(est: Estimate, budget: int | None = None, label: str | None = None)
              f"plugins: {', '.join(r.plugins)}; micro-batch {plan.batch_size} x {plan.seq_len} "
              f"tokens, grad_accum {plan.grad_accum}, mixed_precision {plan.mixed_precision}; "
              f"attention {r.model.attn_implementation or 'sdpa (default)'}; device {plan.device}",
-             ""]
+             *_processes(est), ""]
     rows: list[tuple[str, str, str]] = []
 
     def row(name: str, nbytes: float | None, detail: str = "") -> None:
@@ -75,4 +75,26 @@ def describe(est: Estimate, budget: int | None = None, label: str | None = None)
                    else f"does NOT fit: {size(-head)} over")
         lines.append(f"{'budget':<{width}}{size(budget):>11}  {label}: {verdict}")
     lines += [f"note: {note}" for note in plan.notes]
+    return lines
+
+
+def _processes(est: Estimate) -> list[str]:
+    """What one of several processes holds (``plan --processes N --shard ...``)."""
+    plan = est.plan
+    if plan.processes == 1 and not plan.shard:
+        return []
+    what = {"fsdp": "FSDP full shard (ZeRO-3): weights, gradients and optimizer state",
+            "zero3": "ZeRO-3: weights, gradients and optimizer state",
+            "zero2": "ZeRO-2: gradients and optimizer state"}.get(plan.shard or "",
+                                                                   "DDP: nothing")
+    lines = [f"per process, one of {plan.processes}: {what} divided among them; activations "
+             "as on one"]
+    whole = [p for p in plan.params if not p.shardable]
+    if plan.shard in ("fsdp", "zero3"):
+        lines.append(f"  weights: this process's shard + {size(est.gathered())} gathered whole "
+                     "while computing (final norm and output layer, two blocks)")
+        if whole:
+            lines.append(f"  {size(sum(p.bytes for p in whole))} of weights stay whole on "
+                         "every process (4-bit packed in uint8: set nf4.quant_storage: "
+                         "bfloat16 to shard them)")
     return lines
