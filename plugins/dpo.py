@@ -8,10 +8,9 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, PositiveInt
+from pydantic import Field
 
-from plugtune import Section, hookimpl
-from plugtune.plugins import causal_lm
+from plugtune import hookimpl
 from plugtune.plugins import preference_family as pref
 
 PLUGTUNE_ROLES = {"task"}
@@ -23,7 +22,7 @@ BETA = {"simpo": 2.0}
 NORMALIZED = ("ipo", "simpo")
 
 
-class DPOSection(Section):
+class DPOSection(pref.ReferenceSection):
     loss_type: Literal[LOSS_TYPES] = Field("sigmoid", description="sigmoid (DPO), ipo, hinge, "
                                            "robust (DPO with label noise), simpo (SimPO: "
                                            "reference-free, length-normalized, margin)")
@@ -39,13 +38,6 @@ class DPOSection(Section):
         "model), precompute (log-probabilities computed once before training, kept in the "
         "run directory), none (simpo); auto: none for simpo, adapter with an adapter method, "
         "else copy")
-    max_prompt_length: PositiveInt | None = Field(
-        None, description="a pair longer than train.max_length keeps this many of its "
-        "prompt's last tokens, then its answers' first tokens; default max_length // 2")
-    disable_dropout: bool = Field(True, description="turn dropout off in the model (TRL's "
-                                  "default), so the policy and reference passes agree")
-    roles: list[str] = Field(list(causal_lm.ROLES), min_length=1, description="the roles a "
-                             "conversation may use (those the model's chat template knows)")
 
     @property
     def the_beta(self) -> float:
@@ -78,11 +70,7 @@ def plugtune_check_recipe(recipe):
     if s.simpo_gamma is not None and s.loss_type != "simpo":
         problems.append(f"dpo.simpo_gamma: is for loss_type simpo, not {s.loss_type}; "
                         "remove it")
-    if s.max_prompt_length is not None and s.max_prompt_length >= recipe.train.max_length:
-        problems.append(f"dpo.max_prompt_length: {s.max_prompt_length} leaves no room for the "
-                        f"answers within train.max_length={recipe.train.max_length}; make it "
-                        "smaller")
-    return problems
+    return problems + pref.prompt_length_problems(recipe, "dpo")
 
 
 @hookimpl

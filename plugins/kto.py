@@ -35,10 +35,9 @@ import math
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
-from pydantic import Field, PositiveInt
+from pydantic import Field
 
-from plugtune import Loss, Section, hookimpl
+from plugtune import Loss, hookimpl
 from plugtune.data import Record, check_each
 from plugtune.errors import DataError
 from plugtune.plugins import causal_lm
@@ -52,7 +51,7 @@ STATE = "kto.json"
 FIELDS = ("prompt", "completion", "label")
 
 
-class KTOSection(Section):
+class KTOSection(pref.ReferenceSection):
     beta: float = Field(0.1, gt=0, description="how far the policy may move from the "
                         "reference (TRL's beta)")
     desirable_weight: float = Field(1.0, gt=0, description="the weight of a desirable "
@@ -65,13 +64,6 @@ class KTOSection(Section):
         "disabled, or the starting adapter model.adapter frozen), copy (a frozen copy of the "
         "model), precompute (log-probabilities computed once before training, kept in the run "
         "directory); auto: adapter with an adapter method, else copy")
-    max_prompt_length: PositiveInt | None = Field(
-        None, description="an example longer than train.max_length keeps this many of its "
-        "prompt's last tokens, then its completion's first tokens; default max_length // 2")
-    disable_dropout: bool = Field(True, description="turn dropout off in the model (TRL's "
-                                  "default), so the policy and reference passes agree")
-    roles: list[str] = Field(list(causal_lm.ROLES), min_length=1, description="the roles a "
-                             "conversation may use (those the model's chat template knows)")
 
 
 def check_record(data, where, roles=causal_lm.ROLES):
@@ -170,12 +162,8 @@ class KTO:
     @hookimpl
     def plugtune_check_recipe(self, recipe):
         s = recipe[NAME]
-        problems = pref.reference_problems(recipe, "kto.reference", s.reference)
-        if s.max_prompt_length is not None and s.max_prompt_length >= recipe.train.max_length:
-            problems.append(f"kto.max_prompt_length: {s.max_prompt_length} leaves no room for "
-                            f"the completion within train.max_length="
-                            f"{recipe.train.max_length}; make it smaller")
-        return problems
+        return (pref.reference_problems(recipe, "kto.reference", s.reference)
+                + pref.prompt_length_problems(recipe, NAME))
 
     @hookimpl
     def plugtune_check_records(self, recipe, records):

@@ -15,23 +15,17 @@ same when the chosen answers have the same length), so the objective does not de
 pairs are split into micro-batches."""
 import torch
 import torch.nn.functional as F
-from pydantic import Field, PositiveInt
+from pydantic import Field
 
-from plugtune import Section, hookimpl
-from plugtune.plugins import causal_lm
+from plugtune import hookimpl
 from plugtune.plugins import preference_family as pref
 
 PLUGTUNE_ROLES = {"task"}
 
 
-class ORPOSection(Section):
+class ORPOSection(pref.PairSection):
     beta: float = Field(0.1, gt=0, description="lambda: the weight of the odds-ratio term "
                         "beside the chosen answer's NLL (TRL's beta)")
-    max_prompt_length: PositiveInt | None = Field(
-        None, description="a pair longer than train.max_length keeps this many of its "
-        "prompt's last tokens, then its answers' first tokens; default max_length // 2")
-    roles: list[str] = Field(list(causal_lm.ROLES), min_length=1, description="the roles a "
-                             "conversation may use (those the model's chat template knows)")
 
 
 @hookimpl
@@ -41,13 +35,8 @@ def plugtune_recipe_sections(register):
 
 @hookimpl
 def plugtune_check_recipe(recipe):
-    s = recipe["orpo"]
-    problems = pref.reference_problems(recipe, "orpo", "none", reference_free=True)
-    if s.max_prompt_length is not None and s.max_prompt_length >= recipe.train.max_length:
-        problems.append(f"orpo.max_prompt_length: {s.max_prompt_length} leaves no room for "
-                        f"the answers within train.max_length={recipe.train.max_length}; make "
-                        "it smaller")
-    return problems
+    return (pref.reference_problems(recipe, "orpo", "none", reference_free=True)
+            + pref.prompt_length_problems(recipe, "orpo"))
 
 
 @hookimpl

@@ -35,15 +35,48 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import Field, PositiveInt
+
 from plugtune.data import Record, Tokenized, check_each, pad
 from plugtune.errors import DataError, PlugtuneError
 from plugtune.loss import IGNORE
 from plugtune.plugins import causal_lm, peft_family
+from plugtune.recipe import Section
 
 if TYPE_CHECKING:
     import torch
 
     from plugtune import Recipe, Run
+
+class PairSection(Section):
+    """The keys every preference objective's section has (subclass it): how a record longer
+    than ``train.max_length`` is cut (:func:`truncate_pair`) and the roles a conversation may
+    use."""
+
+    max_prompt_length: PositiveInt | None = Field(
+        None, description="a record longer than train.max_length keeps this many of its "
+        "prompt's last tokens, then its answers' first tokens; default max_length // 2")
+    roles: list[str] = Field(list(causal_lm.ROLES), min_length=1, description="the roles a "
+                             "conversation may use (those the model's chat template knows)")
+
+
+class ReferenceSection(PairSection):
+    """:class:`PairSection` for an objective with a reference model: also whether dropout is
+    turned off (the section adds its own ``reference`` key, the modes it takes)."""
+
+    disable_dropout: bool = Field(True, description="turn dropout off in the model (TRL's "
+                                  "default), so the policy and reference passes agree")
+
+
+def prompt_length_problems(recipe: "Recipe", name: str) -> list[str]:
+    """The ``check_recipe`` line for a ``NAME.max_prompt_length`` that leaves no room for the
+    answers within ``train.max_length``."""
+    cap, room = recipe[name].max_prompt_length, recipe.train.max_length
+    if cap is None or cap < room:
+        return []
+    return [f"{name}.max_prompt_length: {cap} leaves no room for the answers within "
+            f"train.max_length={room}; make it smaller"]
+
 
 #: The fields of a preference record.
 FIELDS = ("prompt", "chosen", "rejected")
@@ -504,7 +537,6 @@ def precompute(run: "Run", echo: Callable[[str], object] = print) -> None:
     kept in the examples (the collator puts them in the batch) and in the run directory's
     :data:`PRECOMPUTED`; a resumed run reads them from there and computes nothing (its model
     has trained). No reference weights stay in memory."""
-    import torch
     from safetensors.torch import load_file, save_file
 
     from plugtune.data import eval_batch_size

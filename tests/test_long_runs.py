@@ -270,18 +270,19 @@ def test_a_diverging_run_stops_and_saves_no_model(make_recipe, tmp_path, capsys)
 
 
 class NanAtStep:
-    """A loss that is NaN on the training micro-batches of one optimizer step."""
+    """A loss that is NaN on the training micro-batches of some optimizer steps (counted as
+    training micro-batches: one per step without accumulation)."""
 
-    def __init__(self, step):
-        self.step, self.calls = step, 0
+    def __init__(self, *steps):
+        self.steps, self.calls = steps, 0
 
     @hookimpl(wrapper=True)
     def plugtune_compute_loss(self, model):
         loss = yield
         if model.training:
             self.calls += 1
-            if self.calls == self.step:
-                return Loss(loss.sum * float("nan"), loss.count)
+            if self.calls in self.steps:
+                return Loss(loss.sum * float("nan"), loss.count, loss.metrics)
         return loss
 
 

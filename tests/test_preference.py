@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import WORDS
-from plugtune import Loss, cli, evaluation, hookimpl, loop, testing
+from test_long_runs import NanAtStep
+from plugtune import cli, evaluation, hookimpl, loop, testing
 from plugtune.data import Record
 from plugtune.errors import PlugtuneError, RecipeError
 from plugtune.plugins import preference_family as pref
@@ -577,22 +578,6 @@ def test_under_bf16_autocast_the_first_step_is_exactly_log_2(pref_recipe, plugin
     assert first["rewards/margins"] == 0
 
 
-class NanPairsAt:
-    """The preference loss is NaN on the training micro-batches of one optimizer step."""
-
-    def __init__(self, step):
-        self.step, self.calls = step, 0
-
-    @hookimpl(wrapper=True)
-    def plugtune_compute_loss(self, model):
-        loss = yield
-        if model.training:
-            self.calls += 1
-            if self.calls == self.step:
-                return Loss(loss.sum * float("nan"), loss.count, loss.metrics)
-        return loss
-
-
 @pytest.mark.parametrize("plugins", [("dpo", "lora"), ("orpo", "lora"), ("kto", "lora")])
 def test_a_non_finite_preference_step_is_skipped_and_the_guard_stops_divergence(
         pref_recipe, make_recipe, tiny_llama, tmp_path, plugins):
@@ -608,7 +593,7 @@ def test_a_non_finite_preference_step_is_skipped_and_the_guard_stops_divergence(
                              train={"max_steps": 3, "lr": 1e-2, "batch_size": 4, "seed": 0})
     else:
         recipe = pref_recipe(plugins, train={"max_steps": 3})
-    guard = NanPairsAt(2)
+    guard = NanAtStep(2)
     summary, run = testing.run(recipe, extra_plugins=[guard])
     steps = [m for m in records_of(run.dir) if "lr" in m]
     assert [m["step"] for m in steps if m.get("skipped")] == [2]
@@ -616,16 +601,9 @@ def test_a_non_finite_preference_step_is_skipped_and_the_guard_stops_divergence(
     assert all(math.isfinite(v) for m in steps if not m.get("skipped")
                for k, v in m.items() if k.startswith("rewards/") and v is not None)
 
-    class AlwaysNan(NanPairsAt):
-        @hookimpl(wrapper=True)
-        def plugtune_compute_loss(self, model):
-            loss = yield
-            return Loss(loss.sum * float("nan"), loss.count, loss.metrics) if model.training \
-                else loss
-
     with pytest.raises(Exception, match="training diverged"):
         testing.run(recipe, ["output.name=diverged", "train.max_steps=6"],
-                    extra_plugins=[AlwaysNan(0)])
+                    extra_plugins=[NanAtStep(*range(1, 7))])
     assert not (run.dir.parent / "diverged" / "model").exists()
 
 
