@@ -79,8 +79,8 @@ PUBLIC_MODULES = ("plugtune.hookspecs", "plugtune.testing", "plugtune.errors", "
                   "plugtune.plugins.peft_family", "plugtune.plugins.head_family",
                   "plugtune.plugins.kbit_family", "plugtune.plugins.generation_metrics",
                   "plugtune.plugins.optimizer_family",
-                  # preference objectives (1.2), and the causal-LM helpers they reuse
-                  "plugtune.plugins.preference_family", "plugtune.plugins.causal_lm",
+                  # preference objectives (1.2), and what causal-LM objectives share (1.3)
+                  "plugtune.plugins.preference_family", "plugtune.plugins.lm_family",
                   # chat templates and record formats
                   "plugtune.chat", "plugtune.plugins.formats",
                   # streamed data (1.2)

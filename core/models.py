@@ -75,4 +75,4 @@ def adapter_dir(path: str | Path) -> Path:
     else:
         why = "no adapter_config.json in it"
     raise RecipeError([f"model.adapter: {path}: {why}; give a finished plugtune run directory "
-                       "of an adapter method (lora, ...) or a PEFT adapter directory"])
+                       "of an adapter method or a PEFT adapter directory"])

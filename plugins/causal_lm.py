@@ -4,8 +4,6 @@ rendered with the tokenizer's chat template. Where a held-out record has a refer
 (the completion, or the last assistant turn) evaluation also scores the model's greedy answer
 (exact match by default; BLEU, chrF and ROUGE with ``causal_lm.metrics``, see
 ``_generation_metrics``), and always reports the perplexity (``exp(eval_loss)``)."""
-import contextlib
-import json
 import math
 from typing import Literal
 
@@ -21,16 +19,17 @@ from plugtune.models import read_config
 from plugtune.sharding import is_sharded, same_count
 from plugtune.plugins import formats, generation_metrics
 from plugtune.plugins.generation_metrics import normalize  # noqa: F401  (its old home)
+from plugtune.plugins import lm_family
+from plugtune.plugins.lm_family import (  # noqa: F401  (defined here before plugin API 1.3)
+    CHANGES_LOGITS, CHUNK_BYTES, CHUNK_VOCAB, ROLES, check_messages, chunk_tokens,
+    encode_messages, end_tokens, final_hidden_states, is_learnt, logit_transform, output_layer,
+    special_prefix, turn_start)
+
+# the family's helpers under the names this module gave them before plugin API 1.3
+_ids, _render, _rendering = lm_family.token_ids, lm_family.render, lm_family.rendering
+_json_kind, _compare = lm_family.json_kind, lm_family.compare_logits
 
 PLUGTUNE_ROLES = {"task"}
-
-#: The roles chat templates render (Llama 3, Qwen 2.5, Mistral, SmolLM2, ChatML).
-ROLES = ("system", "user", "assistant", "tool")
-
-
-#: ``loss_chunk_tokens: auto`` chunks the loss of vocabularies at least this large, in chunks of
-#: at most CHUNK_BYTES of float32 logits.
-CHUNK_VOCAB, CHUNK_BYTES = 32_000, 128 * 2 ** 20
 
 
 class CausalLMSection(Section):
@@ -144,66 +143,6 @@ def render_check(template, messages, where):
                               eos_token="</s>")
 
 
-@contextlib.contextmanager
-def _rendering(where):
-    import jinja2
-
-    try:
-        yield
-    except (jinja2.TemplateError, TypeError, ValueError, IndexError, KeyError) as exc:
-        raise DataError(f"{where}: the chat template cannot render this conversation "
-                        f"({' '.join(str(exc).split())[:160]}); fix the record or choose "
-                        "another data.chat_template") from exc
-
-
-def _ids(tokenizer, text):
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def _render(tokenizer, messages, generation_prompt=False, where="a record"):
-    if not messages:
-        return ""
-    with _rendering(where):
-        return tokenizer.apply_chat_template(messages, tokenize=False,
-                                             add_generation_prompt=generation_prompt)
-
-
-def check_messages(messages, where, roles=ROLES, train=("assistant",)):
-    """A DataError unless ``messages`` is a conversation to learn from: role/content objects,
-    string contents, known roles, at least one turn of a role in ``train``."""
-    if not (isinstance(messages, list) and messages and all(
-            isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
-        raise DataError(f"{where}: messages must be a list of {{\"role\", \"content\"}} objects")
-    for i, m in enumerate(messages):
-        if not isinstance(m["content"], str):
-            raise DataError(f"{where}: messages[{i}] content must be a string, got "
-                            f"{_json_kind(m['content'])}")
-        if m["role"] not in roles:
-            raise DataError(f"{where}: messages[{i}] has unknown role {m['role']!r}; roles are "
-                            f"{', '.join(roles)} (map the data's tags to them with data.roles, "
-                            f"e.g. {{assistant: {m['role']}}}, or set causal_lm.roles for a "
-                            "template with others)")
-    if not any(is_learnt(m, train, where, i) for i, m in enumerate(messages)):
-        if tuple(train) == ("assistant",):
-            raise DataError(f"{where}: this conversation has no assistant turn, so there is "
-                            "nothing to learn; add the assistant's answer (role \"assistant\")")
-        raise DataError(f"{where}: this conversation has no turn of {', '.join(train)} "
-                        "(data.roles_to_train), so there is nothing to learn")
-
-
-def is_learnt(message, train, where="a record", i=0):
-    """Whether a turn is learnt: its own ``train`` (true/false) or ``weight`` (1/0) field, as
-    axolotl reads them, where it has one (not null); else whether its role is in ``train``
-    (``data.roles_to_train``)."""
-    flag = message.get("train", message.get("weight"))
-    if flag is None:
-        return message["role"] in train
-    if flag not in (0, 1):  # True and False are 1 and 0
-        raise DataError(f"{where}: messages[{i}] train/weight must be true/false or 1/0, got "
-                        f"{_json_kind(flag)}")
-    return bool(flag)
-
-
 def check_fields(data, where):
     """A DataError unless the record has what a causal-LM example is made of."""
     if not ("text" in data or "messages" in data or {"prompt", "completion"} <= set(data)):
@@ -218,86 +157,6 @@ def check_strings(data, where):
     for key in ("text", "prompt", "completion"):
         if key in data and not isinstance(data[key], str):
             raise DataError(f"{where}: \"{key}\" must be a string, got {_json_kind(data[key])}")
-
-
-def _json_kind(value):
-    """A value as JSON names it: null, true, a number 3, a list [...], an object {...}."""
-    if value is None or isinstance(value, bool):
-        return {None: "null", True: "true", False: "false"}[value]
-    kind = {int: "a number", float: "a number", list: "a list", dict: "an object"}.get(
-        type(value), type(value).__name__)
-    return f"{kind} {json.dumps(value, ensure_ascii=False, default=str)[:40]}"
-
-
-def encode_messages(tokenizer, messages, where, roles=ROLES, train=("assistant",),
-                    eos="turn", ends=None):
-    """Token ids and labels of a conversation: the turns of the roles in ``train`` are learnt
-    (``data.roles_to_train``), with or without their end (``eos``, ``data.train_on_eos``).
-
-    Each turn is located by rendering the conversation up to it: it ends where "up to and
-    including the turn" ends, and its content starts where that parts from "up to the turn,
-    with the generation prompt" (an assistant turn) or "... with the turn left empty". Its end
-    is the end-of-turn token after the content (``ends``: :func:`end_tokens`) and what the
-    template puts after it in the turn (a newline)."""
-    check_messages(messages, where, roles, train)
-    if tokenizer.chat_template is None:
-        raise DataError(f"{where}: messages need a tokenizer with a chat template; this one has "
-                        "none (set data.chat_template, e.g. chatml, or alpaca for a base model)")
-    ends = end_tokens(tokenizer) if ends is None else ends
-    ids = _ids(tokenizer, _render(tokenizer, messages, where=where))
-    labels = [IGNORE] * len(ids)
-    learnt = [i for i, m in enumerate(messages) if is_learnt(m, train, where, i)]
-    for i, m in enumerate(messages):
-        if i not in learnt and eos != "all":
-            continue
-        upto = _ids(tokenizer, _render(tokenizer, messages[:i + 1], where=where))
-        if ids[:len(upto)] != upto:
-            raise DataError(f"{where}: the chat template does not render this conversation "
-                            "turn by turn, so its turns cannot be located")
-        start = turn_start(tokenizer, messages, i, upto, where)
-        stop = next((p for p in range(start, len(upto)) if upto[p] in ends), len(upto))
-        if i in learnt:
-            labels[start:stop] = upto[start:stop]
-        if eos == "all" or i in learnt and (eos == "turn" or eos == "last" and i == learnt[-1]):
-            labels[stop:len(upto)] = upto[stop:]
-    return ids, labels
-
-
-def turn_start(tokenizer, messages, i, upto, where):
-    """Where the content of turn ``i`` starts in ``upto`` (the ids of ``messages[:i + 1]``)."""
-    m = messages[i]
-    if m["role"] == "assistant":
-        probe = _render(tokenizer, messages[:i], True, where)
-    else:
-        probe = _render(tokenizer, messages[:i] + [{**m, "content": ""}], where=where)
-    probe = _ids(tokenizer, probe)
-    n = 0
-    while n < min(len(probe), len(upto)) and probe[n] == upto[n]:
-        n += 1
-    return n
-
-
-def end_tokens(tokenizer):
-    """The ids that end a turn: the eos token's, and those of the end-of-turn tokens chat
-    templates use (``plugtune.chat.END_OF_TURN``) that the tokenizer has as one token."""
-    ids = {tokenizer.eos_token_id}
-    for text in chat.END_OF_TURN:
-        found = _ids(tokenizer, text)
-        if len(found) == 1:
-            ids.add(found[0])
-    return ids
-
-
-def special_prefix(tokenizer):
-    """The tokens a tokenizer puts before any text of its own accord (the BOS token of Llama
-    and Mistral tokenizers; nothing for GPT-2 style ones), found by tokenizing a probe with and
-    without special tokens, so ``text`` and ``prompt``/``completion`` records start as the
-    model saw text in pre-training, and as ``plugtune generate`` feeds a prompt."""
-    plain, full = _ids(tokenizer, "a"), tokenizer("a")["input_ids"]
-    for i in range(len(full) - len(plain) + 1):
-        if full[i:i + len(plain)] == plain:
-            return full[:i]
-    return []
 
 
 def encode(record, tokenizer, prefix=(), roles=ROLES, **turns):
@@ -410,106 +269,6 @@ def check_targets(examples, records):
         raise DataError(f"{files}: no record has a token to learn (empty texts or completions "
                         "are a lone end-of-sequence token with nothing before it); give the "
                         "records text to learn")
-
-
-def output_layer(model):
-    model = extract_model_from_parallel(model)
-    return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-
-
-#: config keys of architectures that change their logits after the output layer (Cohere's
-#: logit_scale, Granite's logits_scaling, Falcon-H1's lm_head_multiplier, Gemma 2's
-#: final_logit_softcapping): what the planner, on a model without weights, goes by. A model
-#: with weights is asked instead (:func:`logit_transform`).
-CHANGES_LOGITS = ("logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier")
-
-
-def chunk_tokens(recipe, model):
-    """Labelled tokens per loss chunk for ``model``, or None for the plain loss: also where the
-    model changes its output layer's result in a way the chunked loss does not repeat."""
-    setting = recipe["causal_lm"].loss_chunk_tokens if recipe is not None else "auto"
-    config = getattr(extract_model_from_parallel(model), "config", None)
-    head = output_layer(model)
-    if setting is None or head is None or config is None:
-        return None
-    if setting == "auto":
-        vocab = getattr(head, "out_features", None) or getattr(config, "vocab_size", 0)
-        if vocab < CHUNK_VOCAB:
-            return None
-        setting = max(64, 2 ** int(math.log2(CHUNK_BYTES / (4 * vocab))))
-    return None if logit_transform(model) == "other" else setting
-
-
-def logit_transform(model):
-    """What ``model`` does to its output layer's result to make its logits: ``"none"``,
-    ``"softcap"`` (Gemma 2's ``tanh(x / c) * c``, which the chunked loss repeats) or
-    ``"other"`` (a rescaling, or anything else: the loss is then not chunked). Found once per
-    model by a two-token forward pass in eval mode (no dropout, so no random number is drawn)
-    that compares the two, so an architecture nobody listed is caught too; a model without
-    weights (the planner's) is judged by its config."""
-    base = extract_model_from_parallel(model)
-    known = getattr(base, "_plugtune_logit_transform", None)
-    if known is not None:
-        return known
-    config, head = base.config, output_layer(model)
-    weight = next(head.parameters(), None)
-    if weight is None or weight.device.type == "meta":
-        if any(getattr(config, k, None) not in (None, 1, 1.0) for k in CHANGES_LOGITS):
-            return "other"
-        return "softcap" if getattr(config, "final_logit_softcapping", None) else "none"
-    made = []
-    handle = head.register_forward_hook(lambda module, args, out: made.append(out))
-    training = base.training
-    base.eval()
-    try:
-        with torch.no_grad():
-            logits = base(input_ids=torch.tensor([[0, 1]], device=weight.device),
-                          use_cache=False).logits.float()
-        known = _compare(made[-1].float(), logits,
-                         getattr(config, "final_logit_softcapping", None),
-                         torch.finfo(made[-1].dtype).eps)
-    except Exception:  # noqa: BLE001 - a model that cannot be probed alone: the plain loss
-        known = "other"
-    finally:
-        handle.remove()
-        base.train(training)
-    base._plugtune_logit_transform = known
-    return known
-
-
-def _compare(out, logits, softcap, eps):
-    """``"none"``, ``"softcap"`` or ``"other"``: how ``logits`` follow from the output layer's
-    ``out`` (to the rounding of the layer's dtype, ``eps``)."""
-    def close(a, b):
-        return a.shape == b.shape and torch.allclose(a, b, rtol=4 * eps, atol=4 * eps)
-
-    if close(out, logits):
-        return "none"
-    if softcap and close(torch.tanh(out / softcap) * softcap, logits):
-        return "softcap"
-    return "other"
-
-
-@contextlib.contextmanager
-def final_hidden_states(model):
-    """Within the block, a forward pass of ``model`` (whatever wraps it: peft, DDP) leaves the
-    output layer's input in the yielded list and gives the output layer nothing to compute
-    (a zero-length slice), so the full logits are never made."""
-    captured, head = [], output_layer(model)
-
-    def capture(module, args, kwargs):
-        if args:
-            captured.append(args[0])
-            return (args[0][..., :0, :],) + tuple(args[1:]), kwargs
-        key = next(iter(kwargs))
-        captured.append(kwargs[key])
-        return args, {**kwargs, key: kwargs[key][..., :0, :]}
-
-    handle = head.register_forward_pre_hook(capture, with_kwargs=True)
-    try:
-        yield captured
-    finally:
-        handle.remove()
 
 
 @hookimpl

@@ -40,7 +40,7 @@ from pydantic import Field
 from plugtune import Loss, hookimpl
 from plugtune.data import Record, check_each
 from plugtune.errors import DataError
-from plugtune.plugins import causal_lm
+from plugtune.plugins import lm_family
 from plugtune.plugins import preference_family as pref
 
 NAME = "kto"
@@ -66,7 +66,7 @@ class KTOSection(pref.ReferenceSection):
         "directory); auto: adapter with an adapter method, else copy")
 
 
-def check_record(data, where, roles=causal_lm.ROLES):
+def check_record(data, where, roles=lm_family.ROLES):
     """A one-line DataError naming ``where`` unless ``data`` is a KTO record: ``prompt`` and
     ``completion`` as a preference pair's prompt and answer (strings, or a conversation), and
     ``label`` true or false."""

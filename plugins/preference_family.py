@@ -9,7 +9,7 @@ assistant messages — rendered with the tokenizer's chat template.
 
 **Pairs** (:func:`encode_pair`, :func:`truncate_pair`, :func:`tokenize`): the chosen and the
 rejected answer share the prompt's tokens. A string prompt starts as ``causal_lm`` starts a
-prompt (the tokenizer's BOS token, :func:`plugtune.plugins.causal_lm.special_prefix`) and a
+prompt (the tokenizer's BOS token, :func:`plugtune.plugins.lm_family.special_prefix`) and a
 string answer ends with the end-of-sequence token, as a ``causal_lm`` completion does; a
 conversation's answer is the rendering of the whole conversation after the rendering of the
 prompt with the generation prompt (so it ends with the template's end-of-turn tokens).
@@ -40,8 +40,8 @@ from pydantic import Field, PositiveInt
 from plugtune.data import Record, Tokenized, check_each, pad
 from plugtune.errors import DataError, PlugtuneError
 from plugtune.loss import IGNORE
-from plugtune.plugins import causal_lm, peft_family
-from plugtune.recipe import Section
+from plugtune.plugins import lm_family, peft_family
+from plugtune import Section
 
 if TYPE_CHECKING:
     import torch
@@ -56,7 +56,7 @@ class PairSection(Section):
     max_prompt_length: PositiveInt | None = Field(
         None, description="a record longer than train.max_length keeps this many of its "
         "prompt's last tokens, then its answers' first tokens; default max_length // 2")
-    roles: list[str] = Field(list(causal_lm.ROLES), min_length=1, description="the roles a "
+    roles: list[str] = Field(list(lm_family.ROLES), min_length=1, description="the roles a "
                              "conversation may use (those the model's chat template knows)")
 
 
@@ -99,7 +99,7 @@ def _kind(value: Any) -> str:
 
 
 def check_pair(data: dict[str, Any], where: str,
-               roles: tuple[str, ...] | list[str] = causal_lm.ROLES) -> None:
+               roles: tuple[str, ...] | list[str] = lm_family.ROLES) -> None:
     """Raise a one-line :class:`~plugtune.errors.DataError` naming ``where`` unless ``data``
     is a preference record: ``prompt``, ``chosen`` and ``rejected`` present; three strings,
     or a prompt that is a conversation (a list of messages) and answers that are strings or
@@ -128,10 +128,10 @@ def check_pair(data: dict[str, Any], where: str,
                                  for m in answer):
             raise DataError(f"{where}: \"{key}\" must be a string or a non-empty list of "
                             "{\"role\": \"assistant\", \"content\": ...} messages")
-        causal_lm.check_messages(answer, f"{where}: \"{key}\"", roles)
+        lm_family.check_messages(answer, f"{where}: \"{key}\"", roles)
     if isinstance(prompt, list):
         if prompt:
-            causal_lm.check_messages(prompt + [{"role": "assistant", "content": ""}],
+            lm_family.check_messages(prompt + [{"role": "assistant", "content": ""}],
                                      f"{where}: \"prompt\"", roles)
         else:
             raise DataError(f"{where}: \"prompt\" is an empty list of messages; give at least "
@@ -142,7 +142,7 @@ def check_pair(data: dict[str, Any], where: str,
 
 
 def check_records(records: list[Record],
-                  roles: tuple[str, ...] | list[str] = causal_lm.ROLES) -> list[str]:
+                  roles: tuple[str, ...] | list[str] = lm_family.ROLES) -> list[str]:
     """What a preference plugin's ``plugtune_check_records`` returns: the first bad record of
     each file (:func:`check_pair`), one line each."""
     return check_each(records, lambda r: check_pair(r.data, r.where, roles))
@@ -163,7 +163,7 @@ def _answer(tokenizer: Any, prompt: list[dict[str, Any]], prompt_ids: list[int],
     """A conversation's answer tokens: what rendering prompt + answer adds to the prompt's
     rendering with the generation prompt."""
     turns = [{"role": "assistant", "content": answer}] if isinstance(answer, str) else answer
-    ids, _ = causal_lm.encode_messages(tokenizer, prompt + turns, where, roles)
+    ids, _ = lm_family.encode_messages(tokenizer, prompt + turns, where, roles)
     if ids[:len(prompt_ids)] != prompt_ids:
         raise DataError(f"{where}: the chat template renders the prompt differently when an "
                         "answer follows, so the answer's tokens cannot be told apart")
@@ -171,16 +171,16 @@ def _answer(tokenizer: Any, prompt: list[dict[str, Any]], prompt_ids: list[int],
 
 
 def encode_pair(data: dict[str, Any], tokenizer: Any, where: str, prefix: list[int] | None = None,
-                roles: tuple[str, ...] | list[str] = causal_lm.ROLES
+                roles: tuple[str, ...] | list[str] = lm_family.ROLES
                 ) -> tuple[list[int], list[int], list[int]]:
     """``(prompt_ids, chosen_ids, rejected_ids)`` of a preference record (checked first by
     :func:`check_pair`). ``prefix``: what a string prompt starts with (default
-    :func:`plugtune.plugins.causal_lm.special_prefix` of the tokenizer); string answers end
+    :func:`plugtune.plugins.lm_family.special_prefix` of the tokenizer); string answers end
     with the end-of-sequence token."""
     check_pair(data, where, roles)
     prompt = data["prompt"]
     if isinstance(prompt, str):
-        start = causal_lm.special_prefix(tokenizer) if prefix is None else list(prefix)
+        start = lm_family.special_prefix(tokenizer) if prefix is None else list(prefix)
         eos = [tokenizer.eos_token_id]
         return (start + _ids(tokenizer, prompt), _ids(tokenizer, data["chosen"]) + eos,
                 _ids(tokenizer, data["rejected"]) + eos)
@@ -227,7 +227,7 @@ def example(prompt: list[int], chosen: list[int], rejected: list[int]) -> dict[s
 
 def tokenize(records: list[Record], tokenizer: Any, recipe: "Recipe", split: str = "train",
              max_prompt_length: int | None = None,
-             roles: tuple[str, ...] | list[str] = causal_lm.ROLES,
+             roles: tuple[str, ...] | list[str] = lm_family.ROLES,
              echo: Callable[[str], object] = print, keep: tuple[str, ...] = ()) -> Tokenized:
     """What a preference plugin's ``plugtune_tokenize`` returns: each record's pair
     (:func:`encode_pair`), truncated at ``train.max_length`` (:func:`truncate_pair`; counted
@@ -235,7 +235,7 @@ def tokenize(records: list[Record], tokenizer: Any, recipe: "Recipe", split: str
     through ``echo``, batched by :func:`collator`. A split left with no pair is an error.
     ``keep``: record fields copied into each example where the record has them (a reward
     model's per-pair ``margin``)."""
-    max_length, prefix = recipe.train.max_length, causal_lm.special_prefix(tokenizer)
+    max_length, prefix = recipe.train.max_length, lm_family.special_prefix(tokenizer)
     examples, truncated, dropped = [], 0, []
     for record in records:
         pair = encode_pair(record.data, tokenizer, record.where, prefix, roles)
@@ -308,7 +308,7 @@ def sequence_logps(model: Any, batch: dict[str, Any], chunk_tokens: int | None =
     """``(logps, counts)``: each row's log-probability of its labelled tokens (its answer),
     summed in float32, and how many tokens that is (for length-normalized losses: divide).
 
-    The output layer's input is captured (:func:`plugtune.plugins.causal_lm.final_hidden_states`)
+    The output layer's input is captured (:func:`plugtune.plugins.lm_family.final_hidden_states`)
     and only the answers' positions (on a CPU; every position on a GPU, where selecting waits
     for the device) go through the output layer, ``chunk_tokens`` at a time (default: chunks
     of at most 128 MiB of float32 logits), each chunk's log-softmax recomputed in backward
@@ -325,14 +325,14 @@ def sequence_logps(model: Any, batch: dict[str, Any], chunk_tokens: int | None =
         inputs["use_cache"] = False  # the positions, a host sync the planner cannot make)
     labels = batch["labels"]
     width = labels.shape[1]
-    head = causal_lm.output_layer(model)
-    transform = causal_lm.logit_transform(model) if head is not None else "other"
+    head = lm_family.output_layer(model)
+    transform = lm_family.logit_transform(model) if head is not None else "other"
     forward = forward if forward is not None else contextlib.nullcontext()
     if transform == "other":
         with forward:
             hidden, head = model(**inputs).logits[:, -width:], None
     else:
-        with causal_lm.final_hidden_states(model) as captured, forward:
+        with lm_family.final_hidden_states(model) as captured, forward:
             model(**inputs)
         hidden = captured[0][:, -width:]  # an adapter's virtual tokens come first
     softcap = (_unwrap(model).config.final_logit_softcapping if transform == "softcap"
@@ -355,7 +355,7 @@ def sequence_logps(model: Any, batch: dict[str, Any], chunk_tokens: int | None =
         return logits.log_softmax(-1).gather(-1, t[:, None]).squeeze(-1)
 
     if chunk_tokens is None:
-        chunk_tokens = causal_lm.chunk_tokens(None, model) or max(len(picked), 1)
+        chunk_tokens = lm_family.chunk_tokens(None, model) or max(len(picked), 1)
     parts = [piece(states[:0], picked[:0])]  # keeps the graph when there is nothing to score
     for i in range(0, len(picked), chunk_tokens):
         h, t = states[i:i + chunk_tokens], picked[i:i + chunk_tokens]
@@ -662,7 +662,7 @@ def plan_memory(plan: Any, recipe: "Recipe", mode: str) -> None:
     ``model.adapter``), nothing per step for ``adapter`` (the base, adapter disabled),
     ``precompute`` (log-probabilities, 8 bytes a pair) and ``none``."""
     plan.make_batch = pair_batch
-    plan.loss_chunk_tokens = causal_lm.chunk_tokens(None, plan.model)
+    plan.loss_chunk_tokens = lm_family.chunk_tokens(None, plan.model)
     plan.notes.append("preference pairs: each planned sequence is a chosen and a rejected row")
     if mode == "copy":
         nbytes = sum(p.bytes for p in plan.params if not p.added)

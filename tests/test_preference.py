@@ -386,7 +386,7 @@ def test_model_adapter_must_hold_an_adapter_of_the_method(pref_recipe, sft_run, 
     (tmp_path / "empty").mkdir()
     found = problems_of(pref_recipe(), [f"model.adapter={tmp_path / 'empty'}"])
     assert found == [f"model.adapter: {tmp_path / 'empty'}: no adapter_config.json in it; give a "
-                     "finished plugtune run directory of an adapter method (lora, ...) or a "
+                     "finished plugtune run directory of an adapter method or a "
                      "PEFT adapter directory"] or any("no adapter_config.json" in p for p in found)
     found = problems_of(pref_recipe(("dpo", "ia3")), [f"model.adapter={sft_run}"])
     assert any("holds a LORA adapter, not ia3" in p for p in found), found

@@ -95,6 +95,6 @@ def _processes(est: Estimate) -> list[str]:
                      "while computing (final norm and output layer, two blocks)")
         if whole:
             lines.append(f"  {size(sum(p.bytes for p in whole))} of weights stay whole on "
-                         "every process (4-bit packed in uint8: set nf4.quant_storage: "
-                         "bfloat16 to shard them)")
+                         "every process (4-bit weights packed in uint8: a 16-bit quant "
+                         "storage type lets them shard)")
     return lines

@@ -140,7 +140,7 @@ def start_adapter_problems(recipe: Recipe, check_files: bool) -> list[Problem]:
         return []
     if not (recipe.roles or {}).get("adapter"):
         return [Problem.parse("model.adapter: starting from an adapter needs the adapter "
-                              "method it was trained with among the plugins (lora, ...)")]
+                              "method it was trained with among the plugins")]
     try:
         adapter_dir(recipe.core.model.adapter) if check_files else None
     except RecipeError as exc:
