@@ -110,7 +110,8 @@ def counting(steps, collate):
 def plugtune_peer(args, workdir, precompute):
     from plugtune import hookimpl, loop, recipe as recipes
 
-    recipe, pm = recipes.load_recipe(str(write_job(args, workdir, precompute)))
+    recipe, pm = recipes.load_recipe(str(write_job(args, workdir, precompute)),
+                                     peers.device_overrides(args))
     steps = peers.Steps(args.time_limit)
 
     class Clock:
@@ -151,7 +152,7 @@ def trl_peer(args, workdir):
     order = peers.job_examples(recipe, pm)[2]
     records = [json.loads(line) for line in (Path(workdir) / "train.jsonl").open()]
     rows = [records[i] for i in order]
-    model = peers.hf_model(recipe)
+    model = peers.hf_model(recipe, args)
     steps = peers.Steps(args.time_limit)
     tokenizer = transformers.AutoTokenizer.from_pretrained(
         __import__("plugtune.plugins.hf", fromlist=["x"]).local_model_dir(peers.MODEL))
@@ -240,6 +241,9 @@ def main(argv=None):
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--records", type=int, default=200, help="pairs generated")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="where every peer trains (cuda: bf16 autocast, as peers.py)")
+    ap.add_argument("--attn", help="attention implementation for every peer (e.g. sdpa)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     ap.add_argument("--peer", choices=sorted(PEERS), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

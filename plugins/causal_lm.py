@@ -21,7 +21,7 @@ from plugtune.plugins import formats, generation_metrics
 from plugtune.plugins.generation_metrics import normalize  # noqa: F401  (its old home)
 from plugtune.plugins import lm_family
 from plugtune.plugins.lm_family import (  # noqa: F401  (defined here before plugin API 1.3)
-    CHANGES_LOGITS, CHUNK_BYTES, CHUNK_VOCAB, ROLES, check_messages, chunk_tokens,
+    CHANGES_LOGITS, CHUNK_BYTES, CHUNK_VOCAB, ROLES, check_messages,
     encode_messages, end_tokens, final_hidden_states, is_learnt, logit_transform, output_layer,
     special_prefix, turn_start)
 
@@ -30,6 +30,13 @@ _ids, _render, _rendering = lm_family.token_ids, lm_family.render, lm_family.ren
 _json_kind, _compare = lm_family.json_kind, lm_family.compare_logits
 
 PLUGTUNE_ROLES = {"task"}
+
+
+def chunk_tokens(recipe, model):
+    """Labelled tokens per loss chunk for ``model`` under ``causal_lm.loss_chunk_tokens``
+    (``recipe`` None: ``auto``), or None for the plain loss (:func:`lm_family.chunk_tokens`)."""
+    setting = recipe["causal_lm"].loss_chunk_tokens if recipe is not None else "auto"
+    return lm_family.chunk_tokens(setting, model)
 
 
 class CausalLMSection(Section):

@@ -178,10 +178,12 @@ def output_layer(model):
 CHANGES_LOGITS = ("logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier")
 
 
-def chunk_tokens(recipe, model):
-    """Labelled tokens per loss chunk for ``model``, or None for the plain loss: also where the
-    model changes its output layer's result in a way the chunked loss does not repeat."""
-    setting = recipe["causal_lm"].loss_chunk_tokens if recipe is not None else "auto"
+def chunk_tokens(setting, model):
+    """Labelled tokens per loss chunk for ``model``, or None for the plain loss, from a
+    ``loss_chunk_tokens``-style ``setting`` (a number, ``"auto"``: chunks of at most
+    CHUNK_BYTES of float32 logits for vocabularies of CHUNK_VOCAB tokens or more, or None: off);
+    None also where the model changes its output layer's result in a way the chunked loss does
+    not repeat."""
     config = getattr(extract_model_from_parallel(model), "config", None)
     head = output_layer(model)
     if setting is None or head is None or config is None:

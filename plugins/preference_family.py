@@ -355,7 +355,7 @@ def sequence_logps(model: Any, batch: dict[str, Any], chunk_tokens: int | None =
         return logits.log_softmax(-1).gather(-1, t[:, None]).squeeze(-1)
 
     if chunk_tokens is None:
-        chunk_tokens = lm_family.chunk_tokens(None, model) or max(len(picked), 1)
+        chunk_tokens = lm_family.chunk_tokens("auto", model) or max(len(picked), 1)
     parts = [piece(states[:0], picked[:0])]  # keeps the graph when there is nothing to score
     for i in range(0, len(picked), chunk_tokens):
         h, t = states[i:i + chunk_tokens], picked[i:i + chunk_tokens]
@@ -662,7 +662,7 @@ def plan_memory(plan: Any, recipe: "Recipe", mode: str) -> None:
     ``model.adapter``), nothing per step for ``adapter`` (the base, adapter disabled),
     ``precompute`` (log-probabilities, 8 bytes a pair) and ``none``."""
     plan.make_batch = pair_batch
-    plan.loss_chunk_tokens = lm_family.chunk_tokens(None, plan.model)
+    plan.loss_chunk_tokens = lm_family.chunk_tokens("auto", plan.model)
     plan.notes.append("preference pairs: each planned sequence is a chosen and a rejected row")
     if mode == "copy":
         nbytes = sum(p.bytes for p in plan.params if not p.added)
