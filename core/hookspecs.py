@@ -68,9 +68,8 @@ def plugtune_load_tokenizer(recipe: "Recipe") -> Any:
 
 @hookspec(firstresult=True)
 def plugtune_read_data(recipe: "Recipe") -> "Splits | None":
-    """Read the recipe's data files into a :class:`plugtune.data.Splits` of
-    :class:`plugtune.data.Record` lists (each remembers its file and line for error messages).
-    Stops at first non-None result."""
+    """Read the recipe's data files into a :class:`plugtune.data.Splits` of ``Record`` lists (each
+    remembers its file and line for error messages). Stops at first non-None result."""
 
 
 @hookspec
@@ -94,10 +93,9 @@ def plugtune_tokenize(records: "list[Record]", tokenizer: Any, recipe: "Recipe",
 
     :param records: a list of :class:`plugtune.data.Record`.
     :param split: ``"train"``, ``"validation"`` or ``"test"`` (``data.test``); the training
-        split is tokenized first, so a
-        task may take from it what the data decides (a classifier's label set) and keep it in
-        its own recipe section, which the run's ``recipe.yaml`` then records (a reloaded run
-        finds it there; ``plugtune eval`` tokenizes only a ``"validation"`` split).
+        split is tokenized first, so a task may take from it what the data decides (a
+        classifier's label set) and keep it in its own recipe section, which the run's
+        ``recipe.yaml`` then records (``plugtune eval`` tokenizes only ``"validation"``).
     :return: a :class:`plugtune.data.Tokenized`: the examples, a collate function and how
         many records were truncated. Raise :class:`plugtune.errors.DataError` naming
         ``record.where`` for an unusable record.
@@ -120,9 +118,8 @@ def plugtune_model_kwargs(recipe: "Recipe", tokenizer: Any) -> dict[str, Any] | 
 
 @hookspec(firstresult=True)
 def plugtune_model_class(recipe: "Recipe") -> type | None:
-    """Return the transformers class to load the model as, e.g.
-    ``AutoModelForSequenceClassification`` for a task head. Stops at first non-None result;
-    None (no task head) means the loader's default, a causal LM."""
+    """Return the transformers class to load the model as (``AutoModelForSequenceClassification``
+    for a task head). Stops at first non-None result; None: the loader's default, a causal LM."""
 
 
 @hookspec(firstresult=True)
@@ -183,8 +180,7 @@ def plugtune_build_optimizer(
 @hookspec(firstresult=True)
 def plugtune_build_scheduler(optimizer: torch.optim.Optimizer, recipe: "Recipe",
                              total_steps: int) -> Any:
-    """Return the learning-rate scheduler for ``total_steps`` optimizer steps. Stops at first
-    non-None result."""
+    """Return the scheduler for ``total_steps`` optimizer steps. Stops at first non-None result."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,6 +223,14 @@ def plugtune_compute_loss(model: torch.nn.Module, batch: dict[str, Any],
     :param batch: the task's collated batch, on the model's device (``input_ids``,
         ``attention_mask``, ``labels``, ...; see docs/hooks.md for each task's batch).
     """
+
+
+@hookspec(firstresult=True)
+def plugtune_count_targets(batch: dict[str, Any], recipe: "Recipe") -> "int | torch.Tensor | None":
+    """Return the count :func:`plugtune_compute_loss` will give for ``batch``, from the batch
+    alone, before any forward (HF Trainer's ``num_items_in_batch``). Stops at first non-None
+    result (the task plugin). Called under DeepSpeed only, whose engine needs a step's count
+    before its backward passes; a task without it is refused there (docs/distributed.md)."""
 
 
 @hookspec
@@ -289,9 +293,9 @@ def plugtune_steps_done(run: "Run") -> None:
 def plugtune_save_model(run: "Run", model: torch.nn.Module, tokenizer: Any, path: Path,
                         state_dict: dict[str, torch.Tensor] | None) -> str | None:
     """Save the final model into the empty directory ``path`` (a temporary one the core renames
-    into place). Stops at first non-None result. ``state_dict``: under FSDP the whole model's,
-    gathered, to save in place of ``model``'s shards (``save_pretrained(path, state_dict=...)``);
-    else None.
+    into place). Stops at first non-None result. ``state_dict``: under FSDP or DeepSpeed the
+    whole model's, gathered, to save in place of ``model``'s shards (``save_pretrained(path,
+    state_dict=...)``); else None.
 
     :return: the name of the directory inside the run directory to rename it to, e.g.
         ``"model"`` or ``"adapter"``.
@@ -313,8 +317,8 @@ def plugtune_load_artifact(path: Path, base: torch.nn.Module,
 def plugtune_merge_artifact(model: torch.nn.Module, path: Path,
                             recipe: "Recipe") -> torch.nn.Module | None:
     """Fold the adapter of ``model`` (from :func:`plugtune_load_artifact`; ``path``: the
-    directory it was loaded from, for messages) into its base
-    weights and return a plain transformers model (``plugtune export --merge``); raise
+    directory it was loaded from, for messages) into its base weights and return a plain
+    transformers model (``plugtune export --merge``); raise
     :class:`plugtune.PlugtuneError` saying why where the method cannot be merged. Stops at
     first non-None result.
     """
@@ -334,17 +338,16 @@ def plugtune_train_end(run: "Run", summary: dict[str, Any]) -> None:
     """Called after the model is saved.
 
     :param summary: ``steps``, ``seconds``, ``eval_before``, ``eval_after``, ``test`` (the
-        test split's ``test_*`` figures, or None), ``truncated``,
-        ``trainable``, ``total`` and ``artifact`` (the saved model's directory).
+        test split's ``test_*`` figures, or None), ``truncated``, ``trainable``, ``total`` and
+        ``artifact`` (the saved model's directory).
     """
 
 
 @hookspec
 def plugtune_teardown(run: "Run", error: BaseException | None) -> None:
-    """Called last, whether training succeeded or not (close files and progress bars).
-
-    Paired with :func:`plugtune_train_start`: a run that stops earlier (bad data, a model that
-    does not load, an optimizer that cannot be built) calls neither.
+    """Called last, whether training succeeded or not (close files and progress bars). Paired
+    with :func:`plugtune_train_start`: a run that stops earlier (bad data, a model that does
+    not load, an optimizer that cannot be built) calls neither.
 
     :param error: the exception that stopped the run, or None.
     """

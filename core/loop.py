@@ -22,7 +22,7 @@ from typing import Any, Callable
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from . import attention, chat, flops, manager, rundir, sharding
+from . import attention, chat, flops, manager, rundir, sharding, zero
 from .build import adapt, count_parameters, load_base, model_kwargs, prepare, setup_model
 from .errors import PlugtuneError
 from .finish import finish, save
@@ -255,6 +255,8 @@ def optimization(run: Run) -> int:
                               total_steps=run.total_steps)
     if t.compile:  # in place: the state dict keeps its keys (docs/performance.md: what it gains)
         run.model.compile(dynamic=True)
+    if zero.is_deepspeed(run.accelerator):  # the engine's config from the recipe
+        zero.configure(run.accelerator, run.recipe)
     run.model, run.optimizer = run.accelerator.prepare(run.model, optimizer)
     return base_group(optimizer, t.lr)
 

@@ -107,9 +107,20 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
         weight = weight.to(logits.device, torch.float32)
     total = torch.nn.functional.cross_entropy(logits, labels, weight=weight,
                                               ignore_index=IGNORE, reduction="sum")
+    return Loss(total, count_labels(labels, weight))
+
+
+def count_labels(labels: torch.Tensor, weight: torch.Tensor | None = None,
+                 shift: bool = False) -> torch.Tensor:
+    """The count :func:`cross_entropy` (and :func:`chunked_cross_entropy`) gives for
+    ``labels``, from the labels alone: what a task's ``plugtune_count_targets`` returns
+    before the forward pass (``weight`` and ``shift`` as there)."""
+    if shift:
+        labels = labels[..., 1:]
     valid = labels != IGNORE
-    count = weight[labels[valid]].sum() if weight is not None else valid.sum()
-    return Loss(total, count)
+    if weight is None:
+        return valid.sum()
+    return weight.to(labels.device, torch.float32)[labels[valid]].sum()
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from . import zero
 from .errors import PlugtuneError
 
 #: Where a user reads what runs on more than one process, and how.
@@ -22,20 +23,26 @@ DOCS = "docs/distributed.md"
 
 
 def is_sharded(acc: Any) -> bool:
-    """Whether accelerate shards the weights across processes (FSDP)."""
-    return getattr(acc, "distributed_type", None) == "FSDP"  # a str enum
+    """Whether accelerate shards the weights, or their gradients and optimizer state, across
+    processes (FSDP; DeepSpeed ZeRO, :mod:`plugtune.zero`)."""
+    return getattr(acc, "distributed_type", None) in ("FSDP", "DEEPSPEED")  # a str enum
 
 
 def check_engine(acc: Any) -> str | None:
     """Refuse, in one line, an engine the loop cannot run; return a warning line where the
     user asked for one that accelerate did not start (FSDP/DeepSpeed on CPU processes)."""
     kind = acc.distributed_type  # a str enum: DistributedType.FSDP == "FSDP"
-    if kind == "DEEPSPEED":
+    if kind == "DEEPSPEED" and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() != acc.num_processes:
         raise PlugtuneError(
-            "DeepSpeed is not supported: plugtune's step scales the accumulated gradients to the "
-            "mean over the step's targets after the backward passes, and DeepSpeed's engine owns "
-            "the gradients and steps inside backward; launch with FSDP2 instead (accelerate "
-            f"launch --use_fsdp --fsdp_version 2; see {DOCS})")
+            f"DeepSpeed was started on {torch.distributed.get_world_size()} {acc.device.type} "
+            f"processes, but accelerate counts {acc.num_processes} (it reads the process count "
+            "only on GPUs and other accelerators): run DeepSpeed on GPUs, or these processes "
+            f"as DDP (ACCELERATE_USE_CPU=true, without --use_deepspeed; see {DOCS})")
+    if kind == "DEEPSPEED" and zero.stage(acc) not in (2, 3):
+        raise PlugtuneError(
+            f"DeepSpeed ZeRO stage {zero.stage(acc)} is not supported: launch with --zero_stage "
+            f"2 or 3 (zero_optimization.stage in the DeepSpeed config; see {DOCS})")
     if kind == "FSDP" and acc.state.fsdp_plugin.fsdp_version != 2:
         raise PlugtuneError(
             "FSDP1 is not supported: launch with FSDP2 (accelerate launch --use_fsdp "
@@ -53,16 +60,19 @@ def check_engine(acc: Any) -> str | None:
 
 
 def check_savers(acc: Any, pm: Any) -> None:
-    """Under FSDP, refuse a ``plugtune_save_model`` that takes no ``state_dict`` (it would save
-    the main process's shards, not the model)."""
+    """Under FSDP or DeepSpeed, refuse a ``plugtune_save_model`` that takes no ``state_dict``
+    (it would save the main process's shards, not the model), and under DeepSpeed a task that
+    cannot count its targets before the forward."""
     if not is_sharded(acc):
         return
+    if zero.is_deepspeed(acc):
+        zero.check_task(pm)
     for impl in pm.hook.plugtune_save_model.get_hookimpls():
         if "state_dict" not in impl.argnames:
             raise PlugtuneError(
                 f"plugin {impl.plugin_name}: its plugtune_save_model takes no state_dict, so "
-                "under FSDP it would save one process's shards; have it save the gathered "
-                f"state_dict it is given (see docs/hooks.md), or run without FSDP")
+                f"under {acc.distributed_type} it would save one process's shards; have it save "
+                "the gathered state_dict it is given (see docs/hooks.md), or run without it")
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -82,6 +92,8 @@ def trainable(acc: Any, model: Any) -> dict[str, torch.Tensor]:
     collective: every process calls it; the others get ``{}``)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
+    if zero.is_deepspeed(acc):
+        return zero.trainable(acc, model)
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     full: dict[str, Any] = get_model_state_dict(model, options=_options(ignore_frozen_params=True))
     return {n: t.contiguous() for n, t in full.items() if n in names}
@@ -124,6 +136,8 @@ def full_state_dict(acc: Any, model: Any) -> dict[str, torch.Tensor] | None:
     """The whole model's state dict on the main process, gathered as accelerate does it for
     the final save (a collective: every process calls it); None where the model is not
     sharded (the save reads the main process's own copy)."""
+    if zero.is_deepspeed(acc):
+        return zero.full_state_dict(acc, acc.unwrap_model(model))
     return acc.get_state_dict(model) if is_sharded(acc) else None
 
 

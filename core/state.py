@@ -4,6 +4,7 @@ and :class:`Progress` (the loop's counters, which a checkpoint saves field by fi
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any, Callable
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from . import checkpoint, sharding
+from . import checkpoint, sharding, zero
 from .errors import PluginError, PlugtuneError
 
 
@@ -127,7 +128,12 @@ class Run:
         acc = self.accelerator
         model = acc.unwrap_model(self.model)
         gathered: dict[str, Any] = {}
-        if sharding.is_sharded(acc):
+        staged = None  # under DeepSpeed: the engine's state, to move into the checkpoint
+        if zero.is_deepspeed(acc):
+            staged = zero.save_engine(acc, self.model, path)
+            gathered = {"weights": zero.trainable(acc, model),
+                        "optimizer_state": {zero.FOLDER: zero.FOLDER}}
+        elif sharding.is_sharded(acc):
             gathered = {"weights": sharding.trainable(acc, model),
                         "optimizer_state": sharding.optimizer_state(model, self.optimizer)}
         if not self.is_main:
@@ -136,8 +142,13 @@ class Run:
             path, model=model, optimizer=self.optimizer,
             scheduler=self.scheduler, scaler=acc.scaler,
             state={"step": self.step, **self.state.to_json()}, rng=rng,
-            plugin_hook=lambda p: self.pm.hook.plugtune_save_checkpoint(run=self, path=p),
-            **gathered)
+            plugin_hook=lambda p: self._plugins_save(p, staged), **gathered)
+
+    def _plugins_save(self, path: Path, staged: Path | None) -> None:
+        if staged is not None:
+            shutil.move(staged, path / zero.FOLDER)
+            shutil.rmtree(staged.parent, ignore_errors=True)
+        self.pm.hook.plugtune_save_checkpoint(run=self, path=path)
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Load the checkpoint directory ``path`` into the run: weights, optimizer, scheduler,
@@ -148,17 +159,28 @@ class Run:
             path, model=acc.unwrap_model(self.model), optimizer=self.optimizer,
             scheduler=self.scheduler, scaler=acc.scaler,
             plugin_hook=lambda p: self.pm.hook.plugtune_load_checkpoint(run=self, path=p),
-            restore=self._restore)
+            restore=lambda weights, optim: self._restore(weights, optim, path))
         self.step = saved.pop("step")
         self.state = Progress.from_json(saved)  # a stop asked before is kept (stop_reason)
 
-    def _restore(self, weights: dict[str, Any], optim: dict[str, Any] | None) -> None:
+    def _restore(self, weights: dict[str, Any], optim: dict[str, Any] | None,
+                 path: str | Path | None = None) -> None:
         """Saved trainable ``weights`` and optimizer state (None: weights alone) into the
         model and optimizer: copied in place, or under FSDP (and for a checkpoint FSDP wrote,
         whose optimizer state is keyed by name) loaded into every process's shards."""
         acc = self.accelerator
         model = acc.unwrap_model(self.model)
         by_name = optim is not None and sharding.is_by_name(optim)
+        if zero.is_deepspeed(acc):
+            if optim is None:  # the weights alone (early_stopping's best)
+                zero.load_weights(acc, model, weights if self.is_main else {})
+            else:
+                zero.load_engine(self.model, path or "")
+            return
+        if optim is not None and zero.FOLDER in optim:
+            raise PlugtuneError("this checkpoint was written under DeepSpeed: resume it under "
+                                "DeepSpeed, with as many processes as it ran on (see "
+                                f"{sharding.DOCS})")
         if not sharding.is_sharded(acc) and not by_name:
             checkpoint.copy_trainable(model, weights)
             if optim is not None:

@@ -6,7 +6,8 @@ micro-batches and processes (see ``plugtune.loss``), however the micro-batches d
 the processes. Each micro-batch's summed loss is backpropagated divided by a reference count
 that every process shares, and once the step's true count is known the gradients are scaled
 by ``reference / count`` (torchtune's way: exact, one pass over the gradients, and no need to
-know the count before the first forward).
+know the count before the first forward). Under DeepSpeed, whose engine owns the gradients, the
+step's count is known first instead (:func:`counted`) and is the reference (:mod:`plugtune.zero`).
 """
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from typing import Any, Callable
 
 import torch
 
+from . import zero
 from .data import REAL_TOKENS
+from .errors import PlugtuneError
 from .loss import Loss, Tally, as_loss
 from .order import StepPlan
 from .state import Run, first
@@ -26,13 +29,35 @@ def to_device(batch: dict[str, torch.Tensor], device: Any) -> dict[str, torch.Te
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``batch`` without the collator's count of real tokens (``plugtune.data.REAL_TOKENS``;
+    ``_``-keys before API 1.1): the loop's, not a model input."""
+    return {k: v for k, v in batch.items() if k != REAL_TOKENS and not k.startswith("_")}
+
+
 def loss_of(run: Run, model: Any, batch: dict[str, torch.Tensor]) -> Loss:
-    """The task plugin's :class:`~plugtune.loss.Loss` of ``model`` on ``batch``. The collator's
-    count of real tokens (``plugtune.data.REAL_TOKENS``; ``_``-keys before API 1.1) is the
-    loop's, not a model input: left out."""
-    batch = {k: v for k, v in batch.items() if k != REAL_TOKENS and not k.startswith("_")}
+    """The task plugin's :class:`~plugtune.loss.Loss` of ``model`` on ``batch``."""
     return as_loss(first(run.pm.hook.plugtune_compute_loss, "compute the loss", model=model,
-                         batch=batch, recipe=run.recipe))
+                         batch=inputs(batch), recipe=run.recipe))
+
+
+def counted(run: Run, batches: list[tuple[dict[str, torch.Tensor], bool]]) -> torch.Tensor:
+    """The targets of a step's micro-batches (``(batch, real)``), as the task states them
+    before any forward (``plugtune_count_targets``), summed over the processes (at least 1)."""
+    acc = run.accelerator
+    total = torch.zeros((), device=acc.device)
+    for batch, real in batches:
+        n = run.pm.hook.plugtune_count_targets(batch=inputs(batch), recipe=run.recipe)
+        if n is None:
+            raise zero.refusal(_task(run))
+        total = total + torch.as_tensor(n, dtype=torch.float32, device=acc.device) * real
+    return (acc.reduce(total, "sum") if acc.num_processes > 1 else total).clamp(min=1)
+
+
+def _task(run: Run) -> str:
+    impls = [i for i in run.pm.hook.plugtune_compute_loss.get_hookimpls()
+             if not (i.wrapper or i.hookwrapper)]
+    return impls[-1].plugin_name if impls else "?"
 
 
 def real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -62,10 +87,16 @@ def train_step(run: Run, micro: StepPlan, examples: list[Any],
     sums, counts, tokens, tally = [], [], [], Tally()
     positions = flops = 0.0
     reference: torch.Tensor | None = None
+    engine = zero.is_deepspeed(acc)
+    batches = [(to_device(collate([examples[j] for j in indices]), acc.device), real)
+               for indices, real in micro] if engine else []
+    if engine:  # the step's count before any backward: the engine's gradients are final
+        reference = counted(run, batches)
     for i, (indices, real) in enumerate(micro):
-        batch = to_device(collate([examples[j] for j in indices]), acc.device)
+        batch = batches[i][0] if engine else to_device(collate([examples[j] for j in indices]),
+                                                        acc.device)
         last = i == len(micro) - 1
-        with contextlib.nullcontext() if last else acc.no_sync(model):
+        with contextlib.nullcontext() if last or engine else acc.no_sync(model):
             loss = loss_of(run, model, batch)
             total, count = (loss.sum, loss.count) if real else (loss.sum * 0, 0)
             count = torch.as_tensor(count, device=acc.device, dtype=torch.float32)
@@ -74,7 +105,10 @@ def train_step(run: Run, micro: StepPlan, examples: list[Any],
                 # among the processes, and would scale the all-reduced gradient differently)
                 shared = acc.reduce(count, "sum") if world > 1 else count
                 reference = shared.clamp(min=1) * run.recipe.train.grad_accum
-            acc.backward(total * world / reference)
+            if engine:
+                zero.backward(model, total * world / reference, last)
+            else:
+                acc.backward(total * world / reference)
         tally.add(loss, 1.0 if real else 0.0)
         sums.append(total.detach().float())
         counts.append(count)
@@ -92,7 +126,12 @@ def train_step(run: Run, micro: StepPlan, examples: list[Any],
     if world > 1:
         step = acc.reduce(step, "sum")
     loss_sum, count_, n_tokens, any_signal, _, n_positions, n_flops = step[:7].tolist()
-    if count_ > 0:
+    if engine and count_ != reference.item() and not (count_ == 0 and reference.item() == 1):
+        raise PlugtuneError(
+            f"plugin {_task(run)}: its plugtune_count_targets counted {reference.item():g} "
+            f"targets in this step, its plugtune_compute_loss {count_:g}; under DeepSpeed the "
+            "gradients are scaled by the former: make the two agree (docs/hooks.md)")
+    if count_ > 0 and not engine:
         factor = reference / count_  # this process's reference, not the all-reduced one
         for p in run.model.parameters():
             if p.grad is not None:
@@ -108,7 +147,9 @@ def optimizer_step(run: Run, t: Any, loss: float) -> tuple[float, bool]:
     step counts as skipped)."""
     acc = run.accelerator
     norm, applied = math.nan, False
-    if math.isfinite(loss):
+    if zero.is_deepspeed(acc):  # the engine clips, checks and applies (and clears)
+        norm, applied = zero.step(run.model)
+    elif math.isfinite(loss):
         clipped = acc.clip_grad_norm_(run.model.parameters(), t.max_grad_norm or math.inf)
         norm = float(clipped) if clipped is not None else math.nan
         if acc.scaler is not None or math.isfinite(norm):
@@ -116,7 +157,7 @@ def optimizer_step(run: Run, t: Any, loss: float) -> tuple[float, bool]:
             applied = acc.scaler is None or not acc.optimizer_step_was_skipped
     if applied:
         run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    run.optimizer.zero_grad(set_to_none=True)  # under DeepSpeed: nothing (the engine did)
     return norm, applied
 
 

@@ -14,7 +14,7 @@ from pydantic import Field, PositiveInt
 from plugtune import Section, chat, hookimpl
 from plugtune.data import REAL_TOKENS, Tokenized, check_each, eval_batch_size, pad
 from plugtune.errors import DataError
-from plugtune.loss import IGNORE, chunked_cross_entropy, cross_entropy
+from plugtune.loss import IGNORE, chunked_cross_entropy, count_labels, cross_entropy
 from plugtune.models import read_config
 from plugtune.sharding import is_sharded, same_count
 from plugtune.plugins import formats, generation_metrics
@@ -304,6 +304,12 @@ def plugtune_compute_loss(model, batch, recipe):
                if logit_transform(model) == "softcap" else None)
     return chunked_cross_entropy(hidden[0][:, -labels.shape[1]:], output_layer(model), labels,
                                  chunk, shift=True, softcap=softcap)
+
+
+@hookimpl
+def plugtune_count_targets(batch):
+    """The labelled tokens :func:`plugtune_compute_loss` will count (next-token: shifted)."""
+    return count_labels(batch["labels"], shift=True)
 
 
 def _flash(model):

@@ -133,6 +133,11 @@ def dpo_losses(loss_type, beta, chosen, rejected, ref_chosen=None, ref_rejected=
 
 
 @hookimpl
+def plugtune_count_targets(batch):
+    return pref.count_pairs(batch)
+
+
+@hookimpl
 def plugtune_compute_loss(model, batch, recipe):
     """The summed per-pair loss over the micro-batch's pairs, their count, and TRL's reward
     metrics (summed too: the core averages them over the step's pairs)."""

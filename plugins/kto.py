@@ -198,6 +198,11 @@ class KTO:
             pref.precompute(run)
 
     @hookimpl
+    def plugtune_count_targets(self, batch):
+        """The examples: the batch's first half of rows (the second: mismatched, for KL)."""
+        return pref.count_pairs(batch)
+
+    @hookimpl
     def plugtune_compute_loss(self, model, batch, recipe):
         """The summed per-example loss over the micro-batch, the number of examples, and the
         rewards and the KL estimate as figures the core averages (module docstring)."""

@@ -65,6 +65,11 @@ def orpo_losses(beta, chosen, rejected):
 
 
 @hookimpl
+def plugtune_count_targets(batch):
+    return pref.count_pairs(batch)
+
+
+@hookimpl
 def plugtune_compute_loss(model, batch, recipe):
     """The summed per-pair loss over the micro-batch's pairs, their count, TRL's reward
     metrics (rewards: ``beta`` x the mean log-probabilities), ``nll_loss`` and

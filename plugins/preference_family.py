@@ -285,6 +285,12 @@ def collator(pad_id: int) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
     return collate
 
 
+def count_pairs(batch: dict[str, Any]) -> int:
+    """The pairs of a :func:`collator` batch (half its rows): the count a pairwise task's loss
+    gives, known before the forward (``plugtune_count_targets``)."""
+    return int(batch["input_ids"].shape[0]) // 2
+
+
 def split_rows(values: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
     """``(chosen, rejected)`` halves of per-row values of a :func:`collator` batch."""
     half = values.shape[0] // 2

@@ -27,7 +27,7 @@ from pydantic import Field
 from plugtune import Section, hookimpl
 from plugtune.data import Tokenized, check_each, eval_batches, pad
 from plugtune.errors import DataError
-from plugtune.loss import Loss, cross_entropy
+from plugtune.loss import Loss, count_labels, cross_entropy
 from plugtune.plugins import head_family as heads
 
 NAME = "question_answering"
@@ -182,6 +182,11 @@ def plugtune_compute_loss(model, batch):
     s = cross_entropy(start, batch["start_positions"])
     e = cross_entropy(end, batch["end_positions"])
     return Loss((s.sum + e.sum) / 2, s.count)
+
+
+@hookimpl
+def plugtune_count_targets(batch):
+    return count_labels(batch["start_positions"])
 
 
 def best_span(start_logits, end_logits, offsets, n_best, max_answer_length):

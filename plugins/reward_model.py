@@ -118,6 +118,11 @@ def pair_losses(chosen, rejected, margin=None, center=None):
 
 
 @hookimpl
+def plugtune_count_targets(batch):
+    return preference.count_pairs(batch)
+
+
+@hookimpl
 def plugtune_compute_loss(model, batch, recipe):
     """The pairwise loss summed over the micro-batch's pairs, and their count; with it, as
     figures the core averages over the step's (or the evaluated split's) pairs: ``accuracy``

@@ -17,6 +17,7 @@ from pydantic import Field, field_validator
 from plugtune import hookimpl
 from plugtune.data import Tokenized
 from plugtune.errors import DataError, RecipeError
+from plugtune.loss import count_labels
 from plugtune.plugins import head_family as heads
 
 NAME = "sequence_classification"
@@ -94,12 +95,22 @@ def resolve_class_weights(recipe, label_ids):
                                f"training data {labels}"])
 
 
+def class_weight(recipe):
+    """The per-class weights of ``class_weights`` as a tensor, or None (unweighted)."""
+    weights = recipe.setting(NAME, "class_weights")
+    if not isinstance(weights, dict):
+        return None
+    return torch.tensor([weights.get(name, 1.0) for name in heads.labels_of(recipe, NAME)])
+
+
 @hookimpl
 def plugtune_compute_loss(model, batch, recipe):
-    weights, weight = recipe.setting(NAME, "class_weights"), None
-    if isinstance(weights, dict):
-        weight = torch.tensor([weights.get(name, 1.0) for name in heads.labels_of(recipe, NAME)])
-    return heads.loss(model, batch, weight)
+    return heads.loss(model, batch, class_weight(recipe))
+
+
+@hookimpl
+def plugtune_count_targets(batch, recipe):
+    return count_labels(batch["labels"], class_weight(recipe))
 
 
 def metrics(labels, predictions, names):

@@ -16,6 +16,7 @@ from pydantic import Field
 from plugtune import hookimpl
 from plugtune.data import Tokenized
 from plugtune.errors import DataError
+from plugtune.loss import count_labels
 from plugtune.plugins import head_family as heads
 
 NAME = "token_classification"
@@ -108,6 +109,11 @@ def plugtune_tokenize(records, tokenizer, recipe, split):
 @hookimpl
 def plugtune_compute_loss(model, batch):
     return heads.loss(model, batch)
+
+
+@hookimpl
+def plugtune_count_targets(batch):
+    return count_labels(batch["labels"])
 
 
 def metrics(labels, predictions, names):

@@ -1,0 +1,268 @@
+"""The same recipe under DeepSpeed ZeRO-2 and ZeRO-3 through accelerate, in two CPU processes
+(gloo): training, evaluation over uneven shares, checkpoints, a SIGTERM and `plugtune resume`,
+and the final save; the losses, the saved model / adapter and the merged export equal a single
+process's. And, without DeepSpeed: every built-in task states a batch's target count before the
+forward (``plugtune_count_targets``), equal to the count its loss gives.
+
+DeepSpeed runs on CPUs (its CPU accelerator, gloo), but accelerate 1.15 counts the processes only
+on GPUs and other accelerators: under DeepSpeed on CPU processes it reports one process of two
+(plugtune refuses that in one line: tested below). This file, run as a script under torchrun
+(see the end), has accelerate read the process count from torch.distributed, which DeepSpeed
+initialised; everything after (accelerate's DeepSpeed preparation, the engine, plugtune's code)
+is what runs on GPUs. See docs/distributed.md. The DeepSpeed tests are skipped where deepspeed
+is not installed (``pip install deepspeed``; not in the test extra)."""
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from plugtune import Loss, artifacts, cli, hookimpl, testing
+from plugtune.loss import cross_entropy
+
+from test_distributed import ENV, TORCHRUN, largest_difference
+from test_fsdp import evals, recipes  # noqa: F401  (a fixture)
+from test_heads import head_recipe, toy_tags, toy_texts
+from test_long_runs import SGD, uneven_records
+from test_preference import pairs
+from test_question_answering import qa_recipe
+from test_resume import logged_steps
+from test_reward_kto import kto_records, pair_records, recipe_maker
+
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                     reason="deepspeed is not installed (pip install deepspeed)")
+
+#: ``PLUGTUNE_DEEPSPEED_ON_GPUS=1`` (benchmarks/gpu_check_distributed.sh): the same tests on two
+#: CUDA GPUs, where accelerate counts the processes itself (NCCL), nothing switched
+ON_GPUS = os.environ.get("PLUGTUNE_DEEPSPEED_ON_GPUS") == "1"
+BASE = {k: v for k, v in ENV.items() if k != "ACCELERATE_USE_CPU"}
+
+
+def zero(stage):
+    return {**BASE, "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(stage)}
+
+
+def under_deepspeed(stage, *tasks, switch=True):
+    """``tasks`` one after another in one 2-process torchrun of this file under ZeRO-``stage``:
+    ``sgd=RECIPE`` trains with plain SGD, ``run=RECIPE``/``resume=RUN`` are the CLI's."""
+    env = {**zero(stage), **({} if switch else {"PLUGTUNE_NO_SWITCH": "1"})}
+    return subprocess.run([*TORCHRUN, __file__, *map(str, tasks)], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def losses(run_dir):
+    return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text()
+                                   .splitlines()) if "loss" in r]
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_trains_saves_and_exports_what_one_process_does(recipes, tmp_path, stage):  # noqa: F811
+    """Full fine-tuning and LoRA with plain SGD (the update is the gradient) under ZeRO-2/3 on
+    two processes: the loss of every step, the held-out losses over uneven shares, the
+    checkpoints, the saved model / adapter and the merged export equal one process's
+    accumulating the same step (max |dw| < 1e-5)."""
+    cases = {"full": ["full"], "lora": ["lora"]}
+    for case, plugins in cases.items():
+        testing.run(recipes(f"one-{case}", plugins, 1), extra_plugins=[SGD()])
+    done = under_deepspeed(stage, *(f"sgd={recipes(f'two-{case}', plugins, 2)}"
+                                    for case, plugins in cases.items()))
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = tmp_path / "runs"
+    for case, artifact, weights in (("full", "model", "model.safetensors"),
+                                    ("lora", "adapter", "adapter_model.safetensors")):
+        one, two = runs / f"one-{case}", runs / f"two-{case}"
+        assert losses(two) == pytest.approx(losses(one), rel=1e-5, abs=1e-6)
+        saved = [load_file(r / artifact / weights) for r in (one, two)]
+        assert saved[0].keys() == saved[1].keys()
+        assert largest_difference(*saved) < 1e-5, case
+        checkpoints = [load_file(r / "checkpoints" / "step-4" / "trainable.safetensors")
+                       for r in (one, two)]
+        assert largest_difference(*checkpoints) < 1e-5, case
+        assert (two / "checkpoints" / "step-4" / "deepspeed").is_dir()  # the engine's state
+        a, b = evals(one), evals(two)
+        assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 2, 4]
+        for x, y in zip(a, b):
+            assert y["eval_loss"] == pytest.approx(x["eval_loss"], rel=1e-5)
+        assert a[0]["eval_loss"] - a[-1]["eval_loss"] > 0.01  # it learned something
+    merged = []
+    for name in ("one-lora", "two-lora"):
+        artifacts.export(runs / name, tmp_path / f"{name}-merged", merge=True,
+                         discovered=testing.with_plugins([SGD()]))
+        merged.append(load_file(tmp_path / f"{name}-merged" / "model.safetensors"))
+    assert largest_difference(*merged) < 1e-5
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_run_stopped_by_sigterm_resumes_as_if_uninterrupted(recipes, tmp_path, stage):  # noqa: F811
+    """LoRA with AdamW under ZeRO-2/3: a SIGTERM to torchrun leaves a checkpoint of the last
+    step (the adapter whole, the engine's partitioned state in ``deepspeed/``); `plugtune
+    resume` under the same launch ends where an uninterrupted run does (1e-6). The checkpoint
+    does not resume without DeepSpeed: said in one line."""
+    data = testing.write_jsonl(tmp_path / "sixteen.jsonl", uneven_records(16))
+    paths = {name: recipes(name, ["lora"], 2, data={"train": str(data)}, max_steps=30,
+                           batch_size=1, lr=1e-2, eval_every=None, save_every=None)
+             for name in ("cut", "whole")}
+    cut = tmp_path / "runs" / "cut"
+    proc = subprocess.Popen([*TORCHRUN, __file__, f"run={paths['cut']}"], env=zero(stage),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while logged_steps(cut) < 2:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    status = json.loads((cut / "manifest.json").read_text())["status"]
+    assert status.startswith("interrupted at step"), (status, out, err[-3000:])
+    stopped = int(status.split()[-1])
+    ckpt = cut / "checkpoints" / f"step-{stopped}"
+    assert (ckpt / "deepspeed").is_dir()
+    weights = load_file(ckpt / "trainable.safetensors")
+    assert weights and all("lora_" in k for k in weights)
+    single = tmp_path / "runs" / "single"
+    subprocess.run(["cp", "-r", str(cut), str(single)], check=True)
+    done = under_deepspeed(stage, f"run={paths['whole']}", f"resume={cut}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resuming at step {stopped} of 30" in done.stdout
+    expected, got = (load_file(tmp_path / "runs" / n / "adapter" / "adapter_model.safetensors")
+                     for n in ("whole", "cut"))
+    assert largest_difference(expected, got) < 1e-6
+    assert losses(cut)[stopped:] == pytest.approx(losses(tmp_path / "runs" / "whole")[stopped:],
+                                                  rel=1e-6)
+    assert cli.main(["resume", str(single), "train.grad_accum=2"]) == 2
+
+
+class Uncounted:
+    """A stranger's task that replaces causal_lm's loss and states no count up front."""
+    PLUGTUNE_REPLACES = {"causal_lm": "plugtune_compute_loss"}
+
+    @hookimpl
+    def plugtune_compute_loss(self, model, batch):
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        return cross_entropy(logits, batch["labels"], shift=True)
+
+
+@needs_deepspeed
+def test_a_task_without_an_upfront_count_is_refused_in_one_line(make_recipe):
+    recipe = make_recipe(train={"max_steps": 1})
+    done = under_deepspeed(2, f"uncounted={recipe}")
+    assert done.returncode != 0
+    lines = [x for x in done.stderr.splitlines() if x.startswith("plugtune: ")]
+    assert lines and all("plugin Uncounted cannot run under DeepSpeed" in x
+                         and "plugtune_count_targets" in x for x in lines), done.stderr[-2000:]
+    assert "parameters:" not in done.stdout  # refused before the model loaded
+
+
+@needs_deepspeed
+@pytest.mark.skipif(ON_GPUS, reason="on GPUs accelerate counts the processes")
+def test_deepspeed_on_cpu_processes_without_the_switch_is_refused_in_one_line(make_recipe):
+    """What accelerate 1.15 does with DeepSpeed on CPU processes (it counts one process of
+    two), said in one line before the model loads."""
+    recipe = make_recipe(train={"max_steps": 1})
+    done = subprocess.run([*TORCHRUN, "-m", "plugtune.cli", "run", str(recipe)], env=zero(2),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    lines = [x for x in done.stderr.splitlines() if x.startswith("plugtune: ")]
+    assert lines and all("accelerate counts 1" in x and "run DeepSpeed on GPUs" in x
+                         for x in lines), done.stderr[-2000:]
+    assert "parameters:" not in done.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Every built-in task states its count before the forward (no DeepSpeed needed)
+
+
+class CountCheck:
+    """Watches every loss and compares its count with the task's up-front count."""
+
+    def __init__(self):
+        self.pm, self.seen = None, []
+
+    @hookimpl
+    def plugtune_train_start(self, run):
+        self.pm = run.pm
+
+    @hookimpl(wrapper=True)
+    def plugtune_compute_loss(self, batch, recipe):
+        loss = yield
+        if self.pm is not None and loss is not None:
+            stated = self.pm.hook.plugtune_count_targets(batch=batch, recipe=recipe)
+            self.seen.append((float(torch.as_tensor(stated)), float(torch.as_tensor(loss.count))))
+        return loss
+
+
+TASKS = {
+    "causal_lm": lambda mk, tmp, model: mk(train={"batch_size": 3}),
+    "causal_lm packed": lambda mk, tmp, model: mk(train={"packing": True, "batch_size": 3}),
+    "causal_lm prompt_tuning": lambda mk, tmp, model: mk(plugins=["causal_lm", "prompt_tuning"]),
+    "dpo": lambda mk, tmp, model: mk(plugins=["dpo", "lora"], data={"train": str(
+        testing.write_jsonl(tmp / "pairs.jsonl", pairs())), "validation": None}),
+    "orpo": lambda mk, tmp, model: mk(plugins=["orpo", "lora"], data={"train": str(
+        testing.write_jsonl(tmp / "pairs.jsonl", pairs())), "validation": None}),
+    "kto": lambda mk, tmp, model: recipe_maker(tmp, model, "kto", kto_records(), 1e-2,
+                                               ("lora",))(),
+    "reward_model": lambda mk, tmp, model: recipe_maker(tmp, model, "reward_model",
+                                                        pair_records(), 1e-3, ("full",))(),
+    "sequence_classification weighted": lambda mk, tmp, model: head_recipe(
+        tmp, model, "sequence_classification", toy_texts(),
+        sequence_classification={"class_weights": "balanced"}),
+    "token_classification": lambda mk, tmp, model: head_recipe(
+        tmp, model, "token_classification", toy_tags()),
+    "question_answering": lambda mk, tmp, model: qa_recipe(tmp, model),
+}
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_every_task_states_its_count_before_the_forward(task, make_recipe, tmp_path,
+                                                        tiny_llama):
+    """``plugtune_count_targets`` on a batch equals the count of the task's loss on it, for
+    every batch of two training steps (micro-batches of uneven sizes and targets)."""
+    check = CountCheck()
+    path = TASKS[task](make_recipe, tmp_path, tiny_llama)
+    testing.run(path, extra_plugins=[check], overrides=["train.max_steps=2",
+                                                        "train.eval_every=null"])
+    assert check.seen
+    assert all(stated == count for stated, count in check.seen), check.seen
+    assert any(count > 1 for _, count in check.seen)
+
+
+def count_processes_from_torch_distributed():
+    """Have accelerate read the process count from torch.distributed where DeepSpeed started
+    it on CPU processes (accelerate counts one process there, DeepSpeed two)."""
+    from accelerate import state
+
+    init = state.PartialState.__init__
+
+    def counting_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if (self.distributed_type == "DEEPSPEED" and self.backend is None
+                and torch.distributed.is_initialized()):
+            self.backend = torch.distributed.get_backend()
+            self.num_processes = torch.distributed.get_world_size()
+            self.process_index = torch.distributed.get_rank()
+            self.local_process_index = int(os.environ["LOCAL_RANK"])
+
+    state.PartialState.__init__ = counting_init
+
+
+if __name__ == "__main__":  # under torchrun, from under_deepspeed
+    if not ON_GPUS and os.environ.get("PLUGTUNE_NO_SWITCH") != "1":
+        count_processes_from_torch_distributed()
+    for task in sys.argv[1:]:
+        what, path = task.split("=", 1)
+        if what == "sgd":
+            testing.run(path, extra_plugins=[SGD()])
+        elif what == "uncounted":
+            try:
+                testing.run(path, extra_plugins=[Uncounted()])
+            except Exception as exc:
+                sys.exit(f"plugtune: {exc}")
+        elif cli.main([what, path]) != 0:
+            sys.exit(f"plugtune {what} {path} failed")
