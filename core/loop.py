@@ -80,7 +80,8 @@ def _setup(recipe: Any, pm: Any, echo: Echo) -> Run:
         d = run.data[split]
         echo(f"data: {split} {len(d.examples)} records, {d.tokens():,} tokens, "
              f"{d.truncated} truncated at {t.max_length} tokens")
-    run.model = setup_model(h, recipe, echo, tokenizer=run.tokenizer)
+    with zero.whole_at_load(acc):  # ZeRO-3 partitions it at prepare, as FSDP does
+        run.model = setup_model(h, recipe, echo, tokenizer=run.tokenizer)
     return run
 
 

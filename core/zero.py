@@ -14,8 +14,10 @@ See docs/distributed.md.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,24 @@ def is_deepspeed(acc: Any) -> bool:
 
 def stage(acc: Any) -> int:
     return int(acc.state.deepspeed_plugin.zero_stage)
+
+
+@contextlib.contextmanager
+def whole_at_load(acc: Any) -> Iterator[None]:
+    """Under ZeRO-3, load the model whole in each process (the engine partitions it at
+    ``prepare``, as under FSDP), not partitioned as transformers loads it while accelerate's
+    DeepSpeed config is set (``deepspeed.zero.Init``): the model-phase hooks (adapters, heads,
+    freezing) then see real shapes."""
+    if not is_deepspeed(acc) or stage(acc) != 3:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        acc.state.deepspeed_plugin.set_deepspeed_weakref()
 
 
 def check_task(pm: Any) -> None:
