@@ -251,6 +251,8 @@ def optimization(run: Run) -> int:
     with manager.blamed(run.pm):
         optimizer = first(h.plugtune_build_optimizer, "build the optimizer",
                           params=[p for _, p in named], named_params=named, recipe=run.recipe)
+        if zero.is_deepspeed(run.accelerator):  # the engine drops a group without parameters
+            optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
         run.scheduler = first(h.plugtune_build_scheduler, "build the scheduler",
                               optimizer=optimizer, recipe=run.recipe,
                               total_steps=run.total_steps)

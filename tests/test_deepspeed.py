@@ -101,7 +101,8 @@ def test_zero_trains_saves_and_exports_what_one_process_does(recipes, tmp_path, 
 
 @needs_deepspeed
 @pytest.mark.parametrize("stage", [2, 3])
-def test_zero_run_stopped_by_sigterm_resumes_as_if_uninterrupted(recipes, tmp_path, stage):  # noqa: F811
+def test_zero_run_stopped_by_sigterm_resumes_as_if_uninterrupted(recipes, tmp_path, stage,  # noqa: F811
+                                                                 capsys):
     """LoRA with AdamW under ZeRO-2/3: a SIGTERM to torchrun leaves a checkpoint of the last
     step (the adapter whole, the engine's partitioned state in ``deepspeed/``); `plugtune
     resume` under the same launch ends where an uninterrupted run does (1e-6). The checkpoint
@@ -136,7 +137,10 @@ def test_zero_run_stopped_by_sigterm_resumes_as_if_uninterrupted(recipes, tmp_pa
     assert largest_difference(expected, got) < 1e-6
     assert losses(cut)[stopped:] == pytest.approx(losses(tmp_path / "runs" / "whole")[stopped:],
                                                   rel=1e-6)
-    assert cli.main(["resume", str(single), "train.grad_accum=2"]) == 2
+    capsys.readouterr()
+    assert cli.main(["resume", str(single), "train.grad_accum=2"]) != 0
+    said = [x for x in capsys.readouterr().err.splitlines() if x.startswith("plugtune: ")]
+    assert len(said) == 1 and "written under DeepSpeed: resume it under DeepSpeed" in said[0]
 
 
 class Uncounted:
