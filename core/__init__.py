@@ -43,8 +43,10 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 #: ``num_real_tokens`` (``plugtune.data.REAL_TOKENS``). 1.2 added ``Loss.metrics`` (figures a
 #: task reports with its loss, averaged by the core like the loss). 1.3 added
 #: ``plugtune.sharding`` (runs whose weights FSDP shards across processes) and the
-#: ``state_dict`` argument of ``plugtune_save_model``.
-API_VERSION = "1.3"
+#: ``state_dict`` argument of ``plugtune_save_model``. 1.4 added the ``plugtune_count_targets``
+#: hook and ``plugtune.loss.count_labels`` (a task's target count before the forward, which
+#: DeepSpeed needs), and ``plugtune.plugins.preference_family.count_pairs``.
+API_VERSION = "1.4"
 
 #: Decorator for hook implementations: ``@hookimpl def plugtune_check_recipe(recipe): ...``
 hookimpl = pluggy.HookimplMarker("plugtune")

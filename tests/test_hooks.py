@@ -79,6 +79,8 @@ RESUME = {"plugtune_load_checkpoint"}
 #: adapter_exports_and_merges_through_its_own_hooks), and by `export --format`
 #: (test_a_strangers_format_exports_the_merged_model).
 ARTIFACT = {"plugtune_load_artifact", "plugtune_merge_artifact", "plugtune_export_formats"}
+#: Called under DeepSpeed only (tests/test_deepspeed.py; its count checked on every task there).
+DEEPSPEED = {"plugtune_count_targets"}
 
 
 def test_golden_hook_order(quick):
@@ -90,7 +92,18 @@ def test_golden_hook_order(quick):
     expected = (SETUP + EVAL + STEP + EVAL + ["save_checkpoint"] + STEP + ["save_checkpoint"]
                 + END)
     assert recorder.calls == ["plugtune_" + name for name in expected]
-    assert set(recorder.calls) == set(testing.hook_names()) - PLANNING - RESUME - ARTIFACT
+    assert set(recorder.calls) == (set(testing.hook_names()) - PLANNING - RESUME - ARTIFACT
+                                   - DEEPSPEED)
+
+
+@covers("plugtune_count_targets")
+def test_count_targets_is_the_count_of_the_loss(quick):
+    """causal_lm's up-front count of a batch is the count its loss gives (every built-in task:
+    tests/test_deepspeed.py::test_every_task_states_its_count_before_the_forward)."""
+    run, _ = set_up(quick())
+    batch = run.data["train"].collate(run.data["train"].examples[:3])
+    stated = run.pm.hook.plugtune_count_targets(batch=batch, recipe=run.recipe)
+    assert int(stated) == int(loop.loss_of(run, run.model, batch).count) > 0
 
 
 def test_golden_hook_order_of_a_resumed_run(quick):

@@ -242,11 +242,11 @@ class NotARange(ForApiOne):
 def test_a_plugin_declares_the_api_range_it_needs(make_recipe):
     import plugtune
 
-    assert plugtune.API_VERSION == "1.3"  # 1.1-1.3 added names only: a 1.0 plugin still loads
+    assert plugtune.API_VERSION == "1.4"  # 1.1-1.4 added names only: a 1.0 plugin still loads
     testing.load_recipe(make_recipe(), extra_plugins=[ForApiOne])  # accepted
     with pytest.raises(PluginError, match=r"plugin 'ForApiTwo' \(distribution plugtune.testing "
                                           r"test\) needs plugtune plugin API >=2, and this "
-                                          r"plugtune .* provides API 1.3"):
+                                          r"plugtune .* provides API 1.4"):
         testing.load_recipe(make_recipe(), extra_plugins=[ForApiTwo])
     with pytest.raises(PluginError, match="PLUGTUNE_API = 'version one' is not a version range"):
         testing.load_recipe(make_recipe(), extra_plugins=[NotARange])

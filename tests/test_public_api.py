@@ -94,7 +94,7 @@ def test_api_1_0_import_paths_still_work():
     assert _peft.AdapterSection is AdapterSection and callable(_peft.plugtune_save_model)
     assert callable(_heads.label_ids) and callable(_kbit.prepare)
     assert _generation_metrics.score(["exact_match"], ["A."], ["a"]) == {"exact_match": 1.0}
-    assert plugtune.Section is Section and plugtune.API_VERSION == "1.3"
+    assert plugtune.Section is Section and plugtune.API_VERSION == "1.4"
 
 
 @pytest.mark.parametrize("task", ["sequence_classification", "token_classification",
