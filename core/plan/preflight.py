@@ -22,7 +22,11 @@ def preflight(recipe: "Recipe", pm: pluggy.PluginManager,
     # under `accelerate launch`/torchrun: one process's share (FSDP shards only on GPUs)
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
-    shard = "fsdp" if fsdp and world > 1 and device == "cuda" else None
+    zero = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")  # accelerate's default: 2
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and \
+        zero in ("2", "3")
+    shard = ("fsdp" if fsdp else f"zero{zero}" if deepspeed else None) \
+        if world > 1 and device == "cuda" else None
     try:
         est = estimate(recipe, pm, device, world, shard)
     except Exception as exc:  # the planner must never stop a run
@@ -34,7 +38,8 @@ def preflight(recipe: "Recipe", pm: pluggy.PluginManager,
              "no fit check (`plugtune plan` shows the breakdown)")
         return est
     free, capacity = torch.cuda.mem_get_info()
-    each = f" per process (one of {world}{', FSDP' if shard else ''})" if world > 1 else ""
+    engine = {"fsdp": ", FSDP", "zero2": ", ZeRO-2", "zero3": ", ZeRO-3"}.get(shard or "", "")
+    each = f" per process (one of {world}{engine})" if world > 1 else ""
     echo(f"memory plan: {size(total)} at peak{each}; the GPU has {size(free)} free of "
          f"{size(capacity)}")
     if total > free:
