@@ -68,11 +68,11 @@ def losses(run_dir):
 @needs_deepspeed
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_trains_saves_and_exports_what_one_process_does(recipes, tmp_path, stage):  # noqa: F811
-    """Full fine-tuning and LoRA with plain SGD (the update is the gradient) under ZeRO-2/3 on
-    two processes: the loss of every step, the held-out losses over uneven shares, the
-    checkpoints, the saved model / adapter and the merged export equal one process's
-    accumulating the same step (max |dw| < 1e-5)."""
-    cases = {"full": ["full"], "lora": ["lora"]}
+    """Full fine-tuning and LoRA (with early_stopping restoring an earlier best) with plain SGD
+    (the update is the gradient) under ZeRO-2/3 on two processes: the loss of every step, the
+    held-out losses over uneven shares, the checkpoints, the saved model / adapter and the
+    merged export equal one process's accumulating the same step (max |dw| < 1e-5)."""
+    cases = {"full": ["full"], "lora": ["lora", "early_stopping"]}
     mixed = {"mixed_precision": MIXED} if MIXED else {}
     for case, plugins in cases.items():
         testing.run(recipes(f"one-{case}", plugins, 1, **mixed), extra_plugins=[SGD()])
@@ -91,6 +91,13 @@ def test_zero_trains_saves_and_exports_what_one_process_does(recipes, tmp_path, 
                        for r in (one, two)]
         assert largest_difference(*checkpoints) < TOLERANCE, case
         assert (two / "checkpoints" / "step-4" / "deepspeed").is_dir()  # the engine's state
+        if case == "lora":  # early_stopping's best (step 2), saved and restored on each process
+            best = [load_file(r / "best" / "trainable.safetensors") for r in (one, two)]
+            assert largest_difference(*best) < TOLERANCE
+            assert largest_difference(best[1], checkpoints[1]) > 1e-3
+            adapter = load_file(two / "adapter" / "adapter_model.safetensors")
+            assert largest_difference(
+                {k.replace(".default", ""): v for k, v in best[1].items()}, adapter) < 1e-6
         a, b = evals(one), evals(two)
         assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 2, 4]
         for x, y in zip(a, b):
@@ -146,6 +153,53 @@ def test_zero_run_stopped_by_sigterm_resumes_as_if_uninterrupted(recipes, tmp_pa
     assert cli.main(["resume", str(single), "train.grad_accum=2"]) != 0
     said = [x for x in capsys.readouterr().err.splitlines() if x.startswith("plugtune: ")]
     assert len(said) == 1 and "written under DeepSpeed: resume it under DeepSpeed" in said[0]
+
+
+class Poison:
+    """Makes every training loss of optimizer step 2 NaN."""
+
+    def __init__(self):
+        self.run = None
+
+    @hookimpl
+    def plugtune_train_start(self, run):
+        self.run = run
+
+    @hookimpl(wrapper=True)
+    def plugtune_compute_loss(self, model):
+        loss = yield
+        if self.run is not None and model.training and self.run.step == 1:
+            loss.sum = loss.sum * float("nan")
+        return loss
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_skips_a_non_finite_step_and_shares_uneven_steps_as_one_process(
+        recipes, tmp_path, stage):  # noqa: F811
+    """7 records in micro-batches of 1, LoRA with SGD: two processes under ZeRO-2/3 share steps
+    whose micro-batches do not divide among them (the last: one micro-batch, the other process
+    computes a filler) and skip step 2, whose loss is NaN, as one process does: the same
+    losses, the same skipped step, the same adapter (1e-5)."""
+    data = testing.write_jsonl(tmp_path / "seven.jsonl", uneven_records(7))
+    paths = [recipes(name, ["lora"], n, data={"train": str(data)}, max_steps=None, epochs=1,
+                     batch_size=1, eval_every=None, save_every=None)
+             for name, n in (("one", 1), ("two", 2))]
+    testing.run(paths[0], extra_plugins=[SGD(), Poison()])
+    done = under_deepspeed(stage, f"poison={paths[1]}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [[r for r in map(json.loads, (tmp_path / "runs" / n / "metrics.jsonl")
+                               .read_text().splitlines()) if "step" in r and "eval_loss" not in r]
+               for n in ("one", "two")]
+    assert [r["step"] for r in records[0]] == [r["step"] for r in records[1]] == [1, 2, 3, 4]
+    assert [r.get("skipped") for r in records[1]] == [None, True, None, None]
+    assert [r.get("skipped") for r in records[0]] == [None, True, None, None]
+    one, two = ([r["loss"] for r in rs] for rs in records)
+    assert one[1] is None and two[1] is None  # not finite: logged as null
+    assert two[::2] + two[3:] == pytest.approx(one[::2] + one[3:], rel=1e-5)
+    saved = [load_file(tmp_path / "runs" / n / "adapter" / "adapter_model.safetensors")
+             for n in ("one", "two")]
+    assert largest_difference(*saved) < 1e-5
 
 
 class Uncounted:
@@ -268,6 +322,8 @@ if __name__ == "__main__":  # under torchrun, from under_deepspeed
         what, path = task.split("=", 1)
         if what == "sgd":
             testing.run(path, extra_plugins=[SGD()])
+        elif what == "poison":
+            testing.run(path, extra_plugins=[SGD(), Poison()])
         elif what == "uncounted":
             try:
                 testing.run(path, extra_plugins=[Uncounted()])
