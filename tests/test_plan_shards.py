@@ -55,6 +55,10 @@ def test_each_strategy_divides_what_it_shards_among_the_processes(plans, plugins
         parts = by_moment(est)["optimizer step"]
         assert (parts["weights"], parts["optimizer state"]) == (w, s), shard
         assert parts["gradients"] == pytest.approx(g, abs=4), shard  # whole bytes per block
+        # DeepSpeed's engine keeps float32 masters of the trained parameters, partitioned
+        masters = 4 * sum(p.numel for p in params if p.trainable) / 4
+        assert parts.get("master weights (ZeRO)") == (masters if shard.startswith("zero")
+                                                      else None), shard
         # activations (and the logits) are each process's own micro-batch's: as on one
         for name, moment in by_moment(est).items():
             mine = by_moment(one)[name]

@@ -20,6 +20,9 @@ OVERHEAD = {"cuda": (512 * MiB, 0.05), "cpu": (48 * MiB, 0.03)}
 FULL_SHARD = ("fsdp", "zero3")
 #: every ``--shard`` value: ZeRO-2 (FSDP's SHARD_GRAD_OP) divides gradients and optimizer state
 SHARDS = (*FULL_SHARD, "zero2")
+#: DeepSpeed's stages, which keep float32 master weights (:meth:`Estimate.masters`)
+ZERO = ("zero2", "zero3")
+MASTERS = "master weights (ZeRO)"
 
 
 @dataclass
@@ -72,6 +75,11 @@ class Estimate:
                 blocks[p.block] += p.bytes
         return tail + sum(sorted(blocks)[-2:])
 
+    def masters(self) -> float:
+        """DeepSpeed ZeRO's float32 copy of the trained parameters (its optimizer steps that
+        copy, whatever the model's dtype), this process's partition."""
+        return self.divided(4 * sum(p.numel for p in self.plan.trainable()))
+
     def divided(self, nbytes: float) -> float:
         """``nbytes`` of gradients or optimizer state, as one process holds them (divided among
         the processes by FSDP and ZeRO-2/3)."""
@@ -105,6 +113,8 @@ class Estimate:
         resident: dict[str, float] = {"weights": self.weights, "optimizer state": 0
                                       if opt.paged and plan.device == "cuda"
                                       else self.divided(opt.state)}
+        if plan.shard in ZERO:
+            resident[MASTERS] = self.masters()
         for m in plan.extra:
             resident[m.name] = m.bytes
         g_all, g_out, g_blocks = self.grads()

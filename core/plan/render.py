@@ -1,6 +1,6 @@
 """The plan as a table: component by component, the peak and the verdict against a budget."""
 from .budget import count, size
-from .moments import OVERHEAD, Estimate
+from .moments import MASTERS, OVERHEAD, Estimate
 
 
 def describe(est: Estimate, budget: int | None = None, label: str | None = None) -> list[str]:
@@ -39,7 +39,10 @@ def describe(est: Estimate, budget: int | None = None, label: str | None = None)
     opt = plan.optimizer
     if opt is not None:
         paged = " (paged: can spill to CPU RAM, not counted)" if opt.paged and plan.device == "cuda" else ""
-        row("optimizer state", opt.state, opt.name + paged)
+        row("optimizer state", est.divided(opt.state), opt.name + paged)
+    if MASTERS in peak.parts:
+        row(MASTERS, peak.parts[MASTERS], "DeepSpeed's float32 copy of the trained parameters, "
+            "this process's share")
     for m in plan.extra:
         row(m.name, m.bytes, m.detail)
     per_layer = sum(a.blocks) / max(len(a.blocks), 1)
