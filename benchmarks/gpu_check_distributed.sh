@@ -30,15 +30,11 @@ CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0,1}" PLUGTUNE_FSDP_ON_GPUS=1 \
 echo "== DeepSpeed ZeRO-2 and ZeRO-3 on 2 of $gpus GPUs: tests/test_deepspeed.py (PLUGTUNE_DEEPSPEED_ON_GPUS=1)"
 # accelerate counts GPU processes itself (no CPU switch). Full fine-tuning and LoRA, ZeRO-2/3,
 # against one process (losses per step, checkpoints, saved model / adapter, merged export:
-# 1e-5, float32), SIGTERM + `plugtune resume` (1e-6), the refusal of a task without an
-# up-front count. Skipped, and said, where deepspeed is not installed (pip install deepspeed).
+# 1e-5 in float32, 1e-3 in bf16), a NaN step skipped, SIGTERM + `plugtune resume` (1e-6), the
+# refusal of a task without an up-front count. Skipped, and said, where deepspeed is not installed (pip install deepspeed).
 if python -c "import deepspeed" 2>/dev/null; then
   CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0,1}" PLUGTUNE_DEEPSPEED_ON_GPUS=1 \
     timeout 900 python -m pytest -q -x -p no:cacheprovider tests/test_deepspeed.py || status=1
-  echo "== DeepSpeed ZeRO-2/3 in bf16 against one process (1e-4)"
-  CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0,1}" PLUGTUNE_DEEPSPEED_ON_GPUS=1 \
-    PLUGTUNE_DEEPSPEED_MIXED=bf16 timeout 900 python -m pytest -q -x -p no:cacheprovider \
-    tests/test_deepspeed.py -k trains_saves || status=1
 else
   echo "gpu_check_distributed: deepspeed is not installed: the DeepSpeed checks did not run" >&2
   status=1
