@@ -96,8 +96,9 @@ def rescue(run: Run, rng: list[Any], echo: Echo) -> None:
     if run.dir is None or (checkpoint.directory(run.dir) / f"step-{run.step}").exists():
         return
     if sharding.is_sharded(run.accelerator):  # the other processes may be gone
-        echo(f"no checkpoint of step {run.step} after this error: under FSDP the weights are "
-             "sharded across the processes; resume from the last saved checkpoint")
+        echo(f"no checkpoint of step {run.step} after this error: under "
+             f"{run.accelerator.distributed_type} the state is sharded across the processes; "
+             "resume from the last saved checkpoint")
         return
     try:
         path = checkpoint_step(run, run.recipe.train, rng=rng)

@@ -82,6 +82,12 @@ def configure(acc: Any, recipe: Any) -> None:
     from the recipe's is refused in one line."""
     config = acc.state.deepspeed_plugin.deepspeed_config
     t = recipe.train
+    given = [key for key in ("optimizer", "scheduler") if key in config]
+    if given:
+        raise PlugtuneError(
+            f"the DeepSpeed config names {' and '.join(given)}: remove it; the recipe's "
+            "optimizer and scheduler plugins build them (train.lr, the optimizer's section; "
+            f"see {DOCS})")
     clip = float(t.max_grad_norm or 0.0)
     given = config.get("gradient_clipping", "auto")
     if given != "auto" and not math.isclose(float(given), clip):

@@ -49,7 +49,8 @@ TOLERANCE = {"no": 1e-5, "bf16": 1e-3}
 
 
 def zero(stage):
-    return {**BASE, "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(stage)}
+    return {**BASE, "ACCELERATE_USE_DEEPSPEED": "true",
+            "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(stage)}
 
 
 def under_deepspeed(stage, *tasks, switch=True):
@@ -122,8 +123,8 @@ def test_zero_trains_saves_and_exports_what_one_process_does(recipes, tmp_path, 
 
 @needs_deepspeed
 @pytest.mark.parametrize("stage", [2, 3])
-def test_zero_run_stopped_by_sigterm_resumes_as_if_uninterrupted(recipes, tmp_path, stage,  # noqa: F811
-                                                                 capsys):
+def test_zero_run_stopped_by_sigterm_resumes_as_if_uninterrupted(  # noqa: F811
+        recipes, tmp_path, stage, capsys):
     """LoRA with AdamW under ZeRO-2/3: a SIGTERM to torchrun leaves a checkpoint of the last
     step (the adapter whole, the engine's partitioned state in ``deepspeed/``); `plugtune
     resume` under the same launch ends where an uninterrupted run does (1e-6). The checkpoint
@@ -230,6 +231,31 @@ def test_a_task_without_an_upfront_count_is_refused_in_one_line(make_recipe):
     assert lines and all("plugin Uncounted cannot run under DeepSpeed" in x
                          and "plugtune_count_targets" in x for x in lines), done.stderr[-2000:]
     assert "parameters:" not in done.stdout  # refused before the model loaded
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("config,says", [
+    ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}},
+     "the DeepSpeed config names optimizer: remove it"),
+    ({"gradient_clipping": 0.5},
+     "the DeepSpeed config's gradient_clipping (0.5) differs from the recipe's "
+     "train.max_grad_norm")])
+def test_a_deepspeed_config_the_recipe_contradicts_is_refused_in_one_line(make_recipe, tmp_path,
+                                                                          config, says):
+    """A config file (``accelerate launch --deepspeed_config_file``) naming its own optimizer,
+    or clipping otherwise than the recipe: one line, before training."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_batch_size": "auto",
+                                "train_micro_batch_size_per_gpu": "auto",
+                                "gradient_accumulation_steps": "auto", **config}))
+    recipe = make_recipe(train={"max_steps": 1, "max_grad_norm": 1.0})
+    env = {k: v for k, v in zero(2).items() if k != "ACCELERATE_DEEPSPEED_ZERO_STAGE"}
+    done = subprocess.run([*TORCHRUN, __file__, f"run={recipe}"], capture_output=True,
+                          env={**env, "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(path)},
+                          text=True, timeout=300)
+    assert done.returncode != 0
+    lines = [x for x in done.stderr.splitlines() if x.startswith("plugtune: ")]
+    assert lines and all(says in x for x in lines), done.stderr[-2000:]
 
 
 @needs_deepspeed
