@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from .data import REAL_TOKENS
+from .flops import squared_spans
 from .loss import Loss, Tally, as_loss
 from .order import StepPlan
 from .state import Run, first
@@ -33,6 +34,13 @@ def loss_of(run: Run, model: Any, batch: dict[str, torch.Tensor]) -> Loss:
     batch = {k: v for k, v in batch.items() if k != REAL_TOKENS and not k.startswith("_")}
     return as_loss(first(run.pm.hook.plugtune_compute_loss, "compute the loss", model=model,
                          batch=batch, recipe=run.recipe))
+
+
+def spans(batch: dict[str, Any]) -> float | None:
+    """Attention's squared spans of a packed batch (its ``position_ids`` restart per example),
+    else None: each row one span."""
+    pos = batch.get("position_ids")
+    return squared_spans(pos) if isinstance(pos, torch.Tensor) and pos.dim() == 2 else None
 
 
 def real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -63,7 +71,8 @@ def train_step(run: Run, micro: StepPlan, examples: list[Any],
     positions = flops = 0.0
     reference: torch.Tensor | None = None
     for i, (indices, real) in enumerate(micro):
-        batch = to_device(collate([examples[j] for j in indices]), acc.device)
+        host = collate([examples[j] for j in indices])
+        batch = to_device(host, acc.device)
         last = i == len(micro) - 1
         with contextlib.nullcontext() if last else acc.no_sync(model):
             loss = loss_of(run, model, batch)
@@ -82,7 +91,7 @@ def train_step(run: Run, micro: StepPlan, examples: list[Any],
         ids = batch.get("input_ids")  # a task's batch may come without (its own inputs)
         if isinstance(ids, torch.Tensor) and ids.dim() == 2:
             positions += ids.numel()
-            flops += run.flops.micro_batch(*ids.shape) if run.flops is not None else 0.0
+            flops += 0.0 if run.flops is None else run.flops.micro_batch(*ids.shape, spans(host))
     assert reference is not None  # a step has a micro-batch
     signalled = torch.tensor(float(run.signum is not None), device=acc.device)
     step = torch.cat([torch.stack([torch.stack(sums).sum(), torch.stack(counts).sum(),
