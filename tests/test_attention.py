@@ -9,7 +9,7 @@ import torch
 
 from plugtune import attention, loop, testing
 from plugtune.errors import RecipeError
-from plugtune.plugins import causal_lm
+from plugtune.plugins import causal_lm, lm_family
 
 import test_packing
 from test_packing import packed_spans, per_example_sums, tiny_config
@@ -25,7 +25,8 @@ def refused(recipe):
 def test_the_names_are_those_of_the_installed_transformers():
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    assert set(attention.ATTENTION) == {"eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()}
+    ours = {lm_family.PACKED_SDPA}  # registered by the causal-LM family for packed SDPA
+    assert set(attention.ATTENTION) - ours == {"eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()} - ours
 
 
 def test_an_unknown_name_is_one_line_with_did_you_mean(make_recipe):
@@ -106,10 +107,11 @@ def test_each_packed_example_has_the_loss_it_has_alone_under(implementation, mak
         data={"train": str(data), "validation": str(data)},
         train={"packing": True, "batch_size": 12, "max_length": 128, "max_steps": 1}))
     run = loop.setup(recipe, pm, echo=lambda *a: None)
-    assert attention.in_use(run.model) == implementation
+    assert attention.in_use(run.model) == {"sdpa": lm_family.PACKED_SDPA}.get(implementation,
+                                                                          implementation)
     model, examples = run.model.eval(), run.data["train"].examples
     packed = per_example_sums(model, run.data["train"].collate(examples),
-                              packed_spans(examples, 128))
+                              packed_spans(examples, 128, one_row=implementation != "eager"))
     plain = causal_lm.collator(run.tokenizer.pad_token_id)
     alone = [per_example_sums(model, plain([e]), [(0, 0, len(e["input_ids"]))])[0]
              for e in examples]
@@ -143,5 +145,6 @@ def test_the_planner_counts_what_eager_attention_keeps(make_recipe, tiny_llama):
     b, heads, t, layers = 2, 4, 256, 2
     probabilities = b * heads * t * t * 4 * layers  # float32, each block's
     assert planned("eager") - planned("sdpa") >= probabilities
-    assert planned("sdpa", packing=True) - planned("sdpa") == pytest.approx(b * t * t)
+    # SDPA: one packed row of the micro-batch's b x t tokens, its block-diagonal mask
+    assert planned("sdpa", packing=True) - planned("sdpa") == pytest.approx((b * t) ** 2)
     assert planned("flash_attention_2", packing=True) == planned("sdpa")

@@ -73,6 +73,20 @@ def test_the_peak_is_the_recipes_else_a_known_gpus():
     assert names.index("H100 PCIe") < names.index("H100")  # the specific name matches first
 
 
+def test_a_packed_row_counts_each_examples_attention_not_the_rows():
+    """One row of examples of 24, 8 and 32 tokens (positions restarting) costs what the three
+    cost run one by one, as torch counts them: attention within each example, not 64^2."""
+    model = tiny()
+    lengths = (24, 8, 32)
+    alone = sum(counted(model, rows=1, width=n) for n in lengths)
+    row = torch.cat([torch.arange(n) for n in lengths])[None]
+    assert flops.squared_spans(row) == sum(n * n for n in lengths)
+    assert flops.squared_spans(torch.arange(64).repeat(2, 1)) == 2 * 64 ** 2  # rows split
+    count = flops.flop_model(model)
+    assert count.micro_batch(1, 64, flops.squared_spans(row)) == pytest.approx(alone, rel=1e-9)
+    assert count.micro_batch(1, 64) > alone * 1.05  # the whole row's square: more
+
+
 @pytest.mark.parametrize("packing", [False, True])
 def test_a_run_logs_tflops_mfu_and_positions_per_token(make_recipe, packing, capsys, tmp_path):
     data = testing.write_jsonl(tmp_path / "mixed.jsonl", test_packing.records())

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from plugtune import hookimpl, loop, testing
 from plugtune.data import REAL_TOKENS
 from plugtune.errors import RecipeError
-from plugtune.plugins import causal_lm
+from plugtune.plugins import causal_lm, lm_family
 
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "piano", "lemon", "candle"]
 
@@ -70,9 +70,13 @@ def per_example_sums(model, batch, spans):
     return out
 
 
-def packed_spans(examples, width):
+def packed_spans(examples, width, one_row=True):
+    """``(row, start, end)`` of each example as the packed collator lays them: all in one row
+    (SDPA, flash attention) or in rows of at most ``width`` (eager)."""
+    lengths = [len(e["input_ids"]) for e in examples]
+    layout = [list(range(len(examples)))] if one_row else causal_lm.rows(lengths, width)
     spans = []
-    for r, row in enumerate(causal_lm.rows([len(e["input_ids"]) for e in examples], width)):
+    for r, row in enumerate(layout):
         start = 0
         for i in row:
             spans.append((i, r, start, start + len(examples[i]["input_ids"])))
@@ -81,7 +85,9 @@ def packed_spans(examples, width):
 
 
 def test_packed_rows_hold_every_token_once_within_max_length(mixed):
+    """Eager attention (whose cost is a row's width squared): rows of at most max_length."""
     recipe, pm = testing.load_recipe(mixed("rows", packing=True, max_length=64))
+    recipe.model.attn_implementation = "eager"
     run = loop.setup(recipe, pm, echo=lambda *a: None)
     examples = run.data["train"].examples
     batch = run.data["train"].collate(examples)
@@ -94,6 +100,20 @@ def test_packed_rows_hold_every_token_once_within_max_length(mixed):
     for r, row in enumerate(layout):  # positions restart at each example
         expected = [p for i in row for p in range(lengths[i])]
         assert batch["position_ids"][r, :len(expected)].tolist() == expected
+
+
+def test_sdpa_packs_a_micro_batch_in_one_row_and_attends_per_example(mixed):
+    """SDPA (the default): one row, no position wasted (positions computed per real token is
+    exactly 1), and the model attends one example at a time (lm_family.PACKED_SDPA)."""
+    recipe, pm = testing.load_recipe(mixed("one-row", packing=True, max_length=64))
+    run = loop.setup(recipe, pm, echo=lambda *a: None)
+    examples = run.data["train"].examples
+    batch = run.data["train"].collate(examples)
+    lengths = [len(e["input_ids"]) for e in examples]
+    assert batch["input_ids"].shape == (1, sum(lengths)) == (1, batch[REAL_TOKENS].item())
+    assert batch["position_ids"][0].tolist() == [p for n in lengths for p in range(n)]
+    assert run.model.config._attn_implementation == lm_family.PACKED_SDPA
+    assert lm_family.segment_lengths(batch["position_ids"]) == lengths
 
 
 def test_each_packed_example_has_the_loss_it_has_alone(mixed):
@@ -261,13 +281,16 @@ def tiny_config(model_type, **extra):
     return config
 
 
-def leak(model_type):
+def leak(model_type, packed_sdpa=False):
     """How far an example's logits move when another example is packed before it in its row
-    (positions restarting at it), against the example alone: float32, eval mode."""
+    (positions restarting at it), against the example alone: float32, eval mode.
+    ``packed_sdpa``: a model on SDPA runs the per-example SDPA packing gives it."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(model_type)).eval()
+    if packed_sdpa and lm_family.packed_attention(model):
+        model.set_attn_implementation(lm_family.packed_attention(model))
     first, second = torch.randint(3, 100, (1, 7)), torch.randint(3, 100, (1, 9))
     positions = torch.cat([torch.arange(7), torch.arange(9)])[None]
     with torch.no_grad():
@@ -285,6 +308,11 @@ def test_packing_is_allowed_exactly_for_architectures_that_keep_examples_apart(m
         assert leak(model_type) < 1e-5
     else:
         assert leak(model_type) > 1e-3
+
+
+@pytest.mark.parametrize("model_type", sorted(causal_lm.PACKABLE))
+def test_per_example_sdpa_keeps_every_packable_architecture_apart(model_type):
+    assert leak(model_type, packed_sdpa=True) < 1e-5
 
 
 @pytest.mark.parametrize("model_type", ["opt", "bloom", "falcon_h1"])

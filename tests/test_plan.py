@@ -147,7 +147,7 @@ def test_activations_scale_with_the_micro_batch_and_grad_accum_holds_gradients(e
 
 def test_a_chunked_loss_holds_one_chunk_of_logits_and_packing_its_mask(estimate, shape):
     """causal_lm.loss_chunk_tokens: the logits buffers are those of one chunk, whatever the
-    micro-batch; train.packing adds SDPA's one boolean mask per row (2 x 32^2)."""
+    micro-batch; train.packing adds SDPA's boolean mask over the one packed row ((2 x 32)^2)."""
     plain = estimate(causal_lm={"loss_chunk_tokens": None})
     chunked = estimate(causal_lm={"loss_chunk_tokens": 16})
     start = {m.name: m for m in plain.moments()}["start of backward"]
@@ -157,7 +157,7 @@ def test_a_chunked_loss_holds_one_chunk_of_logits_and_packing_its_mask(estimate,
     assert start_chunked.parts["logits and loss buffers"] * 4 == logits  # 16 of 64 tokens
     assert chunked.plan.loss_chunk_tokens == 16
     packed = estimate(train={"packing": True})
-    assert {m.name: m.bytes for m in packed.plan.extra}["packed attention mask"] == 2 * 32 ** 2
+    assert {m.name: m.bytes for m in packed.plan.extra}["packed attention mask"] == (2 * 32) ** 2
 
 
 def test_the_peak_is_the_largest_moment_plus_overhead(estimate):

@@ -191,8 +191,9 @@ class TrainSection(Section):
     group_by_length: bool = Field(default=False, description="micro-batches of examples of "
                                   "similar length (less padding), in shuffled order")
     packing: bool = Field(default=False, description="padding-free batches (language "
-                          "modelling); each micro-batch's examples packed into rows of at most "
-                          "max_length tokens, attention kept inside each example")
+                          "modelling); each micro-batch's examples packed into one row (rows of "
+                          "at most max_length under eager attention), attention kept inside "
+                          "each example")
     lr: PositiveFloat = 2e-5
     warmup_steps: NonNegativeInt = 0
     schedule: Literal["constant", "linear", "cosine"] = "linear"
