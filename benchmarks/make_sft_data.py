@@ -109,24 +109,27 @@ def records(n, seed=0, longest=430):
 
 ADJECTIVES = """small large old new quiet bright heavy light narrow wide warm cold soft hard
 round flat early late simple careful""".split()
-DEF_COST = 17  # tokens one definition costs (SmolLM2's tokenizer, measured on this generator)
+DEF_COST = 21  # tokens one definition costs (SmolLM2's tokenizer, measured on this generator)
 
 
 def definition(rng, word):
     a, b = rng.sample(WORDS, 2)
-    return (f"{word} (noun): a {rng.choice(ADJECTIVES)} {a} that someone {rng.choice(VERBS)} "
-            f"near the {b}.")
+    text = (f"{word} (noun): a {rng.choice(ADJECTIVES)} {a} that someone {rng.choice(VERBS)} "
+            f"near the {b}")
+    for _ in range(rng.choice((0, 0, 1, 2))):  # longer entries: a usage clause or two
+        text += f", often {rng.choice(VERBS)} by a {rng.choice(WORDS)} in the {rng.choice(WORDS)}"
+    return text + "."
 
 
-def definitions(n, seed=0, longest=430):
+def definitions(n, seed=0, longest=512):
     """``n`` dictionary records, a second length mix (issue 22's user data): each asks for 1 to
-    24 words' definitions, most records a few (median about 75 tokens, 15 to about 500), the
+    24 words' definitions, most records a few (median about 77 tokens, 15 to about 500), the
     length almost all in the completion."""
     rng = random.Random(seed)
     out = []
     most = max(1, min(24, (longest - 8) // DEF_COST))
     for _ in range(n):
-        k = min(most, max(1, round(rng.lognormvariate(math.log(4.5), 0.85))))
+        k = min(most, max(1, round(rng.lognormvariate(math.log(3.2), 1.0))))
         words = rng.sample(WORDS, k)
         out.append({"prompt": f"Define: {', '.join(words)}\n",
                     "completion": "\n".join(definition(rng, w) for w in words)})

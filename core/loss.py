@@ -130,7 +130,8 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: Callable[[torch.Tensor], t
     the full logits, without ever holding them: only labelled positions go through ``head``
     (the output layer, on a CPU; a GPU runs every position rather than wait to select them),
     ``chunk_tokens`` at a time, each chunk's float32 logits recomputed in
-    backward rather than kept (activation checkpointing per chunk). What torchtune's chunked
+    backward rather than kept (activation checkpointing per chunk) or, for an output layer
+    with nothing to train, its gradient taken at once and the logits dropped. What torchtune's chunked
     cross-entropy and Liger's fused linear cross-entropy save, with any output layer module
     (an adapter on it included).
 
@@ -161,13 +162,43 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: Callable[[torch.Tensor], t
     # starts as the loss of no target: a zero on the graph through the output layer and the
     # hidden states, so a micro-batch without targets backpropagates too (zero gradients)
     total = piece(states[:0], targets[:0])
+    # (not under FSDP2 or ZeRO-3, whose hooks on the layer expect one backward pass of it,
+    # after the forward: their parameters are DTensors or carry a DeepSpeed id)
+    frozen = isinstance(head, torch.nn.Module) and not any(
+        p.requires_grad or hasattr(p, "device_mesh") or hasattr(p, "ds_id")
+        for p in head.parameters())
     for i in range(0, len(targets), chunk_tokens):
         h, t = states[i:i + chunk_tokens], targets[i:i + chunk_tokens]
-        if torch.is_grad_enabled():
-            total = total + torch.utils.checkpoint.checkpoint(piece, h, t, use_reentrant=False)
-        else:
+        if not (torch.is_grad_enabled() and h.requires_grad):
             total = total + piece(h, t)
+        elif frozen:  # the chunk's gradient now, its logits gone before the next chunk
+            with torch.enable_grad():
+                detached = h.detach().requires_grad_()
+                value = piece(detached, t)
+                (grad,) = torch.autograd.grad(value, detached)
+            total = total + _Precomputed.apply(h, value.detach(), grad)
+        else:
+            total = total + torch.utils.checkpoint.checkpoint(piece, h, t, use_reentrant=False)
     return Loss(total, valid.sum())
+
+
+class _Precomputed(torch.autograd.Function):
+    """A loss whose gradient with respect to its input was computed with it. For an output
+    layer that does not train (LoRA, QLoRA, a frozen head) the chunk's backward is then one
+    scaling of the stored gradient instead of the output layer run again (the recomputation
+    checkpointing costs, about a tenth of a LoRA step on completion-heavy data): the "gradient
+    in the forward pass" of Liger's fused linear cross-entropy, through any head module."""
+
+    @staticmethod
+    def forward(ctx: Any, inputs: torch.Tensor, value: torch.Tensor,
+                grad: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(grad)
+        return value
+
+    @staticmethod
+    def backward(ctx: Any, out: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (grad,) = ctx.saved_tensors
+        return grad * out.to(grad.dtype), None, None
 
 
 def as_loss(result: Any) -> Loss:
