@@ -366,3 +366,7 @@ if __name__ == "__main__":  # under torchrun, from under_deepspeed
                 sys.exit(f"plugtune: {exc}")
         elif cli.main([what, path]) != 0:
             sys.exit(f"plugtune {what} {path} failed")
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # leave the group before the interpreter ends: gloo's threads
+        dist.destroy_process_group()  # otherwise may abort the exit ("terminate called ...")
