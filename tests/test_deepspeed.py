@@ -14,25 +14,22 @@ is not installed (``pip install deepspeed``; not in the test extra)."""
 import importlib.util
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from plugtune import Loss, artifacts, cli, hookimpl, testing
+from plugtune import artifacts, cli, hookimpl, testing
 from plugtune.loss import cross_entropy
 
-from test_distributed import ENV, TORCHRUN, largest_difference
+from test_distributed import ENV, TORCHRUN, interrupted, largest_difference
 from test_fsdp import evals, recipes  # noqa: F401  (a fixture)
 from test_heads import head_recipe, toy_tags, toy_texts
 from test_long_runs import SGD, uneven_records
 from test_preference import pairs
 from test_question_answering import qa_recipe
-from test_resume import logged_steps
 from test_reward_kto import kto_records, pair_records, recipe_maker
 
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
@@ -134,17 +131,7 @@ def test_zero_run_stopped_by_sigterm_resumes_as_if_uninterrupted(  # noqa: F811
                            batch_size=1, lr=1e-2, eval_every=None, save_every=None)
              for name in ("cut", "whole")}
     cut = tmp_path / "runs" / "cut"
-    proc = subprocess.Popen([*TORCHRUN, __file__, f"run={paths['cut']}"], env=zero(stage),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while logged_steps(cut) < 2:
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    status = json.loads((cut / "manifest.json").read_text())["status"]
-    assert status.startswith("interrupted at step"), (status, out, err[-3000:])
-    stopped = int(status.split()[-1])
+    stopped = interrupted([*TORCHRUN, __file__, f"run={paths['cut']}"], zero(stage), cut)
     ckpt = cut / "checkpoints" / f"step-{stopped}"
     assert (ckpt / "deepspeed").is_dir()
     weights = load_file(ckpt / "trainable.safetensors")

@@ -47,6 +47,23 @@ ENV = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
+def interrupted(command, env, run_dir):
+    """Start ``command`` (a 2-process launch training into ``run_dir``), send it SIGTERM once
+    it has logged 2 steps; the step its checkpoint was taken at (the manifest says so)."""
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 120
+    while logged_steps(run_dir) < 2:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    status = json.loads((run_dir / "manifest.json").read_text())["status"]
+    assert status.startswith("interrupted at step"), (status, out, err[-3000:])
+    stopped = int(status.split()[-1])
+    return stopped
+
+
 def torchrun(*args):
     """``plugtune ARGS`` in 2 CPU processes."""
     return subprocess.run([*TORCHRUN, "-m", "plugtune.cli", *map(str, args)], env=ENV,
@@ -151,17 +168,7 @@ def test_two_processes_resume_with_dropout_as_if_uninterrupted(make_recipe, tiny
                            train={"max_steps": 40, "batch_size": 1, "lr": 1e-3,
                                   "eval_every": None}, output={"name": name})
     cut = tmp_path / "runs" / "cut"
-    proc = subprocess.Popen([*TORCHRUN, "-m", "plugtune.cli", "run", str(recipe("cut"))],
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while logged_steps(cut) < 2:
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    status = json.loads((cut / "manifest.json").read_text())["status"]
-    assert status.startswith("interrupted at step"), (status, out, err[-3000:])
-    stopped = int(status.split()[-1])
+    stopped = interrupted([*TORCHRUN, "-m", "plugtune.cli", "run", str(recipe("cut"))], ENV, cut)
     assert 2 <= stopped < 40 and (cut / "checkpoints" / f"step-{stopped}").is_dir()
     resumed = under_torchrun(tmp_path, f"run={recipe('whole')}", f"resume={cut}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

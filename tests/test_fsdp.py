@@ -10,11 +10,8 @@ after that choice (accelerate's FSDP2 preparation, ``get_state_dict``, plugtune'
 runs on GPUs. See docs/distributed.md."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,9 +19,8 @@ from safetensors.torch import load_file
 
 from plugtune import artifacts, cli, testing
 
-from test_distributed import ENV, TORCHRUN, largest_difference
+from test_distributed import ENV, TORCHRUN, interrupted, largest_difference
 from test_long_runs import SGD, uneven_records
-from test_resume import logged_steps
 
 #: ``PLUGTUNE_FSDP_ON_GPUS=1`` (benchmarks/gpu_check_distributed.sh): the same tests on two CUDA
 #: GPUs, where accelerate chooses FSDP itself (NCCL), nothing switched
@@ -127,17 +123,7 @@ def test_fsdp_run_stopped_by_sigterm_resumes_as_if_uninterrupted(recipes, tmp_pa
                            batch_size=1, lr=1e-2, eval_every=None, save_every=None)
              for name in ("cut", "whole")}
     cut = tmp_path / "runs" / "cut"
-    proc = subprocess.Popen([*TORCHRUN, __file__, f"run={paths['cut']}"], env=FSDP,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while logged_steps(cut) < 2:
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    status = json.loads((cut / "manifest.json").read_text())["status"]
-    assert status.startswith("interrupted at step"), (status, out, err[-3000:])
-    stopped = int(status.split()[-1])
+    stopped = interrupted([*TORCHRUN, __file__, f"run={paths['cut']}"], FSDP, cut)
     ckpt = cut / "checkpoints" / f"step-{stopped}"
     optimizer = torch.load(ckpt / "optimizer.pt", weights_only=True)
     assert all(isinstance(k, str) for k in optimizer["state"]) and optimizer["state"]
