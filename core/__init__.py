@@ -46,7 +46,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 #: ``state_dict`` argument of ``plugtune_save_model``. 1.4 added the ``plugtune_count_targets``
 #: hook and ``plugtune.loss.count_labels`` (a task's target count before the forward, which
 #: DeepSpeed needs), ``plugtune.plugins.preference_family.count_pairs``, and for packing
-#: ``plugtune.flops.squared_spans`` and ``lm_family.PACKED_SDPA`` / ``packed_attention``.
+#: ``plugtune.data.span_lengths`` and ``lm_family.PACKED_SDPA`` / ``packed_attention``.
 API_VERSION = "1.4"
 
 #: Decorator for hook implementations: ``@hookimpl def plugtune_check_recipe(recipe): ...``

@@ -225,6 +225,17 @@ def pad(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
                          for r in rows])
 
 
+def span_lengths(position_ids: torch.Tensor) -> torch.Tensor:
+    """The lengths of a batch's examples, row after row: each a run of ``position_ids``
+    counting up by one (a packed row restarts them at every example; every row starts one)."""
+    import torch
+
+    pos = position_ids.reshape(-1, position_ids.shape[-1])
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    return torch.bincount(starts.flatten().cumsum(0))[1:]
+
+
 def eval_batch_size(recipe: Any) -> int:
     """The micro-batch size of evaluation and of generation for metrics:
     ``train.eval_batch_size``, else ``train.batch_size``."""

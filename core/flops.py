@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from .data import span_lengths
 from .models import transformer_blocks
 
 __all__ = ["FlopModel", "flop_model", "peak_tflops", "report", "squared_spans", "PEAK_TFLOPS"]
@@ -63,13 +64,9 @@ class FlopModel:
 
 
 def squared_spans(position_ids: torch.Tensor) -> float:
-    """The sum over a batch's examples of their length squared, each example a run of
-    ``position_ids`` counting up by one (a packed row restarts them; every row starts one):
+    """The sum over a batch's examples of their length squared (:func:`plugtune.data.span_lengths`):
     the attention a kernel that keeps packed examples apart computes."""
-    pos = position_ids.reshape(-1, position_ids.shape[-1])
-    starts = torch.ones_like(pos, dtype=torch.bool)
-    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
-    return float((torch.bincount(starts.flatten().cumsum(0)).double() ** 2).sum())
+    return float((span_lengths(position_ids).double() ** 2).sum())
 
 
 def _matmul_weight(module: torch.nn.Module) -> torch.Tensor | None:

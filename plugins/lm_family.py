@@ -14,6 +14,7 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 
 from plugtune import chat
+from plugtune.data import span_lengths
 from plugtune.errors import DataError
 from plugtune.loss import IGNORE
 
@@ -277,17 +278,14 @@ PACKED_SDPA = "sdpa_packed"
 
 
 def segment_lengths(position_ids):
-    """The lengths of the examples laid end to end in a one-row ``position_ids`` (each restarts
-    where a position is not its predecessor's plus one). Remembered for the tensor last asked
+    """The lengths of the examples laid end to end in a one-row ``position_ids``
+    (:func:`plugtune.data.span_lengths`), as a list. Remembered for the tensor last asked
     about: every layer of a forward pass (and its recomputation) asks with the same one, and
     reading the lengths waits for the device once."""
     cached = _segments.get("ids")
     if cached is not None and cached() is position_ids:
         return _segments["lengths"]
-    row = position_ids[0]
-    starts = torch.nonzero(row[1:] != row[:-1] + 1).flatten().add(1).tolist()
-    bounds = [0, *starts, row.numel()]
-    lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+    lengths = span_lengths(position_ids[:1]).tolist()
     _segments.update(ids=weakref.ref(position_ids), lengths=lengths)
     return lengths
 
