@@ -50,15 +50,9 @@ def counted(run: Run, batches: list[tuple[dict[str, torch.Tensor], bool]]) -> to
     for batch, real in batches:
         n = run.pm.hook.plugtune_count_targets(batch=inputs(batch), recipe=run.recipe)
         if n is None:
-            raise zero.refusal(_task(run))
+            raise zero.refusal(zero.task(run.pm))
         total = total + torch.as_tensor(n, dtype=torch.float32, device=acc.device) * real
     return (acc.reduce(total, "sum") if acc.num_processes > 1 else total).clamp(min=1)
-
-
-def _task(run: Run) -> str:
-    impls = [i for i in run.pm.hook.plugtune_compute_loss.get_hookimpls()
-             if not (i.wrapper or i.hookwrapper)]
-    return impls[-1].plugin_name if impls else "?"
 
 
 def spans(batch: dict[str, Any]) -> float | None:
@@ -136,7 +130,7 @@ def train_step(run: Run, micro: StepPlan, examples: list[Any],
     loss_sum, count_, n_tokens, any_signal, _, n_positions, n_flops = step[:7].tolist()
     if engine and count_ != reference.item() and not (count_ == 0 and reference.item() == 1):
         raise PlugtuneError(
-            f"plugin {_task(run)}: its plugtune_count_targets counted {reference.item():g} "
+            f"plugin {zero.task(run.pm)}: its plugtune_count_targets counted {reference.item():g} "
             f"targets in this step, its plugtune_compute_loss {count_:g}; under DeepSpeed the "
             "gradients are scaled by the former: make the two agree (docs/hooks.md)")
     if count_ > 0 and not engine:

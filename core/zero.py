@@ -57,14 +57,21 @@ def whole_at_load(acc: Any) -> Iterator[None]:
         acc.state.deepspeed_plugin.set_deepspeed_weakref()
 
 
+def _answering(hook: Any) -> list[str]:
+    return [i.plugin_name for i in hook.get_hookimpls() if not (i.hookwrapper or i.wrapper)]
+
+
+def task(pm: Any) -> str:
+    """The plugin that answers ``plugtune_compute_loss`` (the last registered), or ``"?"``."""
+    answering = _answering(pm.hook.plugtune_compute_loss)
+    return answering[-1] if answering else "?"
+
+
 def check_task(pm: Any) -> None:
     """Refuse, in one line, a task that cannot state its target count before the forward."""
-    answering = [i.plugin_name for i in pm.hook.plugtune_compute_loss.get_hookimpls()
-                 if not (i.hookwrapper or i.wrapper)]
-    counting = {i.plugin_name for i in pm.hook.plugtune_count_targets.get_hookimpls()
-                if not (i.hookwrapper or i.wrapper)}
-    if answering and answering[-1] not in counting:
-        raise refusal(answering[-1])
+    name = task(pm)
+    if name != "?" and name not in _answering(pm.hook.plugtune_count_targets):
+        raise refusal(name)
 
 
 def refusal(plugin: str) -> PlugtuneError:
