@@ -300,12 +300,6 @@ def plugtune_compute_loss(model, batch, recipe):
     if "position_ids" in inputs:
         inputs["use_cache"] = False
     labels = batch["labels"]
-    if "position_ids" in inputs and _flash(model) and labels.shape[0] > 1:
-        # flash attention reads packed sequences from position_ids only in a single row;
-        # rows start with an example and end with one (or filler), so laying them end to end
-        # changes nothing else
-        inputs = {k: v.reshape(1, -1) if torch.is_tensor(v) else v for k, v in inputs.items()}
-        labels = labels.reshape(1, -1)
     chunk = chunk_tokens(recipe, model)
     if not chunk:
         logits = model(**inputs).logits[:, -labels.shape[1]:]
@@ -322,11 +316,6 @@ def plugtune_compute_loss(model, batch, recipe):
 def plugtune_count_targets(batch):
     """The labelled tokens :func:`plugtune_compute_loss` will count (next-token: shifted)."""
     return count_labels(batch["labels"], shift=True)
-
-
-def _flash(model):
-    config = getattr(extract_model_from_parallel(model), "config", None)
-    return "flash" in str(getattr(config, "_attn_implementation", "") or "")
 
 
 @hookimpl
