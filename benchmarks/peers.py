@@ -15,8 +15,8 @@ batches of 8, max_length 512, AdamW at one constant learning rate, float32 on th
      AdamW, clipping -- the least a loop doing b's work can cost, to hold b's overhead against
 
 --data chooses the records: `tasks` (seven rewriting tasks, median ~107 tokens) or
-`definitions` (dictionary records of 1-24 definitions, median ~71 tokens, most of the length
-in the completion); both from benchmarks/make_sft_data.py.
+`definitions` (dictionary records of 1-20 definitions, 19-512 tokens, median ~80, most of
+the length in the completion); both from benchmarks/make_sft_data.py.
 
 each in a process of its own, one after the other. Every peer gets the same token ids (plugtune's
 tokenization of the records) in the same order (plugtune's epoch order for its seed; the HF
@@ -326,11 +326,12 @@ def hand_peer(args, workdir):
             keep = labels != -100
             logits = head(hidden[:, :-1][keep]).float()
         loss = torch.nn.functional.cross_entropy(logits, labels[keep], reduction="sum")
-        (loss / keep.sum()).backward()
+        loss = loss / keep.sum()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if steps.step_end((loss / keep.sum()).item()):
+        if steps.step_end(loss.item()):
             break
     return steps.report(args, attention=model.config._attn_implementation,
                         trainable=sum(p.numel() for p in trainable))
