@@ -172,14 +172,48 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: Callable[[torch.Tensor], t
         if not (torch.is_grad_enabled() and h.requires_grad):
             total = total + piece(h, t)
         elif frozen:  # the chunk's gradient now, its logits gone before the next chunk
-            with torch.enable_grad():
-                detached = h.detach().requires_grad_()
-                value = piece(detached, t)
-                (grad,) = torch.autograd.grad(value, detached)
-            total = total + _Precomputed.apply(h, value.detach(), grad)
+            value, grad = _loss_and_gradient(head, h, t, softcap, masked=not select)
+            total = total + _Precomputed.apply(h, value, grad)
         else:
             total = total + torch.utils.checkpoint.checkpoint(piece, h, t, use_reentrant=False)
     return Loss(total, valid.sum())
+
+
+def _loss_and_gradient(head: torch.nn.Module, h: torch.Tensor, t: torch.Tensor,
+                       softcap: float | None, masked: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A chunk's summed cross-entropy through an output layer with nothing to train, and its
+    gradient with respect to ``h``, holding one buffer of logits where torch's
+    ``cross_entropy`` and its backward hold four (logits, log-probabilities, the loss's
+    gradient, the log-softmax's gradient): the log-probabilities are written over the logits,
+    then turned into the gradient in place (softmax minus one-hot), which goes back through
+    the layer. Written by hand because torch has no cross-entropy that returns its own
+    gradient; about a twentieth of a LoRA step on a CPU (``benchmarks/profile_packed.py``).
+
+    ``masked``: the chunk may hold ignored targets (every position chunked), whose rows get
+    no loss and no gradient."""
+    with torch.enable_grad():
+        detached = h.detach().requires_grad_()
+        out = head(detached)
+        logits = out.float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+    buffer = logits.detach()
+    if logits is out and not isinstance(head, torch.nn.Linear):
+        # the layer's own output: some module may keep it for its backward
+        buffer = buffer.clone()
+    valid = t != IGNORE
+    index = t.clamp(min=0).unsqueeze(1)
+    if buffer.device.type == "cpu":  # torch's CPU log-softmax reads each row before it writes it
+        logp = torch.log_softmax(buffer, -1, out=buffer)
+    else:  # not run on other devices yet: a second buffer
+        logp = torch.log_softmax(buffer, -1)
+    value = -torch.where(valid, logp.gather(1, index).squeeze(1), 0).sum()
+    grad = logp.exp_()
+    grad.scatter_add_(1, index, -valid.to(grad.dtype).unsqueeze(1))
+    if masked:
+        grad.masked_fill_(~valid.unsqueeze(1), 0)
+    (hidden_grad,) = torch.autograd.grad(logits, detached, grad)
+    return value, hidden_grad
 
 
 class _Precomputed(torch.autograd.Function):

@@ -51,3 +51,46 @@ def test_no_target_at_all_is_a_zero_that_backpropagates(select):
     assert float(loss.count) == 0 and loss.sum.item() == 0
     for g in grads(loss, hidden, head):
         assert torch.count_nonzero(g) == 0
+
+
+HEADS = {
+    "a linear layer": lambda: torch.nn.Linear(HIDDEN, VOCAB, dtype=torch.float64),
+    "a module around it": lambda: torch.nn.Sequential(
+        torch.nn.Linear(HIDDEN, VOCAB, dtype=torch.float64)),
+    # tanh keeps its output for its backward: the loss must not write over it
+    "one that keeps its output": lambda: torch.nn.Sequential(
+        torch.nn.Linear(HIDDEN, VOCAB, dtype=torch.float32), torch.nn.Tanh()),
+    "a bfloat16 layer": lambda: torch.nn.Linear(HIDDEN, VOCAB, dtype=torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0], ids=["plain", "softcap"])
+@pytest.mark.parametrize("select", [True, False], ids=["cpu path", "every position"])
+@pytest.mark.parametrize("chunk", [1, 4, 9, 1000])
+@pytest.mark.parametrize("make_head", HEADS.values(), ids=HEADS.keys())
+@pytest.mark.parametrize("mask", MASKS.values(), ids=MASKS.keys())
+def test_an_output_layer_with_nothing_to_train_gets_the_plain_loss_and_gradient(
+        mask, make_head, chunk, select, softcap):
+    """LoRA's case: the output layer is frozen, so each chunk's gradient is taken in the
+    forward pass (log-probabilities written over the logits): the value and the hidden
+    states' gradient are the plain loss's, whatever the layer and whichever rows are ignored."""
+    hidden, _, labels = problem(mask)
+    torch.manual_seed(0)
+    head = make_head().requires_grad_(False)
+    states = hidden.to(next(head.parameters()).dtype).detach().requires_grad_()
+
+    def plain_logits(x):
+        logits = head(x).float()
+        return logits if softcap is None else torch.tanh(logits / softcap) * softcap
+
+    plain = cross_entropy(plain_logits(states), labels, shift=True)
+    chunked = chunked_cross_entropy(states, head, labels, chunk, shift=True, select=select,
+                                    softcap=softcap)
+    assert float(chunked.count) == float(plain.count)
+    assert chunked.sum.item() == pytest.approx(plain.sum.item(), rel=1e-6)
+    (got,) = torch.autograd.grad(chunked.sum * 3, states)
+    (want,) = torch.autograd.grad(plain.sum * 3, states)
+    # bfloat16: the stored gradient is rounded before it is scaled (one unit in the last place)
+    rtol, atol = {torch.bfloat16: (3e-2, 1e-3), torch.float32: (1e-5, 1e-6)}.get(
+        states.dtype, (1e-5, 1e-7))
+    assert torch.allclose(got.float(), want.float(), rtol=rtol, atol=atol)
