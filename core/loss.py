@@ -179,8 +179,9 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: Callable[[torch.Tensor], t
     return Loss(total, valid.sum())
 
 
-def _loss_and_gradient(head: torch.nn.Module, h: torch.Tensor, t: torch.Tensor,
-                       softcap: float | None, masked: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _loss_and_gradient(head: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor,
+                       t: torch.Tensor, softcap: float | None,
+                       masked: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """A chunk's summed cross-entropy through an output layer with nothing to train, and its
     gradient with respect to ``h``, holding one buffer of logits where torch's
     ``cross_entropy`` and its backward hold four (logits, log-probabilities, the loss's
