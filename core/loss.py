@@ -153,11 +153,8 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: Callable[[torch.Tensor], t
         states, targets = hidden.flatten(0, -2), labels.flatten()
 
     def piece(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        logits = head(h).float()
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        return torch.nn.functional.cross_entropy(logits, t, ignore_index=IGNORE,
-                                                 reduction="sum")
+        return torch.nn.functional.cross_entropy(_logits(head, h, softcap)[1], t,
+                                                 ignore_index=IGNORE, reduction="sum")
 
     # starts as the loss of no target: a zero on the graph through the output layer and the
     # hidden states, so a micro-batch without targets backpropagates too (zero gradients)
@@ -179,25 +176,32 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: Callable[[torch.Tensor], t
     return Loss(total, valid.sum())
 
 
+def _logits(head: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor,
+            softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The output layer's result for ``h`` and the float32 logits made of it (soft-capped)."""
+    out = head(h)
+    logits = out.float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return out, logits
+
+
 def _loss_and_gradient(head: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor,
                        t: torch.Tensor, softcap: float | None,
                        masked: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """A chunk's summed cross-entropy through an output layer with nothing to train, and its
-    gradient with respect to ``h``, holding one buffer of logits where torch's
-    ``cross_entropy`` and its backward hold four (logits, log-probabilities, the loss's
-    gradient, the log-softmax's gradient): the log-probabilities are written over the logits,
-    then turned into the gradient in place (softmax minus one-hot), which goes back through
-    the layer. Written by hand because torch has no cross-entropy that returns its own
-    gradient; about a twentieth of a LoRA step on a CPU (``benchmarks/profile_packed.py``).
+    gradient with respect to ``h``, holding one buffer of logits on a CPU (two elsewhere)
+    where torch's ``cross_entropy`` and its backward hold four (logits, log-probabilities, the
+    loss's gradient, the log-softmax's gradient): the log-probabilities are written over the
+    logits, then turned into the gradient in place (softmax minus one-hot), which goes back
+    through the layer. Written by hand because torch has no cross-entropy that returns its own
+    gradient; 1.2x torch's loss and backward on a CPU (``benchmarks/chunked_loss.py``).
 
     ``masked``: the chunk may hold ignored targets (every position chunked), whose rows get
     no loss and no gradient."""
     with torch.enable_grad():
         detached = h.detach().requires_grad_()
-        out = head(detached)
-        logits = out.float()
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
+        out, logits = _logits(head, detached, softcap)
     buffer = logits.detach()
     if logits is out and not isinstance(head, torch.nn.Linear):
         # the layer's own output: some module may keep it for its backward
