@@ -303,6 +303,16 @@ def hf_peer(args, workdir, kind):
                         trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
 
 
+def torch_loss(hidden, head, labels):
+    """Peer f's summed loss: the output layer on the labelled positions, torch's cross_entropy
+    on their full logits (what a loop written with torch alone does)."""
+    import torch
+
+    keep = labels != -100
+    logits = head(hidden[keep]).float()
+    return torch.nn.functional.cross_entropy(logits, labels[keep], reduction="sum")
+
+
 def hand_peer(args, workdir, plugtune_loss=False):
     """f: a loop written by hand around b's batches (plugtune's packed collator: the same rows,
     positions and labels), the model as hf_model loads it with the attention kernel b runs,
@@ -341,10 +351,7 @@ def hand_peer(args, workdir, plugtune_loss=False):
                 chunked = chunked_cross_entropy(hidden[:, :-1], head, labels, chunk)
                 loss = chunked.sum / chunked.count
             else:
-                keep = labels != -100
-                logits = head(hidden[:, :-1][keep]).float()
-                loss = torch.nn.functional.cross_entropy(logits, labels[keep], reduction="sum")
-                loss = loss / keep.sum()
+                loss = torch_loss(hidden[:, :-1], head, labels) / (labels != -100).sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
@@ -402,10 +409,9 @@ def combine(runs):
     good = [r for r in runs if r.get("tokens_per_s")]
     if not good:
         return runs[-1]
-    speeds = sorted(r["tokens_per_s"] for r in good)
+    speeds = [r["tokens_per_s"] for r in good]
     middle = sorted(good, key=lambda r: r["tokens_per_s"])[(len(good) - 1) // 2]
-    return {**middle, "runs": [r["tokens_per_s"] for r in good],
-            "median_tokens_per_s": statistics.median(speeds), "min_tokens_per_s": speeds[0],
+    return {**middle, "runs": speeds, "median_tokens_per_s": statistics.median(speeds),
             "stolen": max((r.get("stolen") or 0.0) for r in good)}
 
 
